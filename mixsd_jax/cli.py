@@ -1,0 +1,57 @@
+"""The `mixsd` command. Each package contributes its subcommands through `commands.register`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mixsd_jax.errors import MixsdError
+
+# Each module defines `register(subparsers, bench_subparsers)` and sets `func` on its parsers.
+COMMAND_MODULES = (
+    "mixsd_jax.models.commands",
+    "mixsd_jax.data.commands",
+    "mixsd_jax.sampling.commands",
+    "mixsd_jax.train.commands",
+    "mixsd_jax.eval.commands",
+    "mixsd_jax.pipeline.commands",
+)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE` plus trailing `key=value` overrides, shared by every command."""
+    parser.add_argument("--config", default=None, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", default=[], help="key=value config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixsd", description="MixSD knowledge injection in JAX")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    bench = sub.add_parser("bench", help="benchmarks that print one JSON line").add_subparsers(
+        dest="bench_command", metavar="BENCH"
+    )
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub, bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args) or 0)
+    except MixsdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
