@@ -1,0 +1,280 @@
+"""HF-format model directories in and out: config.json + (sharded) safetensors.
+
+Loading is shard-aware: tensors are memory-mapped and every device's slice is read straight from
+the file by `jax.make_array_from_callback`, so a host only touches the bytes its devices hold.
+Export writes safetensors that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from mixsd_jax.errors import MixsdError
+from mixsd_jax.models.config import ModelConfig
+from mixsd_jax.models.transformer import Params, param_shapes
+
+_ST_DTYPES = {
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F64": np.dtype(np.float64),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+)
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+def _open_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Name -> read-only memory-mapped array (no bytes are read until sliced)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    base = 8 + header_len
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise MixsdError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, stop = info["data_offsets"]
+        out[name] = mm[base + start : base + stop].view(dtype).reshape(info["shape"])
+    return out
+
+
+def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, arr in tensors.items():
+        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for arr in tensors.values():
+            f.write(np.ascontiguousarray(arr).tobytes())
+
+
+def read_hf_tensors(model_dir: str | Path) -> dict[str, np.ndarray]:
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (model_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise MixsdError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        if not (model_dir / name).is_file():
+            raise MixsdError(f"{model_dir}: shard {name} listed in the index is missing")
+        tensors.update(_open_safetensors(model_dir / name))
+    return tensors
+
+
+# ----------------------------------------------------------------------------- name mapping
+
+
+def _hf_layer_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
+    """Our stacked layer param -> (HF per-layer name pattern, transpose?)."""
+    names = {
+        "attn_norm": ("model.layers.{}.input_layernorm.weight", False),
+        "wq": ("model.layers.{}.self_attn.q_proj.weight", True),
+        "wk": ("model.layers.{}.self_attn.k_proj.weight", True),
+        "wv": ("model.layers.{}.self_attn.v_proj.weight", True),
+        "wo": ("model.layers.{}.self_attn.o_proj.weight", True),
+        "mlp_norm": ("model.layers.{}.post_attention_layernorm.weight", False),
+        "w_gate": ("model.layers.{}.mlp.gate_proj.weight", True),
+        "w_up": ("model.layers.{}.mlp.up_proj.weight", True),
+        "w_down": ("model.layers.{}.mlp.down_proj.weight", True),
+    }
+    if cfg.qkv_bias:
+        names.update(
+            bq=("model.layers.{}.self_attn.q_proj.bias", False),
+            bk=("model.layers.{}.self_attn.k_proj.bias", False),
+            bv=("model.layers.{}.self_attn.v_proj.bias", False),
+        )
+    if cfg.qk_norm:
+        names.update(
+            q_norm=("model.layers.{}.self_attn.q_norm.weight", False),
+            k_norm=("model.layers.{}.self_attn.k_norm.weight", False),
+        )
+    return names
+
+
+def _top_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
+    names = {"embed": ("model.embed_tokens.weight", False), "final_norm": ("model.norm.weight", False)}
+    if not cfg.tie_word_embeddings:
+        names["lm_head"] = ("lm_head.weight", True)
+    return names
+
+
+def _get(tensors: dict, name: str, expected: tuple, transpose: bool, model_dir) -> np.ndarray:
+    if name not in tensors:
+        raise MixsdError(f"{model_dir}: missing tensor {name!r}")
+    arr = tensors[name]
+    want = tuple(reversed(expected)) if transpose else tuple(expected)
+    if tuple(arr.shape) != want:
+        raise MixsdError(f"{model_dir}: tensor {name!r} has shape {tuple(arr.shape)}, expected {want}")
+    return arr.T if transpose else arr
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def load_hf(
+    model_dir: str | Path,
+    param_dtype: str = "float32",
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[ModelConfig, Params]:
+    """Config and parameters of an HF-format directory, placed by the model's sharding rules."""
+    from mixsd_jax.models.sharding import param_shardings
+
+    model_dir = Path(model_dir)
+    cfg = ModelConfig.from_hf_dir(model_dir)
+    tensors = read_hf_tensors(model_dir)
+    dtype = np.dtype(jnp.dtype(param_dtype))
+    shapes = param_shapes(cfg)
+    shardings = param_shardings(cfg, mesh)
+
+    def place(shape, sharding, read: Callable[[tuple], np.ndarray]):
+        if sharding is None:
+            return jnp.asarray(read(tuple(slice(None) for _ in shape)).astype(dtype))
+        return jax.make_array_from_callback(shape, sharding, lambda idx: read(idx).astype(dtype))
+
+    params: dict[str, Any] = {}
+    for ours, (hf_name, transpose) in _top_names(cfg).items():
+        arr = _get(tensors, hf_name, shapes[ours], transpose, model_dir)
+        params[ours] = place(shapes[ours], shardings[ours], lambda idx, a=arr: np.asarray(a[idx]))
+
+    layers: dict[str, Any] = {}
+    for ours, (pattern, transpose) in _hf_layer_names(cfg).items():
+        shape = shapes["layers"][ours]
+        per_layer = [_get(tensors, pattern.format(i), shape[1:], transpose, model_dir) for i in range(cfg.num_layers)]
+
+        def read(idx, per_layer=per_layer):
+            layer_ids = range(cfg.num_layers)[idx[0]]
+            return np.stack([np.asarray(per_layer[i][idx[1:]]) for i in layer_ids])
+
+        layers[ours] = place(shape, shardings["layers"][ours], read)
+    params["layers"] = layers
+    unused = set(tensors) - _expected_hf_names(cfg)
+    unused = {n for n in unused if not n.endswith("rotary_emb.inv_freq")}
+    if unused:
+        raise MixsdError(f"{model_dir}: unexpected tensor {sorted(unused)[0]!r} for model_type {cfg.model_type}")
+    return cfg, params
+
+
+def _expected_hf_names(cfg: ModelConfig) -> set[str]:
+    names = {n for n, _ in _top_names(cfg).values()}
+    for pattern, _ in _hf_layer_names(cfg).values():
+        names.update(pattern.format(i) for i in range(cfg.num_layers))
+    if cfg.tie_word_embeddings:
+        names.add("lm_head.weight")  # some tied checkpoints still store it; it is ignored
+    return names
+
+
+def count_params(params: Params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _host_array(x: jax.Array) -> np.ndarray:
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def to_hf_tensors(params: Params, cfg: ModelConfig, dtype: str = "float32") -> dict[str, np.ndarray]:
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    out: dict[str, np.ndarray] = {}
+    for ours, (hf_name, transpose) in _top_names(cfg).items():
+        arr = _host_array(params[ours]).astype(np_dtype)
+        out[hf_name] = np.ascontiguousarray(arr.T if transpose else arr)
+    for ours, (pattern, transpose) in _hf_layer_names(cfg).items():
+        stacked = _host_array(params["layers"][ours]).astype(np_dtype)
+        for i in range(cfg.num_layers):
+            out[pattern.format(i)] = np.ascontiguousarray(stacked[i].T if transpose else stacked[i])
+    return out
+
+
+def export_hf(
+    params: Params,
+    cfg: ModelConfig,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    dtype: str = "float32",
+    shard_bytes: int = 4 << 30,
+) -> Path:
+    """Write an HF-format directory (atomically: temp dir, then rename). Multi-host: process 0 writes."""
+    out_dir = Path(out_dir)
+    tensors = to_hf_tensors(params, cfg, dtype)
+    if jax.process_index() != 0:
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(dtype), indent=2) + "\n")
+        shards: list[dict[str, np.ndarray]] = [{}]
+        size = 0
+        for name, arr in tensors.items():
+            if size and size + arr.nbytes > shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = arr
+            size += arr.nbytes
+        if len(shards) == 1:
+            _write_safetensors(tmp / "model.safetensors", shards[0])
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                _write_safetensors(tmp / fname, shard)
+                weight_map.update({name: fname for name in shard})
+            index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

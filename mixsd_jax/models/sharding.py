@@ -1,0 +1,110 @@
+"""Mesh construction and the parameter sharding rules, declared once.
+
+Mesh axes: `data` (batch only), `fsdp` (batch and parameter storage), `tensor` (heads / ffn /
+vocab). Linear weights are [in, out]: the `fsdp` axis shards the model dimension and `tensor`
+the other one, Megatron style (column-parallel in, row-parallel out). A dimension that an axis does
+not divide stays unsharded along it, so tiny test models run on any mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mixsd_jax import config as config_lib
+from mixsd_jax.errors import MixsdError
+from mixsd_jax.models.config import ModelConfig
+from mixsd_jax.models.transformer import param_shapes
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical layout of every parameter; `None` = replicated along that dimension.
+_LAYER_RULES = {
+    "attn_norm": P(None, None),
+    "mlp_norm": P(None, None),
+    "wq": P(None, "fsdp", "tensor"),
+    "wk": P(None, "fsdp", "tensor"),
+    "wv": P(None, "fsdp", "tensor"),
+    "wo": P(None, "tensor", "fsdp"),
+    "w_gate": P(None, "fsdp", "tensor"),
+    "w_up": P(None, "fsdp", "tensor"),
+    "w_down": P(None, "tensor", "fsdp"),
+    "bq": P(None, "tensor"),
+    "bk": P(None, "tensor"),
+    "bv": P(None, "tensor"),
+    "q_norm": P(None, None),
+    "k_norm": P(None, None),
+}
+_TOP_RULES = {"embed": P("tensor", "fsdp"), "lm_head": P("fsdp", "tensor"), "final_norm": P(None)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; one of them may be -1 (= all remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise MixsdError(f"mesh: axis sizes must be positive with at most one -1, got {sizes}")
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise MixsdError(f"mesh: {len(devices)} devices are not divisible by fixed axes product {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise MixsdError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {len(devices)} devices")
+    # Devices in creation order; on multi-host this keeps each host's devices contiguous along `data`.
+    return Mesh(np.array(devices).reshape(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def mesh_from_dict(data: dict | None) -> Mesh:
+    return make_mesh(config_lib.from_dict(MeshConfig, data or {}, prefix="mesh."))
+
+
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Drop mesh axes that do not divide their dimension."""
+    fitted = []
+    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = axis if isinstance(axis, tuple) else (axis,) if axis else ()
+        size = math.prod(mesh.shape[a] for a in axes)
+        fitted.append(axis if axes and dim % size == 0 else None)
+    return P(*fitted)
+
+
+def param_specs(cfg: ModelConfig, mesh: Mesh) -> dict:
+    shapes = param_shapes(cfg)
+    specs = {name: fit_spec(_TOP_RULES[name], shape, mesh) for name, shape in shapes.items() if name != "layers"}
+    specs["layers"] = {name: fit_spec(_LAYER_RULES[name], shape, mesh) for name, shape in shapes["layers"].items()}
+    return specs
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh | None) -> dict:
+    """NamedSharding per parameter, or a tree of None without a mesh (default device placement)."""
+    if mesh is None:
+        return jax.tree.map(lambda _: None, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec), param_specs(cfg, mesh), is_leaf=lambda x: isinstance(x, P)
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) dimension over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,236 @@
+"""Decoder-only transformer (Llama / Qwen2 / Qwen3) as pure functions over a parameter pytree.
+
+Conventions. Dimension letters in names: B batch, T new tokens, S cache slots, D hidden, H query
+heads, K kv heads, G = H/K query heads per kv head, E head dim, F ffn, V vocab, L layers.
+Parameters are a plain nested dict; per-layer weights are stacked on a leading L axis so the layer
+stack is one `lax.scan` (compile time independent of depth). Linear weights are stored [in, out].
+
+Attention masking is by *segment ids* and *slots*: token t of row b may attend to key s if both are
+real tokens (segment != 0) of the same segment and s is not in its future. Packing, padding and
+incremental decoding are all this one rule.
+
+The KV cache is a dict of arrays: `k`, `v` [L, B, S, K, E], `valid` [B, S] (slot holds a real token)
+and `end` (scalar int32: next slot to write; the same for every row, because prompts are right-padded
+into the same slots, and positions are carried explicitly, so slots need not equal positions).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mixsd_jax.models.config import ModelConfig
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+_MASKED = -1e30  # finite, so a fully masked (pad) query row yields a finite softmax, not NaN
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
+    """Shapes of every parameter, the single source of truth for init, loading and sharding."""
+    L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    layers = {
+        "attn_norm": (L, D),
+        "wq": (L, D, cfg.q_dim),
+        "wk": (L, D, cfg.kv_dim),
+        "wv": (L, D, cfg.kv_dim),
+        "wo": (L, cfg.q_dim, D),
+        "mlp_norm": (L, D),
+        "w_gate": (L, D, F),
+        "w_up": (L, D, F),
+        "w_down": (L, F, D),
+    }
+    if cfg.qkv_bias:
+        layers.update(bq=(L, cfg.q_dim), bk=(L, cfg.kv_dim), bv=(L, cfg.kv_dim))
+    if cfg.qk_norm:
+        layers.update(q_norm=(L, cfg.head_dim), k_norm=(L, cfg.head_dim))
+    shapes: dict[str, Any] = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random parameters (normal 0.02, norms at 1, biases at 0): for tests and benchmarks."""
+    flat, treedef = jax.tree.flatten_with_path(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    leaves = []
+    for i, (path, shape) in enumerate(flat):
+        name = path[-1].key
+        if name.endswith("norm"):
+            leaves.append(jnp.ones(shape, dtype))
+        elif name.startswith("b"):
+            leaves.append(jnp.zeros(shape, dtype))
+        else:
+            leaves.append((0.02 * jax.random.normal(jax.random.fold_in(key, i), shape)).astype(dtype))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # As transformers: normalise in f32, cast back, then scale.
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    E = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.rope_type == "linear":
+        return inv_freq / s.factor
+    # llama3: long wavelengths slowed by `factor`, short kept, a smooth blend in between.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, blended, scaled)
+
+
+def apply_rope(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    # Half-split rotation (transformers' rotate_half), angles in f32.
+    angles_BxTxE2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(angles_BxTxE2)[:, :, None, :]
+    sin = jnp.sin(angles_BxTxE2)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxTxNxE.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxE.dtype)
+
+
+def attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS) -> jax.Array:
+    B, T, H, E = q_BxTxHxE.shape
+    K = k_BxSxKxE.shape[2]
+    q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
+    scores = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(E)
+    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxE.dtype)
+    out = jnp.einsum("bkgts,bske->btkge", probs, v_BxSxKxE)
+    return out.reshape(B, T, H * E)
+
+
+def _linear(x, w, dtype):
+    return jnp.einsum("...i,io->...o", x, w.astype(dtype))
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    segment_ids_BxT: jax.Array,
+    cache: Cache | None = None,
+    *,
+    dtype=jnp.float32,
+) -> tuple[jax.Array, Cache | None]:
+    """Final-norm hidden states [B, T, D] (apply `lm_logits` for logits) and the updated cache.
+
+    Without a cache: full-sequence attention with causal + same-segment masking (padding = segment 0).
+    With a cache: the T tokens are written at slots [end, end+T) of every row and attend to every
+    valid slot up to their own; `valid` marks which of the new slots hold real tokens.
+    """
+    B, T = tokens_BxT.shape
+    inv_freq = rope_inv_freq(cfg)
+    is_real_BxT = segment_ids_BxT != 0
+    x_BxTxD = params["embed"].astype(dtype)[tokens_BxT]
+
+    if cache is None:
+        idx = jnp.arange(T)
+        mask_BxTxS = (
+            (idx[:, None] >= idx[None, :])[None]
+            & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+            & is_real_BxT[:, :, None]
+        )
+        end = None
+    else:
+        end = cache["end"]
+        S = cache["valid"].shape[1]
+        valid_BxS = jax.lax.dynamic_update_slice(cache["valid"], is_real_BxT, (0, end))
+        slot_of_query_T = end + jnp.arange(T)
+        mask_BxTxS = valid_BxS[:, None, :] & (jnp.arange(S)[None, None, :] <= slot_of_query_T[None, :, None])
+
+    def layer(carry, inputs):
+        x_BxTxD, cache_k, cache_v = carry
+        p, i = inputs
+        h = rms_norm(x_BxTxD, p["attn_norm"], cfg.rms_norm_eps)
+        q = _linear(h, p["wq"], dtype)
+        k = _linear(h, p["wk"], dtype)
+        v = _linear(h, p["wv"], dtype)
+        if cfg.qkv_bias:
+            q, k, v = q + p["bq"].astype(dtype), k + p["bk"].astype(dtype), v + p["bv"].astype(dtype)
+        q_BxTxHxE = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
+        k_BxTxKxE = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v_BxTxKxE = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q_BxTxHxE = rms_norm(q_BxTxHxE, p["q_norm"], cfg.rms_norm_eps)
+            k_BxTxKxE = rms_norm(k_BxTxKxE, p["k_norm"], cfg.rms_norm_eps)
+        q_BxTxHxE = apply_rope(q_BxTxHxE, positions_BxT, inv_freq)
+        k_BxTxKxE = apply_rope(k_BxTxKxE, positions_BxT, inv_freq)
+        if cache_k is None:
+            keys, values = k_BxTxKxE, v_BxTxKxE
+        else:
+            # Write this layer's new keys in place (the cache is a loop carry, so XLA updates it
+            # without copying), then attend over the whole layer slice.
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k_BxTxKxE[None].astype(cache_k.dtype), (i, 0, end, 0, 0))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v_BxTxKxE[None].astype(cache_v.dtype), (i, 0, end, 0, 0))
+            keys = jax.lax.dynamic_index_in_dim(cache_k, i, keepdims=False)
+            values = jax.lax.dynamic_index_in_dim(cache_v, i, keepdims=False)
+        attn = attention(q_BxTxHxE, keys.astype(dtype), values.astype(dtype), mask_BxTxS)
+        x_BxTxD = x_BxTxD + _linear(attn, p["wo"], dtype)
+        h = rms_norm(x_BxTxD, p["mlp_norm"], cfg.rms_norm_eps)
+        gated = jax.nn.silu(_linear(h, p["w_gate"], dtype)) * _linear(h, p["w_up"], dtype)
+        x_BxTxD = x_BxTxD + _linear(gated, p["w_down"], dtype)
+        return (x_BxTxD, cache_k, cache_v), None
+
+    cache_k = None if cache is None else cache["k"]
+    cache_v = None if cache is None else cache["v"]
+    layer_ids = jnp.arange(cfg.num_layers)
+    (x_BxTxD, cache_k, cache_v), _ = jax.lax.scan(layer, (x_BxTxD, cache_k, cache_v), (params["layers"], layer_ids))
+    hidden_BxTxD = rms_norm(x_BxTxD, params["final_norm"], cfg.rms_norm_eps)
+    if cache is None:
+        return hidden_BxTxD, None
+    return hidden_BxTxD, {"k": cache_k, "v": cache_v, "valid": valid_BxS, "end": end + T}
+
+
+def lm_logits(params: Params, cfg: ModelConfig, hidden_xD: jax.Array, *, dtype=jnp.float32) -> jax.Array:
+    """Vocabulary logits (f32) for any leading shape of hidden states."""
+    if cfg.tie_word_embeddings:
+        return jnp.einsum("...d,vd->...v", hidden_xD.astype(dtype), params["embed"].astype(dtype),
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", hidden_xD.astype(dtype), params["lm_head"].astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> Cache:
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "valid": jnp.zeros((batch, slots), bool),
+        "end": jnp.zeros((), jnp.int32),
+    }
+
+
+def padded_positions(segment_ids_BxT: jax.Array) -> jax.Array:
+    """Positions 0.. along each row's real tokens (right padding); pads get 0."""
+    real = (segment_ids_BxT != 0).astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0) * real

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny real checkpoints written by transformers, and the embedded default model.
+
+Eight simulated CPU devices are configured before JAX is imported, so sharding tests can build
+meshes; computations without a mesh still run on one device.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def _tiny(tmp_path_factory, family):
+    from mixsd_jax.models.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp(f"tiny_{family}"), family)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return _tiny(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory):
+    return _tiny(tmp_path_factory, "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory):
+    return _tiny(tmp_path_factory, "qwen3")
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3"])
+def tiny_model_dir(request):
+    return request.getfixturevalue(f"tiny_{request.param}_dir")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The embedded default, converted once per machine into the user cache (as `mixsd models pull`)."""
+    from mixsd_jax.models.registry import EMBEDDED_DEFAULT, pull
+
+    return pull(EMBEDDED_DEFAULT)
