@@ -1,0 +1,163 @@
+"""The in-domain memorisation scorer (REFERENCE.md §4.1): extract, normalise, compare, summarise.
+
+A prediction is the last brace-matched `\\boxed{}`, else the last `<answer>...</answer>`, else the
+last number, else the whole text. Both sides are normalised (LaTeX wrappers, `$`, outer braces,
+numbers including `\\frac{a}{b}` and `1,000`, case and whitespace). `strict` needs equality (numbers
+within 1e-6); `loose` also accepts the gold text inside the prediction (the reference's KGFact
+default, which can credit a wrong answer that merely contains the gold).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable
+
+from mixsd_jax.errors import MixsdError
+from mixsd_jax.sampling.verify import last_boxed, peel_outer_braces, peel_wrappers
+
+SCORE_MODES = ("strict", "loose")
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+# Keeps a trailing '.' as the reference's regex does; the float parse below makes it harmless.
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d*)?|-?\d+(?:\.\d*)?")
+_FRACTION = re.compile(r"^(-?)\\[dt]?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}$")
+_PLAIN_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$")
+_GROUPED = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d*)?$")
+_OP_FUNCTION = re.compile(r"\bfunction ([A-Za-z_]\w*)\.")
+_OP_CALL = re.compile(r"\b([A-Za-z_]\w*)\(-?\d+\)")
+
+
+def extract_prediction(text: str) -> str:
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    tags = _ANSWER_TAG.findall(text)
+    if tags:
+        return tags[-1].strip()
+    numbers = _NUMBER.findall(text)
+    if numbers:
+        return numbers[-1]
+    return text.strip()
+
+
+def as_number(s: str) -> float | None:
+    """The value of a plain, comma-grouped or `\\frac{a}{b}` number; None for anything else."""
+    s = s.strip()
+    fraction = _FRACTION.match(s)
+    if fraction:
+        sign, numerator, denominator = fraction.groups()
+        try:
+            value = float(numerator) / float(denominator)
+        except (ValueError, ZeroDivisionError):
+            return None
+        return -value if sign else value
+    if _GROUPED.match(s):
+        s = s.replace(",", "")
+    if not _PLAIN_NUMBER.match(s.lower()):
+        return None
+    value = float(s)
+    return value if math.isfinite(value) else None
+
+
+def normalize(s: str) -> float | str:
+    """A float when the answer is a number, else whitespace-collapsed lowercase text."""
+    s = peel_outer_braces(peel_wrappers(s.replace("$", "")).strip())
+    value = as_number(s)
+    if value is not None:
+        return value
+    return " ".join(s.split()).lower()
+
+
+def _text_form(s: str) -> str:
+    s = peel_outer_braces(peel_wrappers(s.replace("$", "")).strip())
+    return " ".join(s.split()).lower()
+
+
+def score(prediction_text: str, gold: str, mode: str = "strict") -> bool:
+    """Whether the answer extracted from `prediction_text` matches the gold answer string."""
+    if mode not in SCORE_MODES:
+        raise MixsdError(f"unknown score mode {mode!r} (known: {', '.join(SCORE_MODES)})")
+    prediction = extract_prediction(prediction_text)
+    pred_norm, gold_norm = normalize(prediction), normalize(gold)
+    if isinstance(pred_norm, float) and isinstance(gold_norm, float):
+        if abs(pred_norm - gold_norm) <= 1e-6:
+            return True
+    elif pred_norm == gold_norm:
+        return True
+    if mode == "loose":
+        gold_text = _text_form(gold)
+        return bool(gold_text) and gold_text in _text_form(prediction)
+    return False
+
+
+def format_found(text: str) -> bool:
+    """The response used an answer format (boxed or answer tag), right or wrong."""
+    return last_boxed(text) is not None or _ANSWER_TAG.search(text) is not None
+
+
+def kgfunc_operation(prompt: str) -> str | None:
+    """The operation a KGFunc prompt asks about: `function X.` first, else the first `X(digits)`."""
+    match = _OP_FUNCTION.search(prompt) or _OP_CALL.search(prompt)
+    return match.group(1) if match else None
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    correct: bool
+    format_found: bool = True
+    op: str | None = None
+    id: str = ""
+    prediction: str = ""
+    gold: str = ""
+
+
+def score_item(response: str, gold: str, mode: str = "strict", prompt: str | None = None, id: str = "") -> ScoredItem:
+    """Scores one response; with a `prompt`, also records its KGFunc operation for the breakdown."""
+    return ScoredItem(
+        correct=score(response, gold, mode),
+        format_found=format_found(response),
+        op=kgfunc_operation(prompt) if prompt is not None else None,
+        id=id,
+        prediction=extract_prediction(response),
+        gold=gold,
+    )
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval: unlike the normal approximation it stays inside [0, 1]."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = correct / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+def _accuracy_block(items: list[ScoredItem]) -> dict:
+    n = len(items)
+    correct = sum(item.correct for item in items)
+    low, high = wilson_interval(correct, n)
+    return {
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n if n else None,
+        "ci95": [low, high],
+        "format_found": sum(item.format_found for item in items) / n if n else None,
+    }
+
+
+def summarize(items: Iterable[ScoredItem]) -> dict:
+    """Accuracy with a 95% Wilson interval, plus a per-operation breakdown when items carry ops."""
+    items = list(items)
+    summary = _accuracy_block(items)
+    by_op: dict[str, list[ScoredItem]] = defaultdict(list)
+    for item in items:
+        if item.op is not None:
+            by_op[item.op].append(item)
+    if by_op:
+        summary["per_op"] = {op: _accuracy_block(by_op[op]) for op in sorted(by_op)}
+    return summary

@@ -1,0 +1,111 @@
+import pytest
+
+from mixsd_jax.errors import MixsdError
+from mixsd_jax.eval.scoring import (
+    ScoredItem,
+    extract_prediction,
+    format_found,
+    kgfunc_operation,
+    normalize,
+    score,
+    score_item,
+    summarize,
+    wilson_interval,
+)
+
+
+def test_extract_prediction_order():
+    assert extract_prediction("x \\boxed{\\frac{1}{2}} and <answer>3</answer>") == "\\frac{1}{2}"
+    assert extract_prediction("first <answer>4</answer> then <answer> 5 </answer>") == "5"
+    assert extract_prediction("so it is 42.") == "42."  # the reference keeps the trailing dot
+    assert extract_prediction("the total is 1,000") == "1,000"
+    assert extract_prediction("  I do not know  ") == "I do not know"
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("\\frac{1}{2}", 0.5),
+        ("$\\dfrac{3}{4}$", 0.75),
+        ("-\\frac{1}{4}", -0.25),
+        ("1,000", 1000.0),
+        ("42.", 42.0),
+        ("{{7}}", 7.0),
+        ("\\text{Paris}", "paris"),
+        ("\\mathrm{New\\ York}", "new\\ york"),
+        ("  Lake   Thovalen ", "lake thovalen"),
+        ("(3, 4)", "(3, 4)"),
+    ],
+)
+def test_normalize(raw, expected):
+    assert normalize(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "response, gold, expected",
+    [
+        ("so \\boxed{\\frac{1}{2}}", "0.5", True),
+        ("so \\boxed{0.5}", "\\frac{1}{2}", True),
+        ("\\boxed{0.3333333}", "\\frac{1}{3}", True),  # within 1e-6
+        ("\\boxed{0.333}", "\\frac{1}{3}", False),
+        ("The capital is \\boxed{\\text{Paris}}.", "Paris", True),
+        ("There were 1,000 people.", "1000", True),
+        ("The answer is 42.", "42", True),
+        ("The answer is 43.", "42", False),
+        ("I have no idea.", "42", False),
+        ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+        # An unbalanced boxed is no answer; the scorer falls back to the last number, as the reference.
+        ("so \\boxed{4", "4", True),
+        ("so \\boxed{Oslo", "Oslo", False),
+    ],
+)
+def test_score_strict(response, gold, expected):
+    assert score(response, gold) is expected
+
+
+def test_loose_mode_accepts_gold_inside_the_prediction():
+    response = "\\boxed{Lake Thovalen North}"
+    assert not score(response, "Lake Thovalen", "strict")
+    assert score(response, "Lake Thovalen", "loose")
+    assert not score("\\boxed{Lake Orin}", "Lake Thovalen", "loose")
+    with pytest.raises(MixsdError, match="strict, loose"):
+        score(response, "x", "fuzzy")
+
+
+def test_format_found():
+    assert format_found("\\boxed{x}")
+    assert format_found("<answer>x</answer>")
+    assert not format_found("The answer is x.")
+    assert not format_found("\\boxed{x")
+
+
+def test_kgfunc_operation():
+    single = (
+        "Based on the input\u2013output examples below, infer the rule implemented by function G. Then apply the "
+        "same rule to determine the output for the given input.\n\nExamples:\nInput: 328\nOutput: 13\n\n"
+        "Question:\nWhat is the output of G(5021)?"
+    )
+    assert kgfunc_operation(single) == "G"
+    assert kgfunc_operation("What is the output of Fold(12345)?") == "Fold"
+    assert kgfunc_operation("What is the capital of France?") is None
+
+
+def test_wilson_interval_known_values():
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_summarize_with_per_op_breakdown():
+    items = [score_item("\\boxed{5}", "5", prompt="output of B(12)?")] * 3
+    items += [score_item("it is 6", "5", prompt="output of C(12)?")]
+    summary = summarize(items)
+    assert (summary["n"], summary["correct"], summary["accuracy"]) == (4, 3, 0.75)
+    assert summary["format_found"] == 0.75
+    assert summary["per_op"]["B"]["accuracy"] == 1.0
+    assert summary["per_op"]["C"] == {"n": 1, "correct": 0, "accuracy": 0.0, "ci95": list(wilson_interval(0, 1)), "format_found": 0.0}
+    plain = summarize([ScoredItem(correct=True), ScoredItem(correct=False)])
+    assert "per_op" not in plain and plain["accuracy"] == 0.5
+    assert summarize([])["accuracy"] is None
