@@ -1,0 +1,85 @@
+"""HF checkpoint I/O: export round trip through transformers, sharded files, and bad checkpoints."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mixsd_jax.errors import MixsdError
+from mixsd_jax.models import checkpoint as ckpt
+from mixsd_jax.models.checkpoint import export_hf, load_hf
+
+
+def _logits(model_dir, tokens):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(tokens)).logits.numpy()
+
+
+def test_export_loads_in_transformers_with_same_logits(tiny_model_dir, tmp_path):
+    cfg, params = load_hf(tiny_model_dir)
+    out = export_hf(params, cfg, tmp_path / "exported", tokenizer_dir=tiny_model_dir)
+    assert (out / "tokenizer.json").is_file()
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9))
+    np.testing.assert_allclose(_logits(out, tokens), _logits(tiny_model_dir, tokens), atol=1e-5)
+    cfg2, params2 = load_hf(out)
+    assert cfg2 == cfg
+
+
+def test_sharded_safetensors_with_index(tiny_qwen2_dir, tmp_path):
+    cfg, params = load_hf(tiny_qwen2_dir)
+    out = export_hf(params, cfg, tmp_path / "sharded", shard_bytes=20_000)
+    assert (out / "model.safetensors.index.json").is_file()
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    _, params2 = load_hf(out)
+    np.testing.assert_array_equal(np.asarray(params2["layers"]["wq"]), np.asarray(params["layers"]["wq"]))
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 6))
+    np.testing.assert_allclose(_logits(out, tokens), _logits(tiny_qwen2_dir, tokens), atol=1e-5)
+
+
+def test_bf16_export_round_trip(tiny_llama_dir, tmp_path):
+    cfg, params = load_hf(tiny_llama_dir)
+    out = export_hf(params, cfg, tmp_path / "bf16", dtype="bfloat16")
+    _, params_bf16 = load_hf(out, param_dtype="bfloat16")
+    assert params_bf16["embed"].dtype.name == "bfloat16"
+    np.testing.assert_allclose(np.asarray(params_bf16["embed"], np.float32), np.asarray(params["embed"]), rtol=1e-2)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_unsupported_model_type(tiny_llama_dir, tmp_path):
+    d = _copy(tiny_llama_dir, tmp_path / "m")
+    conf = json.loads((d / "config.json").read_text())
+    conf["model_type"] = "gpt2"
+    (d / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(MixsdError, match="unsupported model_type 'gpt2'"):
+        load_hf(d)
+
+
+def test_missing_tensor_is_named(tiny_llama_dir, tmp_path):
+    tensors = {k: np.asarray(v) for k, v in ckpt.read_hf_tensors(tiny_llama_dir).items()}
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    d = _copy(tiny_llama_dir, tmp_path / "m")
+    ckpt._write_safetensors(d / "model.safetensors", tensors)
+    with pytest.raises(MixsdError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        load_hf(d)
+
+
+def test_misshaped_tensor_is_named(tiny_llama_dir, tmp_path):
+    tensors = {k: np.asarray(v) for k, v in ckpt.read_hf_tensors(tiny_llama_dir).items()}
+    tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((3, 3), np.float32)
+    d = _copy(tiny_llama_dir, tmp_path / "m")
+    ckpt._write_safetensors(d / "model.safetensors", tensors)
+    with pytest.raises(MixsdError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(3, 3\)"):
+        load_hf(d)
+
+
+def test_not_a_model_directory(tmp_path):
+    with pytest.raises(MixsdError, match="no config.json"):
+        load_hf(tmp_path)

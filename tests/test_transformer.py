@@ -1,0 +1,99 @@
+"""Our transformer against transformers' PyTorch models, on tiny random checkpoints of each family."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mixsd_jax.models import transformer as tf
+from mixsd_jax.models.checkpoint import load_hf
+
+LENGTHS = [12, 7, 3]
+
+
+def _batch(vocab, lengths=LENGTHS, seed=0):
+    rng = np.random.default_rng(seed)
+    T = max(lengths)
+    tokens = rng.integers(0, vocab, (len(lengths), T))
+    mask = (np.arange(T)[None] < np.array(lengths)[:, None]).astype(np.int64)
+    return tokens, mask
+
+
+def _hf_logits(model_dir, tokens, mask):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+def _ours(params, cfg, tokens, mask, dtype=jnp.float32):
+    seg = jnp.asarray(mask, jnp.int32)
+    hidden, _ = tf.forward(params, cfg, jnp.asarray(tokens), tf.padded_positions(seg), seg, dtype=dtype)
+    return np.asarray(tf.lm_logits(params, cfg, hidden, dtype=dtype))
+
+
+def test_padded_batch_matches_transformers(tiny_model_dir):
+    cfg, params = load_hf(tiny_model_dir)
+    tokens, mask = _batch(cfg.vocab_size)
+    ref = _hf_logits(tiny_model_dir, tokens, mask)
+    ours = _ours(params, cfg, tokens, mask)
+    for row, n in enumerate(LENGTHS):
+        np.testing.assert_allclose(ours[row, :n], ref[row, :n], atol=1e-4, rtol=0)
+
+
+def test_cached_decoding_matches_full_forward(tiny_model_dir):
+    """Prefill a right-padded batch of different prompt lengths, then decode one token at a time."""
+    cfg, params = load_hf(tiny_model_dir)
+    total = 10
+    tokens, _ = _batch(cfg.vocab_size, [total] * 3, seed=1)
+    full = _ours(params, cfg, tokens, np.ones_like(tokens))
+    prompt_lens = np.array([6, 3, 5])
+    P = prompt_lens.max()
+    seg = (np.arange(P)[None] < prompt_lens[:, None]).astype(np.int32)
+    cache = tf.init_cache(cfg, 3, P + total)
+    hidden, cache = tf.forward(params, cfg, jnp.asarray(tokens[:, :P] * seg), tf.padded_positions(jnp.asarray(seg)),
+                               jnp.asarray(seg), cache)
+    prefill_logits = np.asarray(tf.lm_logits(params, cfg, hidden))
+    for row, n in enumerate(prompt_lens):
+        np.testing.assert_allclose(prefill_logits[row, :n], full[row, :n], atol=1e-4)
+    step = jax.jit(lambda p, t, pos, c: tf.forward(p, cfg, t, pos, jnp.ones_like(t), c))
+    pos = prompt_lens.copy()
+    for _ in range(total - P):
+        next_tok = tokens[np.arange(3), pos][:, None]
+        hidden, cache = step(params, jnp.asarray(next_tok), jnp.asarray(pos[:, None]), cache)
+        logits = np.asarray(tf.lm_logits(params, cfg, hidden))[:, 0]
+        np.testing.assert_allclose(logits, full[np.arange(3), pos], atol=1e-4)
+        pos += 1
+
+
+def test_packed_segments_do_not_attend_across_documents(tiny_llama_dir):
+    cfg, params = load_hf(tiny_llama_dir)
+    a, _ = _batch(cfg.vocab_size, [5], seed=2)
+    b, _ = _batch(cfg.vocab_size, [4], seed=3)
+    packed = np.concatenate([a, b], axis=1)
+    seg = jnp.asarray([[1] * 5 + [2] * 4])
+    pos = jnp.asarray([list(range(5)) + list(range(4))])
+    hidden, _ = tf.forward(params, cfg, jnp.asarray(packed), pos, seg)
+    logits = np.asarray(tf.lm_logits(params, cfg, hidden))[0]
+    np.testing.assert_allclose(logits[:5], _ours(params, cfg, a, np.ones_like(a))[0], atol=1e-5)
+    np.testing.assert_allclose(logits[5:], _ours(params, cfg, b, np.ones_like(b))[0], atol=1e-5)
+
+
+def test_bf16_compute_is_close_to_f32(tiny_qwen3_dir):
+    cfg, params = load_hf(tiny_qwen3_dir)
+    tokens, mask = _batch(cfg.vocab_size)
+    f32 = _ours(params, cfg, tokens, mask)
+    bf16 = _ours(params, cfg, tokens, mask, dtype=jnp.bfloat16)
+    assert bf16.dtype == np.float32
+    assert np.abs(bf16[0] - f32[0]).max() < 0.1 * np.abs(f32[0]).max()
+    assert (bf16[0].argmax(-1) == f32[0].argmax(-1)).mean() > 0.9
+
+
+def test_llama3_rope_scaling_changes_frequencies(tiny_llama_dir):
+    cfg, _ = load_hf(tiny_llama_dir)
+    assert cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "llama3"
+    scaled = np.asarray(tf.rope_inv_freq(cfg))
+    plain = np.asarray(tf.rope_inv_freq(cfg.__class__(**{**cfg.__dict__, "rope_scaling": None})))
+    assert scaled[0] == pytest.approx(plain[0])  # high frequencies kept
+    assert scaled[-1] == pytest.approx(plain[-1] / cfg.rope_scaling.factor)  # low ones slowed
