@@ -1,0 +1,233 @@
+"""GGUF (llama.cpp) import: a llama-architecture GGUF file -> an HF-format model directory.
+
+The output is what transformers itself would save for the model: `config.json` (LlamaConfig
+fields), float32 `model.safetensors` with HF tensor names, the tokenizer files transformers builds
+from the GGUF metadata (including the chat template) and `generation_config.json`. Everything
+downstream (our JAX loader, transformers, vLLM) then reads one format only.
+
+Quantized tensors are dequantized with the `gguf` package. llama.cpp's converter interleaves the
+rows of each q/k head (it stores rotary pairs as (even, odd) rows, HF stores them as two halves);
+`_unpermute_rows` undoes that so HF's rotate-half RoPE gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mixsd_jax.errors import MixsdError
+
+# Bump when the output of `convert_gguf_to_hf` changes; the registry re-converts cached models.
+CONVERTER_VERSION = 1
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Dequantize a llama GGUF into an HF-format directory at `out_dir` (replaced atomically)."""
+    from safetensors.numpy import save_file
+
+    gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir)
+    reader = _open(gguf_path)
+    architecture = _meta(reader, gguf_path, "general.architecture")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise MixsdError(
+            f"{gguf_path}: GGUF architecture {architecture!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    config = llama_config(reader, gguf_path)
+    tensors = llama_tensors(reader, gguf_path, config)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        del tensors
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        generation = {
+            key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in config
+        }
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+        _save_tokenizer(gguf_path, tmp, config["max_position_embeddings"])
+        _make_readable(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def llama_config(reader, gguf_path: Path) -> dict:
+    """transformers LlamaConfig fields from the GGUF metadata (`llama.*`, `tokenizer.ggml.*`)."""
+    hidden = int(_meta(reader, gguf_path, "llama.embedding_length"))
+    heads = int(_meta(reader, gguf_path, "llama.attention.head_count"))
+    kv_heads = int(_meta(reader, gguf_path, "llama.attention.head_count_kv", default=heads))
+    head_dim = int(_meta(reader, gguf_path, "llama.attention.key_length", default=hidden // heads))
+    rope_dim = int(_meta(reader, gguf_path, "llama.rope.dimension_count", default=head_dim))
+    if rope_dim != head_dim:
+        raise MixsdError(
+            f"{gguf_path}: llama.rope.dimension_count={rope_dim} differs from head_dim={head_dim} "
+            "(partial rotary embeddings are not supported)"
+        )
+    if "llama.rope.scaling.type" in reader.fields:
+        kind = _meta(reader, gguf_path, "llama.rope.scaling.type")
+        raise MixsdError(f"{gguf_path}: llama.rope.scaling.type={kind!r} is not supported")
+    token_count = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
+    vocab = int(_meta(reader, gguf_path, "llama.vocab_size", default=token_count))
+    names = {t.name for t in reader.tensors}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": int(_meta(reader, gguf_path, "llama.feed_forward_length")),
+        "num_hidden_layers": int(_meta(reader, gguf_path, "llama.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "rms_norm_eps": float(_meta(reader, gguf_path, "llama.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(_meta(reader, gguf_path, "llama.rope.freq_base", default=10000.0)),
+        "max_position_embeddings": int(_meta(reader, gguf_path, "llama.context_length")),
+        "vocab_size": vocab,
+        "tie_word_embeddings": "output.weight" not in names,
+        "torch_dtype": "float32",
+    }
+    for gguf_key, hf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
+        value = _meta(reader, gguf_path, f"tokenizer.ggml.{gguf_key}_token_id", default=None)
+        if value is not None:
+            config[hf_key] = int(value)
+    return config
+
+
+def llama_tensors(reader, gguf_path: Path, config: dict) -> dict[str, np.ndarray]:
+    """HF-named float32 arrays; a missing, extra or mis-shaped tensor is an error naming it."""
+    from gguf.quants import dequantize
+
+    hidden, ffn = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    # gguf name -> (HF name, expected HF shape, heads to un-permute or 0)
+    expected: dict[str, tuple[str, tuple[int, ...], int]] = {
+        "token_embd.weight": ("model.embed_tokens.weight", (config["vocab_size"], hidden), 0),
+        "output_norm.weight": ("model.norm.weight", (hidden,), 0),
+    }
+    if not config["tie_word_embeddings"]:
+        expected["output.weight"] = ("lm_head.weight", (config["vocab_size"], hidden), 0)
+    for i in range(config["num_hidden_layers"]):
+        hf = f"model.layers.{i}"
+        expected.update(
+            {
+                f"blk.{i}.attn_norm.weight": (f"{hf}.input_layernorm.weight", (hidden,), 0),
+                f"blk.{i}.ffn_norm.weight": (f"{hf}.post_attention_layernorm.weight", (hidden,), 0),
+                f"blk.{i}.attn_q.weight": (f"{hf}.self_attn.q_proj.weight", (heads * head_dim, hidden), heads),
+                f"blk.{i}.attn_k.weight": (f"{hf}.self_attn.k_proj.weight", (kv_heads * head_dim, hidden), kv_heads),
+                f"blk.{i}.attn_v.weight": (f"{hf}.self_attn.v_proj.weight", (kv_heads * head_dim, hidden), 0),
+                f"blk.{i}.attn_output.weight": (f"{hf}.self_attn.o_proj.weight", (hidden, heads * head_dim), 0),
+                f"blk.{i}.ffn_gate.weight": (f"{hf}.mlp.gate_proj.weight", (ffn, hidden), 0),
+                f"blk.{i}.ffn_up.weight": (f"{hf}.mlp.up_proj.weight", (ffn, hidden), 0),
+                f"blk.{i}.ffn_down.weight": (f"{hf}.mlp.down_proj.weight", (hidden, ffn), 0),
+            }
+        )
+    by_name = {t.name: t for t in reader.tensors}
+    unexpected = sorted(set(by_name) - set(expected))
+    if unexpected:
+        raise MixsdError(f"{gguf_path}: unexpected tensor {unexpected[0]!r} for a llama model")
+    tensors = {}
+    for name, (hf_name, shape, permuted_heads) in expected.items():
+        if name not in by_name:
+            raise MixsdError(f"{gguf_path}: tensor {name!r} ({hf_name}) is missing")
+        tensor = by_name[name]
+        # GGUF lists dimensions fastest-first; reversed they are numpy's row-major shape.
+        stored_shape = tuple(int(d) for d in reversed(tensor.shape))
+        if stored_shape != shape:
+            raise MixsdError(f"{gguf_path}: tensor {name!r} ({hf_name}) has shape {list(stored_shape)}, expected {list(shape)}")
+        array = dequantize(tensor.data, tensor.tensor_type)
+        array = np.asarray(array, dtype=np.float32).reshape(shape)
+        if permuted_heads:
+            array = _unpermute_rows(array, permuted_heads)
+        tensors[hf_name] = np.ascontiguousarray(array)
+    return tensors
+
+
+def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's q/k permutation: per head, (pairs, 2) rows -> (2, pairs) rows."""
+    rows, d_in = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, d_in).swapaxes(1, 2).reshape(rows, d_in)
+
+
+def _save_tokenizer(gguf_path: Path, out_dir: Path, max_length: int) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except (ValueError, KeyError, OSError) as exc:
+        raise MixsdError(f"{gguf_path}: transformers cannot build a tokenizer from this GGUF ({exc})") from None
+    tokenizer.save_pretrained(str(out_dir))
+    # transformers v5 may keep the chat template in a separate .jinja file; our contract (and older
+    # readers such as vLLM's) also want it inside tokenizer_config.json.
+    # The generic class name also loads in transformers v4 (and so in vLLM), unlike v5's backend name.
+    config_path = out_dir / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text(encoding="utf-8"))
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_config["model_max_length"] = max_length
+    if tokenizer.chat_template:
+        tok_config["chat_template"] = tokenizer.chat_template
+    config_path.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    special_path = out_dir / "special_tokens_map.json"
+    if not special_path.exists():
+        special = {
+            key: value
+            for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if (value := getattr(tokenizer, key, None)) is not None
+        }
+        special_path.write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _make_readable(directory: Path) -> None:
+    """mkdtemp and safetensors create owner-only files; a cache directory should be like any other."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing `target` is swapped out first, then deleted."""
+    if target.exists():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.replace(target, old / target.name)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def _open(gguf_path: Path):
+    from gguf import GGUFReader
+
+    if not gguf_path.is_file():
+        raise MixsdError(f"{gguf_path}: GGUF file not found")
+    try:
+        return GGUFReader(str(gguf_path))
+    except (ValueError, OSError) as exc:
+        raise MixsdError(f"{gguf_path}: not a readable GGUF file ({exc})") from None
+
+
+_REQUIRED = object()
+
+
+def _meta(reader, gguf_path: Path, key: str, default=_REQUIRED):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is _REQUIRED:
+            raise MixsdError(f"{gguf_path}: GGUF metadata key {key!r} is missing")
+        return default
+    return field.contents()
