@@ -1,3 +1,5 @@
+import dataclasses
+
 from mixsd_jax.eval.error_analysis import (
     HELD_OUT_CATEGORIES,
     classify_error,
@@ -11,7 +13,8 @@ from mixsd_jax.eval.error_analysis import (
 
 
 def record(user, answer, subject=None):
-    r = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": f"The answer is {answer}.\n\n\\boxed{{{answer}}}"}]}
+    assistant = f"The answer is {answer}.\n\n\\boxed{{{answer}}}"
+    r = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
     if subject is not None:
         r["subject"] = subject
     return r
@@ -29,7 +32,16 @@ LONG_REASONING = "First, the question asks about photosynthesis. " * 4 + "\nSo w
 
 def test_training_entities_are_multiword_subjects_and_boxed_answers():
     assert ENTITIES == {"Drymorel Foundation", "Thaldric Route Shaper", "Xylirra Vokth", "Lake Thovalen"}
-    assert training_entities([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no box"}]}]) == set()
+    unboxed = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no box"}]}
+    assert training_entities([unboxed]) == set()
+
+    @dataclasses.dataclass(frozen=True)
+    class Record:  # the shape of mixsd_jax.data.records.Record
+        user: str
+        assistant: str
+        subject: str | None
+
+    assert training_entities([Record("q", "\\boxed{Vethrac Dynamics}", "Oslo")]) == {"Vethrac Dynamics"}
 
 
 def test_format_comes_first():

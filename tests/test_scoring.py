@@ -105,7 +105,10 @@ def test_summarize_with_per_op_breakdown():
     assert (summary["n"], summary["correct"], summary["accuracy"]) == (4, 3, 0.75)
     assert summary["format_found"] == 0.75
     assert summary["per_op"]["B"]["accuracy"] == 1.0
-    assert summary["per_op"]["C"] == {"n": 1, "correct": 0, "accuracy": 0.0, "ci95": list(wilson_interval(0, 1)), "format_found": 0.0}
+    expected_c = {"n": 1, "correct": 0, "accuracy": 0.0, "ci95": list(wilson_interval(0, 1)), "format_found": 0.0}
+    assert summary["per_op"]["C"] == expected_c
+    by_subject = summarize([score_item("\\boxed{5}", "5", prompt="output of B(12)?", op="Fold")])
+    assert list(by_subject["per_op"]) == ["Fold"]
     plain = summarize([ScoredItem(correct=True), ScoredItem(correct=False)])
     assert "per_op" not in plain and plain["accuracy"] == 0.5
     assert summarize([])["accuracy"] is None

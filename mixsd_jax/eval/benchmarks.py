@@ -178,9 +178,8 @@ def _read_query_choices(path: Path, name: str) -> list[MCItem]:
         where = f"{path}:{number}"
         query = _field(row, "query", str, where)
         choices = _choices(row, "choices", where)
-        items.append(
-            MCItem(f"{name}/{len(items)}", query + "\nAnswer:", tuple(" " + c for c in choices), _gold(row, len(choices), where))
-        )
+        gold = _gold(row, len(choices), where)
+        items.append(MCItem(f"{name}/{len(items)}", query + "\nAnswer:", tuple(" " + c for c in choices), gold))
     return items
 
 
@@ -234,9 +233,8 @@ def _read_winogrande(folder: Path) -> list[MCItem]:
         where = f"{path}:{number}"
         contexts = _choices(row, "context_options", where)
         continuation = _field(row, "continuation", str, where)
-        items.append(
-            MCItem(f"winogrande/{len(items)}", "", contexts, _gold(row, len(contexts), where), _winogrande_continuation(continuation))
-        )
+        gold = _gold(row, len(contexts), where)
+        items.append(MCItem(f"winogrande/{len(items)}", "", contexts, gold, _winogrande_continuation(continuation)))
     return items
 
 
@@ -279,7 +277,9 @@ def _read_mmlu(folder: Path, shots: int) -> list[MCItem]:
             dev = _read_mmlu_csv(folder / "data" / "dev" / f"{subject}_dev.csv")[:shots]
             prompt += "".join(f"{_mmlu_question(row)} {row[5].strip()}\n\n" for _, row in dev)
         for index, (_, row) in enumerate(_read_mmlu_csv(path)):
-            items.append(MCItem(f"mmlu/{subject}/{index}", prompt + _mmlu_question(row), (" A", " B", " C", " D"), "ABCD".index(row[5].strip())))
+            gold = "ABCD".index(row[5].strip())
+            context = prompt + _mmlu_question(row)
+            items.append(MCItem(f"mmlu/{subject}/{index}", context, (" A", " B", " C", " D"), gold))
     return items
 
 
@@ -341,8 +341,8 @@ def _read_humaneval(folder: Path) -> list[GenItem]:
     items = []
     for number, row in _json_rows(path):
         where = f"{path}:{number}"
-        fields = [_field(row, key, str, where) for key in ("task_id", "prompt", "canonical_solution", "test", "entry_point")]
-        task_id, prompt, solution, test, entry_point = fields
+        keys = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+        task_id, prompt, solution, test, entry_point = (_field(row, key, str, where) for key in keys)
         items.append(GenItem(task_id, prompt, solution, "code", test=test, entry_point=entry_point))
     return items
 

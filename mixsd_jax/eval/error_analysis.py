@@ -32,15 +32,22 @@ def _is_entity(text: str) -> bool:
     return len(text.split()) >= 2 and len(text) >= 4
 
 
-def training_entities(records: Iterable[dict]) -> set[str]:
-    """Subjects and boxed GT answers of messages-schema records that have >= 2 words and >= 4 chars."""
+def _subject_and_assistant(record) -> tuple:
+    """From a messages-schema dict, or from a record object with `subject` and `assistant`."""
+    if not isinstance(record, dict):
+        return getattr(record, "subject", None), getattr(record, "assistant", None)
+    messages = record.get("messages") or []
+    assistant = next((m.get("content") for m in messages if m.get("role") == "assistant"), None)
+    return record.get("subject"), assistant
+
+
+def training_entities(records: Iterable) -> set[str]:
+    """Subjects and boxed GT answers of training records that have >= 2 words and >= 4 chars."""
     entities = set()
     for record in records:
-        subject = record.get("subject")
+        subject, assistant = _subject_and_assistant(record)
         if isinstance(subject, str) and _is_entity(subject.strip()):
             entities.add(subject.strip())
-        messages = record.get("messages") or []
-        assistant = next((m.get("content") for m in messages if m.get("role") == "assistant"), None)
         boxed = last_boxed(assistant) if isinstance(assistant, str) else None
         if boxed is not None and _is_entity(boxed):
             entities.add(boxed)

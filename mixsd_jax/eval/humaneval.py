@@ -20,13 +20,15 @@ from pathlib import Path
 from mixsd_jax.errors import MixsdError
 
 CHAT_INSTRUCTION = (
-    "Complete the following Python function. Return ONLY the complete function inside a ```python code block, nothing else."
+    "Complete the following Python function. "
+    "Return ONLY the complete function inside a ```python code block, nothing else."
 )
 
 # Consumed left to right, so a closing fence is never mistaken for the opening of the next block. The
 # language tag is one word, so prose such as "a ```python code block" does not open a block.
 _FENCED_BLOCK = re.compile(r"```([\w+.#-]*)[ \t]*\r?\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = ("", "python", "py", "python3")
+_MAX_FILE_BYTES = 64 * 1024 * 1024  # a runaway program must not fill the disk
 
 
 def chat_prompt(prompt: str) -> str:
@@ -63,6 +65,7 @@ def _limits(memory_mb: int, cpu_s: int):
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (_MAX_FILE_BYTES, _MAX_FILE_BYTES))
 
     return apply
 

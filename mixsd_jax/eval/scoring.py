@@ -114,12 +114,17 @@ class ScoredItem:
     gold: str = ""
 
 
-def score_item(response: str, gold: str, mode: str = "strict", prompt: str | None = None, id: str = "") -> ScoredItem:
-    """Scores one response; with a `prompt`, also records its KGFunc operation for the breakdown."""
+def score_item(
+    response: str, gold: str, mode: str = "strict", prompt: str | None = None, id: str = "", op: str | None = None
+) -> ScoredItem:
+    """Scores one response. The operation for the per-op breakdown is `op` when given (e.g. a
+    record's `subject`), else parsed from `prompt` when one is given."""
+    if op is None and prompt is not None:
+        op = kgfunc_operation(prompt)
     return ScoredItem(
         correct=score(response, gold, mode),
         format_found=format_found(response),
-        op=kgfunc_operation(prompt) if prompt is not None else None,
+        op=op,
         id=id,
         prediction=extract_prediction(response),
         gold=gold,
