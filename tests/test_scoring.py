@@ -112,3 +112,24 @@ def test_summarize_with_per_op_breakdown():
     plain = summarize([ScoredItem(correct=True), ScoredItem(correct=False)])
     assert "per_op" not in plain and plain["accuracy"] == 0.5
     assert summarize([])["accuracy"] is None
+
+
+def test_on_kgfunc_records(tmp_path):
+    """The builder's own prompts and CoT targets: op parsed from the prompt, target scored correct."""
+    import json
+
+    from mixsd_jax.data.kgfunc import build_kgfunc
+
+    build_kgfunc(tmp_path, preset="tiny")
+    lines = (tmp_path / "primitive_atomic_balanced_sft_50k" / "test_messages.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert records
+    for record in records:
+        prompt, target = (m["content"] for m in record["messages"])
+        assert kgfunc_operation(prompt) == record["subject"]
+        assert score(target, record["clear_answer"])
+        assert not score(target.replace("\\boxed{", "\\boxed{1"), record["clear_answer"])
+    summary = summarize(
+        score_item(r["messages"][1]["content"], r["clear_answer"], prompt=r["messages"][0]["content"]) for r in records
+    )
+    assert summary["accuracy"] == 1.0 and set(summary["per_op"]) == {r["subject"] for r in records}
