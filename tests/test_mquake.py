@@ -100,8 +100,12 @@ def test_unlimited_budget_takes_every_consistent_case(tmp_path):
 
 
 def test_zero_train_budget_puts_everything_in_the_retrieval_set(tmp_path):
+    convert_mquake(FIXTURE, tmp_path, seed=3, max_facts=1000)  # an earlier run into the same dir
     counts = convert_mquake(FIXTURE, tmp_path, seed=3, max_facts=0, eval_max_facts=1000)
     assert counts == {"atomic_with_context_cot/test_alpaca.jsonl": 19}  # empty files not written
+    # ...and the earlier run's files, now stale, are gone.
+    left = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.jsonl")}
+    assert left == set(counts)
     cloze_of = {hop.question: hop.cloze for case in load_cases(FIXTURE) for hop in case.hops}
     for record in read_jsonl(tmp_path / "atomic_with_context_cot/test_alpaca.jsonl"):
         head, _, question = record["instruction"].removesuffix(COT_SUFFIX).partition("\n\n")

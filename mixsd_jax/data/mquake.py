@@ -285,6 +285,7 @@ def convert_mquake(
         if records:
             atomic_write_jsonl(out_dir / relative, records)
             counts[relative] = len(records)
+    _remove_stale_outputs(out_dir, set(counts))
     atomic_write_json(
         out_dir / "manifest.json",
         {
@@ -303,6 +304,22 @@ def convert_mquake(
         },
     )
     return counts
+
+
+def _remove_stale_outputs(out_dir: Path, written: set[str]) -> None:
+    """A file of our layout left by an earlier run but empty now would be read as current."""
+    candidates = [
+        "atomic_sft/train_messages.jsonl",
+        "atomic_sft/test_subset_of_train_inference.jsonl",
+        "atomic_sft/val_paraphrased_messages.jsonl",
+        "atomic_sft/val_paraphrased_inference.jsonl",
+        "atomic_with_context_cot/test_alpaca.jsonl",
+    ]
+    for folder in sorted(out_dir.glob("compositional_*step_sft")):
+        candidates += [f"{folder.name}/test_messages.jsonl", f"{folder.name}/test_alpaca.jsonl"]
+    for relative in candidates:
+        if relative not in written:
+            (out_dir / relative).unlink(missing_ok=True)
 
 
 def _context(gold: Hop, held_out: list[Hop], rng: random.Random) -> list[str]:
