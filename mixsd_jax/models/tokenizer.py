@@ -1,0 +1,85 @@
+"""The model's tokenizer as the pipeline uses it: chat-template prompts, stop ids, pad id.
+
+Prompts follow the reference (REFERENCE.md §1.3): the chat template applied to one user turn with
+the generation prompt, tokenized without adding special tokens (the template already wrote them),
+`enable_thinking` passed through to templates that read it (Qwen3). The stop set is the eos id plus
+whichever of `<|im_end|>`, `<|eot_id|>`, `<|endoftext|>` the vocabulary has as real (non-unk) tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from mixsd_jax.errors import MixsdError
+
+STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>")
+
+
+class ChatTokenizer:
+    """A transformers tokenizer plus the ids and prompt rendering our generator needs."""
+
+    def __init__(self, hf, source: str = "tokenizer"):
+        self.hf = hf
+        self.source = source
+        if hf.eos_token_id is None:
+            raise MixsdError(f"{source}: the tokenizer has no eos token")
+        self.eos_id: int = int(hf.eos_token_id)
+        self.pad_id: int = int(hf.pad_token_id) if hf.pad_token_id is not None else self.eos_id
+        self.stop_ids: tuple[int, ...] = _stop_ids(hf, self.eos_id)
+        template = hf.chat_template if isinstance(hf.chat_template, str) else ""
+        self.supports_thinking: bool = "enable_thinking" in template
+
+    def prompt_ids(self, user_text: str, enable_thinking: bool = False, system: str | None = None) -> list[int]:
+        """Token ids of one user turn (after an optional system turn) plus the generation prompt."""
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages.append({"role": "user", "content": user_text})
+        return self.encode(self.render(messages, add_generation_prompt=True, enable_thinking=enable_thinking))
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool, enable_thinking: bool = False) -> str:
+        """The chat template's text for `messages`."""
+        import jinja2
+
+        if not self.hf.chat_template:
+            raise MixsdError(f"{self.source}: the tokenizer has no chat template")
+        kwargs = dict(tokenize=False, add_generation_prompt=add_generation_prompt)
+        try:
+            try:
+                return self.hf.apply_chat_template(list(messages), enable_thinking=enable_thinking, **kwargs)
+            except TypeError:  # a tokenizer class whose template call rejects unknown keywords
+                return self.hf.apply_chat_template(list(messages), **kwargs)
+        except jinja2.TemplateError as exc:
+            raise MixsdError(f"{self.source}: chat template failed ({exc})") from None
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` as written: no bos/eos added (prompts carry their own special tokens)."""
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+def load_tokenizer(model_dir: str | Path) -> ChatTokenizer:
+    """The tokenizer saved in an HF-format model directory."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise MixsdError(f"{model_dir}: model directory not found")
+    try:
+        hf = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MixsdError(f"{model_dir}: cannot load the tokenizer ({first_line})") from None
+    return ChatTokenizer(hf, source=str(model_dir))
+
+
+def _stop_ids(hf, eos_id: int) -> tuple[int, ...]:
+    unk = hf.unk_token_id
+    vocab = hf.get_vocab()
+    ids = {eos_id}
+    for token in STOP_TOKENS:
+        token_id = vocab.get(token)
+        if isinstance(token_id, int) and token_id >= 0 and token_id != unk:
+            ids.add(token_id)
+    return tuple(sorted(ids))
