@@ -179,12 +179,22 @@ def from_dict(cls: type[T], data: Mapping, prefix: str = "") -> T:
         raise MixsdError(f"config section {prefix.rstrip('.') or cls.__name__}: {exc}") from None
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = (), base: Mapping | None = None) -> T:
-    """YAML file (optional) < `base` mapping < `key=value` overrides, validated into `cls`."""
+def load(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    base: Mapping | None = None,
+    flags: Mapping | None = None,
+) -> T:
+    """`base` < YAML file < `key=value` overrides < explicit command-line `flags`, validated into `cls`.
+
+    `flags` maps config keys to values already typed by argparse; None values are ignored.
+    """
     data: dict = dict(base or {})
     if path is not None:
         data = merge(data, read_yaml(path))
     data = merge(data, parse_overrides(overrides))
+    data = merge(data, {k: v for k, v in (flags or {}).items() if v is not None})
     return from_dict(cls, data)
 
 

@@ -1,0 +1,151 @@
+"""Host side of the decode kernel: pad work into fixed shapes, run it, unpack per item.
+
+A batch always has `batch_size` records (empty slots are filled with a one-token dummy and
+discarded) and prompts are padded to a bucket length, so a run compiles a handful of kernels, not
+one per batch. With a mesh, records are split over the `data` axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixsd_jax.models.config import ModelConfig
+from mixsd_jax.models.sharding import batch_sharding
+from mixsd_jax.sampling import kernel
+from mixsd_jax.sampling.strategies import Sampler
+
+PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def bucket_length(n: int) -> int:
+    for b in PROMPT_BUCKETS:
+        if n <= b:
+            return b
+    return -(-n // 1024) * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+    """One attempt: its prompt(s) (1 for plain decoding, [expert, naive] for mixing) and stable ids."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    record_index: int
+    gen_index: int = 0
+    attempt: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    tokens: list[int]  # generated ids, the stop token included (as the reference counts them)
+    logprobs: list[float]
+    naive: list[bool]
+    finish_reason: str
+
+
+class Runner:
+    def __init__(
+        self,
+        params,
+        cfg: ModelConfig,
+        *,
+        sampler: Sampler,
+        sides: int,
+        stop_ids: Sequence[int],
+        max_new_tokens: int,
+        max_model_len: int,
+        batch_size: int,
+        seed: int,
+        dtype: str = "float32",
+        mesh=None,
+        naive_prob: float = 0.0,
+    ):
+        devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        self.batch_size = -(-batch_size // devices) * devices  # every device gets whole records
+        self.params, self.mesh, self.seed, self.sides = params, mesh, seed, sides
+        self.spec = kernel.KernelSpec(cfg, sampler, sides, max_new_tokens, max_model_len, dtype, mesh)
+        self.stop_ids = jnp.asarray(sorted(set(stop_ids)) or [-1], jnp.int32)
+        self.naive_prob = jnp.float32(naive_prob)
+
+    def run(self, items: Sequence[WorkItem]) -> list[Completion]:
+        """Decode up to `batch_size` items in one kernel call."""
+        assert 0 < len(items) <= self.batch_size
+        slots = list(items) + [WorkItem(((0,),) * self.sides, record_index=-1)] * (self.batch_size - len(items))
+        rows = [list(p) for item in slots for p in item.prompts]
+        assert all(len(p) == len(slots[0].prompts) for p in (i.prompts for i in slots))
+        width = bucket_length(max(len(r) for r in rows))
+        tokens = np.zeros((len(rows), width), np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = r
+        lens = np.array([len(r) for r in rows], np.int32)
+        keys = kernel.record_keys(
+            self.seed,
+            jnp.asarray([max(s.record_index, 0) for s in slots], jnp.uint32),
+            jnp.asarray([s.gen_index for s in slots], jnp.uint32),
+            jnp.asarray([s.attempt for s in slots], jnp.uint32),
+        )
+        tokens_j, lens_j = jnp.asarray(tokens), jnp.asarray(lens)
+        if self.mesh is not None:
+            tokens_j = jax.device_put(tokens_j, batch_sharding(self.mesh, 2))
+            lens_j = jax.device_put(lens_j, batch_sharding(self.mesh, 1))
+            keys = jax.device_put(keys, batch_sharding(self.mesh, 1))
+        out = kernel.decode(self.params, tokens_j, lens_j, keys, self.naive_prob, self.stop_ids, spec=self.spec)
+        out = jax.tree.map(np.asarray, out)
+        completions = []
+        for b in range(len(items)):
+            n = int(out["lengths"][b])
+            completions.append(
+                Completion(
+                    tokens=out["tokens"][b, :n].tolist(),
+                    logprobs=out["logprobs"][b, :n].tolist(),
+                    naive=out["naive"][b, :n].tolist(),
+                    finish_reason=kernel.FINISH_NAMES[int(out["finish"][b])],
+                )
+            )
+        return completions
+
+
+def generate(
+    params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    *,
+    stop_ids: Sequence[int],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    topk: int = 64,
+    seed: int = 0,
+    max_model_len: int | None = None,
+    dtype: str = "float32",
+    mesh=None,
+    progress=None,
+) -> list[Completion]:
+    """Plain decoding of many prompts (the evaluator's entry point); results in input order."""
+    runner = Runner(
+        params,
+        cfg,
+        sampler=Sampler(temperature, topk),
+        sides=1,
+        stop_ids=stop_ids,
+        max_new_tokens=max_new_tokens,
+        max_model_len=max_model_len or (max(len(p) for p in prompts) + max_new_tokens + 1),
+        batch_size=batch_size,
+        seed=seed,
+        dtype=dtype,
+        mesh=mesh,
+    )
+    # Similar lengths together: fewer pad slots, fewer prompt buckets. Keys follow the input index.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[Completion | None] = [None] * len(prompts)
+    for start in range(0, len(order), runner.batch_size):
+        chunk = order[start : start + runner.batch_size]
+        for i, completion in zip(chunk, runner.run([WorkItem((tuple(prompts[i]),), i) for i in chunk])):
+            results[i] = completion
+        if progress is not None:
+            progress(len(chunk))
+    return results  # type: ignore[return-value]

@@ -1,0 +1,103 @@
+"""The compiled decode/mixing kernel against transformers and against its own definition."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mixsd_jax.models.checkpoint import load_hf
+from mixsd_jax.models.sharding import MeshConfig, make_mesh
+from mixsd_jax.sampling.runner import Runner, WorkItem, generate
+from mixsd_jax.sampling.strategies import Sampler
+
+PROMPTS = [(5, 6, 7, 8, 9), (10, 11), (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13), (40,), (7, 7, 7, 7)]
+
+
+def _runner(params, cfg, *, sides, batch_size, naive_prob=0.0, temperature=0.0, max_new_tokens=12, mesh=None, stop_ids=()):
+    return Runner(params, cfg, sampler=Sampler(temperature, 16), sides=sides, stop_ids=stop_ids,
+                  max_new_tokens=max_new_tokens, max_model_len=4096, batch_size=batch_size, seed=7, mesh=mesh,
+                  naive_prob=naive_prob)
+
+
+def test_greedy_decode_equals_transformers_generate(tiny_model_dir):
+    cfg, params = load_hf(tiny_model_dir)
+    ours = generate(params, cfg, PROMPTS, stop_ids=[], max_new_tokens=32, batch_size=4)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for prompt, completion in zip(PROMPTS, ours):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)
+        assert completion.tokens == ref[0, len(prompt):].tolist()
+        assert completion.finish_reason == "max_new_tokens"
+        # Per-token log-probabilities are the model's own.
+        with torch.no_grad():
+            logits = hf(ref).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+        expected = logits[torch.arange(32), ref[0, len(prompt):]].numpy()
+        np.testing.assert_allclose(completion.logprobs, expected, atol=1e-4)
+
+
+def test_stop_token_and_length_limits(tiny_llama_dir):
+    cfg, params = load_hf(tiny_llama_dir)
+    free = generate(params, cfg, [PROMPTS[0]], stop_ids=[], max_new_tokens=10)[0]
+    stop = free.tokens[3]
+    first = free.tokens.index(stop)
+    stopped = generate(params, cfg, [PROMPTS[0]], stop_ids=[stop], max_new_tokens=10)[0]
+    assert stopped.tokens == free.tokens[: first + 1] and stopped.finish_reason == "stop"
+    # max_model_len counts the prompt: 5 prompt tokens + n generated + 1 > 9  =>  stops after 4.
+    capped = generate(params, cfg, [PROMPTS[0]], stop_ids=[], max_new_tokens=10, max_model_len=9)[0]
+    assert capped.tokens == free.tokens[:4] and capped.finish_reason == "max_model_len"
+
+
+def test_lambda_0_is_expert_greedy_and_lambda_1_is_naive_greedy(tiny_qwen3_dir):
+    cfg, params = load_hf(tiny_qwen3_dir)
+    expert, naive = PROMPTS[2], PROMPTS[0]
+    expert_greedy = generate(params, cfg, [expert], stop_ids=[], max_new_tokens=12)[0].tokens
+    naive_greedy = generate(params, cfg, [naive], stop_ids=[], max_new_tokens=12)[0].tokens
+    for lam, want, naive_flags in [(0.0, expert_greedy, False), (1.0, naive_greedy, True)]:
+        out = _runner(params, cfg, sides=2, batch_size=2, naive_prob=lam).run([WorkItem((expert, naive), 0)])[0]
+        assert out.tokens == want
+        assert all(flag == naive_flags for flag in out.naive)
+
+
+def test_naive_fraction_is_lambda_within_binomial_error(tiny_llama_dir):
+    cfg, params = load_hf(tiny_llama_dir)
+    lam, records, steps = 0.3, 32, 24
+    runner = _runner(params, cfg, sides=2, batch_size=records, naive_prob=lam, temperature=1.0, max_new_tokens=steps)
+    outs = runner.run([WorkItem((PROMPTS[i % 5], PROMPTS[(i + 1) % 5]), i) for i in range(records)])
+    picks = np.concatenate([o.naive for o in outs])
+    assert len(picks) == records * steps
+    sigma = np.sqrt(lam * (1 - lam) / len(picks))
+    assert abs(picks.mean() - lam) < 4 * sigma
+
+
+def _mixed(params, cfg, batch_size, mesh=None):
+    runner = _runner(params, cfg, sides=2, batch_size=batch_size, naive_prob=0.5, temperature=1.0, mesh=mesh)
+    items = [WorkItem((PROMPTS[i % 5], PROMPTS[(i + 2) % 5]), record_index=i, attempt=i % 2) for i in range(8)]
+    outs = []
+    for start in range(0, len(items), runner.batch_size):
+        outs += runner.run(items[start : start + runner.batch_size])
+    return [(o.tokens, o.naive, o.finish_reason) for o in outs]
+
+
+def test_output_independent_of_batch_size_and_device_count(tiny_qwen2_dir):
+    cfg, params = load_hf(tiny_qwen2_dir)
+    reference = _mixed(params, cfg, 8)
+    assert _mixed(params, cfg, 1) == reference
+    assert _mixed(params, cfg, 3) == reference
+    mesh = make_mesh(MeshConfig(data=8))
+    _, sharded = load_hf(tiny_qwen2_dir, mesh=mesh)
+    assert jax.device_count() == 8
+    assert _mixed(sharded, cfg, 8, mesh=mesh) == reference
+    # Different attempts of the same record draw differently (retries are not replays at T>0).
+    items = [WorkItem((PROMPTS[0], PROMPTS[1]), 0, attempt=a) for a in (0, 1)]
+    a0, a1 = _runner(params, cfg, sides=2, batch_size=2, naive_prob=0.5, temperature=1.0).run(items)
+    assert a0.tokens != a1.tokens
+
+
+def test_sampler_rejects_bad_settings():
+    from mixsd_jax.errors import MixsdError
+
+    with pytest.raises(MixsdError, match="temperature"):
+        Sampler(-0.1)
+    with pytest.raises(MixsdError, match="topk"):
+        Sampler(1.0, 0)
