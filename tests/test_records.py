@@ -90,6 +90,9 @@ BAD_CASES = [
     ([{"text": "hello"}], ":1: messages: missing"),
     (["[1, 2]"], ":1: expected a JSON object, got list"),
     ([{**messages("q", "a"), "messages": "hi"}], ":1: messages: expected a list of turns, got str"),
+    ([messages("q", "a", system=["x"])], ":1: system: expected a string, got list"),
+    ([{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a"}], "system": "t"}], ":1: system: given both"),
 ]
 
 

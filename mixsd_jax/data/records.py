@@ -193,6 +193,7 @@ def _parse_messages(obj: dict, allow_empty_assistant: bool) -> Record:
     user, assistant = conversation[0][1], conversation[1][1]
     _check_text(f"messages[{start}].content", user, "empty user turn", allow_empty=False)
     _check_text(f"messages[{start + 1}].content", assistant, "empty assistant answer", allow_empty_assistant)
+    _check_system(extra)
     return Record(user, assistant, _optional_text(obj, "clear_answer"), _optional_text(obj, "subject"), extra)
 
 
@@ -227,9 +228,13 @@ def _parse_alpaca(obj: dict, allow_empty_assistant: bool) -> Record:
     _check_text("output", obj["output"], "empty assistant answer", allow_empty_assistant)
     user = obj["instruction"] + ("\n\n" + obj["input"] if obj.get("input") else "")
     extra = {k: v for k, v in obj.items() if k not in _ALPACA_KEYS + ("clear_answer", "subject")}
+    _check_system(extra)
+    return Record(user, obj["output"], _optional_text(obj, "clear_answer"), _optional_text(obj, "subject"), extra)
+
+
+def _check_system(extra: dict) -> None:
     if SYSTEM_KEY in extra and not isinstance(extra[SYSTEM_KEY], str):
         raise LineProblem(SYSTEM_KEY, f"expected a string, got {type(extra[SYSTEM_KEY]).__name__}")
-    return Record(user, obj["output"], _optional_text(obj, "clear_answer"), _optional_text(obj, "subject"), extra)
 
 
 def _check_text(where: str, text: str, reason: str, allow_empty: bool) -> None:
