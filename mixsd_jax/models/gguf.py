@@ -34,6 +34,7 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
+    check_replaceable(out_dir)
     reader = _open(gguf_path)
     architecture = _meta(reader, gguf_path, "general.architecture")
     if architecture not in SUPPORTED_ARCHITECTURES:
@@ -188,6 +189,14 @@ def _save_tokenizer(gguf_path: Path, out_dir: Path, max_length: int) -> None:
             if (value := getattr(tokenizer, key, None)) is not None
         }
         special_path.write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """An output directory may replace nothing but an empty folder or an earlier model directory."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "config.json").is_file()):
+        raise MixsdError(f"{out_dir}: exists and is not a model directory; refusing to replace it")
 
 
 def _make_readable(directory: Path) -> None:
