@@ -122,7 +122,8 @@ def _parse_json_line(raw: bytes, number: int) -> dict | LineProblem:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         if torn:
-            return LineProblem("", f"truncated last line: no newline at end of file and the JSON is incomplete ({exc.msg} at column {exc.colno})")
+            reason = f"no newline at end of file and the JSON is incomplete ({exc.msg} at column {exc.colno})"
+            return LineProblem("", f"truncated last line: {reason}")
         return LineProblem("", f"malformed JSON ({exc.msg} at column {exc.colno})")
     if not isinstance(obj, dict):
         return LineProblem("", f"expected a JSON object, got {type(obj).__name__}")
