@@ -49,7 +49,7 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        del tensors
+        del tensors  # free the float32 weights before transformers parses the GGUF again
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         generation = {
             key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in config
@@ -76,9 +76,9 @@ def llama_config(reader, gguf_path: Path) -> dict:
             f"{gguf_path}: llama.rope.dimension_count={rope_dim} differs from head_dim={head_dim} "
             "(partial rotary embeddings are not supported)"
         )
-    if "llama.rope.scaling.type" in reader.fields:
-        kind = _meta(reader, gguf_path, "llama.rope.scaling.type")
-        raise MixsdError(f"{gguf_path}: llama.rope.scaling.type={kind!r} is not supported")
+    scaling = _meta(reader, gguf_path, "llama.rope.scaling.type", default="none")
+    if scaling != "none":
+        raise MixsdError(f"{gguf_path}: llama.rope.scaling.type={scaling!r} is not supported")
     token_count = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
     vocab = int(_meta(reader, gguf_path, "llama.vocab_size", default=token_count))
     names = {t.name for t in reader.tensors}
