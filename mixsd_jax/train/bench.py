@@ -1,0 +1,144 @@
+"""`mixsd bench train`: our jitted train step against a transformers PyTorch AdamW step.
+
+Both sides train the same model on the same random batch (B x T tokens, every position a target)
+with AdamW and global-norm clipping, in the same process, one after the other; the first step of
+each (compilation, allocator warm-up) is not timed. Tokens/s counts input tokens, B x T per step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+# Dense bf16 peak used for MFU when none is given: the H200 figure measured on our GPU machine.
+DEFAULT_PEAK_TFLOPS = {"gpu": 790.0}
+
+
+def synthetic_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(seed).integers(0, vocab_size, (batch_size, seq_len + 1)).astype(np.int32)
+    shape = (1, batch_size, seq_len)
+    return {
+        "tokens": ids[None, :, :-1],
+        "targets": ids[None, :, 1:],
+        "loss_mask": np.ones(shape, np.float32),
+        "segment_ids": np.ones(shape, np.int32),
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), shape).copy(),
+    }
+
+
+def ours_tokens_per_s(model_dir, batch_size: int, seq_len: int, steps: int, compute_dtype: str,
+                      random_init: bool = False) -> tuple[float, object, float]:
+    """(tokens/s, ModelConfig, seconds of the first (compiling) step)."""
+    import jax
+
+    from mixsd_jax.models.checkpoint import load_hf
+    from mixsd_jax.models.config import ModelConfig
+    from mixsd_jax.models.sharding import MeshConfig, make_mesh, param_shardings
+    from mixsd_jax.models.transformer import init_params
+    from mixsd_jax.train import step as step_lib
+
+    mesh = make_mesh(MeshConfig())
+    if random_init:
+        cfg = ModelConfig.from_hf_dir(model_dir)
+        params = jax.jit(lambda key: init_params(cfg, key), out_shardings=param_shardings(cfg, mesh))(jax.random.key(0))
+    else:
+        cfg, params = load_hf(model_dir, mesh=mesh)
+    opt = step_lib.OptimConfig(lr=1e-5, total_steps=steps + 1)
+    tx = step_lib.make_optimizer(opt)
+    shardings = step_lib.state_shardings(cfg, tx, mesh)
+    state = step_lib.init_state(params, tx, shardings)
+    del params
+    step_fn = step_lib.jit_train_step(cfg, opt, mesh, shardings, compute_dtype)
+    batch = step_lib.device_batch(synthetic_batch(cfg.vocab_size, batch_size, seq_len), mesh)
+    started = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step_fn(state, batch)
+    jax.block_until_ready((state, metrics))
+    elapsed = time.perf_counter() - started
+    return batch_size * seq_len * steps / elapsed, cfg, first
+
+
+def torch_tokens_per_s(model_dir, batch_size: int, seq_len: int, steps: int, compute_dtype: str,
+                       random_init: bool = False) -> float:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if random_init:
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+    batch = synthetic_batch(model.config.vocab_size, batch_size, seq_len)
+    ids = torch.from_numpy(np.concatenate([batch["tokens"][0], batch["targets"][0][:, -1:]], axis=1)).long().to(device)
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16")
+
+    def one_step():
+        with autocast:
+            logits = model(input_ids=inputs).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    one_step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss = one_step()
+    loss.item()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return batch_size * seq_len * steps / (time.perf_counter() - started)
+
+
+def bench_train(
+    model: str,
+    *,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    steps: int = 3,
+    compute_dtype: str = "float32",
+    torch_compare: bool = True,
+    random_init: bool = False,
+    peak_tflops: float | None = None,
+) -> dict:
+    import jax
+
+    from mixsd_jax.models.registry import resolve_model
+    from mixsd_jax.train.step import flops_per_token
+
+    model_dir = resolve_model(model)
+    ours, cfg, compile_s = ours_tokens_per_s(model_dir, batch_size, seq_len, steps, compute_dtype, random_init)
+    result: dict = {
+        "model": str(model),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "steps": steps,
+        "compute_dtype": compute_dtype,
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "ours_tokens_per_s": round(ours, 2),
+        "ours_first_step_s": round(compile_s, 2),
+    }
+    if torch_compare:
+        theirs = torch_tokens_per_s(model_dir, batch_size, seq_len, steps, compute_dtype, random_init)
+        result["torch_tokens_per_s"] = round(theirs, 2)
+        result["ratio"] = round(ours / theirs, 3)
+    flops = flops_per_token(cfg, seq_len)
+    result["tflops_per_s"] = round(ours * flops / 1e12, 3)
+    peak = peak_tflops or DEFAULT_PEAK_TFLOPS.get(jax.default_backend())
+    if peak:
+        result["peak_tflops"] = peak
+        result["mfu"] = round(ours * flops / (peak * 1e12 * jax.device_count()), 4)
+    return result

@@ -1,0 +1,108 @@
+"""`mixsd train` (SFT / MixSD training, resume, export) and `mixsd bench train`."""
+
+from __future__ import annotations
+
+import json
+
+from mixsd_jax.cli import add_config_args
+
+# Flag -> TrainConfig key; a flag given on the command line wins over --config and key=value.
+_FLAG_KEYS = {
+    "data": "data",
+    "model": "model",
+    "out": "out",
+    "steps": "steps",
+    "epochs": "epochs",
+    "lr": "lr",
+    "batch_size": "batch_size",
+    "seed": "seed",
+}
+
+
+def register(subparsers, bench_subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune on a messages JSONL (ground truth = SFT, mixed targets = MixSD); resumes from --out",
+        description="Masked-NLL training with AdamW. Re-running with the same --out resumes from the latest "
+        "checkpoint; raising --steps/--epochs extends a finished run.",
+    )
+    p.add_argument("--data", help="messages/alpaca JSONL or TFDS dataset directory")
+    p.add_argument("--model", help="HF-format directory or registry name")
+    p.add_argument("--out", help="output directory (checkpoints, metrics, hf export)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs passes over the data)")
+    p.add_argument("--epochs", type=int, help="passes over the data when --steps is not given")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--batch-size", type=int, help="global batch size in sequences")
+    p.add_argument("--seed", type=int, help="data-order seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--export", metavar="STEP", default=None,
+                   help="do not train: export checkpoint STEP (or 'latest') of the run in --out to HF format")
+    add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    b = bench_subparsers.add_parser("train", help="our train step vs a PyTorch AdamW step: tokens/s and ratio")
+    b.add_argument("--model", default="smollm2-135m-instruct", help="HF-format directory or registry name")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--seq-len", type=int, default=128)
+    b.add_argument("--steps", type=int, default=3, help="timed steps (after one untimed warm-up step)")
+    b.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
+    b.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    b.add_argument("--random-init", action="store_true",
+                   help="random weights from the model directory's config.json (no weight files needed)")
+    b.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
+    b.set_defaults(func=cmd_bench_train)
+
+
+def train_config_from_args(args):
+    import dataclasses
+
+    from mixsd_jax.train.config import load_train_config
+
+    cfg = load_train_config(args.config, args.overrides)
+    flags = {key: getattr(args, attr) for attr, key in _FLAG_KEYS.items() if getattr(args, attr) is not None}
+    return dataclasses.replace(cfg, **flags)  # validated again by __post_init__
+
+
+def cmd_train(args) -> int:
+    cfg = train_config_from_args(args)
+    if args.export is not None:
+        from mixsd_jax.errors import MixsdError
+        from mixsd_jax.train.export import export_checkpoint
+
+        if args.export != "latest" and not args.export.isdigit():
+            raise MixsdError(f"--export {args.export!r}: expected a step number or 'latest'")
+        step = None if args.export == "latest" else int(args.export)
+        print(f"exported: {export_checkpoint(cfg.out, step)}")
+        return 0
+
+    from mixsd_jax.train.loop import train
+
+    summary = train(cfg, progress=not args.no_progress)
+    print(
+        f"trained {summary['steps_this_run']} steps (to step {summary['steps']}), final loss "
+        f"{_fmt(summary['final_loss'])}, {_fmt(summary['tokens_per_s'])} tokens/s; "
+        f"dropped {summary['dropped_overlong']}, truncated {summary['truncated']} overlong records"
+    )
+    print(f"wrote: {summary['checkpoints']} (checkpoints), {summary['hf']} (HF model), {cfg.out}/summary.json")
+    return 0
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def cmd_bench_train(args) -> int:
+    from mixsd_jax.train.bench import bench_train
+
+    result = bench_train(
+        args.model,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        compute_dtype=args.compute_dtype,
+        torch_compare=not args.no_torch,
+        random_init=args.random_init,
+        peak_tflops=args.peak_tflops,
+    )
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,138 @@
+"""`TrainConfig`: everything a training run depends on, validated once at the edge.
+
+Defaults follow the reference recipe (REFERENCE.md §3.2): AdamW lr 1e-5, weight decay 0.01,
+betas 0.9/0.95, eps 1e-8, global-norm clip 1.0, global batch 16, constant LR.
+
+Resume compatibility: `resume_fingerprint(cfg)` hashes every key that changes what a step
+computes, so it leaves out the run length (`steps`, `epochs`: extending a finished run continues
+it), where outputs go and how often they are logged, saved or exported, and how processes find
+each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from mixsd_jax import config as config_lib
+from mixsd_jax.errors import MixsdError
+from mixsd_jax.models.sharding import MeshConfig
+
+EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
+
+DTYPES = ("float32", "bfloat16")
+
+# Keys that do not change the trained parameters: excluded from the resume fingerprint.
+NOT_FINGERPRINTED = (
+    "steps",
+    "epochs",
+    "out",
+    "save_every",
+    "keep",
+    "export_every",
+    "export_dtype",
+    "log_every",
+    "distributed",
+    "async_checkpoints",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """How processes of a multi-host run find each other; unset fields come from the environment
+    (MIXSD_COORDINATOR, MIXSD_NUM_PROCESSES, MIXSD_PROCESS_ID) or JAX's cluster auto-detection."""
+
+    coordinator: str | None = None  # "host:port" of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    auto: bool = False  # call jax.distributed.initialize() with no arguments (TPU pods, SLURM)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    data: str = ""  # messages / alpaca JSONL (ground truth for SFT, mixed targets for MixSD)
+    model: str = EMBEDDED_DEFAULT_MODEL  # registry name or HF-format directory
+    out: str = "runs/train"
+    # Run length: `steps` if > 0, else `epochs` passes over the data.
+    steps: int = 0
+    epochs: int = 1
+    # Optimisation.
+    batch_size: int = 16  # global, in sequences (or packed rows with `packing`)
+    grad_accum: int = 1  # micro batches per step; batch_size must divide by it
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    seed: int = 42
+    # Data.
+    max_seq_len: int = 1024
+    overlong: Literal["drop", "truncate"] = "drop"
+    packing: bool = False
+    enable_thinking: bool = False
+    system_prompt: str | None = None  # used for records without their own system turn
+    # Numerics.
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights and optimizer state
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Outputs.
+    save_every: int = 0  # 0: only at the end
+    keep: int = 3
+    async_checkpoints: bool = True
+    export_every: bool = False  # also export every saved checkpoint to out/exports/step_N
+    export_dtype: Literal["float32", "bfloat16"] = "float32"
+    log_every: int = 1
+    mesh: MeshConfig = MeshConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    def __post_init__(self):
+        config_lib.check_range("steps", self.steps, 0)
+        config_lib.check_range("epochs", self.epochs, 1)
+        config_lib.check_range("batch_size", self.batch_size, 1)
+        config_lib.check_range("grad_accum", self.grad_accum, 1)
+        if self.batch_size % self.grad_accum:
+            raise MixsdError(
+                f"config key 'grad_accum': batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
+            )
+        config_lib.check_range("lr", self.lr, 0)
+        config_lib.check_range("warmup_steps", self.warmup_steps, 0)
+        config_lib.check_range("weight_decay", self.weight_decay, 0)
+        config_lib.check_range("b1", self.b1, 0, 1)
+        config_lib.check_range("b2", self.b2, 0, 1)
+        config_lib.check_range("eps", self.eps, 0)
+        config_lib.check_range("clip_norm", self.clip_norm, 0)
+        config_lib.check_range("max_seq_len", self.max_seq_len, 2)
+        config_lib.check_range("save_every", self.save_every, 0)
+        config_lib.check_range("keep", self.keep, 1)
+        config_lib.check_range("log_every", self.log_every, 1)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // self.grad_accum
+
+
+def load_train_config(path=None, overrides=()) -> TrainConfig:
+    return config_lib.load(TrainConfig, path, overrides)
+
+
+def resume_fingerprint(cfg: TrainConfig) -> str:
+    return config_lib.fingerprint(cfg, exclude=NOT_FINGERPRINTED)
+
+
+def fingerprinted_dict(cfg: TrainConfig) -> dict:
+    data = config_lib.to_dict(cfg)
+    return {k: v for k, v in data.items() if k not in NOT_FINGERPRINTED}
+
+
+def differing_keys(stored: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ between two fingerprinted config dicts."""
+    out = []
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{sub}" for sub in differing_keys(a, b)]
+        elif a != b:
+            out.append(key)
+    return out

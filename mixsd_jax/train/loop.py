@@ -1,0 +1,264 @@
+"""The host loop: data, state, the jitted step, metrics, checkpoints, export and the run summary.
+
+Output directory:
+  checkpoints/   Orbax (state + meta), every `save_every` steps and at the end, last `keep` kept
+  metrics.jsonl  one line per logged step (trimmed back to the checkpoint on resume)
+  tb/            TensorBoard event files
+  summary.json   steps, tokens, final loss, dropped/truncated counts, time, tokens/s, fingerprint
+  hf/            the final parameters as an HF-format directory with the tokenizer files
+  exports/       step_N HF directories when `export_every` is set
+Only process 0 writes files other than checkpoints (Orbax coordinates those itself).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+from mixsd_jax import config as config_lib
+from mixsd_jax.errors import MixsdError
+from mixsd_jax.files import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_partial_jsonl
+from mixsd_jax.train import distributed
+from mixsd_jax.train.config import TrainConfig, fingerprinted_dict, resume_fingerprint
+
+METRIC_KEYS = ("loss", "accuracy", "grad_norm", "lr", "tokens", "loss_tokens")
+
+
+def prepare_data(cfg: TrainConfig, tokenizer):
+    """Records of `cfg.data` tokenized into a BatchPlan; bad or unusable data is a MixsdError."""
+    from mixsd_jax.data.grain_source import record_source
+    from mixsd_jax.train.batches import BatchPlan, tokenize_records
+
+    if not cfg.data:
+        raise MixsdError("config key 'data': required (a messages/alpaca JSONL file or a TFDS dataset directory)")
+    source = record_source(cfg.data)
+    records = source if isinstance(source, list) else source.__getitems__(list(range(len(source))))
+    if not records:
+        raise MixsdError(f"{cfg.data}: no training records (the file is empty)")
+    data = tokenize_records(
+        tokenizer,
+        records,
+        max_seq_len=cfg.max_seq_len,
+        overlong=cfg.overlong,
+        enable_thinking=cfg.enable_thinking,
+        system_prompt=cfg.system_prompt,
+    )
+    if not data.examples:
+        raise MixsdError(
+            f"{cfg.data}: all {data.num_records} records are longer than max_seq_len={cfg.max_seq_len} tokens "
+            f"(overlong={cfg.overlong}); raise max_seq_len or set overlong=truncate"
+        )
+    plan = BatchPlan(
+        data.examples,
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        seed=cfg.seed,
+        max_seq_len=cfg.max_seq_len,
+        packing=cfg.packing,
+    )
+    return data, plan
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train (or resume, or extend) the run in `cfg.out`; returns the run summary it also writes.
+
+    `on_step(step, metrics)` is called on every process after each step with host floats.
+    """
+    distributed.maybe_initialize(cfg.distributed)
+
+    import jax
+
+    from mixsd_jax.models.checkpoint import export_hf, load_hf
+    from mixsd_jax.models.config import ModelConfig
+    from mixsd_jax.models.registry import resolve_model
+    from mixsd_jax.models.sharding import make_mesh
+    from mixsd_jax.models.tokenizer import load_tokenizer
+    from mixsd_jax.train import step as step_lib
+    from mixsd_jax.train.checkpoints import Checkpoints, check_compatible
+
+    started = time.time()
+    primary = jax.process_index() == 0
+    out = Path(cfg.out)
+    model_dir = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_dir)
+    data, plan = prepare_data(cfg, tokenizer)
+    model_cfg = ModelConfig.from_hf_dir(model_dir)
+    largest_id = max(int(ex.ids.max()) for ex in data.examples)
+    if largest_id >= model_cfg.vocab_size:
+        raise MixsdError(
+            f"{model_dir}: the tokenizer produced id {largest_id} but the model's vocab_size is {model_cfg.vocab_size}"
+        )
+    total_steps = cfg.steps or plan.total_steps(cfg.epochs)
+
+    mesh = make_mesh(cfg.mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.micro_batch % shards:
+        raise MixsdError(
+            f"config key 'batch_size': the micro batch ({cfg.batch_size} / grad_accum {cfg.grad_accum} = "
+            f"{cfg.micro_batch}) must be divisible by the mesh's data x fsdp = {shards} devices"
+        )
+    opt = step_lib.OptimConfig.from_train_config(cfg, total_steps)
+    tx = step_lib.make_optimizer(opt)
+    shardings = step_lib.state_shardings(model_cfg, tx, mesh)
+    fingerprint = resume_fingerprint(cfg)
+
+    ckpt = Checkpoints(out / "checkpoints", save_every=cfg.save_every, keep=cfg.keep, async_save=cfg.async_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        check_compatible(ckpt, latest, cfg)
+        target = step_lib.abstract_state(model_cfg, tx, shardings, cfg.param_dtype)
+        state, restored_meta = ckpt.restore(latest, target)
+        start, tokens_before = latest, int(restored_meta.get("tokens_seen", 0))
+        last: dict = {"loss": restored_meta.get("loss")}
+    else:
+        _, params = load_hf(model_dir, param_dtype=cfg.param_dtype, mesh=mesh)
+        state = step_lib.init_state(params, tx, shardings)
+        start, tokens_before = 0, 0
+        last = {}
+    if start > total_steps:
+        raise MixsdError(
+            f"{ckpt.directory}: the latest checkpoint is at step {start}, past this run's {total_steps} steps; "
+            "raise steps/epochs or use another `out` directory"
+        )
+
+    metrics_log = tb = None
+    if primary:
+        metrics_log = _metrics_appender(out / "metrics.jsonl", start)
+        tb = _tensorboard(out / "tb")
+    bar = _progress_bar(total_steps, start, enabled=progress and primary)
+
+    def meta_for(step: int, tokens_seen: int, loss: float) -> dict:
+        epoch, index = plan.locate(step)
+        return {
+            "step": step,
+            "total_steps": total_steps,
+            "fingerprint": fingerprint,
+            "config": config_lib.to_dict(cfg),
+            "config_fingerprinted": fingerprinted_dict(cfg),
+            "data_position": {"next_step": step, "epoch": epoch, "batch_in_epoch": index},
+            "tokens_seen": tokens_seen,
+            "loss": loss,
+        }
+
+    step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, shardings, cfg.compute_dtype)
+    tokens_run = loss_tokens_run = 0
+    timed_tokens, timed_seconds = 0.0, 0.0
+    try:
+        batch = step_lib.device_batch(plan.host_batch(start), mesh) if start < total_steps else None
+        previous = time.time()
+        for index in range(start, total_steps):
+            state, metrics = step_fn(state, batch)
+            if index + 1 < total_steps:  # build the next batch while the device works
+                batch = step_lib.device_batch(plan.host_batch(index + 1), mesh)
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.time()
+            done = index + 1
+            if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+                ckpt.wait()
+                good = ckpt.latest_step()
+                kept = f"last good checkpoint: step {good} in {ckpt.directory}" if good is not None else "no checkpoint was saved"
+                raise MixsdError(
+                    f"non-finite loss {values['loss']} (grad norm {values['grad_norm']}) at step {done}: stopped "
+                    f"without saving that step; {kept} (try a lower lr)"
+                )
+            if index > start:  # the first step of a run includes compilation
+                timed_tokens += values["tokens"]
+                timed_seconds += now - previous
+            values["tokens_per_s"] = values["tokens"] / max(now - previous, 1e-9)
+            previous = now
+            tokens_run += int(values["tokens"])
+            loss_tokens_run += int(values["loss_tokens"])
+            last = values
+            if primary and (done % cfg.log_every == 0 or done == total_steps):
+                epoch, _ = plan.locate(index)
+                row = {"step": done, "epoch": epoch, **{k: values[k] for k in (*METRIC_KEYS, "tokens_per_s")}}
+                metrics_log.write(row)
+                for key, value in row.items():
+                    if key != "step":
+                        tb.add_scalar(f"train/{key}", value, done)
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
+            if on_step is not None:
+                on_step(done, values)
+            saved = ckpt.save(done, state, meta_for(done, tokens_before + tokens_run, values["loss"]), force=done == total_steps)
+            if saved and cfg.export_every:
+                export_hf(state["params"], model_cfg, out / "exports" / f"step_{done}", tokenizer_dir=model_dir,
+                          dtype=cfg.export_dtype)
+        ckpt.wait()
+        hf_dir = out / "hf"
+        if start < total_steps or not (hf_dir / "config.json").is_file():
+            export_hf(state["params"], model_cfg, hf_dir, tokenizer_dir=model_dir, dtype=cfg.export_dtype)
+    finally:
+        bar.close()
+        ckpt.close()
+        if metrics_log is not None:
+            metrics_log.close()
+        if tb is not None:
+            tb.close()
+
+    summary = {
+        "steps": total_steps,
+        "start_step": start,
+        "steps_this_run": total_steps - start,
+        "records": data.num_records,
+        "examples": len(data.examples),
+        "dropped_overlong": data.dropped_overlong,
+        "truncated": data.truncated,
+        "epochs": cfg.epochs if not cfg.steps else None,
+        "steps_per_epoch": plan.steps_in_epoch(0),
+        "tokens": tokens_run,
+        "loss_tokens": loss_tokens_run,
+        "tokens_seen": tokens_before + tokens_run,
+        "final_loss": last.get("loss"),
+        "final_accuracy": last.get("accuracy"),
+        "time_s": round(time.time() - started, 3),
+        "train_time_s": round(timed_seconds, 3),
+        "tokens_per_s": round(timed_tokens / timed_seconds, 2) if timed_seconds > 0 else None,
+        "fingerprint": fingerprint,
+        "processes": jax.process_count(),
+        "devices": jax.device_count(),
+        "model": str(cfg.model),
+        "model_dir": str(model_dir),
+        "data": str(cfg.data),
+        "checkpoints": str((out / "checkpoints").absolute()),
+        "hf": str((out / "hf").absolute()),
+    }
+    if primary:
+        atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _metrics_appender(path: Path, start: int) -> JsonlAppender:
+    """An appender positioned after `start`: lines a killed run wrote past its last checkpoint are
+    dropped, so the file tells the history of the parameters actually kept."""
+    if path.exists():
+        kept = [row for row in read_partial_jsonl(path) if row.get("step", 0) <= start]
+        atomic_write_jsonl(path, kept)
+    return JsonlAppender(path)
+
+
+def _tensorboard(log_dir: Path):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(log_dir))
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)

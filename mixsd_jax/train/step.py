@@ -1,0 +1,240 @@
+"""The pure train step, the optimizer and the LR schedule.
+
+`state` is a dict pytree: `params` (master weights, `param_dtype`), `opt_state` (Optax AdamW) and
+`step` (int32 scalar, the number of updates applied = the data-iterator position).
+
+A batch holds `grad_accum` micro batches stacked on a leading axis A: arrays [A, M, T] with
+`tokens` (inputs), `targets` (next tokens), `loss_mask` (1 on the target tokens that are
+trained), `segment_ids` (0 = padding, one id per packed document) and `positions`. The loss is the
+mean token NLL over the *whole* global batch: NLL sums and mask counts are summed over micro
+batches and devices first, then divided, so every trained token weighs the same whatever the row,
+pack or micro batch it sits in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mixsd_jax.models.config import ModelConfig
+from mixsd_jax.models.sharding import BATCH_AXES, param_shardings, replicated
+from mixsd_jax.models.transformer import forward, lm_logits
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+State = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer part of TrainConfig (hashable, so the schedule can be rebuilt anywhere)."""
+
+    lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    schedule: str = "constant"  # or "cosine" (to 0 at total_steps)
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+    @classmethod
+    def from_train_config(cls, cfg, total_steps: int) -> "OptimConfig":
+        return cls(
+            lr=cfg.lr,
+            total_steps=total_steps,
+            warmup_steps=cfg.warmup_steps,
+            schedule=cfg.schedule,
+            weight_decay=cfg.weight_decay,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            clip_norm=cfg.clip_norm,
+        )
+
+
+def lr_schedule(opt: OptimConfig) -> Callable[[jax.Array], jax.Array]:
+    """Linear warmup over `warmup_steps` (the first update already uses lr/warmup), then constant
+    or cosine decay to zero at `total_steps`."""
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        factor = jnp.float32(1.0)
+        if opt.warmup_steps:
+            factor = jnp.minimum(1.0, (count + 1.0) / opt.warmup_steps)
+        if opt.schedule == "cosine":
+            span = max(opt.total_steps - opt.warmup_steps, 1)
+            progress = jnp.clip((count - opt.warmup_steps) / span, 0.0, 1.0)
+            factor = factor * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+        return opt.lr * factor
+
+    return schedule
+
+
+def _decay_mask(params):
+    # Decoupled weight decay on weight matrices only; norms and biases are left alone, as usual.
+    def decays(path, _):
+        name = path[-1].key
+        return not (name.endswith("norm") or name in ("bq", "bk", "bv"))
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(opt: OptimConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(
+        lr_schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=_decay_mask
+    )
+    if opt.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw)
+    return adamw
+
+
+# ----------------------------------------------------------------------------- shardings
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+    """[A, M, T] arrays: micro-batch rows over data x fsdp, the accumulation axis unsharded."""
+    sharding = NamedSharding(mesh, P(None, BATCH_AXES, None))
+    return {key: sharding for key in BATCH_KEYS}
+
+
+def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> State:
+    """Optimizer moments are sharded like their parameters; counters are replicated."""
+    p_shardings = param_shardings(model_cfg, mesh)
+    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), _shape_tree(model_cfg))
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        abstract_opt,
+        p_shardings,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    return {"params": p_shardings, "opt_state": opt_shardings, "step": replicated(mesh)}
+
+
+def _shape_tree(model_cfg: ModelConfig):
+    from mixsd_jax.models.transformer import param_shapes
+
+    return jax.tree.map(
+        lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32), param_shapes(model_cfg), is_leaf=lambda x: isinstance(x, tuple)
+    )
+
+
+def init_state(params, tx: optax.GradientTransformation, shardings: State) -> State:
+    """A fresh state around loaded parameters (already placed by the model's sharding rules)."""
+    init = jax.jit(
+        lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)},
+        out_shardings=shardings,
+    )
+    return init(params)
+
+
+def abstract_state(model_cfg: ModelConfig, tx, shardings: State, param_dtype: str) -> State:
+    """Shapes, dtypes and target shardings of a state: what a checkpoint restores into."""
+    dtype = jnp.dtype(param_dtype)
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), _shape_tree(model_cfg))
+    shapes = {"params": params, "opt_state": jax.eval_shape(tx.init, params), "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+# ----------------------------------------------------------------------------- loss and step
+
+
+def micro_batch_sums(params, model_cfg: ModelConfig, micro: Batch, compute_dtype) -> tuple[jax.Array, tuple]:
+    """(sum of masked target NLL, (mask count, correct count)) over one micro batch [M, T]."""
+    hidden_MxTxD, _ = forward(
+        params, model_cfg, micro["tokens"], micro["positions"], micro["segment_ids"], dtype=compute_dtype
+    )
+    logits_MxTxV = lm_logits(params, model_cfg, hidden_MxTxD, dtype=compute_dtype)
+    targets_MxT = micro["targets"]
+    log_z = jax.nn.logsumexp(logits_MxTxV, axis=-1)
+    target_logit = jnp.take_along_axis(logits_MxTxV, targets_MxT[..., None], axis=-1)[..., 0]
+    mask = micro["loss_mask"].astype(jnp.float32)
+    nll_sum = jnp.sum((log_z - target_logit) * mask)
+    correct = jnp.sum((jnp.argmax(logits_MxTxV, axis=-1) == targets_MxT) * mask)
+    return nll_sum, (jnp.sum(mask), correct)
+
+
+def train_step(
+    state: State,
+    batch: Batch,
+    *,
+    model_cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    compute_dtype,
+) -> tuple[State, dict]:
+    params = state["params"]
+    grad_fn = jax.value_and_grad(micro_batch_sums, has_aux=True)
+
+    def accumulate(carry, micro):
+        grads_sum, nll_sum, tokens, correct = carry
+        (nll, (count, right)), grads = grad_fn(params, model_cfg, micro, compute_dtype)
+        grads_sum = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_sum, grads)
+        return (grads_sum, nll_sum + nll, tokens + count, correct + right), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+    num_micro = batch["tokens"].shape[0]
+    if num_micro == 1:
+        carry, _ = accumulate(init, jax.tree.map(lambda x: x[0], batch))
+    else:
+        carry, _ = jax.lax.scan(accumulate, init, batch)
+    grads_sum, nll_sum, tokens, correct = carry
+    denom = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads_sum, params)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    metrics = {
+        "loss": nll_sum / denom,
+        "accuracy": correct / denom,
+        "grad_norm": optax.global_norm(grads),
+        "lr": schedule(state["step"]),
+        "loss_tokens": tokens,
+        "tokens": jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32)),
+    }
+    return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+def jit_train_step(model_cfg: ModelConfig, opt: OptimConfig, mesh: Mesh, shardings: State, compute_dtype: str):
+    """The train step compiled once per batch shape, with explicit shardings and the state donated."""
+    tx = make_optimizer(opt)
+    fn = functools.partial(
+        train_step, model_cfg=model_cfg, tx=tx, schedule=lr_schedule(opt), compute_dtype=jnp.dtype(compute_dtype)
+    )
+    return jax.jit(
+        fn,
+        in_shardings=(shardings, batch_shardings(mesh)),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def device_batch(batch_np: dict, mesh: Mesh) -> Batch:
+    """Host arrays (the same global batch on every process) -> global arrays; each process
+    only copies the slices its own devices hold."""
+    shardings = batch_shardings(mesh)
+    return {
+        key: jax.make_array_from_callback(batch_np[key].shape, shardings[key], lambda idx, a=batch_np[key]: a[idx])
+        for key in BATCH_KEYS
+    }
+
+
+def flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters plus causal attention (forward + backward)."""
+    D, F, L = model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.num_layers
+    per_layer = D * model_cfg.q_dim + 2 * D * model_cfg.kv_dim + model_cfg.q_dim * D + 3 * D * F
+    matmul_params = L * per_layer + D * model_cfg.vocab_size
+    attention = 2 * 2 * L * model_cfg.q_dim * seq_len  # QK^T and PV, forward, full square
+    return 6.0 * matmul_params + 3.0 * attention
