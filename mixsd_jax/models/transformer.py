@@ -16,6 +16,7 @@ into the same slots, and positions are carried explicitly, so slots need not equ
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -125,11 +126,105 @@ def attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS) -> jax.Array:
     return out.reshape(B, T, H * E)
 
 
+def attention_with_cache(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, old_mask_BxTxS, k_BxTxKxE, v_BxTxKxE, new_mask_BxTxT):
+    """Attention over cached slots and the new tokens jointly, without concatenating the cache."""
+    B, T, H, E = q_BxTxHxE.shape
+    K = k_BxSxKxE.shape[2]
+    q = q_BxTxHxE.reshape(B, T, K, H // K, E)
+    old = jnp.einsum("btkge,bske->bkgts", q, k_BxSxKxE, preferred_element_type=jnp.float32) / math.sqrt(E)
+    new = jnp.einsum("btkge,bske->bkgts", q, k_BxTxKxE, preferred_element_type=jnp.float32) / math.sqrt(E)
+    old = jnp.where(old_mask_BxTxS[:, None, None], old, _MASKED)
+    new = jnp.where(new_mask_BxTxT[:, None, None], new, _MASKED)
+    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v_BxSxKxE.dtype)
+    S = k_BxSxKxE.shape[1]
+    out = jnp.einsum("bkgts,bske->btkge", probs[..., :S], v_BxSxKxE) + jnp.einsum(
+        "bkgts,bske->btkge", probs[..., S:], v_BxTxKxE
+    )
+    return out.reshape(B, T, H * E)
+
+
 def _linear(x, w, dtype):
     return jnp.einsum("...i,io->...o", x, w.astype(dtype))
 
 
 # ----------------------------------------------------------------------------- forward
+
+
+def unstack_layers(params: Params) -> Params:
+    """Per-layer weights as a list of separate arrays: the decoding layout.
+
+    Scanning over stacked weights makes XLA slice (copy) every layer's weights on CPU at every
+    decoding step; separate buffers are read in place. Training keeps the stacked layout.
+    """
+    layers = params["layers"]
+    n = next(iter(layers.values())).shape[0]
+    return {**params, "layers": [{k: v[i] for k, v in layers.items()} for i in range(n)]}
+
+
+def _layer(p, cfg: ModelConfig, x_BxTxD, positions_BxT, inv_freq, new_mask_BxTxT, cached, old_mask_BxTxS, dtype):
+    """One decoder block; returns the new hidden states and this call's keys and values."""
+    B, T, _ = x_BxTxD.shape
+    h = rms_norm(x_BxTxD, p["attn_norm"], cfg.rms_norm_eps)
+    q = _linear(h, p["wq"], dtype)
+    k = _linear(h, p["wk"], dtype)
+    v = _linear(h, p["wv"], dtype)
+    if cfg.qkv_bias:
+        q, k, v = q + p["bq"].astype(dtype), k + p["bk"].astype(dtype), v + p["bv"].astype(dtype)
+    q_BxTxHxE = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k_BxTxKxE = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v_BxTxKxE = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q_BxTxHxE = rms_norm(q_BxTxHxE, p["q_norm"], cfg.rms_norm_eps)
+        k_BxTxKxE = rms_norm(k_BxTxKxE, p["k_norm"], cfg.rms_norm_eps)
+    q_BxTxHxE = apply_rope(q_BxTxHxE, positions_BxT, inv_freq)
+    k_BxTxKxE = apply_rope(k_BxTxKxE, positions_BxT, inv_freq)
+    if cached is None:
+        attn = attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, new_mask_BxTxT)
+    else:
+        k_old, v_old = cached
+        # Round the new keys through the cache dtype so a bf16 cache gives the same result now and later.
+        k_new = k_BxTxKxE.astype(k_old.dtype).astype(dtype)
+        v_new = v_BxTxKxE.astype(v_old.dtype).astype(dtype)
+        attn = attention_with_cache(
+            q_BxTxHxE, k_old.astype(dtype), v_old.astype(dtype), old_mask_BxTxS, k_new, v_new, new_mask_BxTxT
+        )
+    x_BxTxD = x_BxTxD + _linear(attn, p["wo"], dtype)
+    h = rms_norm(x_BxTxD, p["mlp_norm"], cfg.rms_norm_eps)
+    gated = jax.nn.silu(_linear(h, p["w_gate"], dtype)) * _linear(h, p["w_up"], dtype)
+    return x_BxTxD + _linear(gated, p["w_down"], dtype), k_BxTxKxE, v_BxTxKxE
+
+
+def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cached, old_mask_BxTxS, dtype):
+    """All blocks: hidden [B,T,D] before the final norm, new keys and values per layer."""
+    T = tokens_BxT.shape[1]
+    inv_freq = rope_inv_freq(cfg)
+    idx = jnp.arange(T)
+    # Among the T new tokens: causal, same segment, real tokens only.
+    new_mask_BxTxT = (
+        (idx[:, None] >= idx[None, :])[None]
+        & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+        & (segment_ids_BxT != 0)[:, :, None]
+    )
+    x_BxTxD = params["embed"].astype(dtype)[tokens_BxT]
+    layer = functools.partial(
+        _layer, cfg=cfg, positions_BxT=positions_BxT, inv_freq=inv_freq, new_mask_BxTxT=new_mask_BxTxT,
+        old_mask_BxTxS=old_mask_BxTxS, dtype=dtype,
+    )
+    if isinstance(params["layers"], list):
+        new_k, new_v = [], []
+        for i, p in enumerate(params["layers"]):
+            x_BxTxD, k, v = layer(p, x_BxTxD=x_BxTxD, cached=None if cached is None else (cached[0][i], cached[1][i]))
+            new_k.append(k)
+            new_v.append(v)
+        return x_BxTxD, new_k, new_v
+
+    def scan_body(x, inputs):
+        p, layer_cache = inputs
+        x, k, v = layer(p, x_BxTxD=x, cached=layer_cache)
+        return x, (k, v)
+
+    x_BxTxD, (new_k, new_v) = jax.lax.scan(scan_body, x_BxTxD, (params["layers"], cached))
+    return x_BxTxD, new_k, new_v
 
 
 def forward(
@@ -145,70 +240,56 @@ def forward(
     """Final-norm hidden states [B, T, D] (apply `lm_logits` for logits) and the updated cache.
 
     Without a cache: full-sequence attention with causal + same-segment masking (padding = segment 0).
-    With a cache: the T tokens are written at slots [end, end+T) of every row and attend to every
-    valid slot up to their own; `valid` marks which of the new slots hold real tokens.
+    With a cache: the T new tokens attend to every valid cached slot and causally to each other,
+    and are then written at slots [end, end+T) of every row.
     """
-    B, T = tokens_BxT.shape
-    inv_freq = rope_inv_freq(cfg)
+    if cache is None:
+        x_BxTxD, _, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype)
+        return rms_norm(x_BxTxD, params["final_norm"], cfg.rms_norm_eps), None
     is_real_BxT = segment_ids_BxT != 0
-    x_BxTxD = params["embed"].astype(dtype)[tokens_BxT]
+    # Cached slots all precede the new tokens: a real query sees every valid one.
+    old_mask_BxTxS = is_real_BxT[:, :, None] & cache["valid"][:, None, :]
+    x_BxTxD, new_k, new_v = _run_layers(
+        params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, (cache["k"], cache["v"]), old_mask_BxTxS, dtype
+    )
+    end = cache["end"]
+    # The cache is only read inside the layers and written here once, in place.
+    return rms_norm(x_BxTxD, params["final_norm"], cfg.rms_norm_eps), {
+        "k": _write_slots(cache["k"], new_k, end),
+        "v": _write_slots(cache["v"], new_v, end),
+        "valid": jax.lax.dynamic_update_slice(cache["valid"], is_real_BxT, (0, end)),
+        "end": end + tokens_BxT.shape[1],
+    }
 
-    if cache is None:
-        idx = jnp.arange(T)
-        mask_BxTxS = (
-            (idx[:, None] >= idx[None, :])[None]
-            & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
-            & is_real_BxT[:, :, None]
-        )
-        end = None
-    else:
-        end = cache["end"]
-        S = cache["valid"].shape[1]
-        valid_BxS = jax.lax.dynamic_update_slice(cache["valid"], is_real_BxT, (0, end))
-        slot_of_query_T = end + jnp.arange(T)
-        mask_BxTxS = valid_BxS[:, None, :] & (jnp.arange(S)[None, None, :] <= slot_of_query_T[None, :, None])
 
-    def layer(carry, inputs):
-        x_BxTxD, cache_k, cache_v = carry
-        p, i = inputs
-        h = rms_norm(x_BxTxD, p["attn_norm"], cfg.rms_norm_eps)
-        q = _linear(h, p["wq"], dtype)
-        k = _linear(h, p["wk"], dtype)
-        v = _linear(h, p["wv"], dtype)
-        if cfg.qkv_bias:
-            q, k, v = q + p["bq"].astype(dtype), k + p["bk"].astype(dtype), v + p["bv"].astype(dtype)
-        q_BxTxHxE = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
-        k_BxTxKxE = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-        v_BxTxKxE = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q_BxTxHxE = rms_norm(q_BxTxHxE, p["q_norm"], cfg.rms_norm_eps)
-            k_BxTxKxE = rms_norm(k_BxTxKxE, p["k_norm"], cfg.rms_norm_eps)
-        q_BxTxHxE = apply_rope(q_BxTxHxE, positions_BxT, inv_freq)
-        k_BxTxKxE = apply_rope(k_BxTxKxE, positions_BxT, inv_freq)
-        if cache_k is None:
-            keys, values = k_BxTxKxE, v_BxTxKxE
-        else:
-            # Write this layer's new keys in place (the cache is a loop carry, so XLA updates it
-            # without copying), then attend over the whole layer slice.
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k_BxTxKxE[None].astype(cache_k.dtype), (i, 0, end, 0, 0))
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v_BxTxKxE[None].astype(cache_v.dtype), (i, 0, end, 0, 0))
-            keys = jax.lax.dynamic_index_in_dim(cache_k, i, keepdims=False)
-            values = jax.lax.dynamic_index_in_dim(cache_v, i, keepdims=False)
-        attn = attention(q_BxTxHxE, keys.astype(dtype), values.astype(dtype), mask_BxTxS)
-        x_BxTxD = x_BxTxD + _linear(attn, p["wo"], dtype)
-        h = rms_norm(x_BxTxD, p["mlp_norm"], cfg.rms_norm_eps)
-        gated = jax.nn.silu(_linear(h, p["w_gate"], dtype)) * _linear(h, p["w_up"], dtype)
-        x_BxTxD = x_BxTxD + _linear(gated, p["w_down"], dtype)
-        return (x_BxTxD, cache_k, cache_v), None
+def prefill(
+    params: Params,
+    cfg: ModelConfig,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    segment_ids_BxT: jax.Array,
+    slots: int,
+    *,
+    dtype=jnp.float32,
+    cache_dtype=None,
+) -> tuple[jax.Array, Cache]:
+    """Forward a (right-padded) batch of prompts and return a cache of `slots` slots holding them."""
+    x_BxTxD, new_k, new_v = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype)
+    B, T = tokens_BxT.shape
+    cache = init_cache(cfg, B, slots, cache_dtype or dtype, per_layer=isinstance(params["layers"], list))
+    zero = jnp.zeros((), jnp.int32)
+    return rms_norm(x_BxTxD, params["final_norm"], cfg.rms_norm_eps), {
+        "k": _write_slots(cache["k"], new_k, zero),
+        "v": _write_slots(cache["v"], new_v, zero),
+        "valid": jax.lax.dynamic_update_slice(cache["valid"], segment_ids_BxT != 0, (0, 0)),
+        "end": jnp.asarray(T, jnp.int32),
+    }
 
-    cache_k = None if cache is None else cache["k"]
-    cache_v = None if cache is None else cache["v"]
-    layer_ids = jnp.arange(cfg.num_layers)
-    (x_BxTxD, cache_k, cache_v), _ = jax.lax.scan(layer, (x_BxTxD, cache_k, cache_v), (params["layers"], layer_ids))
-    hidden_BxTxD = rms_norm(x_BxTxD, params["final_norm"], cfg.rms_norm_eps)
-    if cache is None:
-        return hidden_BxTxD, None
-    return hidden_BxTxD, {"k": cache_k, "v": cache_v, "valid": valid_BxS, "end": end + T}
+
+def _write_slots(cache_kv, new_kv, end):
+    if isinstance(cache_kv, list):
+        return [jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, end, 0, 0)) for c, n in zip(cache_kv, new_kv)]
+    return jax.lax.dynamic_update_slice(cache_kv, new_kv.astype(cache_kv.dtype), (0, 0, end, 0, 0))
 
 
 def lm_logits(params: Params, cfg: ModelConfig, hidden_xD: jax.Array, *, dtype=jnp.float32) -> jax.Array:
@@ -220,14 +301,16 @@ def lm_logits(params: Params, cfg: ModelConfig, hidden_xD: jax.Array, *, dtype=j
                       preferred_element_type=jnp.float32)
 
 
-def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> Cache:
-    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
-    return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "valid": jnp.zeros((batch, slots), bool),
-        "end": jnp.zeros((), jnp.int32),
-    }
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32, per_layer: bool = False) -> Cache:
+    """An empty cache; `per_layer` gives one buffer per layer (for the unstacked decoding layout)."""
+    layer_shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    if per_layer:
+        k = [jnp.zeros(layer_shape, dtype) for _ in range(cfg.num_layers)]
+        v = [jnp.zeros(layer_shape, dtype) for _ in range(cfg.num_layers)]
+    else:
+        k = jnp.zeros((cfg.num_layers, *layer_shape), dtype)
+        v = jnp.zeros((cfg.num_layers, *layer_shape), dtype)
+    return {"k": k, "v": v, "valid": jnp.zeros((batch, slots), bool), "end": jnp.zeros((), jnp.int32)}
 
 
 def padded_positions(segment_ids_BxT: jax.Array) -> jax.Array:

@@ -154,6 +154,8 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
     preset = resolve_preset(cfg.preset, cfg.prefix, cfg.transition)
     extract_mode = cfg.extract_mode or preset.default_extract_mode
     max_retries = preset.default_max_retries if cfg.max_retries is None else cfg.max_retries
+    if cfg.temperature == 0 and cfg.lambda_mix in (0.0, 1.0):
+        max_retries = 0  # greedy with no Bernoulli draws: a retry would replay the same tokens
     verifier = Verifier(extract_mode, cfg.normalized_compare)
 
     done = _load_partial(paths, fingerprint)

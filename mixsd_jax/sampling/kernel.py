@@ -67,9 +67,9 @@ def decode(params, prompt_tokens_RxP, prompt_lens_R, record_keys_B, naive_prob, 
 
     # Prefill every row into its own cache slots [0, P); decoded tokens go to slots P, P+1, ...
     seg_RxP = (jnp.arange(Pmax)[None, :] < prompt_lens_R[:, None]).astype(jnp.int32)
-    cache = tf.init_cache(cfg, R, Pmax + N, dtype)
-    cache = {k: (_constrain(v, spec, 1) if k in ("k", "v") else _constrain(v, spec) if k == "valid" else v) for k, v in cache.items()}
-    hidden_RxPxD, cache = tf.forward(params, cfg, prompt_tokens_RxP, tf.padded_positions(seg_RxP), seg_RxP, cache, dtype=dtype)
+    hidden_RxPxD, cache = tf.prefill(params, cfg, prompt_tokens_RxP, tf.padded_positions(seg_RxP), seg_RxP, Pmax + N,
+                                     dtype=dtype)
+    cache = jax.tree.map(lambda x: _constrain(x, spec) if x.ndim else x, cache)
     last_RxD = jnp.take_along_axis(hidden_RxPxD, (prompt_lens_R - 1)[:, None, None], axis=1)[:, 0]
     longest_prompt_B = prompt_lens_R.reshape(B, sides).max(axis=1)
 

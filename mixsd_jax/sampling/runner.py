@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixsd_jax.models import transformer as tf
 from mixsd_jax.models.config import ModelConfig
 from mixsd_jax.models.sharding import batch_sharding
 from mixsd_jax.sampling import kernel
@@ -66,7 +67,9 @@ class Runner:
     ):
         devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = -(-batch_size // devices) * devices  # every device gets whole records
-        self.params, self.mesh, self.seed, self.sides = params, mesh, seed, sides
+        # Decoding reads each layer's weights in place (see transformer.unstack_layers).
+        self.params = tf.unstack_layers(params) if isinstance(params["layers"], dict) else params
+        self.mesh, self.seed, self.sides = mesh, seed, sides
         self.spec = kernel.KernelSpec(cfg, sampler, sides, max_new_tokens, max_model_len, dtype, mesh)
         self.stop_ids = jnp.asarray(sorted(set(stop_ids)) or [-1], jnp.int32)
         self.naive_prob = jnp.float32(naive_prob)
