@@ -1,8 +1,10 @@
 """`mixsd bench train`: our jitted train step against a transformers PyTorch AdamW step.
 
 Both sides train the same model on the same random batch (B x T tokens, every position a target)
-with AdamW and global-norm clipping, in the same process, one after the other; the first step of
-each (compilation, allocator warm-up) is not timed. Tokens/s counts input tokens, B x T per step.
+with AdamW and global-norm clipping, in the same process. The first step of each (compilation,
+allocator warm-up) is not timed; then their steps alternate and each side's median step time
+gives its tokens/s (B x T input tokens per step), so load changes on a shared machine affect
+both alike.
 """
 
 from __future__ import annotations
@@ -27,9 +29,8 @@ def synthetic_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 
     }
 
 
-def ours_tokens_per_s(model_dir, batch_size: int, seq_len: int, steps: int, compute_dtype: str,
-                      random_init: bool = False) -> tuple[float, object, float]:
-    """(tokens/s, ModelConfig, seconds of the first (compiling) step)."""
+def ours_stepper(model_dir, batch_size: int, seq_len: int, compute_dtype: str, random_init: bool = False):
+    """(one_step() that runs our train step to completion, ModelConfig)."""
     import jax
 
     from mixsd_jax.models.checkpoint import load_hf
@@ -44,27 +45,23 @@ def ours_tokens_per_s(model_dir, batch_size: int, seq_len: int, steps: int, comp
         params = jax.jit(lambda key: init_params(cfg, key), out_shardings=param_shardings(cfg, mesh))(jax.random.key(0))
     else:
         cfg, params = load_hf(model_dir, mesh=mesh)
-    opt = step_lib.OptimConfig(lr=1e-5, total_steps=steps + 1)
+    opt = step_lib.OptimConfig(lr=1e-5, total_steps=1000)
     tx = step_lib.make_optimizer(opt)
     shardings = step_lib.state_shardings(cfg, tx, mesh)
-    state = step_lib.init_state(params, tx, shardings)
+    holder = {"state": step_lib.init_state(params, tx, shardings)}
     del params
-    step_fn = step_lib.jit_train_step(cfg, opt, mesh, shardings, compute_dtype)
+    step_fn = step_lib.jit_train_step(cfg, opt, mesh, compute_dtype)
     batch = step_lib.device_batch(synthetic_batch(cfg.vocab_size, batch_size, seq_len), mesh)
-    started = time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - started
-    started = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step_fn(state, batch)
-    jax.block_until_ready((state, metrics))
-    elapsed = time.perf_counter() - started
-    return batch_size * seq_len * steps / elapsed, cfg, first
+
+    def one_step():
+        holder["state"], metrics = step_fn(holder["state"], batch)
+        jax.block_until_ready((holder["state"], metrics))
+
+    return one_step, cfg
 
 
-def torch_tokens_per_s(model_dir, batch_size: int, seq_len: int, steps: int, compute_dtype: str,
-                       random_init: bool = False) -> float:
+def torch_stepper(model_dir, batch_size: int, seq_len: int, compute_dtype: str, random_init: bool = False):
+    """one_step() running a transformers forward/backward + clip + AdamW step to completion."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -76,30 +73,28 @@ def torch_tokens_per_s(model_dir, batch_size: int, seq_len: int, steps: int, com
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     batch = synthetic_batch(model.config.vocab_size, batch_size, seq_len)
-    ids = torch.from_numpy(np.concatenate([batch["tokens"][0], batch["targets"][0][:, -1:]], axis=1)).long().to(device)
-    inputs, labels = ids[:, :-1], ids[:, 1:]
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16")
+    inputs = torch.from_numpy(batch["tokens"][0]).long().to(device)
+    labels = torch.from_numpy(batch["targets"][0]).long().to(device)
 
     def one_step():
-        with autocast:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
             logits = model(input_ids=inputs).logits
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        loss.item()  # waits for the device
+        if device == "cuda":
+            torch.cuda.synchronize()
 
-    one_step()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    return one_step
+
+
+def _timed(fn) -> float:
     started = time.perf_counter()
-    for _ in range(steps):
-        loss = one_step()
-    loss.item()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return batch_size * seq_len * steps / (time.perf_counter() - started)
+    fn()
+    return time.perf_counter() - started
 
 
 def bench_train(
@@ -119,7 +114,20 @@ def bench_train(
     from mixsd_jax.train.step import flops_per_token
 
     model_dir = resolve_model(model)
-    ours, cfg, compile_s = ours_tokens_per_s(model_dir, batch_size, seq_len, steps, compute_dtype, random_init)
+    ours_step, cfg = ours_stepper(model_dir, batch_size, seq_len, compute_dtype, random_init)
+    compile_s = _timed(ours_step)
+    torch_step = None
+    if torch_compare:
+        torch_step = torch_stepper(model_dir, batch_size, seq_len, compute_dtype, random_init)
+        torch_step()
+    # Interleaved, so a change in machine load during the run hits both sides alike; medians.
+    ours_s, torch_s = [], []
+    for _ in range(steps):
+        ours_s.append(_timed(ours_step))
+        if torch_step is not None:
+            torch_s.append(_timed(torch_step))
+    tokens = batch_size * seq_len
+    ours = tokens / float(np.median(ours_s))
     result: dict = {
         "model": str(model),
         "batch_size": batch_size,
@@ -131,8 +139,8 @@ def bench_train(
         "ours_tokens_per_s": round(ours, 2),
         "ours_first_step_s": round(compile_s, 2),
     }
-    if torch_compare:
-        theirs = torch_tokens_per_s(model_dir, batch_size, seq_len, steps, compute_dtype, random_init)
+    if torch_step is not None:
+        theirs = tokens / float(np.median(torch_s))
         result["torch_tokens_per_s"] = round(theirs, 2)
         result["ratio"] = round(ours / theirs, 3)
     flops = flops_per_token(cfg, seq_len)

@@ -51,7 +51,9 @@ class OptimConfig:
     def from_train_config(cls, cfg, total_steps: int) -> "OptimConfig":
         return cls(
             lr=cfg.lr,
-            total_steps=total_steps,
+            # Only a cosine schedule depends on the run length; leaving it out otherwise lets runs
+            # of different lengths share one compiled step.
+            total_steps=total_steps if cfg.schedule == "cosine" else 0,
             warmup_steps=cfg.warmup_steps,
             schedule=cfg.schedule,
             weight_decay=cfg.weight_decay,
@@ -158,11 +160,17 @@ def micro_batch_sums(params, model_cfg: ModelConfig, micro: Batch, compute_dtype
     )
     logits_MxTxV = lm_logits(params, model_cfg, hidden_MxTxD, dtype=compute_dtype)
     targets_MxT = micro["targets"]
-    log_z = jax.nn.logsumexp(logits_MxTxV, axis=-1)
-    target_logit = jnp.take_along_axis(logits_MxTxV, targets_MxT[..., None], axis=-1)[..., 0]
+    # One pass of elementwise work over the [M, T, V] logits: the target logit is picked with a
+    # compare against an iota (its gradient is an elementwise one-hot that fuses into the softmax
+    # gradient, where take_along_axis would scatter into a fresh [M, T, V] buffer), and the max
+    # needed for a stable logsumexp doubles as the accuracy test.
+    max_logit = jax.lax.stop_gradient(jnp.max(logits_MxTxV, axis=-1))
+    log_z = max_logit + jnp.log(jnp.sum(jnp.exp(logits_MxTxV - max_logit[..., None]), axis=-1))
+    is_target = jax.lax.broadcasted_iota(jnp.int32, logits_MxTxV.shape, 2) == targets_MxT[..., None]
+    target_logit = jnp.sum(jnp.where(is_target, logits_MxTxV, 0.0), axis=-1)
     mask = micro["loss_mask"].astype(jnp.float32)
     nll_sum = jnp.sum((log_z - target_logit) * mask)
-    correct = jnp.sum((jnp.argmax(logits_MxTxV, axis=-1) == targets_MxT) * mask)
+    correct = jnp.sum((target_logit >= max_logit) * mask)
     return nll_sum, (jnp.sum(mask), correct)
 
 
@@ -207,9 +215,13 @@ def train_step(
     return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
-def jit_train_step(model_cfg: ModelConfig, opt: OptimConfig, mesh: Mesh, shardings: State, compute_dtype: str):
-    """The train step compiled once per batch shape, with explicit shardings and the state donated."""
+@functools.lru_cache(maxsize=8)
+def jit_train_step(model_cfg: ModelConfig, opt: OptimConfig, mesh: Mesh, compute_dtype: str):
+    """The train step with explicit shardings and the state donated; cached, so runs in one process
+    (a pipeline, a resume, the tests) with the same model, optimizer and mesh compile each batch
+    shape once."""
     tx = make_optimizer(opt)
+    shardings = state_shardings(model_cfg, tx, mesh)
     fn = functools.partial(
         train_step, model_cfg=model_cfg, tx=tx, schedule=lr_schedule(opt), compute_dtype=jnp.dtype(compute_dtype)
     )
