@@ -34,7 +34,10 @@ def _tiny_vocab() -> tuple[list[str], list[str]]:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=320,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator([" ".join(PROMPTS)] * 4, trainer=trainer)
     vocab = tok.get_vocab()
@@ -215,14 +218,16 @@ def test_unsupported_architecture_is_named(tmp_path):
 
 def test_missing_tensor_is_named(tmp_path):
     write_tiny_gguf(tmp_path / "m.gguf", drop=("blk.1.ffn_up.weight",))
-    with pytest.raises(MixsdError, match=r"tensor 'blk\.1\.ffn_up\.weight' \(model\.layers\.1\.mlp\.up_proj\.weight\) is missing"):
+    missing = r"tensor 'blk\.1\.ffn_up\.weight' \(model\.layers\.1\.mlp\.up_proj\.weight\) is missing"
+    with pytest.raises(MixsdError, match=missing):
         convert_gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")
     assert list(tmp_path.iterdir()) == [tmp_path / "m.gguf"]  # nothing half-written
 
 
 def test_mis_shaped_tensor_is_named(tmp_path):
     write_tiny_gguf(tmp_path / "s.gguf", wrong_shape="blk.0.attn_k.weight")
-    with pytest.raises(MixsdError, match=r"tensor 'blk\.0\.attn_k\.weight' .* has shape \[16, 64\], expected \[32, 64\]"):
+    wrong = r"tensor 'blk\.0\.attn_k\.weight' .* has shape \[16, 64\], expected \[32, 64\]"
+    with pytest.raises(MixsdError, match=wrong):
         convert_gguf_to_hf(tmp_path / "s.gguf", tmp_path / "hf")
 
 

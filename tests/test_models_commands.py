@@ -84,7 +84,8 @@ def test_inspect_tied_model_counts_embeddings_once(capsys, tiny_llama_dir):
     rc, out, _ = run(capsys, "models", "inspect", str(tiny_llama_dir), "--json")
     info = json.loads(out)
     assert rc == 0 and info["tied_embeddings"] is True
-    assert info["parameters"] == AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).num_parameters()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    assert info["parameters"] == reference.num_parameters()
 
 
 def test_unsupported_model_type_is_one_line(capsys, tiny_llama_dir, tmp_path):
@@ -158,6 +159,11 @@ def test_parity_on_a_tiny_model(capsys, tiny_qwen3_dir):
     assert result["max_abs_logit_diff"] <= 1e-3 and result["argmax_agreement"] == 1.0 and result["greedy_tokens_equal"]
 
 
+def test_parity_against_a_gguf_needs_an_embedded_model(capsys, tiny_llama_dir):
+    rc, _, err = run(capsys, "models", "parity", str(tiny_llama_dir), "--gguf")
+    assert rc == 2 and "--gguf needs an embedded model" in _one_line_error(err)
+
+
 @pytest.mark.slow
 def test_pull_and_inspect_the_embedded_default(capsys, smollm2_dir):
     rc, out, _ = run(capsys, "models", "pull", "smollm2-135m-instruct")
@@ -165,5 +171,6 @@ def test_pull_and_inspect_the_embedded_default(capsys, smollm2_dir):
     rc, out, _ = run(capsys, "models", "inspect", "smollm2-135m-instruct", "--json")
     info = json.loads(out)
     assert rc == 0
-    assert (info["layers"], info["hidden_size"], info["heads"], info["kv_heads"], info["head_dim"]) == (30, 576, 9, 3, 64)
+    shape = (info["layers"], info["hidden_size"], info["heads"], info["kv_heads"], info["head_dim"])
+    assert shape == (30, 576, 9, 3, 64)
     assert info["parameters"] == 134_515_008 and info["tied_embeddings"] is True and info["dtype"] == "float32"

@@ -20,7 +20,9 @@ from mixsd_jax.models.gguf import CONVERTER_VERSION
 from mixsd_jax.models.registry import EmbeddedModel
 from test_gguf import write_tiny_gguf
 
-TINY_MODEL = EmbeddedModel(name="tiny-test", wheel="mixsd-tiny-test", version="0.0.1", member="mixsd_tiny_test/tiny.gguf")
+TINY_MODEL = EmbeddedModel(
+    name="tiny-test", wheel="mixsd-tiny-test", version="0.0.1", member="mixsd_tiny_test/tiny.gguf"
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +93,9 @@ def test_pull_from_installed_wheel_is_idempotent_and_versioned(tmp_path, tiny_gg
     assert registry.pull_embedded(TINY_MODEL, site) == out
     assert time.perf_counter() - start < 0.5
     assert weights.stat().st_mtime_ns == first  # not converted again
+
+    assert registry.pulled_from(out) is None  # tiny-test is not a registry name
+    assert registry.pulled_from(tmp_path) is None
 
     stamp["converter_version"] = CONVERTER_VERSION - 1  # as left by an older converter
     (out / registry.STAMP_FILE).write_text(json.dumps(stamp))
@@ -163,7 +168,8 @@ def test_resolve_paper_models_from_models_dir(tmp_path, monkeypatch):
 
 
 def test_unknown_names_are_named():
-    with pytest.raises(MixsdError, match=r"model 'gpt-17': no such directory and not a known model name \(known: smollm2-135m-instruct, qwen3-1\.7b"):
+    unknown = r"model 'gpt-17': no such directory and not a known model name \(known: smollm2-135m-instruct, qwen3"
+    with pytest.raises(MixsdError, match=unknown):
         registry.resolve_model("gpt-17")
     with pytest.raises(MixsdError, match=r"model 'qwen3-1\.7b' \(Qwen/Qwen3-1\.7B\) cannot be pulled"):
         registry.pull("qwen3-1.7b")
@@ -182,3 +188,4 @@ def test_embedded_default_is_pulled_once(smollm2_dir):
     assert time.perf_counter() - start < 1.0
     gguf_path = registry.embedded_gguf_path(registry.EMBEDDED_DEFAULT)
     assert gguf_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf_path.stat().st_size > 90e6
+    assert registry.pulled_from(smollm2_dir) == registry.EMBEDDED_DEFAULT

