@@ -1,0 +1,209 @@
+"""In-domain memorisation: greedy answers to a corpus's test splits, scored as the reference does.
+
+A corpus directory is recognised by its layout (REFERENCE.md §2.5):
+- KGFact / MQuAKE (`atomic_sft/` present): direct recall, paraphrased, closed-book 2/3/4-hop,
+  retrieval (facts given in the prompt) and retrieval 2-hop; scored `loose` (the reference's KGFact
+  default). Files a corpus lacks (MQuAKE has no retrieval 2-hop) are skipped.
+- KGFunc (`primitive_atomic_balanced_sft_50k/` present): in-domain, same-op 2-step chains (all
+  `op_X` files together), mixed 2-step chains; scored `strict` with a per-operation breakdown. Its
+  unseen-operations file is a forgetting probe, run by the retention suite (`kgfunc_unseen`).
+Prompts are one chat user turn (no system prompt, thinking off), decoded greedily by the sampling
+kernel; the prediction is the last `\\boxed{}`, else the answer tag, else the last number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Sequence
+
+from mixsd_jax.errors import MixsdError
+
+KGFACT_SPLITS = {
+    "recall": "atomic_sft/test_subset_of_train_inference.jsonl",
+    "paraphrased": "atomic_sft/val_paraphrased_inference.jsonl",
+    "compositional_2hop": "compositional_2step_sft/test_alpaca.jsonl",
+    "compositional_3hop": "compositional_3step_sft/test_alpaca.jsonl",
+    "compositional_4hop": "compositional_4step_sft/test_alpaca.jsonl",
+    "retrieval": "atomic_with_context_cot/test_alpaca.jsonl",
+    "retrieval_2hop": "compositional_2step_with_context_cot/test_alpaca.jsonl",
+}
+KGFUNC_SPLITS = {
+    "in_domain": "primitive_atomic_balanced_sft_50k/test_messages.jsonl",
+    "compositional_same_op": "primitive_compositional_sft_n_steps_2/op_*_test_messages.jsonl",
+    "compositional": "compositional_sft_n_steps_2/test_messages.jsonl",
+}
+KGFUNC_UNSEEN = "primitive_atomic_balanced_new_operations/test_messages.jsonl"
+SCORE_MODE = {"kgfact": "loose", "kgfunc": "strict"}
+KGFACT_TRAIN = "atomic_sft/train_messages.jsonl"
+KGFUNC_TRAIN = "primitive_atomic_balanced_sft_50k/train_messages.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class MemItem:
+    id: str
+    prompt: str
+    gold: str
+    op: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    name: str
+    items: list[MemItem]
+    mode: str  # strict | loose
+    files: tuple[str, ...]
+
+
+def corpus_kind(corpus_dir: str | Path) -> str:
+    """`kgfact` (also MQuAKE, same layout) or `kgfunc`, from the directory layout."""
+    root = Path(corpus_dir)
+    if not root.is_dir():
+        raise MixsdError(f"{root}: corpus directory not found")
+    if (root / "atomic_sft").is_dir():
+        return "kgfact"
+    if (root / "primitive_atomic_balanced_sft_50k").is_dir():
+        return "kgfunc"
+    raise MixsdError(
+        f"{root}: not a KGFact/MQuAKE (atomic_sft/) or KGFunc (primitive_atomic_balanced_sft_50k/) corpus directory"
+    )
+
+
+def training_file(corpus_dir: str | Path) -> Path:
+    """The GT training file of a corpus (for the error analysis's entity list and NLL defaults)."""
+    kind = corpus_kind(corpus_dir)
+    return Path(corpus_dir) / (KGFACT_TRAIN if kind == "kgfact" else KGFUNC_TRAIN)
+
+
+def read_items(path: Path, id_prefix: str, with_ops: bool) -> list[MemItem]:
+    """(prompt, gold) of every line of an inference/alpaca/messages file; ops from `subject`."""
+    from mixsd_jax.data.records import read_inference, read_records
+
+    pairs = read_inference(path)
+    ops: list[str | None] = [r.subject for r in read_records(path)] if with_ops else [None] * len(pairs)
+    return [MemItem(f"{id_prefix}/{i}", prompt, gold, op) for i, ((prompt, gold), op) in enumerate(zip(pairs, ops))]
+
+
+def _split_files(root: Path, pattern: str) -> list[Path]:
+    return sorted(root.glob(pattern)) if "*" in pattern else [root / pattern]
+
+
+def load_splits(
+    corpus_dir: str | Path, limit: int | None = None, seed: int = 0, names: Sequence[str] | None = None
+) -> dict[str, Split]:
+    """Every test split the corpus has (or just `names`), each a deterministic `limit`-item subset."""
+    from mixsd_jax.eval.benchmarks import subset_indices
+
+    root = Path(corpus_dir)
+    kind = corpus_kind(root)
+    table = KGFACT_SPLITS if kind == "kgfact" else KGFUNC_SPLITS
+    unknown = [n for n in names or () if n not in table]
+    if unknown:
+        raise MixsdError(f"{root}: no split {unknown[0]!r} in a {kind} corpus (known: {', '.join(table)})")
+    splits = {}
+    for name, pattern in table.items():
+        if names is not None and name not in names:
+            continue
+        files = [f for f in _split_files(root, pattern) if f.is_file()]
+        if not files:
+            if names is not None:
+                raise MixsdError(f"{root / pattern}: test split {name!r} not found")
+            continue
+        items: list[MemItem] = []
+        for f in files:
+            prefix = f"{name}/{f.name[: -len('_test_messages.jsonl')]}" if "*" in pattern else name
+            file_items = read_items(f, prefix, with_ops=kind == "kgfunc")
+            if not file_items:
+                raise MixsdError(f"{f}: test split {name!r} is empty")
+            items += file_items
+        items = [items[i] for i in subset_indices(len(items), limit, seed)]
+        splits[name] = Split(name, items, SCORE_MODE[kind], tuple(str(f) for f in files))
+    if not splits:
+        raise MixsdError(f"{root}: no test split files found (expected e.g. {next(iter(table.values()))})")
+    return splits
+
+
+def load_unseen(corpus_dir: str | Path, limit: int | None = None, seed: int = 0) -> Split:
+    """KGFunc's unseen-operations probe (never trained on): a forgetting measure, scored strict."""
+    from mixsd_jax.eval.benchmarks import subset_indices
+
+    path = Path(corpus_dir) / KGFUNC_UNSEEN
+    if corpus_kind(corpus_dir) != "kgfunc" or not path.is_file():
+        raise MixsdError(f"{path}: KGFunc unseen-operations file not found (kgfunc_unseen needs a KGFunc corpus)")
+    items = read_items(path, "kgfunc_unseen", with_ops=True)
+    if not items:
+        raise MixsdError(f"{path}: test split 'kgfunc_unseen' is empty")
+    return Split("kgfunc_unseen", [items[i] for i in subset_indices(len(items), limit, seed)], "strict", (str(path),))
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def generate_texts(
+    params,
+    cfg,
+    tokenizer,
+    user_texts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Greedy replies to single user turns (chat template, thinking off), decoded without specials."""
+    from mixsd_jax.sampling.runner import generate
+
+    if not user_texts:
+        return []
+    prompts = [tokenizer.prompt_ids(text) for text in user_texts]
+    completions = generate(
+        params,
+        cfg,
+        prompts,
+        stop_ids=tokenizer.stop_ids,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
+    return [tokenizer.decode(c.tokens) for c in completions]
+
+
+def score_split(split: Split, responses: Sequence[str]) -> list[dict]:
+    """One row per item: the response, the extracted prediction and whether it is right."""
+    from mixsd_jax.eval.scoring import score_item
+
+    rows = []
+    for item, response in zip(split.items, responses):
+        scored = score_item(response, item.gold, split.mode, op=item.op, id=item.id)
+        rows.append(
+            {
+                "id": item.id,
+                "prompt": item.prompt,
+                "response": response,
+                "gold": item.gold,
+                "prediction": scored.prediction,
+                "correct": scored.correct,
+                "format_found": scored.format_found,
+                "op": item.op,
+            }
+        )
+    return rows
+
+
+def summarize_rows(rows: Sequence[dict]) -> dict:
+    """Accuracy, Wilson 95% interval, format rate and (KGFunc) per-op breakdown of scored rows."""
+    from mixsd_jax.eval.scoring import ScoredItem, summarize
+
+    return summarize(
+        ScoredItem(correct=r["correct"], format_found=r["format_found"], op=r.get("op"), id=r["id"]) for r in rows
+    )
+
+
+def run_split(params, cfg, tokenizer, split: Split, *, max_new_tokens: int, batch_size: int = 8, seed: int = 0,
+              progress: Callable[[int], None] | None = None) -> list[dict]:
+    responses = generate_texts(
+        params, cfg, tokenizer, [item.prompt for item in split.items], max_new_tokens=max_new_tokens,
+        batch_size=batch_size, seed=seed, progress=progress,
+    )
+    return score_split(split, responses)

@@ -1,0 +1,532 @@
+"""`evaluate(EvalConfig)`: a base model and tuned checkpoints × suites → results.json, report, plots.
+
+Suites (`EvalConfig.suites`):
+- `memorization`: greedy answers to every test split of `corpus_dir` (KGFact/MQuAKE or KGFunc).
+- `retention`: the held-out `benchmarks`; `kgfunc_unseen` is added when `corpus_dir` is KGFunc.
+- `nll`: per-token NLL of each training file's targets under the base model (`train_files`, default
+  the corpus's GT training file).
+- `kl`: KL(base || tuned) on held-out prompts (the benchmarks' items), per tuned checkpoint.
+- `fisher`: Fisher-weighted parameter displacement from the base, per tuned checkpoint.
+- `errors`: §4.4 buckets of the wrong answers the memorization/retention suites produced.
+- `all`: every suite whose inputs are configured.
+
+Resumability: each (checkpoint, unit) — a memorization split, a benchmark, the NLL of one file, KL,
+Fisher — writes its per-item rows to `items/<checkpoint>/<unit>.jsonl` (atomically, when done) next
+to `<unit>.meta.json` holding a fingerprint of everything that determines the rows (the unit's
+settings, the data files' bytes, the checkpoint's config and weight files). A unit whose
+fingerprint matches is read back, not recomputed; any change recomputes it. Summaries, retention
+ratios, the report and the plots are always rebuilt from the rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from mixsd_jax import config as config_lib
+from mixsd_jax.errors import MixsdError
+from mixsd_jax.files import atomic_write_json, atomic_write_jsonl, iter_jsonl
+from mixsd_jax.models.registry import EMBEDDED_DEFAULT
+
+SUITES = ("memorization", "retention", "nll", "kl", "fisher", "errors")
+DEFAULT_BENCHMARKS = ("hellaswag", "piqa", "winogrande", "mmlu", "lambada", "gsm8k")
+BASE = "base"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    base: str = EMBEDDED_DEFAULT  # registry name or HF-format directory
+    tuned: tuple[str, ...] = ()  # "NAME=PATH": an HF dir, or a training run dir (its hf/ export or latest checkpoint)
+    suites: tuple[str, ...] = ("retention",)  # see the module docstring; "all" = every configured suite
+    corpus_dir: str | None = None  # a built corpus (KGFact/MQuAKE/KGFunc) for memorization
+    train_files: tuple[str, ...] = ()  # "NAME=PATH" training files for the NLL analysis
+    benchmarks: tuple[str, ...] = DEFAULT_BENCHMARKS
+    limit: int | None = 50  # items per benchmark and per test split (a seeded subset); None = all
+    data_root: str | None = None  # benchmark data root; None = the bundled subsets
+    out_dir: str = "outputs/eval"
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    seed: int = 0
+    allow_code_execution: bool = False  # HumanEval runs model-written code: opt-in
+    labels: tuple[str, ...] = ()  # "NAME=label" shown on plots and tables (e.g. "mix03=MixSD λ=0.3")
+    kl_texts: int = 64  # held-out prompts for KL (drawn from the benchmarks' items)
+    fisher_texts: int = 16  # LAMBADA passages for the base model's Fisher
+    dtype: str = "float32"  # compute dtype of the forward passes
+
+    def __post_init__(self):
+        for key in ("batch_size", "max_new_tokens", "kl_texts", "fisher_texts"):
+            config_lib.check_range(key, getattr(self, key), 1)
+        if self.limit is not None:
+            config_lib.check_range("limit", self.limit, 1)
+        if self.dtype not in ("float32", "bfloat16"):
+            raise MixsdError(f"config key 'dtype': must be float32 or bfloat16, got {self.dtype!r}")
+        unknown = [s for s in self.suites if s not in SUITES + ("all",)]
+        if unknown or not self.suites:
+            raise MixsdError(f"config key 'suites': unknown suite {unknown[0] if unknown else '(none)'!r} "
+                             f"(known: {', '.join(SUITES)}, all)")
+        from mixsd_jax.eval.retention import known_benchmarks
+
+        bad = [b for b in self.benchmarks if b not in known_benchmarks()]
+        if bad:
+            raise MixsdError(f"config key 'benchmarks': unknown benchmark {bad[0]!r} (known: {', '.join(known_benchmarks())})")
+        names = [BASE]
+        for key in ("tuned", "train_files", "labels"):
+            seen = []
+            for entry in getattr(self, key):
+                name, _ = split_named(entry, key)
+                if name in seen:
+                    raise MixsdError(f"config key {key!r}: name {name!r} given twice")
+                seen.append(name)
+            if key == "tuned":
+                if BASE in seen:
+                    raise MixsdError(f"config key 'tuned': the name {BASE!r} is the base model's")
+                names += seen
+
+    def suite_set(self) -> set[str]:
+        return set(SUITES) if "all" in self.suites else set(self.suites)
+
+
+def split_named(entry: str, key: str) -> tuple[str, str]:
+    """"NAME=VALUE" → (NAME, VALUE); NAME must be usable as a folder name."""
+    name, sep, value = entry.partition("=")
+    name = name.strip()
+    if not sep or not name or not value.strip():
+        raise MixsdError(f"config key {key!r}: expected NAME=VALUE, got {entry!r}")
+    if not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise MixsdError(f"config key {key!r}: name {name!r} may use only letters, digits, '-', '_' and '.'")
+    return name, value.strip()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    label: str
+    source: str  # as given
+    model_dir: Path  # HF-format directory
+
+
+def resolve_checkpoint(path: str, export: bool = True) -> Path:
+    """An HF dir as is; a training run dir → its `hf/` export, else its latest Orbax checkpoint exported."""
+    p = Path(path).expanduser()
+    if (p / "config.json").is_file():
+        return p
+    if (p / "hf" / "config.json").is_file():
+        return p / "hf"
+    if (p / "checkpoints").is_dir():
+        if not export:
+            return p / "hf"
+        from mixsd_jax.train.export import export_checkpoint
+
+        return export_checkpoint(p)
+    if not p.exists():
+        raise MixsdError(f"{p}: checkpoint not found")
+    raise MixsdError(f"{p}: not an HF model directory (config.json) or a training run directory (hf/ or checkpoints/)")
+
+
+_ARCH_IGNORED = ("bos_token_id", "eos_token_id", "max_position_embeddings")
+
+
+def check_same_architecture(base_dir: Path, tuned_dir: Path, name: str) -> None:
+    from mixsd_jax.models.config import ModelConfig
+
+    base, tuned = ModelConfig.from_hf_dir(base_dir), ModelConfig.from_hf_dir(tuned_dir)
+    for field in dataclasses.fields(base):
+        if field.name in _ARCH_IGNORED:
+            continue
+        a, b = getattr(base, field.name), getattr(tuned, field.name)
+        if a != b:
+            raise MixsdError(
+                f"checkpoint {name!r} ({tuned_dir}) has another architecture than the base ({base_dir}): "
+                f"{field.name} {b!r} vs {a!r}"
+            )
+
+
+def _checkpoints(cfg: EvalConfig) -> list[Checkpoint]:
+    from mixsd_jax.models.registry import resolve_model
+
+    labels = dict(split_named(e, "labels") for e in cfg.labels)
+    base_dir = resolve_model(cfg.base)
+    out = [Checkpoint(BASE, labels.get(BASE, "base"), cfg.base, base_dir)]
+    for entry in cfg.tuned:
+        name, path = split_named(entry, "tuned")
+        model_dir = resolve_checkpoint(path)
+        check_same_architecture(base_dir, model_dir, name)
+        out.append(Checkpoint(name, labels.get(name, name), path, model_dir))
+    return out
+
+
+def model_identity(model_dir: Path) -> str:
+    """Config bytes plus the weight files' names, sizes and modification times (cheap for big models)."""
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        stat = f.stat()
+        h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _files_digest(paths) -> str:
+    h = hashlib.sha256()
+    for p in sorted(str(p) for p in paths):
+        h.update(p.encode())
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- units
+
+
+@dataclasses.dataclass
+class Unit:
+    """One resumable piece of work: rows of one (checkpoint, suite item)."""
+
+    checkpoint: str
+    name: str  # e.g. "memorization.recall", "retention.piqa", "nll.gt", "kl", "fisher"
+    settings: dict  # what determines the rows (besides the checkpoint)
+    total: int  # progress-bar size
+    compute: Callable  # (models, progress) -> rows
+
+
+class UnitStore:
+    def __init__(self, out_dir: Path):
+        self.root = out_dir / "items"
+
+    def paths(self, checkpoint: str, unit: str) -> tuple[Path, Path]:
+        folder = self.root / checkpoint
+        return folder / f"{unit}.jsonl", folder / f"{unit}.meta.json"
+
+    def load(self, checkpoint: str, unit: str, fingerprint: str) -> list[dict] | None:
+        rows_path, meta_path = self.paths(checkpoint, unit)
+        if not (rows_path.is_file() and meta_path.is_file()):
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            return None
+        if meta.get("fingerprint") != fingerprint:
+            return None
+        return [row for _, row in iter_jsonl(rows_path)]
+
+    def save(self, checkpoint: str, unit: str, fingerprint: str, rows: list[dict], seconds: float) -> None:
+        rows_path, meta_path = self.paths(checkpoint, unit)
+        meta_path.unlink(missing_ok=True)  # rows first, then the meta that vouches for them
+        atomic_write_jsonl(rows_path, rows)
+        atomic_write_json(meta_path, {"fingerprint": fingerprint, "rows": len(rows), "seconds": round(seconds, 2)})
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass
+class Inputs:
+    checkpoints: list[Checkpoint]
+    splits: dict  # memorization split name -> Split
+    benchmarks: dict  # benchmark -> items
+    benchmark_files: dict  # benchmark -> files digest
+    train_files: dict  # name -> (path, records)
+    kl_texts: list[tuple[str, str]]  # (id, user text)
+    fisher_texts: list[str]
+    entities: set
+    corpus_kind: str | None
+
+
+def gather_inputs(cfg: EvalConfig) -> Inputs:
+    """Reads and checks every input before any model runs, so bad input fails fast."""
+    from mixsd_jax.data.records import read_records
+    from mixsd_jax.eval import memorization, retention
+
+    suites = cfg.suite_set()
+    explicit = set() if "all" in cfg.suites else suites
+    kind = memorization.corpus_kind(cfg.corpus_dir) if cfg.corpus_dir else None
+    if "memorization" in explicit and cfg.corpus_dir is None:
+        raise MixsdError("suite 'memorization' needs a corpus directory (corpus_dir / --corpus)")
+    splits = memorization.load_splits(cfg.corpus_dir, cfg.limit, cfg.seed) if "memorization" in suites and kind else {}
+
+    names = list(cfg.benchmarks)
+    if kind == "kgfunc" and "kgfunc_unseen" not in names:
+        names.append("kgfunc_unseen")
+    need_benchmarks = suites & {"retention", "kl"}
+    benchmarks, digests = {}, {}
+    if need_benchmarks:
+        for name in names:
+            benchmarks[name] = retention.load_items(name, data_root=cfg.data_root, limit=cfg.limit, seed=cfg.seed,
+                                                    corpus_dir=cfg.corpus_dir)
+            digests[name] = _files_digest(retention.data_files(name, cfg.data_root, cfg.corpus_dir))
+    if "retention" in suites and "humaneval" in benchmarks and not cfg.allow_code_execution:
+        raise MixsdError("benchmark 'humaneval' executes model-written code: set allow_code_execution (opt-in)")
+
+    train_entries = [split_named(e, "train_files") for e in cfg.train_files]
+    if not train_entries and cfg.corpus_dir and "nll" in suites:
+        train_entries = [("gt", str(memorization.training_file(cfg.corpus_dir)))]
+    if "nll" in explicit and not train_entries:
+        raise MixsdError("suite 'nll' needs training files (train_files NAME=PATH, or a corpus_dir)")
+    train_files = {}
+    if "nll" in suites:
+        for name, path in train_entries:
+            records = read_records(path)
+            if not records:
+                raise MixsdError(f"{path}: training file {name!r} has no records")
+            train_files[name] = (path, records)
+
+    checkpoints = _checkpoints(cfg)
+    kl_texts = _kl_texts(benchmarks, cfg) if "kl" in suites and len(checkpoints) > 1 else []
+    fisher_texts = []
+    if "fisher" in suites and len(checkpoints) > 1:
+        lambada = retention.load_items("lambada", data_root=cfg.data_root, limit=cfg.fisher_texts, seed=cfg.seed)
+        fisher_texts = [f"{it.prompt} {it.answer}" for it in lambada]
+    entities: set = set()
+    if "errors" in suites and kind == "kgfact":
+        from mixsd_jax.eval.error_analysis import training_entities
+
+        entities = training_entities(read_records(memorization.training_file(cfg.corpus_dir)))
+    return Inputs(checkpoints, splits, benchmarks, digests, train_files, kl_texts, fisher_texts, entities, kind)
+
+
+def _kl_texts(benchmarks: dict, cfg: EvalConfig) -> list[tuple[str, str]]:
+    from mixsd_jax.eval.benchmarks import MCItem, subset_indices
+
+    texts = []
+    for items in benchmarks.values():
+        for item in items:
+            if isinstance(item, MCItem):
+                context, continuation = item.requests()[item.gold]
+                texts.append((item.id, (context + continuation).strip()))
+            else:
+                texts.append((item.id, item.prompt))
+    if not texts:
+        raise MixsdError("suite 'kl' needs held-out prompts: configure at least one benchmark")
+    return [texts[i] for i in subset_indices(len(texts), cfg.kl_texts, cfg.seed)]
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan_units(cfg: EvalConfig, inputs: Inputs) -> list[Unit]:
+    from mixsd_jax.eval import analyses, memorization, retention
+
+    suites = cfg.suite_set()
+    gen = {"max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "dtype": cfg.dtype}
+    units = []
+    for ckpt in inputs.checkpoints:
+        for name, split in inputs.splits.items():
+            units.append(Unit(
+                ckpt.name, f"memorization.{name}",
+                {**gen, "files": _files_digest(split.files), "ids": [it.id for it in split.items], "mode": split.mode},
+                len(split.items),
+                lambda m, p, split=split: memorization.run_split(
+                    m.params, m.cfg, m.tokenizer, split, max_new_tokens=cfg.max_new_tokens,
+                    batch_size=cfg.batch_size, seed=cfg.seed, progress=p),
+            ))
+        if "retention" in suites:
+            for name, items in inputs.benchmarks.items():
+                units.append(Unit(
+                    ckpt.name, f"retention.{name}",
+                    {**gen, "files": inputs.benchmark_files[name], "ids": [it.id for it in items],
+                     "code": cfg.allow_code_execution},
+                    sum(len(it.requests()) for it in items) if hasattr(items[0], "requests") else len(items),
+                    lambda m, p, name=name, items=items: retention.run_benchmark(
+                        name, items, m.params, m.cfg, m.tokenizer, batch_size=cfg.batch_size,
+                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                        allow_code_execution=cfg.allow_code_execution, progress=p),
+                ))
+        if ckpt.name == BASE:
+            for name, (path, records) in inputs.train_files.items():
+                units.append(Unit(
+                    BASE, f"nll.{name}", {"file": _files_digest([path]), "dtype": cfg.dtype}, len(records),
+                    lambda m, p, name=name, records=records: analyses.target_nll(
+                        m.params, m.cfg, m.tokenizer, records, name=name, batch_size=cfg.batch_size,
+                        dtype=cfg.dtype, progress=p),
+                ))
+            continue
+        if inputs.kl_texts:
+            units.append(Unit(
+                ckpt.name, "kl", {"texts": inputs.kl_texts, "dtype": cfg.dtype}, len(inputs.kl_texts),
+                lambda m, p: _run_kl(m, inputs.kl_texts, cfg, p),
+            ))
+        if inputs.fisher_texts:
+            units.append(Unit(
+                ckpt.name, "fisher", {"texts": inputs.fisher_texts, "dtype": cfg.dtype}, len(inputs.fisher_texts),
+                lambda m, p: _run_fisher(m, inputs.fisher_texts, cfg, p),
+            ))
+    return units
+
+
+def _run_kl(models, texts, cfg: EvalConfig, progress) -> list[dict]:
+    from mixsd_jax.eval.analyses import kl_rows
+
+    token_rows = [models.tokenizer.prompt_ids(text) for _, text in texts]
+    return kl_rows(models.base_params, models.params, models.cfg, token_rows, [i for i, _ in texts],
+                   batch_size=cfg.batch_size, dtype=cfg.dtype, progress=progress)
+
+
+def _run_fisher(models, texts, cfg: EvalConfig, progress) -> list[dict]:
+    from mixsd_jax.eval.analyses import fisher_displacement
+
+    fisher = models.fisher(texts, progress)
+    return [fisher_displacement(fisher, models.base_params, models.params)]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class Models:
+    """The loaded base (kept) and the current checkpoint's parameters; the base Fisher, once."""
+
+    def __init__(self, cfg: EvalConfig, base: Checkpoint):
+        from mixsd_jax.models.checkpoint import load_hf
+        from mixsd_jax.models.tokenizer import load_tokenizer
+
+        self.eval_cfg = cfg
+        self.tokenizer = load_tokenizer(base.model_dir)
+        self.cfg, self.base_params = load_hf(base.model_dir)
+        self.current, self.params = BASE, self.base_params
+        self._fisher = None
+
+    def use(self, ckpt: Checkpoint) -> None:
+        if ckpt.name == self.current:
+            return
+        from mixsd_jax.models.checkpoint import load_hf
+
+        self.params = None  # free the previous checkpoint before loading the next
+        _, self.params = load_hf(ckpt.model_dir) if ckpt.name != BASE else (None, self.base_params)
+        self.current = ckpt.name
+
+    def fisher(self, texts: list[str], progress):
+        if self._fisher is None:
+            from mixsd_jax.eval.analyses import diagonal_fisher
+
+            rows = [self.tokenizer.encode(t)[: self.cfg.max_position_embeddings] for t in texts]
+            self._fisher = diagonal_fisher(self.base_params, self.cfg, rows, dtype=self.eval_cfg.dtype,
+                                           progress=progress)
+        return self._fisher
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
+    """Run (or resume) every unit, then write results.json, report.md and the plots; returns results."""
+    from tqdm import tqdm
+
+    from mixsd_jax.eval import report
+
+    started = time.time()
+    out_dir = Path(cfg.out_dir)
+    inputs = gather_inputs(cfg)
+    units = plan_units(cfg, inputs)
+    store = UnitStore(out_dir)
+    by_name = {c.name: c for c in inputs.checkpoints}
+    identities = {c.name: model_identity(c.model_dir) for c in inputs.checkpoints}
+    rows: dict[tuple[str, str], list[dict]] = {}
+    timing: dict[str, float] = {}
+    models: Models | None = None
+    for unit in units:
+        fingerprint = _unit_fingerprint(unit, identities)
+        cached = store.load(unit.checkpoint, unit.name, fingerprint)
+        label = f"{unit.checkpoint}/{unit.name}"
+        if cached is not None:
+            rows[(unit.checkpoint, unit.name)] = cached
+            if progress:
+                tqdm.write(f"{label}: done earlier ({len(cached)} rows)")
+            continue
+        if models is None:
+            models = Models(cfg, by_name[BASE])
+        models.use(by_name[unit.checkpoint])
+        t0 = time.time()
+        with tqdm(total=unit.total, desc=label, unit="req", disable=not progress, leave=True) as bar:
+            result = unit.compute(models, bar.update)
+        seconds = time.time() - t0
+        store.save(unit.checkpoint, unit.name, fingerprint, result, seconds)
+        rows[(unit.checkpoint, unit.name)] = result
+        timing[label] = round(seconds, 2)
+    results = assemble(cfg, inputs, rows)
+    results["timing"] = {"computed_units_s": timing, "total_s": round(time.time() - started, 2)}
+    report.write_report(results, out_dir)
+    return results
+
+
+def _unit_fingerprint(unit: Unit, identities: dict[str, str]) -> str:
+    parts = {"unit": unit.name, "settings": unit.settings, "model": identities[unit.checkpoint]}
+    if unit.name in ("kl", "fisher"):
+        parts["base"] = identities[BASE]
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def assemble(cfg: EvalConfig, inputs: Inputs, rows: dict[tuple[str, str], list[dict]]) -> dict:
+    """Summaries from per-item rows: memorization, retention (+ ratios), NLL, KL, Fisher, errors."""
+    import numpy as np
+
+    from mixsd_jax.eval import analyses, memorization, retention
+
+    names = [c.name for c in inputs.checkpoints]
+    results: dict = {
+        "config": config_lib.to_dict(cfg),
+        "checkpoints": {c.name: {"label": c.label, "source": c.source, "model_dir": str(c.model_dir)}
+                        for c in inputs.checkpoints},
+        "corpus_kind": inputs.corpus_kind,
+    }
+    if inputs.splits:
+        block = {}
+        for name in names:
+            splits = {s: memorization.summarize_rows(rows[(name, f"memorization.{s}")]) for s in inputs.splits}
+            mean = float(np.mean([v["accuracy"] for v in splits.values()]))
+            # Agresti-Coull variances, so that a split at 0% or 100% still has some uncertainty.
+            adjusted = [((v["correct"] + 2) / (v["n"] + 4), v["n"] + 4) for v in splits.values()]
+            variance = sum(p * (1 - p) / n for p, n in adjusted) / len(splits) ** 2
+            half = 1.96 * float(np.sqrt(variance))
+            block[name] = {"splits": splits, "mean": mean, "ci95": [max(0.0, mean - half), min(1.0, mean + half)]}
+        results["memorization"] = block
+    if "retention" in cfg.suite_set() and inputs.benchmarks:
+        block = {}
+        for name in names:
+            benches = {b: retention.summarize_benchmark(b, rows[(name, f"retention.{b}")]) for b in inputs.benchmarks}
+            ratios = {b: retention.retention_ratio(rows[(BASE, f"retention.{b}")], rows[(name, f"retention.{b}")],
+                                                   cfg.seed) for b in inputs.benchmarks}
+            block[name] = {"benchmarks": benches, "ratios": ratios, "mean": retention.mean_retention(ratios)}
+        results["retention"] = block
+    if inputs.train_files:
+        file_rows = {n: rows[(BASE, f"nll.{n}")] for n in inputs.train_files}
+        nll = {"files": {n: {"path": inputs.train_files[n][0], **analyses.summarize_nll(r, cfg.seed)}
+                         for n, r in file_rows.items()}}
+        if len(file_rows) > 1:
+            common = analyses.common_rows(file_rows)
+            if all(common.values()):
+                nll["common"] = {n: analyses.summarize_nll(r, cfg.seed) for n, r in common.items()}
+        results["nll"] = nll
+    kl = {n: analyses.summarize_kl(rows[(n, "kl")]) for n in names if (n, "kl") in rows}
+    if kl:
+        results["kl"] = kl
+    fisher = {n: rows[(n, "fisher")][0] for n in names if (n, "fisher") in rows}
+    if fisher:
+        results["fisher"] = fisher
+    if "errors" in cfg.suite_set():
+        results["errors"] = {n: _errors(n, inputs, rows) for n in names}
+    results["summary"] = {
+        n: {
+            "label": results["checkpoints"][n]["label"],
+            "memorization": results.get("memorization", {}).get(n, {}).get("mean"),
+            "retention": results.get("retention", {}).get(n, {}).get("mean"),
+        }
+        for n in names
+    }
+    return results
+
+
+def _errors(name: str, inputs: Inputs, rows) -> dict:
+    from mixsd_jax.eval.analyses import error_categories
+
+    heldout = {b: rows[(name, f"retention.{b}")] for b in inputs.benchmarks
+               if (name, f"retention.{b}") in rows and rows[(name, f"retention.{b}")]
+               and "response" in rows[(name, f"retention.{b}")][0]}
+    train = rows.get((name, "memorization.recall"), [])
+    return error_categories(heldout, train, inputs.entities)
