@@ -1,0 +1,357 @@
+"""The stage graph of an experiment, built and validated before any expensive work.
+
+Stages, in order: `corpus` → `generate_<run>` per (λ, T) → `train_<method>` per trained method →
+`eval`. Each stage's fingerprint hashes only the settings that change its outputs plus its inputs'
+fingerprints, so changing an eval setting re-runs only `eval`, and adding a λ adds one
+generation, one training run and that checkpoint's evaluation.
+
+A stage also has a `reset` key: when a re-run's reset key differs from the recorded one, the
+stage's old outputs are wiped first (its tool would refuse to resume them); when only the
+fingerprint differs (e.g. more training steps), the tool continues from what is there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from mixsd_jax import config as config_lib
+from mixsd_jax.errors import MixsdError
+from mixsd_jax.pipeline.config import ExperimentConfig
+
+# Standard training file of each corpus kind, relative to the corpus root.
+TRAIN_FILES = {
+    "kgfact": "atomic_sft/train_messages.jsonl",
+    "mquake": "atomic_sft/train_messages.jsonl",
+    "simpleqa": "atomic_sft/train_messages.jsonl",
+    "kgfunc": "primitive_atomic_balanced_sft_50k/train_messages.jsonl",
+}
+# Generation prompt preset per corpus kind (REFERENCE.md §1.2).
+GENERATION_PRESETS = {"kgfact": "knowledge", "mquake": "knowledge", "kgfunc": "math_operations", "simpleqa": "simpleqa"}
+# Keys the pipeline sets itself in each stage section.
+OWNED_KEYS = {
+    "generation": ("input", "out_dir", "model", "lambda_mix", "temperature"),
+    "train": ("data", "model", "out"),
+    "eval": ("base", "tuned", "out_dir", "corpus_dir", "train_files", "labels"),
+}
+BASE = "base"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    fingerprint: str  # equal to the recorded one (and outputs present) => skipped
+    reset: str  # differs from the recorded one => old outputs wiped before running
+    workdir: Path
+    outputs: tuple[Path, ...]
+    inputs: tuple[str, ...]  # names of the stages it reads from
+    run: Callable[[], dict] = dataclasses.field(compare=False, repr=False)
+    description: str = ""
+    # Parts (eval: one per checkpoint) whose own outputs are wiped when only their fingerprint changes.
+    parts: dict[str, str] = dataclasses.field(default_factory=dict)
+    part_dirs: tuple[str, ...] = ()  # format strings under workdir, `{name}` = part name
+    owns_workdir: bool = True  # False for a user's corpus directory: never wiped
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    config: ExperimentConfig
+    exp_dir: Path
+    model_dir: Path
+    stages: tuple[Stage, ...]
+    report: Path  # report.md of the eval stage
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+
+def _hash(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _num(x: float) -> str:
+    return f"{x:g}".replace(".", "p").replace("-", "m")
+
+
+def mixsd_run_name(lam: float, temperature: float) -> str:
+    """`mixsd_l0p3` at T=0, `mixsd_l0p3_t0p6` otherwise: adding a temperature never renames T=0 runs."""
+    return f"mixsd_l{_num(lam)}" + (f"_t{_num(temperature)}" if temperature else "")
+
+
+def trained_runs(cfg: ExperimentConfig) -> list[tuple[str, float | None, float | None]]:
+    """(run name, λ, T) per training run, in report order; λ is None for SFT."""
+    runs: list[tuple[str, float | None, float | None]] = []
+    if "sft" in cfg.methods:
+        runs.append(("sft", None, None))
+    if "mixsd" in cfg.methods:
+        runs += [(mixsd_run_name(lam, t), lam, t) for t in cfg.temperatures for lam in cfg.lambdas]
+    return runs
+
+
+def _section(cls, cfg: ExperimentConfig, section: str, owned_values: dict):
+    """The stage config for one run: the section's keys + the pipeline's keys + the shared mesh."""
+    data = dict(getattr(cfg, section))
+    names = {f.name for f in dataclasses.fields(cls)}
+    if section == "eval" and "splits" not in names:
+        data.pop("splits", None)  # handled by the pipeline (a corpus view with those splits only)
+    for key in OWNED_KEYS[section]:
+        if key in data:
+            raise MixsdError(f"config key '{section}.{key}': set by the pipeline for each run; remove it")
+    if "mesh" in names and "mesh" not in data:
+        data["mesh"] = config_lib.to_dict(cfg.mesh)
+    data.update({k: v for k, v in owned_values.items() if k in names})
+    return config_lib.from_dict(cls, data, prefix=f"{section}.")
+
+
+def build_plan(cfg: ExperimentConfig) -> Plan:
+    """Validates the model, methods, λ list and every stage section; returns the stages to run."""
+    from mixsd_jax.models.registry import resolve_model
+    from mixsd_jax.sampling.generator import GenerateConfig, Paths
+    from mixsd_jax.train.config import NOT_FINGERPRINTED, TrainConfig
+
+    EvalConfig, evaluate = _eval_api()
+    exp = Path(cfg.out_dir).expanduser().absolute()
+    corpus_stage, corpus_dir, train_file = _corpus_stage(cfg, exp)
+    # Sections first (cheap, catches typos), then the model (may convert the embedded default).
+    generate_cfgs = {
+        name: _section(GenerateConfig, cfg, "generation", {
+            "input": str(train_file), "out_dir": str(exp / "generate" / name), "model": cfg.model,
+            "lambda_mix": lam, "temperature": t, "preset": cfg.generation.get("preset", _preset(cfg)),
+        })
+        for name, lam, t in trained_runs(cfg) if lam is not None
+    }
+    if "preset" not in cfg.generation and _preset(cfg) == "custom" and generate_cfgs:
+        raise MixsdError("config key 'generation.preset': required for a corpus of kind "
+                         f"{cfg.corpus.kind!r} (knowledge | math_operations | simpleqa | custom)")
+    train_cfgs = {
+        name: _section(TrainConfig, cfg, "train", {"data": "", "model": cfg.model, "out": str(exp / "train" / name)})
+        for name, _, _ in trained_runs(cfg)
+    }
+    model_dir = resolve_model(cfg.model)
+    model_fp = _hash(str(cfg.model), _file_hash(model_dir / "config.json"))
+
+    stages = [corpus_stage]
+    data_for: dict[str, tuple[Path, str]] = {"sft": (train_file, corpus_stage.fingerprint)}
+    for name, gcfg in generate_cfgs.items():
+        output = Paths.for_config(gcfg).final
+        fp = _hash("generate", config_lib.fingerprint(gcfg, exclude=("input", "out_dir", "batch_size", "mesh")),
+                   corpus_stage.fingerprint, model_fp)
+        stages.append(Stage(
+            name=f"generate_{name}", fingerprint=fp, reset=fp, workdir=Path(gcfg.out_dir),
+            outputs=(output,), inputs=(corpus_stage.name,), run=_generate_runner(gcfg),
+            description=f"MixSD targets λ={gcfg.lambda_mix:g} T={gcfg.temperature:g} → {output}",
+        ))
+        data_for[name] = (output, fp)
+
+    train_fps: dict[str, str] = {}
+    for name, lam, _ in trained_runs(cfg):
+        data, data_fp = data_for[name]
+        tcfg = dataclasses.replace(train_cfgs[name], data=str(data))
+        settings = config_lib.fingerprint(
+            tcfg, exclude=("data", *(k for k in NOT_FINGERPRINTED if k not in ("steps", "epochs")))
+        )
+        fp = _hash("train", settings, data_fp, model_fp)
+        reset = _hash("train-reset", config_lib.fingerprint(tcfg, exclude=("data", *NOT_FINGERPRINTED)), data_fp,
+                      model_fp)
+        source = corpus_stage.name if lam is None else f"generate_{name}"
+        stages.append(Stage(
+            name=f"train_{name}", fingerprint=fp, reset=reset, workdir=Path(tcfg.out),
+            outputs=(Path(tcfg.out) / "hf" / "config.json", Path(tcfg.out) / "summary.json"),
+            inputs=(source,), run=_train_runner(tcfg),
+            description=f"train {name} on {data}",
+        ))
+        train_fps[name] = fp
+
+    runs = trained_runs(cfg)
+    eval_dir = exp / "eval"
+    labels = tuple(f"{name}={'SFT' if lam is None else f'MixSD λ={lam:g}' + (f' T={t:g}' if t else '')}"
+                   for name, lam, t in runs)
+    eval_corpus, view_splits = corpus_dir, _view_splits(cfg, EvalConfig)
+    if view_splits:
+        eval_corpus = eval_dir / "corpus_view"
+    ecfg = _section(EvalConfig, cfg, "eval", {
+        "base": cfg.model,
+        "tuned": tuple(f"{name}={exp / 'train' / name / 'hf'}" for name, _, _ in runs),
+        "out_dir": str(eval_dir),
+        "corpus_dir": str(eval_corpus),
+        "train_files": tuple(f"{name}={data_for[name][0]}" for name, _, _ in runs),
+        "labels": labels,
+    })
+    settings = _hash("eval", config_lib.fingerprint(ecfg, exclude=OWNED_KEYS["eval"]), corpus_stage.fingerprint,
+                     view_splits)
+    parts = {BASE: model_fp, **train_fps}
+    stages.append(Stage(
+        # The evaluator keeps one result per (checkpoint, benchmark) under its own fingerprint, so a
+        # changed eval setting never wipes the folder; only a retrained checkpoint's items are removed.
+        name="eval", fingerprint=_hash(settings, parts), reset="eval", workdir=eval_dir,
+        outputs=(eval_dir / "results.json", eval_dir / "report.md"),
+        inputs=tuple(f"train_{name}" for name, _, _ in runs), run=_eval_runner(ecfg, evaluate, corpus_dir, view_splits),
+        description=f"evaluate base + {len(runs)} checkpoints → {eval_dir}",
+        parts=parts, part_dirs=("items/{name}",),
+    ))
+    return Plan(config=cfg, exp_dir=exp, model_dir=model_dir, stages=tuple(stages), report=eval_dir / "report.md")
+
+
+def _layout_kind(cfg: ExperimentConfig) -> str:
+    """The corpus kind, read from the folder layout for a user's or the authors' released folder."""
+    corpus = cfg.corpus
+    if corpus.kind not in ("directory", "released"):
+        return corpus.kind
+    root = Path(corpus.source).expanduser()
+    for kind in ("kgfunc", "kgfact"):
+        if (root / TRAIN_FILES[kind]).is_file():
+            return kind
+    return corpus.kind
+
+
+def _preset(cfg: ExperimentConfig) -> str:
+    return GENERATION_PRESETS.get(_layout_kind(cfg), "custom")
+
+
+def _eval_api():
+    try:
+        from mixsd_jax.eval.runner import EvalConfig, evaluate
+    except ImportError as exc:  # the evaluator is a separate package; say so instead of a traceback
+        raise MixsdError(f"pipeline: the evaluator (mixsd_jax.eval.runner) is not available: {exc}") from None
+    return EvalConfig, evaluate
+
+
+def _corpus_stage(cfg: ExperimentConfig, exp: Path) -> tuple[Stage, Path, Path]:
+    corpus = cfg.corpus
+    if corpus.kind == "directory":
+        root = Path(corpus.source).expanduser().absolute()
+        if not root.is_dir():
+            raise MixsdError(f"config key 'corpus.source': {root} is not a directory")
+    else:
+        root = exp / "corpus"
+    relative = corpus.train_file or TRAIN_FILES.get(_layout_kind(cfg))
+    if relative is None:
+        raise MixsdError(f"config key 'corpus.train_file': required for corpus kind {corpus.kind!r} "
+                         "(the training file's path inside the corpus folder)")
+    train_file = root / relative
+    settings = config_lib.to_dict(corpus)
+    if corpus.kind in ("directory", "released", "simpleqa", "mquake"):
+        source = Path(corpus.source) if corpus.source else None
+        if corpus.kind == "simpleqa" and source is None:
+            from mixsd_jax.data.commands import SIMPLEQA_CSV
+
+            source = SIMPLEQA_CSV
+        if not source.exists():
+            raise MixsdError(f"config key 'corpus.source': {source} not found")
+        probe = train_file if corpus.kind == "directory" else (source / relative if source.is_dir() else source)
+        if not probe.is_file():
+            raise MixsdError(f"config key 'corpus.source': {probe} not found")
+        settings["source_sha256"] = _file_hash(probe)  # new source content => new corpus
+    if corpus.kind == "directory":
+        settings.pop("source", None)
+    fp = _hash("corpus", settings)
+    stage = Stage(
+        name="corpus", fingerprint=fp, reset=fp, workdir=root, outputs=(train_file,), inputs=(),
+        run=_corpus_runner(corpus, root), description=f"{corpus.kind} corpus → {root}",
+        owns_workdir=corpus.kind != "directory",
+    )
+    return stage, root, train_file
+
+
+def _corpus_runner(corpus, root: Path) -> Callable[[], dict]:
+    def run() -> dict:
+        if corpus.kind == "directory":
+            return {"corpus": str(root)}
+        if corpus.kind == "released":
+            from mixsd_jax.data.importer import import_released
+
+            return {"files": import_released(corpus.source, root)}
+        from mixsd_jax.data.commands import DEFAULT_PRESET, BuildConfig, build_dataset
+
+        fields = {f.name for f in dataclasses.fields(BuildConfig)}
+        build = BuildConfig(**{k: v for k, v in config_lib.to_dict(corpus).items() if k in fields and k != "out"},
+                            out=str(root))
+        return {"files": build_dataset(corpus.kind, build, corpus.preset or DEFAULT_PRESET[corpus.kind])}
+
+    return run
+
+
+def _generate_runner(gcfg) -> Callable[[], dict]:
+    def run() -> dict:
+        from mixsd_jax.sampling.generator import generate
+
+        summary = generate(gcfg, progress=True)
+        trainable = summary.get("accepted", 0) + (summary.get("rejected", 0) if gcfg.keep_rejected else 0)
+        if not trainable:
+            raise MixsdError(
+                f"{summary.get('output')}: no MixSD target passed the verifier for λ={gcfg.lambda_mix:g} "
+                f"({summary.get('generations')} generations); nothing to train on. Raise generation.max_retries or "
+                "max_new_tokens, use extract_mode=contains, or set generation.keep_rejected=true"
+            )
+        return summary
+
+    return run
+
+
+def _train_runner(tcfg) -> Callable[[], dict]:
+    def run() -> dict:
+        from mixsd_jax.train.loop import train
+
+        return train(tcfg, progress=True)
+
+    return run
+
+
+def _view_splits(cfg: ExperimentConfig, eval_cls) -> tuple[str, ...]:
+    """`eval.splits` (memorization splits to run), when the evaluator has no such key itself."""
+    splits = cfg.eval.get("splits")
+    if splits is None or "splits" in {f.name for f in dataclasses.fields(eval_cls)}:
+        return ()
+    if isinstance(splits, str) or not isinstance(splits, (list, tuple)) or not splits:
+        raise MixsdError(f"config key 'eval.splits': expected a non-empty list of split names, got {splits!r}")
+    if cfg.corpus.kind not in ("kgfact", "mquake", "kgfunc"):
+        raise MixsdError(f"config key 'eval.splits': only for kgfact, mquake and kgfunc corpora, not {cfg.corpus.kind!r}")
+    from mixsd_jax.eval.memorization import KGFACT_SPLITS, KGFUNC_SPLITS
+
+    table = KGFUNC_SPLITS if cfg.corpus.kind == "kgfunc" else KGFACT_SPLITS
+    for i, name in enumerate(splits):
+        if name not in table:
+            raise MixsdError(f"config key 'eval.splits[{i}]': unknown split {name!r} (known: {', '.join(table)})")
+    return tuple(str(s) for s in splits)
+
+
+def _corpus_view(corpus_dir: Path, view: Path, splits: tuple[str, ...]) -> None:
+    """A copy of the corpus holding only the chosen test splits (and the training file), so the
+    evaluator runs just those memorization splits."""
+    import shutil
+
+    from mixsd_jax.eval.memorization import KGFACT_SPLITS, KGFUNC_SPLITS, corpus_kind, training_file
+
+    table = KGFUNC_SPLITS if corpus_kind(corpus_dir) == "kgfunc" else KGFACT_SPLITS
+    if view.exists():
+        shutil.rmtree(view)
+    train = training_file(corpus_dir)
+    files = [train, *(f for name in splits for f in sorted(corpus_dir.glob(table[name])))]
+    for source in files:
+        target = view / source.relative_to(corpus_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+
+
+def _eval_runner(ecfg, evaluate, corpus_dir: Path, view_splits: tuple[str, ...]) -> Callable[[], dict]:
+    def run() -> dict:
+        if view_splits:
+            _corpus_view(corpus_dir, Path(ecfg.corpus_dir), view_splits)
+        return evaluate(ecfg, progress=True)
+
+    return run

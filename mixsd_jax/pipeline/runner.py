@@ -1,0 +1,122 @@
+"""Run a plan: skip finished stages, wipe stale ones, record each success in `<exp>/stages/`.
+
+A stage is skipped when `<exp>/stages/<name>.json` says it finished with the same fingerprint and
+its outputs exist. A stage is marked `running` (with its fingerprint) before it starts, so a
+killed pipeline resumes the stage with the same settings instead of wiping it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from mixsd_jax import config as config_lib
+from mixsd_jax.errors import MixsdError
+from mixsd_jax.files import atomic_write_json
+from mixsd_jax.pipeline.plan import Plan, Stage
+
+
+def record_path(plan: Plan, stage: Stage) -> Path:
+    return plan.exp_dir / "stages" / f"{stage.name}.json"
+
+
+def read_record(plan: Plan, stage: Stage) -> dict | None:
+    path = record_path(plan, stage)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # written atomically, so only a hand-edited file gets here: treat as absent
+
+
+def stage_status(plan: Plan, stage: Stage) -> str:
+    """done | partial (killed with these settings: resumes) | changed (settings differ) | pending."""
+    record = read_record(plan, stage)
+    if record is None:
+        return "pending"
+    if record.get("fingerprint") != stage.fingerprint:
+        return "changed"
+    if record.get("status") == "done" and all(p.exists() for p in stage.outputs):
+        return "done"
+    return "partial"
+
+
+def describe(plan: Plan) -> str:
+    lines = [f"experiment {plan.config.name!r} in {plan.exp_dir} (model {plan.config.model})"]
+    for i, stage in enumerate(plan.stages, 1):
+        lines.append(f"{i:>2}. {stage.name:<28} {stage_status(plan, stage):<8} {stage.fingerprint}  {stage.description}")
+    lines.append(f"report: {plan.report}")
+    return "\n".join(lines)
+
+
+def run_plan(plan: Plan, *, log: Callable[[str], None] = print) -> dict:
+    """Runs every stage that is not done; returns {stage name: summary or None when skipped}."""
+    plan.exp_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(plan.exp_dir / "experiment.json", config_lib.to_dict(plan.config))
+    results: dict = {}
+    total = len(plan.stages)
+    for i, stage in enumerate(plan.stages, 1):
+        status = stage_status(plan, stage)
+        if status == "done":
+            log(f"[{i}/{total}] {stage.name}: done earlier with the same settings, skipped")
+            results[stage.name] = None
+            continue
+        record = read_record(plan, stage)
+        _clean_stale(plan, stage, record, log)
+        verb = "resuming" if status == "partial" else "running"
+        log(f"[{i}/{total}] {stage.name}: {verb} ({stage.description})")
+        base = {"name": stage.name, "fingerprint": stage.fingerprint, "reset": stage.reset, "parts": stage.parts}
+        atomic_write_json(record_path(plan, stage), {**base, "status": "running"})
+        started = time.time()
+        summary = stage.run()
+        missing = [str(p) for p in stage.outputs if not p.exists()]
+        if missing:
+            raise MixsdError(f"stage {stage.name}: finished but did not write {missing[0]}")
+        seconds = round(time.time() - started, 2)
+        atomic_write_json(record_path(plan, stage), {**base, "status": "done", "seconds": seconds,
+                                                     "outputs": [str(p) for p in stage.outputs]})
+        log(f"[{i}/{total}] {stage.name}: done in {seconds:.1f}s")
+        results[stage.name] = summary
+    return results
+
+
+def _clean_stale(plan: Plan, stage: Stage, record: dict | None, log) -> None:
+    """Old outputs the stage's tool would refuse to resume are removed before it runs."""
+    if record is None or not stage.owns_workdir:
+        return
+    if record.get("reset") != stage.reset:
+        _remove(plan, stage.workdir, log)
+        return
+    old_parts = record.get("parts") or {}
+    for name, fingerprint in old_parts.items():
+        if stage.parts.get(name) != fingerprint:
+            for pattern in stage.part_dirs:
+                _remove(plan, stage.workdir / pattern.format(name=name), log)
+
+
+def _remove(plan: Plan, path: Path, log) -> None:
+    if not path.exists():
+        return
+    if plan.exp_dir not in path.absolute().parents:
+        raise MixsdError(f"pipeline: refusing to delete {path}, which is outside the experiment folder {plan.exp_dir}")
+    log(f"  removing outputs from other settings: {path}")
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def report_text(plan: Plan) -> str:
+    """The evaluator's table, the plot path and (last line) where the report is."""
+    results_file = plan.report.parent / "results.json"
+    lines = []
+    if results_file.is_file():
+        from mixsd_jax.eval.report import render_table
+
+        lines.append(render_table(json.loads(results_file.read_text())))
+    plot = plan.report.parent / "memorization_vs_retention.png"
+    if plot.is_file():
+        lines.append(f"plot: {plot}")
+    lines.append(f"report: {plan.report}")
+    return "\n".join(lines)
