@@ -109,6 +109,8 @@ def test_host_batch_layout_targets_and_buckets():
         assert (flat["segment_ids"][r, :n] == 1).all() and (flat["segment_ids"][r, n:] == 0).all()
         assert flat["loss_mask"][r, n:].sum() == 0
     assert [bucket_length(n, 1024) for n in (1, 16, 17, 100, 1000, 5000)] == [16, 16, 32, 128, 1024, 1024]
+    fixed = BatchPlan(examples, batch_size=4, grad_accum=2, seed=0, max_seq_len=64, pad_to_max=True)
+    assert fixed.host_batch(0)["tokens"].shape == (2, 2, 64)
 
 
 def test_packing_keeps_documents_apart_and_every_token():

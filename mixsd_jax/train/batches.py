@@ -13,7 +13,8 @@ one. The last batch of an epoch is filled with empty rows (no tokens, no loss) r
 dropped or wrapped, so every example is seen exactly once per epoch.
 
 Shapes: rows are right-padded to a power-of-two bucket (at least 16, at most `max_seq_len`), so a
-run compiles the step for a handful of lengths. With packing, documents are laid into rows of
+run compiles the step for a handful of lengths (or to `max_seq_len` itself with `pad_to_max`: one
+compile, more padding). With packing, documents are laid into rows of
 `max_seq_len` in visiting order (a new row when the next one does not fit), each with its own
 segment id and positions restarting at 0, so attention never crosses documents.
 """
@@ -166,6 +167,7 @@ class BatchPlan:
         seed: int,
         max_seq_len: int,
         packing: bool = False,
+        pad_to_max: bool = False,
     ):
         if not examples:
             raise MixsdError("no training examples")
@@ -175,6 +177,7 @@ class BatchPlan:
         self.seed = seed
         self.max_seq_len = max_seq_len
         self.packing = packing
+        self.pad_to_max = pad_to_max
         self._packed_steps: dict[int, int] = {}
 
     # -- order
@@ -227,7 +230,7 @@ class BatchPlan:
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
         rows = self.batch_rows(step)
         used = max(sum(self.examples[i].length for i in row) for row in rows)
-        T = bucket_length(used, self.max_seq_len)
+        T = self.max_seq_len if self.pad_to_max else bucket_length(used, self.max_seq_len)
         B = len(rows)
         tokens = np.zeros((B, T), np.int32)
         targets = np.zeros((B, T), np.int32)

@@ -23,6 +23,7 @@ _NEVER = 1 << 62  # save_interval_steps when only forced (final) saves are wante
 class Checkpoints:
     def __init__(self, directory: str | Path, *, save_every: int = 0, keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).absolute()
+        self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every or _NEVER,
             max_to_keep=keep,
@@ -50,13 +51,15 @@ class Checkpoints:
         return restored["state"], dict(restored["meta"])
 
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
-        """Saves when `step` is on the save interval or `force`; a step already on disk is kept."""
-        if step in self.manager.all_steps():
+        """Saves when `step` is a multiple of `save_every` or `force`; a step already on disk is kept.
+        (Decided here rather than by Orbax, which would also save the first step it sees.)"""
+        on_interval = self.save_every > 0 and step % self.save_every == 0
+        if not (force or on_interval) or step in self.manager.all_steps():
             return False
         return self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=force,
+            force=True,
         )
 
     def wait(self) -> None:

@@ -72,6 +72,7 @@ class TrainConfig:
     max_seq_len: int = 1024
     overlong: Literal["drop", "truncate"] = "drop"
     packing: bool = False
+    pad_to_max_len: bool = False  # every batch max_seq_len long: one compiled shape instead of a few buckets
     enable_thinking: bool = False
     system_prompt: str | None = None  # used for records without their own system turn
     # Numerics.

@@ -57,6 +57,7 @@ def prepare_data(cfg: TrainConfig, tokenizer):
         seed=cfg.seed,
         max_seq_len=cfg.max_seq_len,
         packing=cfg.packing,
+        pad_to_max=cfg.pad_to_max_len,
     )
     return data, plan
 
