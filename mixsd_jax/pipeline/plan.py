@@ -54,6 +54,7 @@ class Stage:
     parts: dict[str, str] = dataclasses.field(default_factory=dict)
     part_dirs: tuple[str, ...] = ()  # format strings under workdir, `{name}` = part name
     owns_workdir: bool = True  # False for a user's corpus directory: never wiped
+    settings: Any = dataclasses.field(default=None, compare=False, repr=False)  # the resolved stage config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +155,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
         stages.append(Stage(
             name=f"generate_{name}", fingerprint=fp, reset=fp, workdir=Path(gcfg.out_dir),
             outputs=(output,), inputs=(corpus_stage.name,), run=_generate_runner(gcfg),
-            description=f"MixSD targets λ={gcfg.lambda_mix:g} T={gcfg.temperature:g} → {output}",
+            description=f"MixSD targets λ={gcfg.lambda_mix:g} T={gcfg.temperature:g} → {output}", settings=gcfg,
         ))
         data_for[name] = (output, fp)
 
@@ -173,7 +174,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
             name=f"train_{name}", fingerprint=fp, reset=reset, workdir=Path(tcfg.out),
             outputs=(Path(tcfg.out) / "hf" / "config.json", Path(tcfg.out) / "summary.json"),
             inputs=(source,), run=_train_runner(tcfg),
-            description=f"train {name} on {data}",
+            description=f"train {name} on {data}", settings=tcfg,
         ))
         train_fps[name] = fp
 
@@ -202,7 +203,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
         outputs=(eval_dir / "results.json", eval_dir / "report.md"),
         inputs=tuple(f"train_{name}" for name, _, _ in runs), run=_eval_runner(ecfg, evaluate, corpus_dir, view_splits),
         description=f"evaluate base + {len(runs)} checkpoints → {eval_dir}",
-        parts=parts, part_dirs=("items/{name}",),
+        parts=parts, part_dirs=("items/{name}",), settings=ecfg,
     ))
     return Plan(config=cfg, exp_dir=exp, model_dir=model_dir, stages=tuple(stages), report=eval_dir / "report.md")
 
@@ -263,7 +264,7 @@ def _corpus_stage(cfg: ExperimentConfig, exp: Path) -> tuple[Stage, Path, Path]:
     stage = Stage(
         name="corpus", fingerprint=fp, reset=fp, workdir=root, outputs=(train_file,), inputs=(),
         run=_corpus_runner(corpus, root), description=f"{corpus.kind} corpus → {root}",
-        owns_workdir=corpus.kind != "directory",
+        owns_workdir=corpus.kind != "directory", settings=corpus,
     )
     return stage, root, train_file
 

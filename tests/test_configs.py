@@ -1,0 +1,70 @@
+"""Every shipped config loads and builds its pipeline plan (on tiny stand-in models), and the
+paper configs carry the reference's sweep and training recipe (REFERENCE.md §3.2)."""
+
+from pathlib import Path
+
+import pytest
+
+from mixsd_jax.pipeline.config import load_experiment
+from mixsd_jax.pipeline.plan import build_plan
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PAPER = sorted((CONFIGS / "paper").glob("*.yaml"))
+
+
+def _stand_in(name: str, request) -> Path:
+    family = "llama" if "llama" in name else "qwen3"
+    return request.getfixturevalue(f"tiny_{family}_dir")
+
+
+def _simpleqa_csv(tmp_path) -> Path:
+    path = tmp_path / "simple_qa_test_set.csv"
+    path.write_text('metadata,problem,answer\n"{\'topic\': \'Art\'}",Who painted the Blue Door?,Ana Vel\n')
+    return path
+
+
+def _plan(path: Path, request, tmp_path):
+    overrides = [f"model={_stand_in(path.name, request)}", f"out_dir={tmp_path / 'exp'}"]
+    if path.name.startswith("simpleqa"):
+        overrides.append(f"corpus.source={_simpleqa_csv(tmp_path)}")
+    return build_plan(load_experiment(path, overrides))
+
+
+def test_all_paper_settings_are_there():
+    names = {p.stem for p in PAPER}
+    corpora = ("kgfact_small", "kgfact_large", "kgfunc", "simpleqa")
+    models = ("qwen3_1p7b", "qwen3_4b", "qwen3_8b", "llama3p2_1b")
+    assert names == {f"{c}_{m}" for c in corpora for m in models}
+
+
+@pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])
+def test_paper_config_builds_its_plan(path, request, tmp_path):
+    cfg = load_experiment(path)
+    assert cfg.lambdas == (0.0, 0.3, 0.5, 0.7) and cfg.temperatures == (0.0, 0.6)
+    assert cfg.methods == ("base", "sft", "mixsd")
+    plan = _plan(path, request, tmp_path)
+    names = [s.name for s in plan.stages]
+    assert len(names) == 1 + 8 + 1 + 8 + 1  # corpus, 8 generations, SFT, 8 MixSD runs, eval
+    assert "train_mixsd_l0p7_t0p6" in names and "generate_mixsd_l0" in names
+    gen = plan.stage("generate_mixsd_l0p5_t0p6").settings
+    assert (gen.lambda_mix, gen.temperature, gen.topk, gen.max_new_tokens) == (0.5, 0.6, 64, 8192)
+    train = plan.stage("train_sft").settings
+    assert (train.lr, train.weight_decay, train.b1, train.b2, train.eps, train.clip_norm) == (1e-5, 0.01, 0.9, 0.95, 1e-8, 1.0)
+    if path.name.startswith("kgfact"):
+        assert (train.batch_size, train.epochs, train.warmup_steps, train.schedule) == (20, 30, 0, "constant")
+        assert gen.preset == "knowledge"
+    else:
+        assert (train.batch_size, train.warmup_steps) == (16, 20)
+    if path.name.startswith("kgfunc"):
+        assert train.steps == 100 and gen.preset == "math_operations" and gen.limit == 1600
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_quick.yaml"])
+def test_demo_configs_build_their_plans(name, tiny_llama_dir, tmp_path):
+    path = CONFIGS / name
+    cfg = load_experiment(path)
+    assert cfg.model == "smollm2-135m-instruct"
+    assert cfg.generation["extract_mode"] == "contains"
+    plan = build_plan(load_experiment(path, [f"model={tiny_llama_dir}", f"out_dir={tmp_path / 'exp'}"]))
+    assert plan.stages[0].name == "corpus" and plan.stages[-1].name == "eval"
+    assert any(s.name.startswith("train_mixsd") for s in plan.stages) and plan.stage("train_sft")
