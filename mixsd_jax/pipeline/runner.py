@@ -55,6 +55,7 @@ def describe(plan: Plan) -> str:
 
 def run_plan(plan: Plan, *, log: Callable[[str], None] = print) -> dict:
     """Runs every stage that is not done; returns {stage name: summary or None when skipped}."""
+    _join_hosts(plan)
     plan.exp_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(plan.exp_dir / "experiment.json", config_lib.to_dict(plan.config))
     results: dict = {}
@@ -82,6 +83,17 @@ def run_plan(plan: Plan, *, log: Callable[[str], None] = print) -> dict:
         log(f"[{i}/{total}] {stage.name}: done in {seconds:.1f}s")
         results[stage.name] = summary
     return results
+
+
+def _join_hosts(plan: Plan) -> None:
+    """On a multi-host slice every process joins before the first stage touches a device (the
+    trainer's `distributed` section or the MIXSD_* environment); single-process otherwise."""
+    if all(stage_status(plan, s) == "done" for s in plan.stages):
+        return
+    from mixsd_jax.train.distributed import maybe_initialize
+
+    trained = [s.settings for s in plan.stages if hasattr(s.settings, "distributed")]
+    maybe_initialize(trained[0].distributed if trained else None)
 
 
 def _clean_stale(plan: Plan, stage: Stage, record: dict | None, log) -> None:
