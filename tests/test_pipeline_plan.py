@@ -114,3 +114,38 @@ def test_a_user_corpus_directory_is_used_in_place(tiny_llama_dir, tmp_path):
     assert not corpus.owns_workdir  # never wiped by the runner
     with pytest.raises(MixsdError, match="corpus.source"):
         _plan(tiny_llama_dir, tmp_path, "corpus.kind=directory", f"corpus.source={tmp_path / 'nothing'}")
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("methods: [sft, ppo]", "unknown method 'ppo'"),
+        ("lambdas: []", "'lambdas': empty"),
+        ("model: /nowhere/model", "/nowhere/model"),
+    ],
+)
+def test_the_command_reports_bad_input_in_one_line(tmp_path, capsys, line, expected):
+    from mixsd_jax.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"out_dir: {tmp_path / 'exp'}\n{line}\n")
+    assert main(["pipeline", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expected in err and "\n" not in err
+    assert not (tmp_path / "exp").exists()
+
+
+def test_dry_run_prints_the_plan(tiny_llama_dir, tmp_path, capsys):
+    from mixsd_jax.cli import main
+
+    assert main(["pipeline", "--config", str(_config_file(tmp_path, tiny_llama_dir)), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "train_mixsd_l0p3" in out and "pending" in out
+    assert out.rstrip().splitlines()[-1] == f"report: {tmp_path / 'exp' / 'eval' / 'report.md'}"
+    assert not (tmp_path / "exp").exists()
+
+
+def _config_file(tmp_path, model_dir):
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"out_dir: {tmp_path / 'exp'}\nmodel: {model_dir}\ncorpus: {{kind: kgfact, preset: tiny}}\n")
+    return path
