@@ -65,6 +65,8 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
         if len(devices) % known:
             raise MixsdError(f"mesh: {len(devices)} devices are not divisible by fixed axes product {known}")
         sizes[sizes.index(-1)] = len(devices) // known
+    if -1 not in (cfg.data, cfg.fsdp, cfg.tensor) and math.prod(sizes) < len(devices):
+        devices = devices[: math.prod(sizes)]  # an explicit smaller mesh uses the first devices
     if math.prod(sizes) != len(devices):
         raise MixsdError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {len(devices)} devices")
     # Devices in creation order; on multi-host this keeps each host's devices contiguous along `data`.

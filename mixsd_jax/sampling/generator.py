@@ -241,7 +241,6 @@ def _load_partial(paths: Paths, fingerprint: str) -> set[tuple[int, int]]:
 
 
 def _run_queue(cfg, model_dir, tokenizer, prompts, gt_answers, verifier, max_retries, queue, sink, result, stats, progress):
-    import jax
     from tqdm import tqdm
 
     from mixsd_jax.models.checkpoint import load_hf
@@ -249,7 +248,7 @@ def _run_queue(cfg, model_dir, tokenizer, prompts, gt_answers, verifier, max_ret
     from mixsd_jax.sampling.runner import Runner, WorkItem
     from mixsd_jax.sampling.strategies import Sampler
 
-    mesh = make_mesh(cfg.mesh) if jax.device_count() > 1 else None
+    mesh = make_mesh(cfg.mesh)
     model_cfg, params = load_hf(model_dir, cfg.param_dtype, mesh=mesh)
     runner = Runner(
         params,
@@ -266,7 +265,7 @@ def _run_queue(cfg, model_dir, tokenizer, prompts, gt_answers, verifier, max_ret
         naive_prob=cfg.lambda_mix,
     )
     pending = len(queue)
-    accepted = 0
+    accepted = finished = 0
     bar = tqdm(total=pending, desc="mixsd generate", unit="rec", disable=not progress)
     while queue:
         batch = [queue.popleft() for _ in range(min(runner.batch_size, len(queue)))]
@@ -283,8 +282,9 @@ def _run_queue(cfg, model_dir, tokenizer, prompts, gt_answers, verifier, max_ret
                 fraction = sum(c.naive) / max(1, len(c.tokens))
                 sink.write(result(index, gen, text, _meta(fraction, len(c.tokens), c.finish_reason, correct, attempt + 1)))
                 accepted += correct
+                finished += 1
                 bar.update(1)
-                bar.set_postfix(pass_rate=f"{accepted / bar.n:.2f}", retry_queue=sum(1 for q in queue if q[2]))
+                bar.set_postfix(pass_rate=f"{accepted / finished:.2f}", retry_queue=sum(1 for q in queue if q[2]))
             else:
                 queue.append((index, gen, attempt + 1))
     bar.close()
