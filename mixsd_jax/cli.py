@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from mixsd_jax.errors import MixsdError
@@ -17,6 +18,9 @@ COMMAND_MODULES = (
     "mixsd_jax.eval.commands",
     "mixsd_jax.pipeline.commands",
 )
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    # argparse places trailing positionals only once; `key=value` overrides may come anywhere.
+    stray = [e for e in extras if not _OVERRIDE.match(e)]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extras:
+        if not hasattr(args, "overrides"):
+            parser.error(f"this command takes no key=value overrides: {' '.join(extras)}")
+        args.overrides = list(args.overrides) + extras
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()
