@@ -66,3 +66,14 @@ def test_fingerprint_is_stable_and_sensitive():
     # Excluded keys do not count: a longer run of the same config has the same resume fingerprint.
     d = config.load(Outer, None, ["train.lr=1e-4", "train.steps=99"])
     assert config.fingerprint(a, exclude=["train.steps"]) == config.fingerprint(d, exclude=["train.steps"])
+
+
+def test_cli_accepts_overrides_anywhere(tmp_path):
+    from mixsd_jax.cli import build_parser, main
+
+    out = tmp_path / "kgfunc"
+    assert main(["data", "build", "kgfunc", "--preset", "tiny", "seed=3", "--out", str(out)]) == 0
+    assert '"seed": 3' in (out / "manifest.json").read_text()
+    with pytest.raises(SystemExit):
+        main(["data", "build", "kgfunc", "--out", str(out), "stray-token"])
+    assert build_parser() is not None
