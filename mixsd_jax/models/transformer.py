@@ -9,9 +9,10 @@ Attention masking is by *segment ids* and *slots*: token t of row b may attend t
 real tokens (segment != 0) of the same segment and s is not in its future. Packing, padding and
 incremental decoding are all this one rule.
 
-The KV cache is a dict of arrays: `k`, `v` [L, B, S, K, E], `valid` [B, S] (slot holds a real token)
-and `end` (scalar int32: next slot to write; the same for every row, because prompts are right-padded
-into the same slots, and positions are carried explicitly, so slots need not equal positions).
+The KV cache is a dict: `k`, `v` (stacked [L, B, S, K, E], or a list of L [B, S, K, E] buffers for
+the unstacked decoding layout), `valid` [B, S] (slot holds a real token) and `end` (scalar int32: next
+slot to write; the same for every row, because prompts are right-padded into the same slots and
+positions are carried explicitly, so slots need not equal positions).
 """
 
 from __future__ import annotations
