@@ -145,6 +145,103 @@ def score_rows(
     return results  # type: ignore[return-value]
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def shared_context_logprobs(params, context_BxT, context_segments_BxT, choices_BxKxC, choice_segments_BxKxC, *,
+                            cfg: ModelConfig, dtype: str):
+    """Log-prob and argmax-hit of every token of K continuations of each row's context, the context
+    run once: it fills a KV cache that each continuation then attends to. Token 0 of a continuation
+    is predicted from the context's last position, token j from the continuation's token j-1."""
+    compute = jnp.dtype(dtype)
+    B, T = context_BxT.shape
+    C = choices_BxKxC.shape[2]
+    hidden_BxTxD, cache = tf.prefill(params, cfg, context_BxT, tf.padded_positions(context_segments_BxT),
+                                     context_segments_BxT, T + C, dtype=compute)
+    context_len_B = jnp.sum(context_segments_BxT != 0, axis=1)
+    last_Bx1xD = jnp.take_along_axis(hidden_BxTxD, (context_len_B - 1)[:, None, None], axis=1)
+    positions_BxC = context_len_B[:, None] + jnp.arange(C)[None]
+
+    def one_choice(_, choice):
+        tokens_BxC, segments_BxC = choice
+        # The new cache is discarded: XLA drops the write, every choice reads the context's cache.
+        hidden_BxCxD, _ = tf.forward(params, cfg, tokens_BxC, positions_BxC * (segments_BxC != 0), segments_BxC,
+                                     cache, dtype=compute)
+        predicting_BxCxD = jnp.concatenate([last_Bx1xD, hidden_BxCxD[:, :-1]], axis=1)
+        logits_BxCxV = tf.lm_logits(params, cfg, predicting_BxCxD, dtype=compute)
+        logprobs_BxCxV = jax.nn.log_softmax(logits_BxCxV, axis=-1)
+        target_BxC = jnp.take_along_axis(logprobs_BxCxV, tokens_BxC[..., None], axis=-1)[..., 0]
+        return None, (target_BxC, jnp.argmax(logits_BxCxV, axis=-1) == tokens_BxC)
+
+    _, (target_KxBxC, greedy_KxBxC) = jax.lax.scan(
+        one_choice, None, (jnp.swapaxes(choices_BxKxC, 0, 1), jnp.swapaxes(choice_segments_BxKxC, 0, 1))
+    )
+    return jnp.swapaxes(target_KxBxC, 0, 1), jnp.swapaxes(greedy_KxBxC, 0, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextGroup:
+    """One context and the continuations scored after it (a multiple-choice question)."""
+
+    context: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...]
+
+
+def _fit_group(group: ContextGroup, max_length: int) -> ContextGroup:
+    """Drop leading context tokens so the longest continuation's input fits in `max_length`."""
+    excess = len(group.context) + max(len(c) for c in group.continuations) - 1 - max_length
+    if excess <= 0:
+        return group
+    if excess >= len(group.context):
+        raise MixsdError(f"a continuation does not fit in max_length {max_length} after its context")
+    return ContextGroup(group.context[excess:], group.continuations)
+
+
+def score_groups(
+    params,
+    cfg: ModelConfig,
+    groups: Sequence[ContextGroup],
+    *,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    dtype: str = "float32",
+    progress: Callable[[int], None] | None = None,
+) -> list[list[TokenScores]]:
+    """Per-token scores of every continuation of every group, in input order."""
+    max_length = max_length or cfg.max_position_embeddings
+    groups = [_fit_group(g, max_length) for g in groups]
+    K = max(len(g.continuations) for g in groups)  # one choice count per call: fewer compiled shapes
+    order = sorted(range(len(groups)), key=lambda i: (-len(groups[i].context), i))
+    results: list[list[TokenScores] | None] = [None] * len(groups)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = pow2_at_least(max(len(groups[i].context) for i in chunk), MIN_ROW)
+        span = pow2_at_least(max(len(c) for i in chunk for c in groups[i].continuations), MIN_WINDOW)
+        context = np.zeros((batch_size, width), np.int32)
+        context_seg = np.zeros((batch_size, width), np.int32)
+        context_seg[:, 0] = 1  # empty slots get a one-token dummy context
+        choices = np.zeros((batch_size, K, span), np.int32)
+        choice_seg = np.zeros((batch_size, K, span), np.int32)
+        for b, i in enumerate(chunk):
+            g = groups[i]
+            context[b, : len(g.context)] = g.context
+            context_seg[b, : len(g.context)] = 1
+            for k, c in enumerate(g.continuations):
+                choices[b, k, : len(c)] = c
+                choice_seg[b, k, : len(c)] = 1
+        logprobs, greedy = shared_context_logprobs(
+            params, jnp.asarray(context), jnp.asarray(context_seg), jnp.asarray(choices), jnp.asarray(choice_seg),
+            cfg=cfg, dtype=dtype,
+        )
+        logprobs, greedy = np.asarray(logprobs), np.asarray(greedy)
+        for b, i in enumerate(chunk):
+            results[i] = [
+                TokenScores(logprobs[b, k, : len(c)].astype(np.float64), greedy[b, k, : len(c)].copy())
+                for k, c in enumerate(groups[i].continuations)
+            ]
+        if progress is not None:
+            progress(sum(len(groups[i].continuations) for i in chunk))
+    return results  # type: ignore[return-value]
+
+
 # ----------------------------------------------------------------------------- requests
 
 
@@ -168,29 +265,38 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in hf(texts, add_special_tokens=False)["input_ids"]]
 
 
-def encode_requests(tokenizer, requests: Sequence[tuple[str, str]]) -> list[ScoreRow]:
-    """(context, continuation) pairs as score rows, split as lm-evaluation-harness splits them."""
-    contexts, wholes = [], []
-    for context, continuation in requests:
-        if not continuation:
-            raise MixsdError(f"empty continuation for context {context[-40:]!r}")
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        contexts.append(context)
-        wholes.append(context + continuation)
-    context_ids = _encode_many(tokenizer, [c for c in contexts if c])
-    whole_ids = _encode_many(tokenizer, wholes)
-    rows, next_context = [], iter(context_ids)
-    for context, whole in zip(contexts, whole_ids):
+def _split_pair(context: str, continuation: str) -> tuple[str, str]:
+    if not continuation:
+        raise MixsdError(f"empty continuation for context {context[-40:]!r}")
+    spaces = len(context) - len(context.rstrip())
+    if spaces:  # lm-eval: trailing whitespace of the context belongs to the continuation
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    return context, continuation
+
+
+def encode_pairs(tokenizer, requests: Sequence[tuple[str, str]]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(context ids, continuation ids) per request, as lm-evaluation-harness encodes a pair: the
+    context alone, and the continuation as the tail of the jointly encoded text past the context's
+    token count. An empty context becomes the bos (else eos) token."""
+    pairs = [_split_pair(c, x) for c, x in requests]
+    contexts = sorted({c for c, _ in pairs if c})
+    context_ids = dict(zip(contexts, _encode_many(tokenizer, contexts)))
+    whole_ids = _encode_many(tokenizer, [c + x for c, x in pairs])
+    out = []
+    for (context, _), whole in zip(pairs, whole_ids):
         if context:
-            n = len(next(next_context))
-            if n >= len(whole):
+            ctx = context_ids[context]
+            if len(ctx) >= len(whole):
                 raise MixsdError(f"continuation after {context[-40:]!r} encodes to no tokens of its own")
-            rows.append(ScoreRow(tuple(whole), n))
+            out.append((tuple(ctx), tuple(whole[len(ctx) :])))
         else:
-            rows.append(ScoreRow((_prefix_token(tokenizer), *whole), 1))
-    return rows
+            out.append(((_prefix_token(tokenizer),), tuple(whole)))
+    return out
+
+
+def encode_requests(tokenizer, requests: Sequence[tuple[str, str]]) -> list[ScoreRow]:
+    """(context, continuation) pairs as score rows (context ids + continuation ids)."""
+    return [ScoreRow(ctx + cont, len(ctx)) for ctx, cont in encode_pairs(tokenizer, requests)]
 
 
 def _choice_chars(continuation: str) -> int:
@@ -210,10 +316,12 @@ def loglikelihoods(
 ) -> list[Loglikelihood]:
     rows = encode_requests(tokenizer, requests)
     scores = score_rows(params, cfg, rows, batch_size=batch_size, max_length=max_length, dtype=dtype, progress=progress)
-    return [
-        Loglikelihood(float(s.logprobs.sum()), bool(s.greedy.all()), len(s.logprobs), _choice_chars(continuation))
-        for s, (_, continuation) in zip(scores, requests)
-    ]
+    return [_loglikelihood(s, continuation) for s, (_, continuation) in zip(scores, requests)]
+
+
+def _loglikelihood(scores: TokenScores, continuation: str) -> Loglikelihood:
+    return Loglikelihood(float(scores.logprobs.sum()), bool(scores.greedy.all()), len(scores.logprobs),
+                         _choice_chars(continuation))
 
 
 # ----------------------------------------------------------------------------- multiple choice
@@ -230,18 +338,30 @@ def score_mc(
     dtype: str = "float32",
     progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """One result per `MCItem`: per-choice log-likelihoods, predictions, and acc / acc_norm (0 or 1)."""
-    requests, owners = [], []
-    for index, item in enumerate(items):
-        for request in item.requests():
-            requests.append(request)
-            owners.append(index)
-    scored = loglikelihoods(
-        params, cfg, tokenizer, requests, batch_size=batch_size, max_length=max_length, dtype=dtype, progress=progress
-    )
-    per_item: list[list[Loglikelihood]] = [[] for _ in items]
-    for owner, ll in zip(owners, scored):
-        per_item[owner].append(ll)
+    """One result per `MCItem`: per-choice log-likelihoods, predictions, and acc / acc_norm (0 or 1).
+
+    Items whose choices share the context run it once (`score_groups`); items that share the
+    continuation instead (WinoGrande) are scored as independent rows."""
+    per_item: list[list[Loglikelihood] | None] = [None] * len(items)
+    shared = [i for i, item in enumerate(items) if item.shared_continuation is None]
+    if shared:
+        groups = []
+        for i in shared:
+            pairs = encode_pairs(tokenizer, items[i].requests())
+            groups.append(ContextGroup(pairs[0][0], tuple(cont for _, cont in pairs)))
+        scores = score_groups(params, cfg, groups, batch_size=batch_size, max_length=max_length, dtype=dtype,
+                              progress=progress)
+        for i, item_scores in zip(shared, scores):
+            per_item[i] = [_loglikelihood(s, cont) for s, (_, cont) in zip(item_scores, items[i].requests())]
+    rest = [i for i, item in enumerate(items) if item.shared_continuation is not None]
+    if rest:
+        requests = [(i, r) for i in rest for r in items[i].requests()]
+        scored = loglikelihoods(params, cfg, tokenizer, [r for _, r in requests], batch_size=batch_size,
+                                max_length=max_length, dtype=dtype, progress=progress)
+        for i in rest:
+            per_item[i] = []
+        for (i, _), ll in zip(requests, scored):
+            per_item[i].append(ll)
     return [mc_result(item, lls) for item, lls in zip(items, per_item)]
 
 

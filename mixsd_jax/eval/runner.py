@@ -325,10 +325,12 @@ def plan_units(cfg: EvalConfig, inputs: Inputs) -> list[Unit]:
             ))
         if "retention" in suites:
             for name, items in inputs.benchmarks.items():
+                # Log-likelihood benchmarks do not depend on the generation settings.
+                loglik = hasattr(items[0], "requests") or getattr(items[0], "kind", "") == "last_word"
                 units.append(Unit(
                     ckpt.name, f"retention.{name}",
-                    {**gen, "files": inputs.benchmark_files[name], "ids": [it.id for it in items],
-                     "code": cfg.allow_code_execution},
+                    {**({"dtype": cfg.dtype} if loglik else gen), "files": inputs.benchmark_files[name],
+                     "ids": [it.id for it in items], "code": cfg.allow_code_execution},
                     sum(len(it.requests()) for it in items) if hasattr(items[0], "requests") else len(items),
                     lambda m, p, name=name, items=items: retention.run_benchmark(
                         name, items, m.params, m.cfg, m.tokenizer, batch_size=cfg.batch_size,
