@@ -207,7 +207,7 @@ def train_step(
     metrics = {
         "loss": nll_sum / denom,
         "accuracy": correct / denom,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": schedule(state["step"]),
         "loss_tokens": tokens,
         "tokens": jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32)),

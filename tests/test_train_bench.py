@@ -1,0 +1,29 @@
+"""Benchmark helpers: the synthetic batch and the FLOP count used for MFU."""
+
+import numpy as np
+import torch
+
+from mixsd_jax.models.config import ModelConfig
+from mixsd_jax.train.bench import synthetic_batch
+from mixsd_jax.train.step import flops_per_token
+
+
+def test_synthetic_batch_trains_every_next_token():
+    batch = synthetic_batch(vocab_size=50, batch_size=2, seq_len=5)
+    assert batch["tokens"].shape == (1, 2, 5) and batch["loss_mask"].all() and (batch["segment_ids"] == 1).all()
+    np.testing.assert_array_equal(batch["tokens"][0, :, 1:], batch["targets"][0, :, :-1])
+    np.testing.assert_array_equal(batch["positions"][0, 1], np.arange(5))
+    assert batch["tokens"].max() < 50
+
+
+def test_flops_per_token_counts_every_matmul_weight(tiny_qwen3_dir):
+    """6 FLOPs per weight of every linear layer (LM head included), plus attention scores and
+    values: 2 matmuls x 2 FLOPs x T keys per query dimension, forward and two backward passes."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_dir, dtype=torch.float32)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    cfg = ModelConfig.from_hf_dir(tiny_qwen3_dir)
+    T = 128
+    expected = 6 * linear + 3 * 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * T
+    assert flops_per_token(cfg, T) == expected
