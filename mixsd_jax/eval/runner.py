@@ -429,7 +429,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     timing: dict[str, float] = {}
     models: Models | None = None
     for unit in units:
-        fingerprint = _unit_fingerprint(unit, identities)
+        fingerprint = unit_fingerprint(unit, identities)
         cached = store.load(unit.checkpoint, unit.name, fingerprint)
         label = f"{unit.checkpoint}/{unit.name}"
         if cached is not None:
@@ -453,7 +453,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     return results
 
 
-def _unit_fingerprint(unit: Unit, identities: dict[str, str]) -> str:
+def unit_fingerprint(unit: Unit, identities: dict[str, str]) -> str:
     parts = {"unit": unit.name, "settings": unit.settings, "model": identities[unit.checkpoint]}
     if unit.name in ("kl", "fisher"):
         parts["base"] = identities[BASE]

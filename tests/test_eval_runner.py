@@ -1,0 +1,153 @@
+"""evaluate() end to end on tiny real models and a tiny KGFact corpus: outputs, resume, bad input."""
+
+import json
+import shutil
+
+import pytest
+
+from mixsd_jax.cli import main
+from mixsd_jax.data.kgfact import build_kgfact
+from mixsd_jax.errors import MixsdError
+from mixsd_jax.eval.runner import (
+    EvalConfig,
+    unit_fingerprint,
+    check_same_architecture,
+    evaluate,
+    gather_inputs,
+    model_identity,
+    plan_units,
+    resolve_checkpoint,
+)
+from mixsd_jax.models.tiny import write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A KGFact corpus with only its atomic files (recall + paraphrased: short prompts, one shape)."""
+    out = tmp_path_factory.mktemp("kgfact")
+    build_kgfact(out, preset="tiny", seed=0)
+    for folder in ("compositional_2step_sft", "atomic_with_context_cot", "compositional_2step_with_context_cot"):
+        shutil.rmtree(out / folder)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tuned_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tuned"), "llama", seed=1)
+
+
+def _config(base, tuned, corpus, out, **overrides):
+    settings = dict(
+        base=str(base), tuned=(f"t1={tuned}",), suites=("all",), corpus_dir=str(corpus),
+        benchmarks=("mmlu", "lambada", "gsm8k"), limit=2, out_dir=str(out), batch_size=2, max_new_tokens=4,
+        kl_texts=3, fisher_texts=2, labels=("t1=MixSD λ=0.3",),
+    )
+    settings.update(overrides)
+    return EvalConfig(**settings)
+
+
+def test_evaluate_end_to_end_and_resume(tiny_llama_dir, tuned_dir, corpus, tmp_path):
+    out = tmp_path / "eval"
+    cfg = _config(tiny_llama_dir, tuned_dir, corpus, out)
+    results = evaluate(cfg, progress=False)
+    for name in ("results.json", "report.md", "memorization_vs_retention.png", "nll_targets.png"):
+        assert (out / name).is_file()
+    assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
+    assert set(results["memorization"]["t1"]["splits"]) == {"recall", "paraphrased"}
+    assert results["retention"]["base"]["mean"] in (1.0, None)
+    assert set(results["retention"]["t1"]["benchmarks"]) == {"mmlu", "lambada", "gsm8k"}
+    assert results["nll"]["files"]["gt"]["records"] == 12  # default: the corpus's GT training file
+    assert results["kl"]["t1"]["texts"] == 3 and results["fisher"]["t1"]["fisher_displacement"] > 0
+    assert results["errors"]["t1"]["heldout"]["total"] >= 0
+    assert results["summary"]["t1"]["label"] == "MixSD λ=0.3"
+    rows = [json.loads(line) for line in (out / "items/t1/retention.mmlu.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["logprobs"]) == 4 for r in rows)
+    assert results["timing"]["computed_units_s"]  # everything ran the first time
+
+    again = evaluate(cfg, progress=False)
+    assert again["timing"]["computed_units_s"] == {}  # every (checkpoint, unit) reused
+    assert again["memorization"] == results["memorization"] and again["kl"] == results["kl"]
+
+
+
+def test_only_units_a_setting_affects_are_recomputed(tiny_llama_dir, tuned_dir, corpus, tmp_path):
+    def fingerprints(**overrides):
+        cfg = _config(tiny_llama_dir, tuned_dir, corpus, tmp_path, **overrides)
+        inputs = gather_inputs(cfg)
+        identities = {c.name: model_identity(c.model_dir) for c in inputs.checkpoints}
+        return {f"{u.checkpoint}/{u.name}": unit_fingerprint(u, identities) for u in plan_units(cfg, inputs)}
+
+    before, after = fingerprints(), fingerprints(max_new_tokens=5)
+    changed = {unit for unit in before if before[unit] != after[unit]}
+    # A generation setting touches generated units only; log-likelihood units, NLL, KL, Fisher are reused.
+    assert changed == {f"{c}/{u}" for c in ("base", "t1")
+                       for u in ("memorization.recall", "memorization.paraphrased", "retention.gsm8k")}
+    assert set(before) == set(after) and "t1/kl" in before and "base/nll.gt" in before
+    more = fingerprints(limit=3)
+    assert all(more[u] != before[u] for u in before if ".gt" not in u and u.split("/")[1] not in ("kl", "fisher"))
+
+
+def test_cli_eval_prints_the_table(tiny_llama_dir, tmp_path, capsys):
+    rc = main(["eval", "--base", str(tiny_llama_dir), "--suite", "retention", "--benchmarks", "mmlu",
+               "--limit", "2", "--out", str(tmp_path / "cli"), "--quiet", "batch_size=2"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| checkpoint | retention | mmlu (acc) |" in printed and "results.json" in printed
+    assert main(["eval", "--base", str(tiny_llama_dir), "--suite", "bogus", "--out", str(tmp_path)]) == 2
+
+
+def test_checkpoints_of_another_architecture_are_refused(tiny_llama_dir, tiny_qwen3_dir, tmp_path):
+    with pytest.raises(MixsdError, match=f"another architecture than the base \\({tiny_llama_dir}\\).*model_type"):
+        check_same_architecture(tiny_llama_dir, tiny_qwen3_dir, "q3")
+    with pytest.raises(MixsdError, match="another architecture"):
+        evaluate(EvalConfig(base=str(tiny_llama_dir), tuned=(f"q3={tiny_qwen3_dir}",), benchmarks=("mmlu",),
+                            out_dir=str(tmp_path)), progress=False)
+
+
+def test_checkpoint_paths(tiny_llama_dir, tmp_path):
+    assert resolve_checkpoint(str(tiny_llama_dir)) == tiny_llama_dir
+    run = tmp_path / "run"
+    shutil.copytree(tiny_llama_dir, run / "hf")
+    assert resolve_checkpoint(str(run)) == run / "hf"
+    with pytest.raises(MixsdError, match="checkpoint not found"):
+        resolve_checkpoint(str(tmp_path / "missing"))
+    with pytest.raises(MixsdError, match="not an HF model directory"):
+        resolve_checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"suites": ("nope",)}, "unknown suite 'nope'"),
+        ({"benchmarks": ("nope",)}, "unknown benchmark 'nope'"),
+        ({"tuned": ("x",)}, "expected NAME=VALUE"),
+        ({"tuned": ("a/b=c",)}, "may use only"),
+        ({"tuned": ("base=c",)}, "the base model's"),
+        ({"tuned": ("a=c", "a=d")}, "given twice"),
+        ({"limit": 0}, "'limit'"),
+    ],
+)
+def test_config_errors(overrides, message):
+    with pytest.raises(MixsdError, match=message):
+        EvalConfig(**overrides)
+
+
+def test_bad_inputs_fail_before_any_model_runs(tiny_llama_dir, corpus, tmp_path):
+    def run(**kw):
+        evaluate(EvalConfig(base=str(tiny_llama_dir), out_dir=str(tmp_path / "o"), **kw), progress=False)
+
+    with pytest.raises(MixsdError, match="needs a corpus directory"):
+        run(suites=("memorization",))
+    (tmp_path / "root" / "piqa").mkdir(parents=True)
+    with pytest.raises(MixsdError, match="valid-labels.lst: benchmark file not found"):
+        run(benchmarks=("piqa",), data_root=str(tmp_path / "root"))
+    with pytest.raises(MixsdError, match="allow_code_execution"):
+        run(benchmarks=("humaneval",))
+    empty = tmp_path / "empty"
+    shutil.copytree(corpus, empty)
+    (empty / "atomic_sft/val_paraphrased_inference.jsonl").write_text("\n")
+    with pytest.raises(MixsdError, match="test split 'paraphrased' is empty"):
+        run(suites=("memorization",), corpus_dir=str(empty))
+    with pytest.raises(MixsdError, match="needs training files"):
+        run(suites=("nll",))
+    assert not (tmp_path / "o").exists()
