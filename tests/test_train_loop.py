@@ -85,8 +85,10 @@ def test_killed_run_resumes_exactly(straight, tiny_llama_dir, corpus, tmp_path):
         if step == 4:
             raise KeyboardInterrupt
 
+    # Asynchronous saves here: the step-3 checkpoint must hold the step-3 state even though the
+    # next (donating) step runs while it is written.
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(tiny_llama_dir, corpus, tmp_path), progress=False, on_step=kill_after_step_4)
+        train(_cfg(tiny_llama_dir, corpus, tmp_path, "async_checkpoints=true"), progress=False, on_step=kill_after_step_4)
     assert Checkpoints(tmp_path / "checkpoints").all_steps() == [3]
     assert len(read_partial_jsonl(tmp_path / "metrics.jsonl")) == 4  # step 4 was logged, not saved
     meta = Checkpoints(tmp_path / "checkpoints").read_meta(3)

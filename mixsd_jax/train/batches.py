@@ -213,6 +213,8 @@ class BatchPlan:
 
     def locate(self, step: int) -> tuple[int, int]:
         """(epoch, batch index within the epoch) of global step `step`."""
+        if not self.packing:
+            return divmod(step, self.steps_in_epoch(0))
         epoch = 0
         while step >= self.steps_in_epoch(epoch):
             step -= self.steps_in_epoch(epoch)

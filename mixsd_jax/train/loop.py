@@ -71,13 +71,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
 
     import jax
 
-    from mixsd_jax.models.checkpoint import export_hf, load_hf
+    from mixsd_jax.models.checkpoint import export_hf
     from mixsd_jax.models.config import ModelConfig
     from mixsd_jax.models.registry import resolve_model
     from mixsd_jax.models.sharding import make_mesh
     from mixsd_jax.models.tokenizer import load_tokenizer
     from mixsd_jax.train import step as step_lib
-    from mixsd_jax.train.checkpoints import Checkpoints, check_compatible
+    from mixsd_jax.train.checkpoints import Checkpoints
 
     started = time.time()
     primary = jax.process_index() == 0
@@ -105,31 +105,6 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
     shardings = step_lib.state_shardings(model_cfg, tx, mesh)
     fingerprint = resume_fingerprint(cfg)
 
-    ckpt = Checkpoints(out / "checkpoints", save_every=cfg.save_every, keep=cfg.keep, async_save=cfg.async_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        check_compatible(ckpt, latest, cfg)
-        target = step_lib.abstract_state(model_cfg, tx, shardings, cfg.param_dtype)
-        state, restored_meta = ckpt.restore(latest, target)
-        start, tokens_before = latest, int(restored_meta.get("tokens_seen", 0))
-        last: dict = {"loss": restored_meta.get("loss")}
-    else:
-        _, params = load_hf(model_dir, param_dtype=cfg.param_dtype, mesh=mesh)
-        state = step_lib.init_state(params, tx, shardings)
-        start, tokens_before = 0, 0
-        last = {}
-    if start > total_steps:
-        raise MixsdError(
-            f"{ckpt.directory}: the latest checkpoint is at step {start}, past this run's {total_steps} steps; "
-            "raise steps/epochs or use another `out` directory"
-        )
-
-    metrics_log = tb = None
-    if primary:
-        metrics_log = _metrics_appender(out / "metrics.jsonl", start)
-        tb = _tensorboard(out / "tb")
-    bar = _progress_bar(total_steps, start, enabled=progress and primary)
-
     def meta_for(step: int, tokens_seen: int, loss: float) -> dict:
         epoch, index = plan.locate(step)
         return {
@@ -146,7 +121,16 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
     step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, cfg.compute_dtype)
     tokens_run = loss_tokens_run = 0
     timed_tokens, timed_seconds = 0.0, 0.0
+    ckpt = Checkpoints(out / "checkpoints", save_every=cfg.save_every, keep=cfg.keep, async_save=cfg.async_checkpoints)
+    log = None
     try:
+        state, start, tokens_before, last = _restore_or_init(cfg, ckpt, model_dir, model_cfg, tx, shardings, mesh)
+        if start > total_steps:
+            raise MixsdError(
+                f"{ckpt.directory}: the latest checkpoint is at step {start}, past this run's {total_steps} steps; "
+                "raise steps/epochs or use another `out` directory"
+            )
+        log = RunLog(out, start, total_steps, primary=primary, progress=progress)
         batch = step_lib.device_batch(plan.host_batch(start), mesh) if start < total_steps else None
         previous = time.time()
         for index in range(start, total_steps):
@@ -172,15 +156,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
             tokens_run += int(values["tokens"])
             loss_tokens_run += int(values["loss_tokens"])
             last = values
-            if primary and (done % cfg.log_every == 0 or done == total_steps):
-                epoch, _ = plan.locate(index)
-                row = {"step": done, "epoch": epoch, **{k: values[k] for k in (*METRIC_KEYS, "tokens_per_s")}}
-                metrics_log.write(row)
-                for key, value in row.items():
-                    if key != "step":
-                        tb.add_scalar(f"train/{key}", value, done)
-            bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.4f}")
+            if done % cfg.log_every == 0 or done == total_steps:
+                log.write(done, plan.locate(index)[0], values)
+            log.advance(values["loss"])
             if on_step is not None:
                 on_step(done, values)
             saved = ckpt.save(done, state, meta_for(done, tokens_before + tokens_run, values["loss"]), force=done == total_steps)
@@ -192,12 +170,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
         if start < total_steps or not (hf_dir / "config.json").is_file():
             export_hf(state["params"], model_cfg, hf_dir, tokenizer_dir=model_dir, dtype=cfg.export_dtype)
     finally:
-        bar.close()
+        if log is not None:
+            log.close()
         ckpt.close()
-        if metrics_log is not None:
-            metrics_log.close()
-        if tb is not None:
-            tb.close()
 
     summary = {
         "steps": total_steps,
@@ -231,6 +206,59 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
     return summary
 
 
+def _restore_or_init(cfg, ckpt, model_dir, model_cfg, tx, shardings, mesh):
+    """(state, start step, tokens seen before, last metrics) from the latest checkpoint of a
+    compatible run, else from the base model's weights."""
+    from mixsd_jax.models.checkpoint import load_hf
+    from mixsd_jax.train import step as step_lib
+    from mixsd_jax.train.checkpoints import check_compatible
+
+    latest = ckpt.latest_step()
+    if latest is None:
+        _, params = load_hf(model_dir, param_dtype=cfg.param_dtype, mesh=mesh)
+        return step_lib.init_state(params, tx, shardings), 0, 0, {}
+    check_compatible(ckpt, latest, cfg)
+    target = step_lib.abstract_state(model_cfg, tx, shardings, cfg.param_dtype)
+    state, meta = ckpt.restore(latest, target)
+    return state, latest, int(meta.get("tokens_seen", 0)), {"loss": meta.get("loss")}
+
+
+class RunLog:
+    """metrics.jsonl, TensorBoard scalars and the progress bar; only process 0 writes files."""
+
+    def __init__(self, out: Path, start: int, total: int, *, primary: bool, progress: bool):
+        self.metrics = self.tb = None
+        if primary:
+            self.metrics = _metrics_appender(out / "metrics.jsonl", start)
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+        self.bar = None
+        if progress and primary:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def write(self, step: int, epoch: int, values: dict) -> None:
+        if self.metrics is None:
+            return
+        row = {"step": step, "epoch": epoch, **{k: values[k] for k in (*METRIC_KEYS, "tokens_per_s")}}
+        self.metrics.write(row)
+        for key, value in row.items():
+            if key != "step":
+                self.tb.add_scalar(f"train/{key}", value, step)
+
+    def advance(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        for item in (self.bar, self.metrics, self.tb):
+            if item is not None:
+                item.close()
+
+
 def _metrics_appender(path: Path, start: int) -> JsonlAppender:
     """An appender positioned after `start`: lines a killed run wrote past its last checkpoint are
     dropped, so the file tells the history of the parameters actually kept."""
@@ -238,28 +266,3 @@ def _metrics_appender(path: Path, start: int) -> JsonlAppender:
         kept = [row for row in read_partial_jsonl(path) if row.get("step", 0) <= start]
         atomic_write_jsonl(path, kept)
     return JsonlAppender(path)
-
-
-def _tensorboard(log_dir: Path):
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(str(log_dir))
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
