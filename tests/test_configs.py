@@ -68,3 +68,13 @@ def test_demo_configs_build_their_plans(name, tiny_llama_dir, tmp_path):
     plan = build_plan(load_experiment(path, [f"model={tiny_llama_dir}", f"out_dir={tmp_path / 'exp'}"]))
     assert plan.stages[0].name == "corpus" and plan.stages[-1].name == "eval"
     assert any(s.name.startswith("train_mixsd") for s in plan.stages) and plan.stage("train_sft")
+
+
+def test_memorization_on_simpleqa_is_refused_before_any_work(tiny_qwen3_dir, tmp_path):
+    from mixsd_jax.errors import MixsdError
+
+    path = CONFIGS / "paper" / "simpleqa_qwen3_4b.yaml"
+    overrides = [f"model={tiny_qwen3_dir}", f"out_dir={tmp_path / 'exp'}", f"corpus.source={_simpleqa_csv(tmp_path)}",
+                 "eval.suites=[memorization, retention]"]
+    with pytest.raises(MixsdError, match="'eval.suites'"):
+        build_plan(load_experiment(path, overrides))

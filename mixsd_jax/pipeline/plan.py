@@ -193,6 +193,9 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
         "train_files": tuple(f"{name}={data_for[name][0]}" for name, _, _ in runs),
         "labels": labels,
     })
+    if {"memorization", "all"} & set(getattr(ecfg, "suites", ())) and _layout_kind(cfg) not in ("kgfact", "mquake", "kgfunc"):
+        raise MixsdError(f"config key 'eval.suites': the memorization suite needs a KGFact, MQuAKE or KGFunc corpus, "
+                         f"not {cfg.corpus.kind!r} (drop it, e.g. suites=[retention, nll])")
     settings = _hash("eval", config_lib.fingerprint(ecfg, exclude=OWNED_KEYS["eval"]), corpus_stage.fingerprint,
                      view_splits)
     parts = {BASE: model_fp, **train_fps}
