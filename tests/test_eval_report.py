@@ -54,6 +54,14 @@ def test_table_has_every_number_with_its_interval():
     assert "| mix03 | 2 | 8 | 0.800 [0.500, 1.100] | 0.700 | 0.900 |" in table
 
 
+def test_per_operation_table_for_kgfunc_splits():
+    results = _results()
+    results["memorization"]["sft"]["splits"]["recall"]["per_op"] = {"LUM": {"accuracy": 0.5}, "ZEP": {"accuracy": 1.0}}
+    table = report.render_table(results)
+    assert "Per-operation accuracy, recall:" in table and "| checkpoint | LUM | ZEP |" in table
+    assert "| sft (SFT) | 0.500 | 1.000 |" in table and "| base | – | – |" in table
+
+
 def test_write_report_writes_json_markdown_and_pngs(tmp_path):
     results = _results()
     paths = report.write_report(results, tmp_path)

@@ -84,6 +84,12 @@ def render_table(results: dict) -> str:
                 row += column(n)
             rows.append(row)
         sections.append(_table(header, rows))
+    for split in list(mem[names[0]]["splits"]) if mem else []:
+        ops = sorted({op for n in names for op in mem[n]["splits"][split].get("per_op", {})})
+        if ops:
+            rows = [[_label(results, n)] + [_num(mem[n]["splits"][split].get("per_op", {}).get(op, {}).get("accuracy"))
+                                            for op in ops] for n in names]
+            sections.append(f"Per-operation accuracy, {split}:\n\n" + _table(["checkpoint"] + ops, rows))
     nll = results.get("nll")
     if nll:
         rows = []
