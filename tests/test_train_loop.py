@@ -125,8 +125,10 @@ def test_memorizes_and_export_matches_in_transformers(tiny_llama_dir, corpus, tm
     from mixsd_jax.train import step as step_lib
 
     cfg = _cfg(tiny_llama_dir, corpus, tmp_path, "steps=60", "save_every=0")
-    summary = train(cfg, progress=False)
-    assert summary["final_loss"] < 0.05 and summary["final_accuracy"] > 0.99
+    train(cfg, progress=False)
+    last = read_partial_jsonl(tmp_path / "metrics.jsonl")[-5:]
+    assert np.median([r["loss"] for r in last]) < 0.02  # from 6.1 at step 1
+    assert np.median([r["accuracy"] for r in last]) > 0.99
 
     # Our logits from the final checkpoint against transformers' on the exported directory.
     model_cfg = load_hf(tiny_llama_dir)[0]

@@ -30,11 +30,8 @@ def resolve(cfg: DistributedConfig | None = None, environ=None) -> dict | None:
         if cfg.auto or environ.get(ENV_AUTO, "").lower() in ("1", "auto", "true"):
             return {}
         return None
-    missing = [
-        name
-        for name, value in ((ENV_COORDINATOR, coordinator), (ENV_NUM_PROCESSES, num_processes), (ENV_PROCESS_ID, process_id))
-        if value is None
-    ]
+    settings = ((ENV_COORDINATOR, coordinator), (ENV_NUM_PROCESSES, num_processes), (ENV_PROCESS_ID, process_id))
+    missing = [name for name, value in settings if value is None]
     if missing:
         raise MixsdError(
             f"multi-host setup is incomplete: {', '.join(missing)} not set (set all of {ENV_COORDINATOR}, "

@@ -143,7 +143,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
             if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
                 ckpt.wait()
                 good = ckpt.latest_step()
-                kept = f"last good checkpoint: step {good} in {ckpt.directory}" if good is not None else "no checkpoint was saved"
+                kept = "no checkpoint was saved" if good is None else f"last good checkpoint: step {good} in {ckpt.directory}"
                 raise MixsdError(
                     f"non-finite loss {values['loss']} (grad norm {values['grad_norm']}) at step {done}: stopped "
                     f"without saving that step; {kept} (try a lower lr)"
@@ -161,7 +161,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
             log.advance(values["loss"])
             if on_step is not None:
                 on_step(done, values)
-            saved = ckpt.save(done, state, meta_for(done, tokens_before + tokens_run, values["loss"]), force=done == total_steps)
+            meta = meta_for(done, tokens_before + tokens_run, values["loss"])
+            saved = ckpt.save(done, state, meta, force=done == total_steps)
             if saved and cfg.export_every:
                 export_hf(state["params"], model_cfg, out / "exports" / f"step_{done}", tokenizer_dir=model_dir,
                           dtype=cfg.export_dtype)

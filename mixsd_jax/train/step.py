@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mixsd_jax.models.config import ModelConfig
 from mixsd_jax.models.sharding import BATCH_AXES, param_shardings, replicated
-from mixsd_jax.models.transformer import forward, lm_logits
+from mixsd_jax.models.transformer import forward, lm_logits, param_shapes
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -126,10 +126,10 @@ def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, me
 
 
 def _shape_tree(model_cfg: ModelConfig):
-    from mixsd_jax.models.transformer import param_shapes
-
     return jax.tree.map(
-        lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32), param_shapes(model_cfg), is_leaf=lambda x: isinstance(x, tuple)
+        lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32),
+        param_shapes(model_cfg),
+        is_leaf=lambda x: isinstance(x, tuple),
     )
 
 
