@@ -9,8 +9,7 @@ Attention masking is by *segment ids* and *slots*: token t of row b may attend t
 real tokens (segment != 0) of the same segment and s is not in its future. Packing, padding and
 incremental decoding are all this one rule.
 
-The KV cache is a dict: `k`, `v` (stacked [L, B, S, K, E], or a list of L [B, S, K, E] buffers for
-the unstacked decoding layout), `valid` [B, S] (slot holds a real token) and `end` (scalar int32: next
+The KV cache is a dict: `k`, `v` [L, B, S, K, E], `valid` [B, S] (slot holds a real token) and `end` (scalar int32: next
 slot to write; the same for every row, because prompts are right-padded into the same slots and
 positions are carried explicitly, so slots need not equal positions).
 """
@@ -151,17 +150,6 @@ def _linear(x, w, dtype):
 # ----------------------------------------------------------------------------- forward
 
 
-def unstack_layers(params: Params) -> Params:
-    """Per-layer weights as a list of separate arrays: the decoding layout.
-
-    Scanning over stacked weights makes XLA slice (copy) every layer's weights on CPU at every
-    decoding step; separate buffers are read in place. Training keeps the stacked layout.
-    """
-    layers = params["layers"]
-    n = next(iter(layers.values())).shape[0]
-    return {**params, "layers": [{k: v[i] for k, v in layers.items()} for i in range(n)]}
-
-
 def _layer(p, cfg: ModelConfig, x_BxTxD, positions_BxT, inv_freq, new_mask_BxTxT, cached, old_mask_BxTxS, dtype):
     """One decoder block; returns the new hidden states and this call's keys and values."""
     B, T, _ = x_BxTxD.shape
@@ -211,14 +199,6 @@ def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cached,
         _layer, cfg=cfg, positions_BxT=positions_BxT, inv_freq=inv_freq, new_mask_BxTxT=new_mask_BxTxT,
         old_mask_BxTxS=old_mask_BxTxS, dtype=dtype,
     )
-    if isinstance(params["layers"], list):
-        new_k, new_v = [], []
-        for i, p in enumerate(params["layers"]):
-            x_BxTxD, k, v = layer(p, x_BxTxD=x_BxTxD, cached=None if cached is None else (cached[0][i], cached[1][i]))
-            new_k.append(k)
-            new_v.append(v)
-        return x_BxTxD, new_k, new_v
-
     def scan_body(x, inputs):
         p, layer_cache = inputs
         x, k, v = layer(p, x_BxTxD=x, cached=layer_cache)
@@ -277,7 +257,7 @@ def prefill(
     """Forward a (right-padded) batch of prompts and return a cache of `slots` slots holding them."""
     x_BxTxD, new_k, new_v = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype)
     B, T = tokens_BxT.shape
-    cache = init_cache(cfg, B, slots, cache_dtype or dtype, per_layer=isinstance(params["layers"], list))
+    cache = init_cache(cfg, B, slots, cache_dtype or dtype)
     zero = jnp.zeros((), jnp.int32)
     return rms_norm(x_BxTxD, params["final_norm"], cfg.rms_norm_eps), {
         "k": _write_slots(cache["k"], new_k, zero),
@@ -288,8 +268,6 @@ def prefill(
 
 
 def _write_slots(cache_kv, new_kv, end):
-    if isinstance(cache_kv, list):
-        return [jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, end, 0, 0)) for c, n in zip(cache_kv, new_kv)]
     return jax.lax.dynamic_update_slice(cache_kv, new_kv.astype(cache_kv.dtype), (0, 0, end, 0, 0))
 
 
@@ -302,16 +280,14 @@ def lm_logits(params: Params, cfg: ModelConfig, hidden_xD: jax.Array, *, dtype=j
                       preferred_element_type=jnp.float32)
 
 
-def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32, per_layer: bool = False) -> Cache:
-    """An empty cache; `per_layer` gives one buffer per layer (for the unstacked decoding layout)."""
-    layer_shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
-    if per_layer:
-        k = [jnp.zeros(layer_shape, dtype) for _ in range(cfg.num_layers)]
-        v = [jnp.zeros(layer_shape, dtype) for _ in range(cfg.num_layers)]
-    else:
-        k = jnp.zeros((cfg.num_layers, *layer_shape), dtype)
-        v = jnp.zeros((cfg.num_layers, *layer_shape), dtype)
-    return {"k": k, "v": v, "valid": jnp.zeros((batch, slots), bool), "end": jnp.zeros((), jnp.int32)}
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> Cache:
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "valid": jnp.zeros((batch, slots), bool),
+        "end": jnp.zeros((), jnp.int32),
+    }
 
 
 def padded_positions(segment_ids_BxT: jax.Array) -> jax.Array:

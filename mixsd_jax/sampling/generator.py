@@ -264,7 +264,6 @@ def _run_queue(cfg, model_dir, tokenizer, prompts, gt_answers, verifier, max_ret
         mesh=mesh,
         naive_prob=cfg.lambda_mix,
     )
-    del params  # the runner keeps its own (unstacked) copy; don't hold two on the device
     pending = len(queue)
     accepted = finished = 0
     bar = tqdm(total=pending, desc="mixsd generate", unit="rec", disable=not progress)

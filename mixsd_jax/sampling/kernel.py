@@ -53,24 +53,42 @@ def _constrain(x, spec: KernelSpec, batch_dim: int = 0):
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def decode(params, prompt_tokens_RxP, prompt_lens_R, record_keys_B, naive_prob, stop_ids, *, spec: KernelSpec):
+def decode(params, prompts, record_keys_B, naive_prob, stop_ids, *, spec: KernelSpec):
     """Generate up to `max_new_tokens` per record.
 
+    `prompts` holds one (tokens [B, P_side], lengths [B]) pair per side (expert first), each
+    right-padded to its own width, so short naive prompts are not prefilled at the expert's width.
     Returns dict of: tokens [B, N] (0 after the end), logprobs [B, N] (model log-prob of each token
     under the conditional that produced it), naive [B, N] (True where the naive side was picked),
     lengths [B] (tokens generated, stop token included), finish [B] (FINISH_NAMES codes).
     """
     cfg, sides, N = spec.cfg, spec.sides, spec.max_new_tokens
     dtype = jnp.dtype(spec.dtype)
-    R, Pmax = prompt_tokens_RxP.shape
-    B = R // sides
+    B = record_keys_B.shape[0]
+    R = B * sides
+    P = max(tokens.shape[1] for tokens, _ in prompts)
 
-    # Prefill every row into its own cache slots [0, P); decoded tokens go to slots P, P+1, ...
-    seg_RxP = (jnp.arange(Pmax)[None, :] < prompt_lens_R[:, None]).astype(jnp.int32)
-    hidden_RxPxD, cache = tf.prefill(params, cfg, prompt_tokens_RxP, tf.padded_positions(seg_RxP), seg_RxP, Pmax + N,
-                                     dtype=dtype)
-    cache = jax.tree.map(lambda x: _constrain(x, spec) if x.ndim else x, cache)
-    last_RxD = jnp.take_along_axis(hidden_RxPxD, (prompt_lens_R - 1)[:, None, None], axis=1)[:, 0]
+    # Prefill each side into slots [0, P_side) of a cache of P + N slots; decoded tokens go to P, P+1...
+    lasts, caches = [], []
+    for tokens_BxP, lens_B in prompts:
+        seg_BxP = (jnp.arange(tokens_BxP.shape[1])[None, :] < lens_B[:, None]).astype(jnp.int32)
+        hidden_BxPxD, cache = tf.prefill(params, cfg, tokens_BxP, tf.padded_positions(seg_BxP), seg_BxP, P + N,
+                                         dtype=dtype)
+        lasts.append(jnp.take_along_axis(hidden_BxPxD, (lens_B - 1)[:, None, None], axis=1)[:, 0])
+        caches.append(cache)
+
+    def rows(arrays, axis):  # [B, ...] per side -> [R, ...], row b * sides + side
+        stacked = jnp.stack(arrays, axis=axis + 1)
+        return stacked.reshape(*stacked.shape[:axis], R, *stacked.shape[axis + 2 :])
+
+    cache = {
+        "k": _constrain(rows([c["k"] for c in caches], 1), spec, 1),
+        "v": _constrain(rows([c["v"] for c in caches], 1), spec, 1),
+        "valid": _constrain(rows([c["valid"] for c in caches], 0), spec),
+        "end": jnp.asarray(P, jnp.int32),
+    }
+    last_RxD = rows(lasts, 0)
+    prompt_lens_R = rows([lens for _, lens in prompts], 0)
     longest_prompt_B = prompt_lens_R.reshape(B, sides).max(axis=1)
 
     def body(state):

@@ -14,20 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixsd_jax.models import transformer as tf
 from mixsd_jax.models.config import ModelConfig
 from mixsd_jax.models.sharding import batch_sharding
 from mixsd_jax.sampling import kernel
 from mixsd_jax.sampling.strategies import Sampler
 
-PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-
-
 def bucket_length(n: int) -> int:
-    for b in PROMPT_BUCKETS:
-        if n <= b:
-            return b
-    return -(-n // 1024) * 1024
+    """Prompt widths are rounded up to a few sizes, so a run compiles a handful of kernels."""
+    step = 32 if n <= 512 else 256 if n <= 4096 else 1024
+    return -(-n // step) * step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +62,7 @@ class Runner:
     ):
         devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = -(-batch_size // devices) * devices  # every device gets whole records
-        # Decoding reads each layer's weights in place (see transformer.unstack_layers).
-        self.params = tf.unstack_layers(params) if isinstance(params["layers"], dict) else params
+        self.params = params
         self.mesh, self.seed, self.sides = mesh, seed, sides
         self.spec = kernel.KernelSpec(cfg, sampler, sides, max_new_tokens, max_model_len, dtype, mesh)
         self.stop_ids = jnp.asarray(sorted(set(stop_ids)) or [-1], jnp.int32)
@@ -78,25 +72,24 @@ class Runner:
         """Decode up to `batch_size` items in one kernel call."""
         assert 0 < len(items) <= self.batch_size
         slots = list(items) + [WorkItem(((0,),) * self.sides, record_index=-1)] * (self.batch_size - len(items))
-        rows = [list(p) for item in slots for p in item.prompts]
-        assert all(len(p) == len(slots[0].prompts) for p in (i.prompts for i in slots))
-        width = bucket_length(max(len(r) for r in rows))
-        tokens = np.zeros((len(rows), width), np.int32)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = r
-        lens = np.array([len(r) for r in rows], np.int32)
+        prompts = []
+        for side in range(self.sides):
+            side_rows = [item.prompts[side] for item in slots]
+            tokens = np.zeros((len(side_rows), bucket_length(max(map(len, side_rows)))), np.int32)
+            for i, r in enumerate(side_rows):
+                tokens[i, : len(r)] = r
+            prompts.append((tokens, np.array([len(r) for r in side_rows], np.int32)))
         keys = kernel.record_keys(
             self.seed,
             jnp.asarray([max(s.record_index, 0) for s in slots], jnp.uint32),
             jnp.asarray([s.gen_index for s in slots], jnp.uint32),
             jnp.asarray([s.attempt for s in slots], jnp.uint32),
         )
-        tokens_j, lens_j = jnp.asarray(tokens), jnp.asarray(lens)
         if self.mesh is not None:
-            tokens_j = jax.device_put(tokens_j, batch_sharding(self.mesh, 2))
-            lens_j = jax.device_put(lens_j, batch_sharding(self.mesh, 1))
+            prompts = [(jax.device_put(t, batch_sharding(self.mesh, 2)), jax.device_put(n, batch_sharding(self.mesh, 1)))
+                       for t, n in prompts]
             keys = jax.device_put(keys, batch_sharding(self.mesh, 1))
-        out = kernel.decode(self.params, tokens_j, lens_j, keys, self.naive_prob, self.stop_ids, spec=self.spec)
+        out = kernel.decode(self.params, tuple(prompts), keys, self.naive_prob, self.stop_ids, spec=self.spec)
         out = jax.tree.map(np.asarray, out)
         completions = []
         for b in range(len(items)):
