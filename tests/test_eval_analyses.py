@@ -60,6 +60,7 @@ def test_nll_summary_by_hand():
     s = analyses.summarize_nll(rows)
     assert s["mean_token_nll"] == 2.0 and s["mean_record_nll"] == 2.25 and s["tokens"] == 3
     assert s["median_token_nll"] == 2.0 and sum(s["histogram"]["counts"]) == 3
+    assert s["mean_record_total_nll"] == 3.0 and s["mean_target_tokens"] == 1.5
     assert s["ci95"][0] <= 2.0 <= s["ci95"][1]
     common = analyses.common_rows({"gt": rows, "mix": [{"id": "c", "user": "y", "nll": [0.5]}]})
     assert [r["id"] for r in common["gt"]] == ["b"]

@@ -29,7 +29,7 @@ def _results():
             "gt": {"records": 2, "tokens": 10, "mean_token_nll": 2.5, "ci95": [2.0, 3.0], "median_token_nll": 2.0,
                    "mean_record_nll": 2.4, "histogram": {"bins": [0.0, 1.0, 2.0], "counts": [3, 7]}},
             "mix03": {"records": 2, "tokens": 8, "mean_token_nll": 0.8, "ci95": [0.5, 1.1], "median_token_nll": 0.7,
-                      "mean_record_nll": 0.9, "histogram": {"bins": [0.0, 1.0, 2.0], "counts": [6, 2]}},
+                      "mean_record_nll": 0.9, "mean_target_tokens": 4.0, "mean_record_total_nll": 3.2, "histogram": {"bins": [0.0, 1.0, 2.0], "counts": [6, 2]}},
         }},
         "kl": {"sft": {"kl_token_mean": 0.4, "ci95": [0.3, 0.5]}, "mix03": {"kl_token_mean": 0.05, "ci95": [0.04, 0.06]}},
         "summary": {n: {"label": checkpoints[n], "memorization": m, "retention": r}
@@ -51,7 +51,8 @@ def test_table_has_every_number_with_its_interval():
     assert "1.000 [0.000, 1.000]" in sft and "0.250 [0.100, 0.900]; ×0.50 [0.40, 0.60]" in sft and "0.4000" in sft
     base = next(line for line in lines if line.startswith("| base"))
     assert "×" not in base and base.rstrip().endswith("| – |")  # no ratio or KL for the base itself
-    assert "| mix03 | 2 | 8 | 0.800 [0.500, 1.100] | 0.700 | 0.900 |" in table
+    assert "| mix03 | 2 | 8 | 0.800 [0.500, 1.100] | 0.700 | 0.900 | 4.0 | 3.2 |" in table
+    assert "| gt | 2 | 10 | 2.500 [2.000, 3.000] | 2.000 | 2.400 | – | – |" in table
 
 
 def test_per_operation_table_for_kgfunc_splits():

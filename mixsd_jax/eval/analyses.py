@@ -83,6 +83,7 @@ def summarize_nll(rows: Sequence[dict], seed: int = 0) -> dict:
         "mean_record_nll": float(np.mean(sums / counts)),
         "median_token_nll": float(np.median(tokens)),
         "mean_target_tokens": float(counts.mean()),
+        "mean_record_total_nll": float(sums.mean()),  # longer targets can cost more in total
         "histogram": {"bins": NLL_BINS.tolist(), "counts": hist.tolist()},
     }
 

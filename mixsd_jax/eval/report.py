@@ -97,9 +97,11 @@ def render_table(results: dict) -> str:
             for name, s in nll.get(scope, {}).items():
                 rows.append([name + (" (records in every file)" if scope == "common" else ""), str(s["records"]),
                              str(s["tokens"]), _ci(s["mean_token_nll"], s["ci95"]),
-                             _num(s["median_token_nll"]), _num(s["mean_record_nll"])])
+                             _num(s["median_token_nll"]), _num(s["mean_record_nll"]),
+                             _num(s.get("mean_target_tokens"), 1), _num(s.get("mean_record_total_nll"), 1)])
         sections.append("Per-token NLL of training targets under the base model (nats):\n\n" + _table(
-            ["targets", "records", "tokens", "mean NLL/token", "median", "mean of record means"], rows))
+            ["targets", "records", "tokens", "mean NLL/token", "median", "mean of record means", "tokens/record",
+             "NLL/record"], rows))
     errors = results.get("errors")
     if errors:
         rows = []
