@@ -5,7 +5,9 @@ user] with the generation prompt and the same `enable_thinking` flag, encoded wi
 tokens (as `ChatTokenizer.prompt_ids`). The target is what follows it in the template's render of
 the full conversation: the assistant content and its end-of-turn token (e.g. `<|im_end|>`); those
 tokens, and only those, carry loss. Anything the template writes after the end-of-turn token (a
-newline) is not part of the sequence.
+newline) is not part of the sequence. (Where a template's generation prompt is not a prefix of its
+rendered history, e.g. an empty think block only in the prompt, the target is the assistant
+content as rendered, from where it starts to its end-of-turn token.)
 
 Data order: epoch e visits the examples in `epoch_order(n, seed, e)`; step k of a run is a pure
 function of (examples, batch size, seed, k), so a resumed run sees the same batches as a straight
@@ -14,9 +16,9 @@ dropped or wrapped, so every example is seen exactly once per epoch.
 
 Shapes: rows are right-padded to a power-of-two bucket (at least 16, at most `max_seq_len`), so a
 run compiles the step for a handful of lengths (or to `max_seq_len` itself with `pad_to_max`: one
-compile, more padding). With packing, documents are laid into rows of
-`max_seq_len` in visiting order (a new row when the next one does not fit), each with its own
-segment id and positions restarting at 0, so attention never crosses documents.
+compile, more padding). With packing, documents are laid into rows of `max_seq_len` in visiting
+order (a new row when the next one does not fit), each with its own segment id and positions
+restarting at 0, so attention never crosses documents.
 """
 
 from __future__ import annotations
