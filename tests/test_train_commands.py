@@ -13,7 +13,7 @@ def test_train_then_export_from_the_command_line(tiny_llama_dir, tmp_path, capsy
     out = tmp_path / "run"
     argv = ["train", "--config", str(config), "--data", str(tmp_path / "kg" / TRAIN_FILE), "--model", str(tiny_llama_dir),
             "--out", str(out), "--steps", "2", "--batch-size", "8", "--seed", "0", "--no-progress",
-            "async_checkpoints=false"]
+            "async_checkpoints=false", "mesh.data=1"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "trained 2 steps (to step 2)" in printed and str(out / "hf") in printed

@@ -57,7 +57,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_give_the_losses_of_one(tiny_llama_dir, tmp_path):
+def test_two_processes_give_the_losses_of_one_device(tiny_llama_dir, tmp_path):
     from mixsd_jax.train.loop import train
 
     build_kgfact(tmp_path / "kg", preset="tiny", seed=0)
@@ -87,7 +87,7 @@ def test_two_processes_give_the_losses_of_one(tiny_llama_dir, tmp_path):
     assert multi[0] == multi[1]  # every process sees the same global metrics
 
     single = []
-    train(load_train_config(None, [*args, f"out={tmp_path / 'single'}"]), progress=False,
+    train(load_train_config(None, [*args, "mesh.data=1", f"out={tmp_path / 'single'}"]), progress=False,
           on_step=lambda step, m: single.append(m["loss"]))
     np.testing.assert_allclose(multi[0], single, rtol=1e-5)
 

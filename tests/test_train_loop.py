@@ -2,8 +2,9 @@
 extending a finished run, refusing a different config, memorization with an export that
 transformers loads to the same logits, and clear errors for bad input and non-finite losses.
 
-Every run here uses the same model, batch shape and mesh (all 8 simulated devices), so the train
-step compiles once per optimizer setting for the whole module.
+Every run here uses the same model, batch shape and mesh (one device: determinism and resume are
+checked bitwise there; tests/test_train_step.py compares 8 devices with 1), so the train step
+compiles once per optimizer setting for the whole module.
 """
 
 import json
@@ -33,7 +34,8 @@ def corpus(tmp_path_factory):
 def _cfg(model_dir, data, out, *extra):
     return load_train_config(
         None, [f"model={model_dir}", f"data={data}", f"out={out}", f"steps={STEPS}", "batch_size=8", "lr=1e-2",
-               "save_every=3", "max_seq_len=160", "pad_to_max_len=true", "seed=0", "async_checkpoints=false", *extra]
+               "save_every=3", "max_seq_len=160", "pad_to_max_len=true", "seed=0", "async_checkpoints=false", "mesh.data=1",
+               *extra]
     )
 
 
@@ -59,7 +61,7 @@ def test_run_outputs_and_summary(straight):
     assert on_disk == summary
     assert summary["steps"] == STEPS and summary["start_step"] == 0 and summary["records"] == 12
     assert summary["examples"] == 12 and summary["dropped_overlong"] == 0 and summary["truncated"] == 0
-    assert summary["steps_per_epoch"] == 2 and summary["devices"] == jax.device_count()
+    assert summary["steps_per_epoch"] == 2 and summary["devices"] == 1
     rows = read_partial_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert summary["final_loss"] == rows[-1]["loss"] and rows[-1]["loss"] < rows[0]["loss"]
@@ -169,4 +171,4 @@ def test_bad_data_is_a_clear_error(tiny_llama_dir, corpus, tmp_path):
     with pytest.raises(MixsdError, match=r"all 12 records are longer than max_seq_len=16"):
         train(_cfg(tiny_llama_dir, corpus, tmp_path / "out", "max_seq_len=16"), progress=False)
     with pytest.raises(MixsdError, match=r"micro batch .* divisible by the mesh's data x fsdp = 8"):
-        train(_cfg(tiny_llama_dir, corpus, tmp_path / "out", "batch_size=4"), progress=False)
+        train(_cfg(tiny_llama_dir, corpus, tmp_path / "out", "batch_size=4", "mesh.data=-1"), progress=False)

@@ -195,7 +195,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
         "tokens_per_s": round(timed_tokens / timed_seconds, 2) if timed_seconds > 0 else None,
         "fingerprint": fingerprint,
         "processes": jax.process_count(),
-        "devices": jax.device_count(),
+        "devices": mesh.size,
         "model": str(cfg.model),
         "model_dir": str(model_dir),
         "data": str(cfg.data),
