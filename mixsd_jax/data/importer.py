@@ -10,14 +10,13 @@ targets, including `mix_meta`, are exactly the released ones. A manifest lists w
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
 from mixsd_jax.data.records import LineProblem, Problem, iter_json_lines, line_format, parse_inference, parse_record
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.files import atomic_write_json
+from mixsd_jax.files import atomic_write_json, sha256_file
 
 # The fields the reference writes into every mixed-target record (REFERENCE.md §1.9).
 MIX_META_FIELDS = (
@@ -103,7 +102,7 @@ def import_released(src_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
         relative = path.relative_to(src_dir).as_posix()
         target = out_dir / relative
         _atomic_copy(path, target)
-        entries[relative] = {"records": count, "schema": kind, "sha256": _sha256(target)}
+        entries[relative] = {"records": count, "schema": kind, "sha256": sha256_file(target)}
     skipped = [p.relative_to(src_dir).as_posix() for p in paths if p.suffix != ".jsonl"]
     atomic_write_json(out_dir / MANIFEST, {"source": str(src_dir.resolve()), "files": entries, "not_imported": skipped})
     return {relative: entry["records"] for relative, entry in entries.items()}
@@ -120,9 +119,3 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

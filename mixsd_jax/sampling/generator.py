@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.files import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_partial_jsonl
+from mixsd_jax.files import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_partial_jsonl, sha256_file
 from mixsd_jax.models.registry import EMBEDDED_DEFAULT
 from mixsd_jax.models.sharding import MeshConfig
 
@@ -107,20 +107,12 @@ class Paths:
         )
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def run_fingerprint(cfg: GenerateConfig, model_dir: Path) -> str:
     """Config (minus speed-only keys) + input bytes + model config: what determines the output."""
     parts = {
         "config": config_lib.fingerprint(cfg, exclude=_NOT_IN_FINGERPRINT),
-        "input": _file_sha256(Path(cfg.input)),
-        "model_config": _file_sha256(model_dir / "config.json"),
+        "input": sha256_file(Path(cfg.input)),
+        "model_config": sha256_file(model_dir / "config.json"),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
