@@ -67,7 +67,7 @@ def test_loglikelihoods_match_transformers(tiny):
     for (ref_logprobs, ref_greedy), got in zip(_torch_scores(model_dir, rows), ours):
         np.testing.assert_allclose(got.logprobs, ref_logprobs, atol=1e-4)
         np.testing.assert_array_equal(got.greedy, ref_greedy)
-    lls = mc.loglikelihoods(params, cfg, tok, REQUESTS, batch_size=2)  # other batch size, same numbers
+    lls = mc.loglikelihoods(params, cfg, tok, REQUESTS, batch_size=4)
     for ll, s in zip(lls, ours):
         assert ll.logprob == pytest.approx(s.logprobs.sum(), abs=1e-4)
         assert ll.num_tokens == len(s.logprobs)
@@ -122,10 +122,21 @@ def test_smollm2_arc_easy_loglikelihoods_match_transformers(smollm2_dir):
     cfg, params = load_hf(smollm2_dir)
     tok = load_tokenizer(smollm2_dir)
     items = load_benchmark("arc_easy", SHARED_ARC, limit=20)
-    results = mc.score_mc(params, cfg, tok, items, batch_size=8)
-    ours = [lp for r in results for lp in r["logprobs"]]
+    results = mc.score_mc(params, cfg, tok, items, batch_size=len(items))  # one batch: one compiled shape
+    ours = np.array([lp for r in results for lp in r["logprobs"]])
     rows = mc.encode_requests(tok, [req for it in items for req in it.requests()])
-    reference = [lp.sum() for lp, _ in _torch_scores(smollm2_dir, rows)]
-    diff = np.abs(np.array(ours) - np.array(reference))
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    reference = []
+    for start in range(0, len(rows), 16):  # right-padded batches: real tokens' logits are the unpadded ones
+        chunk = rows[start : start + 16]
+        width = max(len(r.ids) - 1 for r in chunk)
+        tokens = torch.tensor([list(r.ids[:-1]) + [0] * (width - len(r.ids) + 1) for r in chunk])
+        mask = torch.tensor([[1] * (len(r.ids) - 1) + [0] * (width - len(r.ids) + 1) for r in chunk])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=tokens, attention_mask=mask).logits, -1)
+        for b, r in enumerate(chunk):
+            positions = torch.arange(r.score_from - 1, len(r.ids) - 1)
+            reference.append(logprobs[b, positions, torch.tensor(r.ids[r.score_from :])].double().sum().item())
+    diff = np.abs(ours - reference)
     print(f"max |ours - transformers| over {len(diff)} choices of 20 ARC-Easy items: {diff.max():.2e}")
     assert diff.max() < 1e-3
