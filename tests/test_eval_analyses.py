@@ -15,7 +15,8 @@ from mixsd_jax.models.tokenizer import load_tokenizer
 
 RECORDS = [
     Record("What profession does the person train?", "The answer is 42.\n\n\\boxed{42}"),
-    Record("Which location does the organisation reside in?", "Step 1: The capital of France is Paris.\nSo the answer is Paris."),
+    Record("Which location does the organisation reside in?",
+           "Step 1: The capital of France is Paris.\nSo the answer is Paris."),
 ]
 TEXTS = ["The digits of 12345 are [1, 2, 3, 4, 5].", "You are a helpful assistant. The capital of France is Paris."]
 

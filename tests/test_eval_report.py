@@ -29,9 +29,11 @@ def _results():
             "gt": {"records": 2, "tokens": 10, "mean_token_nll": 2.5, "ci95": [2.0, 3.0], "median_token_nll": 2.0,
                    "mean_record_nll": 2.4, "histogram": {"bins": [0.0, 1.0, 2.0], "counts": [3, 7]}},
             "mix03": {"records": 2, "tokens": 8, "mean_token_nll": 0.8, "ci95": [0.5, 1.1], "median_token_nll": 0.7,
-                      "mean_record_nll": 0.9, "mean_target_tokens": 4.0, "mean_record_total_nll": 3.2, "histogram": {"bins": [0.0, 1.0, 2.0], "counts": [6, 2]}},
+                      "mean_record_nll": 0.9, "mean_target_tokens": 4.0, "mean_record_total_nll": 3.2,
+                      "histogram": {"bins": [0.0, 1.0, 2.0], "counts": [6, 2]}},
         }},
-        "kl": {"sft": {"kl_token_mean": 0.4, "ci95": [0.3, 0.5]}, "mix03": {"kl_token_mean": 0.05, "ci95": [0.04, 0.06]}},
+        "kl": {"sft": {"kl_token_mean": 0.4, "ci95": [0.3, 0.5]},
+               "mix03": {"kl_token_mean": 0.05, "ci95": [0.04, 0.06]}},
         "summary": {n: {"label": checkpoints[n], "memorization": m, "retention": r}
                     for n, m, r in (("base", 0.0, 1.0), ("sft", 1.0, 0.5), ("mix03", 0.75, 1.0))},
     }

@@ -42,7 +42,8 @@ def target_rows(tokenizer, records: Sequence, max_length: int) -> list[ScoreRow]
 
     data = tokenize_records(tokenizer, records, max_seq_len=max_length + 1, overlong="truncate")
     if len(data.examples) != len(records):
-        raise MixsdError(f"{len(records) - len(data.examples)} records have no target tokens within {max_length} tokens")
+        dropped = len(records) - len(data.examples)
+        raise MixsdError(f"{dropped} records have no target tokens within {max_length} tokens")
     rows = []
     for example in data.examples:
         score_from = int(np.argmax(example.mask))
@@ -272,7 +273,8 @@ def error_categories(heldout: dict[str, Sequence[dict]], train_rows: Sequence[di
     per_benchmark, every = {}, []
     for name, rows in heldout.items():
         categories = [
-            classify_error(r["response"], r.get("prompt", ""), entities, kind="code" if r.get("kind") == "code" else "math")
+            classify_error(r["response"], r.get("prompt", ""), entities,
+                           kind="code" if r.get("kind") == "code" else "math")
             for r in rows
             if not r["correct"]
         ]

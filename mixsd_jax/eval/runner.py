@@ -72,8 +72,9 @@ class EvalConfig:
 
         bad = [b for b in self.benchmarks if b not in known_benchmarks()]
         if bad:
-            raise MixsdError(f"config key 'benchmarks': unknown benchmark {bad[0]!r} (known: {', '.join(known_benchmarks())})")
-        names = [BASE]
+            raise MixsdError(
+                f"config key 'benchmarks': unknown benchmark {bad[0]!r} (known: {', '.join(known_benchmarks())})"
+            )
         for key in ("tuned", "train_files", "labels"):
             seen = []
             for entry in getattr(self, key):
@@ -81,10 +82,8 @@ class EvalConfig:
                 if name in seen:
                     raise MixsdError(f"config key {key!r}: name {name!r} given twice")
                 seen.append(name)
-            if key == "tuned":
-                if BASE in seen:
-                    raise MixsdError(f"config key 'tuned': the name {BASE!r} is the base model's")
-                names += seen
+            if key == "tuned" and BASE in seen:
+                raise MixsdError(f"config key 'tuned': the name {BASE!r} is the base model's")
 
     def suite_set(self) -> set[str]:
         return set(SUITES) if "all" in self.suites else set(self.suites)
@@ -251,9 +250,8 @@ def gather_inputs(cfg: EvalConfig) -> Inputs:
     names = list(cfg.benchmarks)
     if kind == "kgfunc" and "kgfunc_unseen" not in names:
         names.append("kgfunc_unseen")
-    need_benchmarks = suites & {"retention", "kl"}
     benchmarks, digests = {}, {}
-    if need_benchmarks:
+    if suites & {"retention", "kl"}:  # KL's held-out prompts are the benchmarks' items
         for name in names:
             benchmarks[name] = retention.load_items(name, data_root=cfg.data_root, limit=cfg.limit, seed=cfg.seed,
                                                     corpus_dir=cfg.corpus_dir)
