@@ -115,15 +115,6 @@ def test_checkpoint_paths(tiny_llama_dir, tmp_path):
         resolve_checkpoint(str(tmp_path))
 
 
-def test_splits_select_memorization_splits(tiny_llama_dir, tuned_dir, corpus, tmp_path):
-    cfg = _config(tiny_llama_dir, tuned_dir, corpus, tmp_path, splits=("paraphrased",))
-    assert list(gather_inputs(cfg).splits) == ["paraphrased"]
-    with pytest.raises(MixsdError, match="no split 'bogus' in a kgfact corpus"):
-        gather_inputs(_config(tiny_llama_dir, tuned_dir, corpus, tmp_path, splits=("bogus",)))
-    with pytest.raises(MixsdError, match="retrieval.*not found"):  # a named split the corpus lacks
-        gather_inputs(_config(tiny_llama_dir, tuned_dir, corpus, tmp_path, splits=("retrieval",)))
-
-
 @pytest.mark.parametrize(
     "overrides, message",
     [

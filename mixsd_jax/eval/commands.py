@@ -36,8 +36,6 @@ def register(sub, bench) -> None:
     p.add_argument("--limit", type=_limit, help="items per benchmark / test split (seeded subset), or 'all'")
     p.add_argument("--out", help="output directory")
     p.add_argument("--corpus", help="built corpus directory (KGFact/MQuAKE/KGFunc) for memorization")
-    p.add_argument("--splits", type=_comma_list, metavar="NAME[,NAME]",
-                   help="memorization splits to run (default: every split the corpus has)")
     p.add_argument("--train-file", action="append", metavar="NAME=PATH",
                    help="training file whose targets' NLL under the base is analysed; repeatable")
     p.add_argument("--label", action="append", metavar="NAME=LABEL", help="plot label of a checkpoint; repeatable")
@@ -64,7 +62,6 @@ def eval_config_from_args(args):
         "limit": None if args.limit == "all" else args.limit,
         "out_dir": args.out,
         "corpus_dir": args.corpus,
-        "splits": args.splits,
         "train_files": tuple(args.train_file) if args.train_file else None,
         "labels": tuple(args.label) if args.label else None,
         "data_root": args.data_root,

@@ -1,8 +1,7 @@
 """`evaluate(EvalConfig)`: a base model and tuned checkpoints × suites → results.json, report, plots.
 
 Suites (`EvalConfig.suites`):
-- `memorization`: greedy answers to the test splits of `corpus_dir` (KGFact/MQuAKE or KGFunc): all
-  it has, or those named in `splits`.
+- `memorization`: greedy answers to every test split of `corpus_dir` (KGFact/MQuAKE or KGFunc).
 - `retention`: the held-out `benchmarks`; `kgfunc_unseen` is added when `corpus_dir` is KGFunc.
 - `nll`: per-token NLL of each training file's targets under the base model (`train_files`, default
   the corpus's GT training file).
@@ -44,7 +43,6 @@ class EvalConfig:
     tuned: tuple[str, ...] = ()  # "NAME=PATH": an HF dir, or a training run dir (its hf/ export or latest checkpoint)
     suites: tuple[str, ...] = ("retention",)  # see the module docstring; "all" = every configured suite
     corpus_dir: str | None = None  # a built corpus (KGFact/MQuAKE/KGFunc) for memorization
-    splits: tuple[str, ...] = ()  # memorization splits to run (e.g. recall, paraphrased); () = all the corpus has
     train_files: tuple[str, ...] = ()  # "NAME=PATH" training files for the NLL analysis
     benchmarks: tuple[str, ...] = DEFAULT_BENCHMARKS
     limit: int | None = 50  # items per benchmark and per test split (a seeded subset); None = all
@@ -247,9 +245,7 @@ def gather_inputs(cfg: EvalConfig) -> Inputs:
     kind = memorization.corpus_kind(cfg.corpus_dir) if cfg.corpus_dir else None
     if "memorization" in explicit and cfg.corpus_dir is None:
         raise MixsdError("suite 'memorization' needs a corpus directory (corpus_dir / --corpus)")
-    splits = {}
-    if "memorization" in suites and kind:
-        splits = memorization.load_splits(cfg.corpus_dir, cfg.limit, cfg.seed, names=cfg.splits or None)
+    splits = memorization.load_splits(cfg.corpus_dir, cfg.limit, cfg.seed) if "memorization" in suites and kind else {}
 
     names = list(cfg.benchmarks)
     if kind == "kgfunc" and "kgfunc_unseen" not in names:
