@@ -115,6 +115,23 @@ def test_checkpoint_paths(tiny_llama_dir, tmp_path):
         resolve_checkpoint(str(tmp_path))
 
 
+def test_kgfunc_unseen_joins_retention_when_the_corpus_has_it(tiny_llama_dir, tmp_path):
+    from mixsd_jax.data.kgfunc import UNSEEN_DIR, build_kgfunc
+
+    build_kgfunc(tmp_path / "kgfunc", seed=0, preset="tiny")
+
+    def benchmarks(names):
+        cfg = EvalConfig(base=str(tiny_llama_dir), corpus_dir=str(tmp_path / "kgfunc"), benchmarks=names,
+                         limit=2, out_dir=str(tmp_path / "o"))
+        return list(gather_inputs(cfg).benchmarks)
+
+    assert benchmarks(("mmlu",)) == ["mmlu", "kgfunc_unseen"]
+    shutil.rmtree(tmp_path / "kgfunc" / UNSEEN_DIR)
+    assert benchmarks(("mmlu",)) == ["mmlu"]
+    with pytest.raises(MixsdError, match="unseen-operations file not found"):  # asked for: it must exist
+        benchmarks(("mmlu", "kgfunc_unseen"))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -2,7 +2,8 @@
 
 Suites (`EvalConfig.suites`):
 - `memorization`: greedy answers to every test split of `corpus_dir` (KGFact/MQuAKE or KGFunc).
-- `retention`: the held-out `benchmarks`; `kgfunc_unseen` is added when `corpus_dir` is KGFunc.
+- `retention`: the held-out `benchmarks`; `kgfunc_unseen` is added when `corpus_dir` is a KGFunc
+  corpus that has its unseen-operations file.
 - `nll`: per-token NLL of each training file's targets under the base model (`train_files`, default
   the corpus's GT training file).
 - `kl`: KL(base || tuned) on held-out prompts (the benchmarks' items), per tuned checkpoint.
@@ -248,8 +249,9 @@ def gather_inputs(cfg: EvalConfig) -> Inputs:
     splits = memorization.load_splits(cfg.corpus_dir, cfg.limit, cfg.seed) if "memorization" in suites and kind else {}
 
     names = list(cfg.benchmarks)
-    if kind == "kgfunc" and "kgfunc_unseen" not in names:
-        names.append("kgfunc_unseen")
+    # KGFunc's unseen operations join the benchmarks when the corpus has them (asked for, they must exist).
+    if kind == "kgfunc" and (Path(cfg.corpus_dir) / memorization.KGFUNC_UNSEEN).is_file():
+        names += [] if "kgfunc_unseen" in names else ["kgfunc_unseen"]
     benchmarks, digests = {}, {}
     if suites & {"retention", "kl"}:  # KL's held-out prompts are the benchmarks' items
         for name in names:
