@@ -96,6 +96,15 @@ def test_left_truncation_keeps_the_scored_span():
         mc.truncate_left(row, 2)
 
 
+def test_shape_batches_share_one_window_and_pad_rows_to_a_power_of_two():
+    sizes = [(8, 5), (128, 9), (8, 30), (32, 4), (128, 12), (8, 7), (8, 1), (8, 2), (8, 3)]
+    batches = mc.shape_batches(sizes, batch_size=4)
+    assert sorted(i for chunk, _ in batches for i in chunk) == list(range(len(sizes)))
+    assert [[sizes[i][0] for i in chunk] for chunk, _ in batches] == [[128, 128], [32], [8, 8, 8, 8], [8, 8]]
+    assert [rows for _, rows in batches] == [2, 1, 4, 2]
+    assert [sizes[i][1] for i in batches[2][0]] == [30, 7, 5, 3]  # longest rows first within a window
+
+
 def test_acc_and_acc_norm_pick_by_total_and_per_character_loglikelihood():
     item = MCItem("x/0", "Q:", (" a much longer right answer", " no"), gold=0)
     lls = [mc.Loglikelihood(-10.0, False, 5, 26), mc.Loglikelihood(-6.0, False, 1, 2)]

@@ -6,8 +6,10 @@ gathered, and only there are vocabulary logits formed. The window keeps the [B, 
 (C is the longest scored span of the batch, not the row length). The kernel returns each window
 position's log-probability of its target token and whether that token was the argmax.
 
-Host side: rows are sorted by length and cut into batches of a fixed size; row and window lengths are
-rounded up to powers of two, so a whole benchmark compiles a handful of kernels.
+Host side: row and window lengths are rounded up to powers of two, and a batch only holds rows of one
+window size (longest rows first), its row count rounded up to a power of two. On a CPU the kernel is
+compute-bound, so padding every row to the benchmark's longest continuation would cost several times
+the useful work; these few shape buckets keep the padding small and the compiled kernels few.
 
 Multiple choice follows lm-evaluation-harness: the context and the continuation are tokenized
 together and split where the context's own tokens end (trailing spaces of the context move to the
@@ -89,10 +91,21 @@ def truncate_left(row: ScoreRow, max_length: int) -> ScoreRow:
     return ScoreRow(row.ids[excess:], row.score_from - excess)
 
 
-def _batches(rows: Sequence[ScoreRow], batch_size: int) -> list[list[int]]:
-    """Row indices grouped into batches of similar length (longest first, so memory peaks early)."""
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].ids), i))
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+def shape_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[tuple[list[int], int]]:
+    """Indices of items of (window, row) sizes cut into batches that share one window size, biggest
+    first; each with its padded row count (a power of two, at most `batch_size`)."""
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i][0], -sizes[i][1], i))
+    batches = []
+    start = 0
+    while start < len(order):
+        window = sizes[order[start]][0]
+        stop = start
+        while stop < len(order) and stop - start < batch_size and sizes[order[stop]][0] == window:
+            stop += 1
+        chunk = order[start:stop]
+        batches.append((chunk, min(pow2_at_least(len(chunk), 1), batch_size)))
+        start = stop
+    return batches
 
 
 def _pack(rows: Sequence[ScoreRow], batch_size: int) -> dict[str, np.ndarray]:
@@ -125,8 +138,9 @@ def score_rows(
     max_length = max_length or cfg.max_position_embeddings
     rows = [truncate_left(r, max_length) for r in rows]
     results: list[TokenScores | None] = [None] * len(rows)
-    for chunk in _batches(rows, batch_size):
-        batch = _pack([rows[i] for i in chunk], batch_size)
+    sizes = [(pow2_at_least(len(r.ids) - r.score_from, MIN_WINDOW), len(r.ids)) for r in rows]
+    for chunk, padded_rows in shape_batches(sizes, batch_size):
+        batch = _pack([rows[i] for i in chunk], padded_rows)
         logprobs, greedy = window_logprobs(
             params,
             jnp.asarray(batch["tokens"]),
@@ -209,17 +223,16 @@ def score_groups(
     max_length = max_length or cfg.max_position_embeddings
     groups = [_fit_group(g, max_length) for g in groups]
     K = max(len(g.continuations) for g in groups)  # one choice count per call: fewer compiled shapes
-    order = sorted(range(len(groups)), key=lambda i: (-len(groups[i].context), i))
     results: list[list[TokenScores] | None] = [None] * len(groups)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    sizes = [(pow2_at_least(max(len(c) for c in g.continuations), MIN_WINDOW), len(g.context)) for g in groups]
+    for chunk, padded_rows in shape_batches(sizes, batch_size):
         width = pow2_at_least(max(len(groups[i].context) for i in chunk), MIN_ROW)
-        span = pow2_at_least(max(len(c) for i in chunk for c in groups[i].continuations), MIN_WINDOW)
-        context = np.zeros((batch_size, width), np.int32)
-        context_seg = np.zeros((batch_size, width), np.int32)
+        span = sizes[chunk[0]][0]
+        context = np.zeros((padded_rows, width), np.int32)
+        context_seg = np.zeros((padded_rows, width), np.int32)
         context_seg[:, 0] = 1  # empty slots get a one-token dummy context
-        choices = np.zeros((batch_size, K, span), np.int32)
-        choice_seg = np.zeros((batch_size, K, span), np.int32)
+        choices = np.zeros((padded_rows, K, span), np.int32)
+        choice_seg = np.zeros((padded_rows, K, span), np.int32)
         for b, i in enumerate(chunk):
             g = groups[i]
             context[b, : len(g.context)] = g.context
