@@ -129,8 +129,9 @@ def generate(
         sides=1,
         stop_ids=stop_ids,
         max_new_tokens=max_new_tokens,
-        max_model_len=max_model_len or (max(len(p) for p in prompts) + max_new_tokens + 1),
-        batch_size=batch_size,
+        # Neither depends on the exact prompts, so calls with similar work share a compiled kernel.
+        max_model_len=max_model_len or cfg.max_position_embeddings,
+        batch_size=min(batch_size, 1 << (len(prompts) - 1).bit_length()),
         seed=seed,
         dtype=dtype,
         mesh=mesh,
