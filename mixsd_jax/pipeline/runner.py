@@ -121,14 +121,32 @@ def _remove(plan: Plan, path: Path, log) -> None:
 
 def report_text(plan: Plan) -> str:
     """The evaluator's table, the plot path and (last line) where the report is."""
-    results_file = plan.report.parent / "results.json"
     lines = []
-    if results_file.is_file():
-        from mixsd_jax.eval.report import render_table
-
-        lines.append(render_table(json.loads(results_file.read_text())))
+    if plan.report.is_file():
+        # report.md's tables as written (results.json has its keys sorted, report.md keeps run order)
+        body = [line for line in plan.report.read_text().splitlines() if not line.startswith(("# ", "!["))]
+        lines.append("\n".join(body).strip() + "\n")
+    lines += training_lines(plan)
     plot = plan.report.parent / "memorization_vs_retention.png"
     if plot.is_file():
         lines.append(f"plot: {plot}")
     lines.append(f"report: {plan.report}")
     return "\n".join(lines)
+
+
+def training_lines(plan: Plan) -> list[str]:
+    """What each tuned checkpoint was trained on: records kept by the verifier, steps taken."""
+    lines = []
+    for stage in plan.stages:
+        summary = stage.workdir / "summary.json"
+        if not stage.name.startswith("train_") or not summary.is_file():
+            continue
+        train = json.loads(summary.read_text())
+        line = f"{stage.name[len('train_'):]}: trained {train['steps']} steps on {train['records']} records"
+        generated = Path(train["data"]).with_suffix(".summary.json")
+        if generated.is_file():
+            gen = json.loads(generated.read_text())
+            line += f" ({gen['accepted']} of {gen['generations']} MixSD targets passed the verifier)"
+        lines.append(line)
+    return lines
+
