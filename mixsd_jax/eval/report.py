@@ -146,12 +146,19 @@ def plot_tradeoff(results: dict, path: Path) -> None:
     ret = [summary[n]["retention"] for n in names]
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     if all(v is not None for v in mem + ret):
+        ci = [(results.get("memorization") or {}).get(n, {}).get("ci95") or [None, None] for n in names]
+        if all(low is not None for low, _ in ci):  # horizontal bars: the 95% interval of memorization
+            xerr = [[m - low for m, (low, _) in zip(mem, ci)], [high - m for m, (_, high) in zip(mem, ci)]]
+            ax.errorbar(mem, ret, xerr=xerr, fmt="none", ecolor="lightgray", capsize=3, zorder=1)
         ax.scatter(mem, ret, s=40, zorder=3)
+        at_point: dict[tuple[float, float], list[str]] = {}
         for x, y, label in zip(mem, ret, labels):
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            at_point.setdefault((x, y), []).append(label)
+        for (x, y), same in at_point.items():  # checkpoints that tie share one label
+            ax.annotate(", ".join(same), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         front = pareto_front(list(zip(mem, ret)))
-        ax.plot([mem[i] for i in front], [ret[i] for i in front], "--", color="gray", zorder=2,
-                label="Pareto frontier")
+        ax.plot([mem[i] for i in front], [ret[i] for i in front], "--o", color="gray", mfc="none", ms=12,
+                zorder=2, label="Pareto frontier")
         ax.set_xlabel("memorization (mean accuracy over test splits)")
         ax.set_ylabel("retention (mean tuned/base score)")
         ax.legend(loc="best", fontsize=8)
