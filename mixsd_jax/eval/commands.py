@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mixsd_jax import compile_cache
 from mixsd_jax.cli import add_config_args
 
 
@@ -85,6 +86,7 @@ def cmd_eval(args) -> int:
     from mixsd_jax.eval.runner import evaluate
 
     cfg = eval_config_from_args(args)
+    compile_cache.enable()
     results = evaluate(cfg, progress=not args.quiet)
     print(render_table(results))
     out = Path(cfg.out_dir)

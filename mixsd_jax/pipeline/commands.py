@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mixsd_jax import compile_cache
 from mixsd_jax.cli import add_config_args
 
 
@@ -44,25 +45,7 @@ def _run(cfg, dry_run: bool) -> int:
     if dry_run:
         print(describe(plan))
         return 0
-    _persistent_compilation_cache()
+    compile_cache.enable()
     run_plan(plan)
     print(report_text(plan))
     return 0
-
-
-def _persistent_compilation_cache() -> None:
-    """Stages compile the same kernels (every training run, every evaluated checkpoint, every
-    rerun): keep XLA's compiled programs on disk so each is compiled once per machine.
-    MIXSD_XLA_CACHE=0 turns it off; an explicitly configured JAX cache directory is kept."""
-    import os
-
-    if os.environ.get("MIXSD_XLA_CACHE", "1") == "0":
-        return
-    import jax
-
-    if jax.config.jax_compilation_cache_dir:
-        return
-    from mixsd_jax.models.registry import cache_dir
-
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)

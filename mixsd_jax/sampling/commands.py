@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from mixsd_jax import compile_cache
 from mixsd_jax.cli import add_config_args
 
 # flag -> GenerateConfig key
@@ -63,6 +64,7 @@ def _generate(args: argparse.Namespace) -> int:
     flags = {key: getattr(args, flag) for flag, key in _GENERATE_FLAGS.items()}
     flags["keep_rejected"] = args.keep_rejected
     cfg = config_lib.load(GenerateConfig, args.config, args.overrides, flags=flags)
+    compile_cache.enable()
     summary = generate(cfg)
     if summary.get("skipped_existing"):
         print(f"already generated (same settings): {summary['output']}")

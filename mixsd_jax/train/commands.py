@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from mixsd_jax import compile_cache
 from mixsd_jax.cli import add_config_args
 
 # Flag -> TrainConfig key; a flag given on the command line wins over --config and key=value.
@@ -77,6 +78,7 @@ def cmd_train(args) -> int:
 
     from mixsd_jax.train.loop import train
 
+    compile_cache.enable()
     summary = train(cfg, progress=not args.no_progress)
     print(
         f"trained {summary['steps_this_run']} steps (to step {summary['steps']}), final loss "
