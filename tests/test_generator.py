@@ -1,7 +1,6 @@
 """`mixsd generate` end to end on a tiny model: schema, determinism, resume, refusal, bad input."""
 
 import json
-import shutil
 
 import pytest
 

@@ -4,7 +4,6 @@ invariances, the LR schedule, bf16 compute, and sharded (8 devices) against sing
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 
 from mixsd_jax.data.records import Record
