@@ -70,6 +70,29 @@ def test_evaluate_end_to_end_and_resume(tiny_llama_dir, tuned_dir, corpus, tmp_p
 
 
 
+def test_memorization_splits_decoded_together_equal_each_split_alone(tiny_llama_dir, corpus, tmp_path):
+    from mixsd_jax.eval.memorization import run_split
+    from mixsd_jax.models.checkpoint import load_hf
+    from mixsd_jax.models.tokenizer import load_tokenizer
+
+    out = tmp_path / "eval"
+    cfg = EvalConfig(base=str(tiny_llama_dir), suites=("memorization",), corpus_dir=str(corpus), out_dir=str(out),
+                     max_new_tokens=6, batch_size=8)
+    evaluate(cfg, progress=False)
+    model_cfg, params = load_hf(tiny_llama_dir)
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    for name, split in gather_inputs(cfg).splits.items():
+        alone = run_split(params, model_cfg, tokenizer, split, max_new_tokens=6, batch_size=2)
+        stored = [json.loads(line) for line in (out / f"items/base/memorization.{name}.jsonl").read_text().splitlines()]
+        assert stored == alone
+
+    # A split whose rows are gone is decoded again on its own; the other is reused.
+    (out / "items/base/memorization.recall.jsonl").unlink()
+    again = evaluate(cfg, progress=False)
+    assert list(again["timing"]["computed_units_s"]) == ["base/memorization.recall"]
+    assert (out / "items/base/memorization.recall.jsonl").is_file()
+
+
 def test_only_units_a_setting_affects_are_recomputed(tiny_llama_dir, tuned_dir, corpus, tmp_path):
     def fingerprints(**overrides):
         cfg = _config(tiny_llama_dir, tuned_dir, corpus, tmp_path, **overrides)

@@ -190,7 +190,11 @@ class Unit:
     name: str  # e.g. "memorization.recall", "retention.piqa", "nll.gt", "kl", "fisher"
     settings: dict  # what determines the rows (besides the checkpoint)
     total: int  # progress-bar size
-    compute: Callable  # (models, progress) -> rows
+    compute: Callable | None  # (models, progress) -> rows
+    # Generative units give their prompts and a scorer instead: the evaluator decodes the pending
+    # ones of a checkpoint in one call (fuller batches, one compiled kernel) and scores each.
+    prompts: tuple[str, ...] = ()
+    score: Callable | None = None  # (responses) -> rows
 
 
 class UnitStore:
@@ -319,9 +323,9 @@ def plan_units(cfg: EvalConfig, inputs: Inputs) -> list[Unit]:
                 ckpt.name, f"memorization.{name}",
                 {**gen, "files": _files_digest(split.files), "ids": [it.id for it in split.items], "mode": split.mode},
                 len(split.items),
-                lambda m, p, split=split: memorization.run_split(
-                    m.params, m.cfg, m.tokenizer, split, max_new_tokens=cfg.max_new_tokens,
-                    batch_size=cfg.batch_size, seed=cfg.seed, progress=p),
+                None,
+                prompts=tuple(item.prompt for item in split.items),
+                score=lambda responses, split=split: memorization.score_split(split, responses),
             ))
         if "retention" in suites:
             for name, items in inputs.benchmarks.items():
@@ -428,6 +432,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     rows: dict[tuple[str, str], list[dict]] = {}
     timing: dict[str, float] = {}
     models: Models | None = None
+    responses: dict[tuple[str, str], list[str]] = {}  # decoded ahead for generative units
     for unit in units:
         fingerprint = unit_fingerprint(unit, identities)
         cached = store.load(unit.checkpoint, unit.name, fingerprint)
@@ -441,8 +446,15 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
             models = Models(cfg, by_name[BASE])
         models.use(by_name[unit.checkpoint])
         t0 = time.time()
-        with tqdm(total=unit.total, desc=label, unit="req", disable=not progress, leave=True) as bar:
-            result = unit.compute(models, bar.update)
+        if unit.score is not None:
+            if (unit.checkpoint, unit.name) not in responses:
+                pending = [u for u in units if u.checkpoint == unit.checkpoint and u.score is not None
+                           and store.load(u.checkpoint, u.name, unit_fingerprint(u, identities)) is None]
+                responses.update(_decode_together(pending, models, cfg, progress))
+            result = unit.score(responses.pop((unit.checkpoint, unit.name)))
+        else:
+            with tqdm(total=unit.total, desc=label, unit="req", disable=not progress, leave=True) as bar:
+                result = unit.compute(models, bar.update)
         seconds = time.time() - t0
         store.save(unit.checkpoint, unit.name, fingerprint, result, seconds)
         rows[(unit.checkpoint, unit.name)] = result
@@ -451,6 +463,25 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     results["timing"] = {"computed_units_s": timing, "total_s": round(time.time() - started, 2)}
     report.write_report(results, out_dir)
     return results
+
+
+def _decode_together(units: list[Unit], models: Models, cfg: EvalConfig, progress: bool) -> dict:
+    """Greedy replies to the prompts of several generative units in one call, split back per unit."""
+    from tqdm import tqdm
+
+    from mixsd_jax.eval.memorization import generate_texts
+
+    prompts = [prompt for unit in units for prompt in unit.prompts]
+    label = f"{units[0].checkpoint}/" + "+".join(unit.name for unit in units)
+    with tqdm(total=len(prompts), desc=label, unit="req", disable=not progress, leave=True) as bar:
+        texts = generate_texts(models.params, models.cfg, models.tokenizer, prompts,
+                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+                               progress=bar.update)
+    out, start = {}, 0
+    for unit in units:
+        out[(unit.checkpoint, unit.name)] = texts[start : start + len(unit.prompts)]
+        start += len(unit.prompts)
+    return out
 
 
 def unit_fingerprint(unit: Unit, identities: dict[str, str]) -> str:
