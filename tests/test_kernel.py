@@ -48,6 +48,21 @@ def test_stop_token_and_length_limits(tiny_llama_dir):
     assert capped.tokens == free.tokens[:4] and capped.finish_reason == "max_model_len"
 
 
+def test_padding_slots_start_finished_so_the_loop_ends_with_the_real_records(tiny_llama_dir):
+    import jax.numpy as jnp
+
+    from mixsd_jax.sampling import kernel
+
+    cfg, params = load_hf(tiny_llama_dir)
+    runner = _runner(params, cfg, sides=1, batch_size=2, max_new_tokens=6)
+    tokens = np.array([[5, 6, 7, 8], [5, 6, 7, 8]], np.int32)
+    prompts = ((tokens, np.array([4, 4], np.int32)),)
+    keys = kernel.record_keys(7, jnp.arange(2, dtype=jnp.uint32), jnp.zeros(2, jnp.uint32), jnp.zeros(2, jnp.uint32))
+    out = kernel.decode(params, prompts, keys, np.array([True, False]), runner.naive_prob, runner.stop_ids,
+                        spec=runner.spec)
+    assert out["lengths"].tolist() == [6, 0] and not out["tokens"][1].any()
+
+
 def test_lambda_0_is_expert_greedy_and_lambda_1_is_naive_greedy(tiny_qwen3_dir):
     cfg, params = load_hf(tiny_qwen3_dir)
     expert, naive = PROMPTS[2], PROMPTS[0]

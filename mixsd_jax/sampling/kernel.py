@@ -53,11 +53,13 @@ def _constrain(x, spec: KernelSpec, batch_dim: int = 0):
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def decode(params, prompts, record_keys_B, naive_prob, stop_ids, *, spec: KernelSpec):
+def decode(params, prompts, record_keys_B, live_B, naive_prob, stop_ids, *, spec: KernelSpec):
     """Generate up to `max_new_tokens` per record.
 
     `prompts` holds one (tokens [B, P_side], lengths [B]) pair per side (expert first), each
     right-padded to its own width, so short naive prompts are not prefilled at the expert's width.
+    `live_B` is False for the slots that only pad the batch: they start finished, so the loop ends
+    when the real records do.
     Returns dict of: tokens [B, N] (0 after the end), logprobs [B, N] (model log-prob of each token
     under the conditional that produced it), naive [B, N] (True where the naive side was picked),
     lengths [B] (tokens generated, stop token included), finish [B] (FINISH_NAMES codes).
@@ -142,7 +144,7 @@ def decode(params, prompts, record_keys_B, naive_prob, stop_ids, *, spec: Kernel
         "lengths": _constrain(jnp.zeros((B,), jnp.int32), spec),
         "finish": _constrain(jnp.zeros((B,), jnp.int32), spec),
     }
-    state = (jnp.zeros((), jnp.int32), cache, last_RxD, out, jnp.zeros((B,), bool))
+    state = (jnp.zeros((), jnp.int32), cache, last_RxD, out, ~live_B)
     _, _, _, out, _ = jax.lax.while_loop(cond, body, state)
     return out
 

@@ -85,11 +85,13 @@ class Runner:
             jnp.asarray([s.gen_index for s in slots], jnp.uint32),
             jnp.asarray([s.attempt for s in slots], jnp.uint32),
         )
+        live = np.arange(self.batch_size) < len(items)
         if self.mesh is not None:
             prompts = [(jax.device_put(t, batch_sharding(self.mesh, 2)), jax.device_put(n, batch_sharding(self.mesh, 1)))
                        for t, n in prompts]
             keys = jax.device_put(keys, batch_sharding(self.mesh, 1))
-        out = kernel.decode(self.params, tuple(prompts), keys, self.naive_prob, self.stop_ids, spec=self.spec)
+            live = jax.device_put(live, batch_sharding(self.mesh, 1))
+        out = kernel.decode(self.params, tuple(prompts), keys, live, self.naive_prob, self.stop_ids, spec=self.spec)
         out = jax.tree.map(np.asarray, out)
         completions = []
         for b in range(len(items)):
