@@ -131,9 +131,10 @@ def generate(
         sides=1,
         stop_ids=stop_ids,
         max_new_tokens=max_new_tokens,
-        # Neither depends on the exact prompts, so calls with similar work share a compiled kernel.
+        # Not the prompts' own length limit: calls of the same size share one compiled kernel.
         max_model_len=max_model_len or cfg.max_position_embeddings,
-        batch_size=min(batch_size, 1 << (len(prompts) - 1).bit_length()),
+        # On a CPU a decode step costs about in proportion to its rows: no more slots than prompts.
+        batch_size=min(batch_size, len(prompts)),
         seed=seed,
         dtype=dtype,
         mesh=mesh,
