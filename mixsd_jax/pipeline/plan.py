@@ -300,7 +300,8 @@ def _generate_runner(gcfg) -> Callable[[], dict]:
             raise MixsdError(
                 f"{summary.get('output')}: no MixSD target passed the verifier for λ={gcfg.lambda_mix:g} "
                 f"({summary.get('generations')} generations); nothing to train on. Raise generation.max_retries or "
-                "max_new_tokens, use extract_mode=contains, or set generation.keep_rejected=true"
+                "max_new_tokens, use extract_mode=contains, set generation.keep_rejected=true, or drop "
+                f"{gcfg.lambda_mix:g} from lambdas"
             )
         return summary
 
