@@ -166,6 +166,29 @@ def test_converted_dir_matches_transformers_gguf_load(tmp_path, qtype, tied):
         assert np.abs(a).max() > 1.0  # a real signal, not two all-zero models
 
 
+BLOCK_TORCH = """
+import sys
+sys.modules["torch"] = None  # as if not installed: find_spec gives None, import raises
+from pathlib import Path
+from mixsd_jax.models.gguf import convert_gguf_to_hf
+convert_gguf_to_hf(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def test_conversion_needs_no_pytorch(tmp_path):
+    """`pip install -e .` brings no PyTorch, and the demo's first step converts the embedded GGUF."""
+    import subprocess
+    import sys
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    run = subprocess.run([sys.executable, "-c", BLOCK_TORCH, str(tmp_path / "tiny.gguf"), str(tmp_path / "hf")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    reference = convert_gguf_to_hf(tmp_path / "tiny.gguf", tmp_path / "hf_here")
+    for name in ("tokenizer.json", "special_tokens_map.json", "config.json", "model.safetensors"):
+        assert (tmp_path / "hf" / name).read_bytes() == (reference / name).read_bytes(), name
+
+
 def test_f32_gguf_round_trips_the_original_weights_exactly(tmp_path):
     from safetensors.numpy import load_file
 

@@ -165,11 +165,33 @@ def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, d_in).swapaxes(1, 2).reshape(rows, d_in)
 
 
-def _save_tokenizer(gguf_path: Path, out_dir: Path, max_length: int) -> None:
-    from transformers import AutoTokenizer
+def _gguf_tokenizer(gguf_path: Path):
+    """The fast tokenizer transformers builds for `AutoTokenizer.from_pretrained(gguf_file=...)`,
+    from the same metadata and builders, but read with the `gguf` package: transformers' own GGUF
+    reader imports PyTorch, which a plain `pip install -e .` does not have."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
+    reader = _open(gguf_path)
+    grouped = {
+        group: {name: _meta(reader, gguf_path, f"tokenizer.{key}") for key, name in renames.items()
+                if f"tokenizer.{key}" in reader.fields}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":  # as transformers: llama.cpp adds BOS to these
+        tokenizer_config.setdefault("add_bos_token", True)
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        token_id = _meta(reader, gguf_path, f"tokenizer.ggml.{key}", None)
+        tokenizer_config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(_meta(reader, gguf_path, "general.architecture"), tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+
+
+def _save_tokenizer(gguf_path: Path, out_dir: Path, max_length: int) -> None:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer = _gguf_tokenizer(gguf_path)
     except (ValueError, KeyError, OSError) as exc:
         raise MixsdError(f"{gguf_path}: transformers cannot build a tokenizer from this GGUF ({exc})") from None
     tokenizer.save_pretrained(str(out_dir))
