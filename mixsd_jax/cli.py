@@ -66,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     except MixsdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        # Only the comparisons with transformers' PyTorch models (parity, benches) need it.
+        print("error: this command compares against PyTorch; install it with the test extras: "
+              "pip install -e '.[test]'", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
