@@ -430,34 +430,34 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     by_name = {c.name: c for c in inputs.checkpoints}
     identities = {c.name: model_identity(c.model_dir) for c in inputs.checkpoints}
     rows: dict[tuple[str, str], list[dict]] = {}
-    timing: dict[str, float] = {}
-    models: Models | None = None
-    responses: dict[tuple[str, str], list[str]] = {}  # decoded ahead for generative units
+    fingerprints = {(u.checkpoint, u.name): unit_fingerprint(u, identities) for u in units}
     for unit in units:
-        fingerprint = unit_fingerprint(unit, identities)
-        cached = store.load(unit.checkpoint, unit.name, fingerprint)
-        label = f"{unit.checkpoint}/{unit.name}"
+        cached = store.load(unit.checkpoint, unit.name, fingerprints[(unit.checkpoint, unit.name)])
         if cached is not None:
             rows[(unit.checkpoint, unit.name)] = cached
             if progress:
-                tqdm.write(f"{label}: done earlier ({len(cached)} rows)")
-            continue
+                tqdm.write(f"{unit.checkpoint}/{unit.name}: done earlier ({len(cached)} rows)")
+    pending = [u for u in units if (u.checkpoint, u.name) not in rows]
+    timing: dict[str, float] = {}
+    models: Models | None = None
+    responses: dict[tuple[str, str], list[str]] = {}  # decoded ahead for generative units
+    for unit in pending:
+        key, label = (unit.checkpoint, unit.name), f"{unit.checkpoint}/{unit.name}"
         if models is None:
             models = Models(cfg, by_name[BASE])
         models.use(by_name[unit.checkpoint])
         t0 = time.time()
         if unit.score is not None:
-            if (unit.checkpoint, unit.name) not in responses:
-                pending = [u for u in units if u.checkpoint == unit.checkpoint and u.score is not None
-                           and store.load(u.checkpoint, u.name, unit_fingerprint(u, identities)) is None]
-                responses.update(_decode_together(pending, models, cfg, progress))
-            result = unit.score(responses.pop((unit.checkpoint, unit.name)))
+            if key not in responses:
+                together = [u for u in pending if u.checkpoint == unit.checkpoint and u.score is not None]
+                responses.update(_decode_together(together, models, cfg, progress))
+            result = unit.score(responses.pop(key))
         else:
             with tqdm(total=unit.total, desc=label, unit="req", disable=not progress, leave=True) as bar:
                 result = unit.compute(models, bar.update)
         seconds = time.time() - t0
-        store.save(unit.checkpoint, unit.name, fingerprint, result, seconds)
-        rows[(unit.checkpoint, unit.name)] = result
+        store.save(unit.checkpoint, unit.name, fingerprints[key], result, seconds)
+        rows[key] = result
         timing[label] = round(seconds, 2)
     results = assemble(cfg, inputs, rows)
     results["timing"] = {"computed_units_s": timing, "total_s": round(time.time() - started, 2)}

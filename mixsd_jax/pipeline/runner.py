@@ -149,4 +149,3 @@ def training_lines(plan: Plan) -> list[str]:
             line += f" ({gen['accepted']} of {gen['generations']} MixSD targets passed the verifier)"
         lines.append(line)
     return lines
-
