@@ -12,8 +12,9 @@ import pytest
 
 from mixsd_jax.data.kgfact import TRAIN_FILE, build_kgfact
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.train.config import DistributedConfig, load_train_config
-from mixsd_jax.train.distributed import resolve
+from mixsd_jax.multihost import DistributedConfig
+from mixsd_jax.train.config import load_train_config
+from mixsd_jax.multihost import resolve
 
 ENV = {"MIXSD_COORDINATOR": "10.0.0.1:1234", "MIXSD_NUM_PROCESSES": "4", "MIXSD_PROCESS_ID": "2"}
 

@@ -90,7 +90,7 @@ def _join_hosts(plan: Plan) -> None:
     trainer's `distributed` section or the MIXSD_* environment); single-process otherwise."""
     if all(stage_status(plan, s) == "done" for s in plan.stages):
         return
-    from mixsd_jax.train.distributed import maybe_initialize
+    from mixsd_jax.multihost import maybe_initialize
 
     trained = [s.settings for s in plan.stages if hasattr(s.settings, "distributed")]
     maybe_initialize(trained[0].distributed if trained else None)

@@ -16,6 +16,7 @@ from typing import Literal
 
 from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
+from mixsd_jax.multihost import DistributedConfig
 from mixsd_jax.models.sharding import MeshConfig
 
 EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -35,17 +36,6 @@ NOT_FINGERPRINTED = (
     "distributed",
     "async_checkpoints",
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributedConfig:
-    """How processes of a multi-host run find each other; unset fields come from the environment
-    (MIXSD_COORDINATOR, MIXSD_NUM_PROCESSES, MIXSD_PROCESS_ID) or JAX's cluster auto-detection."""
-
-    coordinator: str | None = None  # "host:port" of process 0
-    num_processes: int | None = None
-    process_id: int | None = None
-    auto: bool = False  # call jax.distributed.initialize() with no arguments (TPU pods, SLURM)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Callable
 from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_partial_jsonl
-from mixsd_jax.train import distributed
+from mixsd_jax import multihost as distributed
 from mixsd_jax.train.config import TrainConfig, fingerprinted_dict, resume_fingerprint
 
 METRIC_KEYS = ("loss", "accuracy", "grad_norm", "lr", "tokens", "loss_tokens")

@@ -1,4 +1,6 @@
-"""Multi-host start-up: one process per host joins the others before JAX touches a device.
+"""Multi-host runs: start-up, moving host data onto the global mesh and back, and who writes files.
+
+Start-up: one process per host joins the others before JAX touches a device.
 
 Sources, first match wins: the config's `distributed` section, the environment
 (`MIXSD_COORDINATOR=host:port`, `MIXSD_NUM_PROCESSES`, `MIXSD_PROCESS_ID`), and
@@ -8,15 +10,28 @@ slices, SLURM, Open MPI). With none of them the run is single-process and nothin
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
+import numpy as np
+
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.train.config import DistributedConfig
 
 ENV_COORDINATOR = "MIXSD_COORDINATOR"
 ENV_NUM_PROCESSES = "MIXSD_NUM_PROCESSES"
 ENV_PROCESS_ID = "MIXSD_PROCESS_ID"
 ENV_AUTO = "MIXSD_DISTRIBUTED"
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """How processes of a multi-host run find each other; unset fields come from the environment
+    (MIXSD_COORDINATOR, MIXSD_NUM_PROCESSES, MIXSD_PROCESS_ID) or JAX's cluster auto-detection."""
+
+    coordinator: str | None = None  # "host:port" of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    auto: bool = False  # call jax.distributed.initialize() with no arguments (TPU pods, SLURM)
 
 
 def resolve(cfg: DistributedConfig | None = None, environ=None) -> dict | None:
@@ -65,3 +80,43 @@ def maybe_initialize(cfg: DistributedConfig | None = None) -> bool:
         return False
     jax.distributed.initialize(**kwargs)
     return True
+
+
+# ----------------------------------------------------------------------------- data on the mesh
+#
+# One convention for every stage: each process runs the same host-side logic on the same inputs
+# (work queues, verifiers, retries are deterministic), so every process holds the *whole* host
+# batch. `put_global` turns that host copy into one global array (each process supplies only the
+# shards its own devices hold), `fetch` brings a global result back whole to every process, and
+# only the primary process (index 0) writes files. Bytes on disk therefore never depend on the
+# process count.
+
+
+def is_primary() -> bool:
+    """True in the process that writes output files (process 0; the only one when single-process)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def put_global(x, sharding):
+    """A global array on `sharding` from a host array that every process holds in full."""
+    import jax
+
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def fetch(tree):
+    """Whole numpy copies, on every process, of a pytree of (possibly multi-host) arrays."""
+    import jax
+
+    if jax.process_count() == 1 or all(
+        getattr(a, "is_fully_addressable", True) for a in jax.tree.leaves(tree)
+    ):
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
