@@ -7,6 +7,7 @@ import importlib
 import re
 import sys
 
+from mixsd_jax.config import add_config_args  # noqa: F401  (its home is the config layer; kept for old imports)
 from mixsd_jax.errors import MixsdError
 
 # Each module defines `register(subparsers, bench_subparsers)` and sets `func` on its parsers.
@@ -21,12 +22,6 @@ COMMAND_MODULES = (
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
-
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """`--config FILE` plus trailing `key=value` overrides, shared by every command."""
-    parser.add_argument("--config", default=None, help="YAML config file")
-    parser.add_argument("overrides", nargs="*", default=[], help="key=value config overrides")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ def enable() -> None:
 
     if jax.config.jax_compilation_cache_dir:
         return
-    from mixsd_jax.models.registry import cache_dir
+    from mixsd_jax.files import cache_dir
 
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)

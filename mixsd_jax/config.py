@@ -24,6 +24,12 @@ from mixsd_jax.errors import MixsdError
 T = TypeVar("T")
 
 
+def add_config_args(parser) -> None:
+    """`--config FILE` plus trailing `key=value` overrides (see `load`), shared by every command."""
+    parser.add_argument("--config", default=None, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", default=[], help="key=value config overrides")
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -12,6 +12,11 @@ from typing import Any, Iterator
 from mixsd_jax.errors import MixsdError
 
 
+def cache_dir() -> Path:
+    """`$MIXSD_CACHE`, else `~/.cache/mixsd-jax`: converted models, downloads, compiled kernels."""
+    return Path(os.environ.get("MIXSD_CACHE") or Path.home() / ".cache" / "mixsd-jax").expanduser()
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yields (line_number, object) for each non-blank line; a bad line is a MixsdError naming it."""
     path = Path(path)

@@ -151,32 +151,6 @@ def test_export_refuses_to_replace_a_non_model_directory(capsys, tiny_llama_dir,
     assert rc == 2 and "is the model's own directory" in _one_line_error(err)
 
 
-def test_parity_on_a_tiny_model(capsys, tiny_qwen3_dir):
-    rc, out, _ = run(capsys, "models", "parity", str(tiny_qwen3_dir))
-    result = json.loads(out.strip().splitlines()[-1])
-    assert {"max_abs_logit_diff", "argmax_agreement", "greedy_tokens_equal"} <= set(result)
-    assert rc == 0
-    assert result["max_abs_logit_diff"] <= 1e-3 and result["argmax_agreement"] == 1.0 and result["greedy_tokens_equal"]
-
-
-def test_parity_without_pytorch_is_one_line(tiny_llama_dir):
-    """A plain `pip install -e .` has no PyTorch; the commands that compare with it say so."""
-    import subprocess
-    import sys
-
-    code = ("import sys; sys.modules['torch'] = None; from mixsd_jax.cli import main; "
-            f"sys.exit(main(['models', 'parity', {str(tiny_llama_dir)!r}]))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.returncode == 2
-    assert run.stderr.strip().splitlines()[-1] == (
-        "error: this command compares against PyTorch; install it with the test extras: pip install -e '.[test]'")
-
-
-def test_parity_against_a_gguf_needs_an_embedded_model(capsys, tiny_llama_dir):
-    rc, _, err = run(capsys, "models", "parity", str(tiny_llama_dir), "--gguf")
-    assert rc == 2 and "--gguf needs an embedded model" in _one_line_error(err)
-
-
 @pytest.mark.slow
 def test_pull_and_inspect_the_embedded_default(capsys, smollm2_dir):
     rc, out, _ = run(capsys, "models", "pull", "smollm2-135m-instruct")

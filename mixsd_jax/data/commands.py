@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixsd_jax.cli import add_config_args
+from mixsd_jax.config import add_config_args
 from mixsd_jax.errors import MixsdError
 
 DATASETS = ("kgfact", "kgfunc", "simpleqa", "mquake")

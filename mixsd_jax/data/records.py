@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from mixsd_jax.answers import last_boxed
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.sampling.verify import last_boxed
 
 # Where a leading system turn (or an alpaca `system` field) is kept; `to_json` turns it back into
 # the leading system message.

@@ -38,7 +38,7 @@ BOOTSTRAP_SAMPLES = 1000
 
 def target_rows(tokenizer, records: Sequence, max_length: int) -> list[ScoreRow]:
     """Each record as (prompt + target) ids whose target tokens are scored, as the trainer sees them."""
-    from mixsd_jax.train.batches import tokenize_records
+    from mixsd_jax.data.tokenize import tokenize_records
 
     data = tokenize_records(tokenizer, records, max_seq_len=max_length + 1, overlong="truncate")
     if len(data.examples) != len(records):

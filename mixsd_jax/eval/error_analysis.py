@@ -18,8 +18,8 @@ import re
 from collections import Counter
 from typing import Iterable
 
+from mixsd_jax.answers import last_boxed, matching_brace
 from mixsd_jax.eval.humaneval import has_fenced_code
-from mixsd_jax.sampling.verify import last_boxed, matching_brace
 
 HELD_OUT_CATEGORIES = ("format", "leakage", "collapse", "genuine")
 TRAIN_CATEGORIES = ("format", "cross_entity", "genuine")

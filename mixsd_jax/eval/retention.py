@@ -116,7 +116,7 @@ def _generative_correct(item, response: str, allow_code_execution: bool) -> bool
 
         return score_response(item, response, allow_code_execution=allow_code_execution)
     from mixsd_jax.eval.scoring import score
-    from mixsd_jax.sampling.verify import last_boxed
+    from mixsd_jax.answers import last_boxed
 
     return last_boxed(response) is not None and score(response, item.answer, "strict")
 

@@ -122,7 +122,7 @@ def resolve_checkpoint(path: str, export: bool = True) -> Path:
     if (p / "checkpoints").is_dir():
         if not export:
             return p / "hf"
-        from mixsd_jax.train.export import export_checkpoint
+        from mixsd_jax.models.export import export_checkpoint
 
         return export_checkpoint(p)
     if not p.exists():

@@ -15,65 +15,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable
 
+# The extraction and normalisation rules are shared with `data` and `sampling`; re-exported here
+# because scorer callers know them by these names.
+from mixsd_jax.answers import as_number, extract_prediction, format_found, normalize, same_answer, text_form  # noqa: F401
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.sampling.verify import last_boxed, peel_outer_braces, peel_wrappers
 
 SCORE_MODES = ("strict", "loose")
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-# Keeps a trailing '.' as the reference's regex does; the float parse below makes it harmless.
-_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d*)?|-?\d+(?:\.\d*)?")
-_FRACTION = re.compile(r"^(-?)\\[dt]?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}$")
-_PLAIN_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$")
-_GROUPED = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d*)?$")
 _OP_FUNCTION = re.compile(r"\bfunction ([A-Za-z_]\w*)\.")
 _OP_CALL = re.compile(r"\b([A-Za-z_]\w*)\(-?\d+\)")
-
-
-def extract_prediction(text: str) -> str:
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed
-    tags = _ANSWER_TAG.findall(text)
-    if tags:
-        return tags[-1].strip()
-    numbers = _NUMBER.findall(text)
-    if numbers:
-        return numbers[-1]
-    return text.strip()
-
-
-def as_number(s: str) -> float | None:
-    """The value of a plain, comma-grouped or `\\frac{a}{b}` number; None for anything else."""
-    s = s.strip()
-    fraction = _FRACTION.match(s)
-    if fraction:
-        sign, numerator, denominator = fraction.groups()
-        try:
-            value = float(numerator) / float(denominator)
-        except (ValueError, ZeroDivisionError):
-            return None
-        return -value if sign else value
-    if _GROUPED.match(s):
-        s = s.replace(",", "")
-    if not _PLAIN_NUMBER.match(s.lower()):
-        return None
-    value = float(s)
-    return value if math.isfinite(value) else None
-
-
-def normalize(s: str) -> float | str:
-    """A float when the answer is a number, else whitespace-collapsed lowercase text."""
-    s = peel_outer_braces(peel_wrappers(s.replace("$", "")).strip())
-    value = as_number(s)
-    if value is not None:
-        return value
-    return " ".join(s.split()).lower()
-
-
-def _text_form(s: str) -> str:
-    s = peel_outer_braces(peel_wrappers(s.replace("$", "")).strip())
-    return " ".join(s.split()).lower()
 
 
 def score(prediction_text: str, gold: str, mode: str = "strict") -> bool:
@@ -81,21 +31,12 @@ def score(prediction_text: str, gold: str, mode: str = "strict") -> bool:
     if mode not in SCORE_MODES:
         raise MixsdError(f"unknown score mode {mode!r} (known: {', '.join(SCORE_MODES)})")
     prediction = extract_prediction(prediction_text)
-    pred_norm, gold_norm = normalize(prediction), normalize(gold)
-    if isinstance(pred_norm, float) and isinstance(gold_norm, float):
-        if abs(pred_norm - gold_norm) <= 1e-6:
-            return True
-    elif pred_norm == gold_norm:
+    if same_answer(prediction, gold):
         return True
     if mode == "loose":
-        gold_text = _text_form(gold)
-        return bool(gold_text) and gold_text in _text_form(prediction)
+        gold_text = text_form(gold)
+        return bool(gold_text) and gold_text in text_form(prediction)
     return False
-
-
-def format_found(text: str) -> bool:
-    """The response used an answer format (boxed or answer tag), right or wrong."""
-    return last_boxed(text) is not None or _ANSWER_TAG.search(text) is not None
 
 
 def kgfunc_operation(prompt: str) -> str | None:

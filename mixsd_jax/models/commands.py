@@ -1,27 +1,31 @@
-"""`mixsd models ...`: pull the embedded default, convert a GGUF, inspect, check parity, export.
+"""`mixsd models ...`: pull the embedded default, convert a GGUF, inspect, export.
 
 Every MODEL argument is an HF-format directory or a registry name (see `registry.resolve_model`).
 Heavy imports (JAX, transformers) happen inside the handlers so `mixsd --help` stays fast.
+`mixsd models parity` also checks our decoder, so `sampling/commands.py` adds it to this group
+(through `models_actions`): `models` imports nothing above it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from mixsd_jax.errors import MixsdError
 
-# Parity thresholds for the float32 check (issue #2): logits within 1e-3, every argmax and every
-# greedy token equal. Lower-precision runs only report their numbers.
-F32_MAX_ABS_LOGIT_DIFF = 1e-3
+
+
+def models_actions(subparsers):
+    """The `mixsd models` group's actions, for packages above `models` to add theirs to."""
+    return subparsers.choices["models"].actions
 
 
 def register(subparsers, bench_subparsers) -> None:
     models = subparsers.add_parser("models", help="pull, convert, inspect, check and export models")
     sub = models.add_subparsers(dest="models_command", metavar="ACTION")
     models.set_defaults(func=lambda args: _help(models))
+    models.actions = sub
 
     p = sub.add_parser("pull", help="fetch and convert an embedded model once; prints its directory")
     p.add_argument("name", metavar="NAME", help="registry name, e.g. smollm2-135m-instruct")
@@ -36,13 +40,6 @@ def register(subparsers, bench_subparsers) -> None:
     p.add_argument("model", metavar="MODEL", help="HF-format directory or registry name")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of one line per field")
     p.set_defaults(func=cmd_inspect)
-
-    p = sub.add_parser("parity", help="compare our logits and greedy decoding with transformers (PyTorch)")
-    p.add_argument("model", metavar="MODEL", help="HF-format directory or registry name")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="our compute dtype")
-    p.add_argument("--gguf", action="store_true",
-                   help="reference = transformers' own load of the model's GGUF (embedded models only)")
-    p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("export", help="load a model with our loader and write it as an HF-format directory")
     p.add_argument("model", metavar="MODEL", help="HF-format directory or registry name")
@@ -112,35 +109,6 @@ def inspect_model(name_or_path: str) -> dict:
         "parameters": int(sum(t.size for t in counted.values())),
         "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
     }
-
-
-def cmd_parity(args) -> int:
-    from mixsd_jax.models.parity import run_parity
-    from mixsd_jax.models.registry import pulled_from, resolve_model
-
-    model_dir = resolve_model(args.model)
-    if args.gguf and pulled_from(model_dir) is None:
-        raise MixsdError(
-            f"{model_dir}: --gguf needs an embedded model pulled by `mixsd models pull` (its GGUF is the reference)"
-        )
-    result = run_parity(model_dir, dtype=args.dtype, reference="gguf" if args.gguf else "hf_dir")
-    print(json.dumps(result))
-    if args.dtype == "float32" and not parity_passed(result):
-        print(
-            f"error: parity check failed (max_abs_logit_diff must be <= {F32_MAX_ABS_LOGIT_DIFF}, "
-            "argmax_agreement 1.0, greedy_tokens_equal true)",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
-
-
-def parity_passed(result: dict) -> bool:
-    return (
-        result["max_abs_logit_diff"] <= F32_MAX_ABS_LOGIT_DIFF
-        and result["argmax_agreement"] == 1.0
-        and bool(result["greedy_tokens_equal"])
-    )
 
 
 def cmd_export(args) -> int:

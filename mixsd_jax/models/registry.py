@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from mixsd_jax.errors import MixsdError
+from mixsd_jax.files import cache_dir
 from mixsd_jax.models.gguf import CONVERTER_VERSION, convert_gguf_to_hf
 
 EMBEDDED_DEFAULT = "smollm2-135m-instruct"
@@ -60,11 +61,6 @@ PAPER_MODELS = {
     "qwen3-8b": "Qwen/Qwen3-8B",
     "llama-3.2-1b-instruct": "meta-llama/Llama-3.2-1B-Instruct",
 }
-
-
-def cache_dir() -> Path:
-    """`$MIXSD_CACHE`, else `~/.cache/mixsd-jax`."""
-    return Path(os.environ.get("MIXSD_CACHE") or Path.home() / ".cache" / "mixsd-jax").expanduser()
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mixsd_jax import compile_cache
-from mixsd_jax.cli import add_config_args
+from mixsd_jax.config import add_config_args
 
 
 def register(sub, bench) -> None:

@@ -1,12 +1,14 @@
-"""`mixsd generate` and `mixsd bench generate`."""
+"""`mixsd generate`, `mixsd bench generate` and `mixsd models parity` (it checks our decoder too)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from mixsd_jax import compile_cache
-from mixsd_jax.cli import add_config_args
+from mixsd_jax.config import add_config_args
+from mixsd_jax.errors import MixsdError
 
 # flag -> GenerateConfig key
 _GENERATE_FLAGS = {
@@ -56,6 +58,17 @@ def register(sub, bench) -> None:
     b.add_argument("--no-hf", action="store_true", help="skip the transformers measurement")
     b.set_defaults(func=_bench)
 
+    if "models" in sub.choices:  # absent when only this package's commands are registered
+        from mixsd_jax.models.commands import models_actions
+
+        p = models_actions(sub).add_parser(
+            "parity", help="compare our logits and greedy decoding with transformers (PyTorch)")
+        p.add_argument("model", metavar="MODEL", help="HF-format directory or registry name")
+        p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="our compute dtype")
+        p.add_argument("--gguf", action="store_true",
+                       help="reference = transformers' own load of the model's GGUF (embedded models only)")
+        p.set_defaults(func=_parity)
+
 
 def _generate(args: argparse.Namespace) -> int:
     from mixsd_jax import config as config_lib
@@ -83,4 +96,25 @@ def _bench(args: argparse.Namespace) -> int:
 
     print(json.dumps(bench_generate(args.model, args.batch_size, args.max_new_tokens, args.lambda_, args.dtype,
                                     with_hf=not args.no_hf)))
+    return 0
+
+
+def _parity(args: argparse.Namespace) -> int:
+    from mixsd_jax.models.registry import pulled_from, resolve_model
+    from mixsd_jax.sampling.parity import F32_MAX_ABS_LOGIT_DIFF, parity_passed, run_parity
+
+    model_dir = resolve_model(args.model)
+    if args.gguf and pulled_from(model_dir) is None:
+        raise MixsdError(
+            f"{model_dir}: --gguf needs an embedded model pulled by `mixsd models pull` (its GGUF is the reference)"
+        )
+    result = run_parity(model_dir, dtype=args.dtype, reference="gguf" if args.gguf else "hf_dir")
+    print(json.dumps(result))
+    if args.dtype == "float32" and not parity_passed(result):
+        print(
+            f"error: parity check failed (max_abs_logit_diff must be <= {F32_MAX_ABS_LOGIT_DIFF}, "
+            "argmax_agreement 1.0, greedy_tokens_equal true)",
+            file=sys.stderr,
+        )
+        return 1
     return 0

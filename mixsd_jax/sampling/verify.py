@@ -16,49 +16,23 @@ sensitive); `normalized=True` compares `normalize_answer` forms instead.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Iterable
 
+# Answer text lives on the ground floor (`data` and `eval` use the same rules); re-exported here
+# because the verifier's callers know it by these names.
+from mixsd_jax.answers import (  # noqa: F401
+    last_boxed,
+    last_number,
+    matching_brace,
+    normalize_answer,
+    occurs_as_words,
+    peel_outer_braces,
+    peel_wrappers,
+)
 from mixsd_jax.errors import MixsdError
 
 EXTRACT_MODES = ("boxed", "last_number", "boxed_or_last_number", "contains")
-
-_BOXED = "\\boxed{"
-_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
-_GROUPED_NUMBER = re.compile(r"(?<![\d,])(-?\d{1,3}(?:,\d{3})+)(?![\d,])")
-# Wrappers whose content is the answer: `\text{Paris}` -> `Paris`.
-_WRAPPERS = ("text", "textbf", "textit", "texttt", "mathrm", "mathbf", "mathit", "mbox", "operatorname")
-_WRAPPER_START = re.compile(r"\\(?:" + "|".join(_WRAPPERS) + r")\s*\{")
-
-
-def matching_brace(text: str, open_index: int) -> int | None:
-    """Index of the `}` closing the `{` at `open_index`, or None when it is never closed."""
-    depth = 0
-    for i in range(open_index, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-    return None
-
-
-def last_boxed(text: str) -> str | None:
-    start = text.rfind(_BOXED)
-    if start < 0:
-        return None
-    open_index = start + len(_BOXED) - 1
-    close = matching_brace(text, open_index)
-    if close is None:
-        return None
-    return text[open_index + 1 : close].strip()
-
-
-def last_number(text: str) -> str | None:
-    matches = _NUMBER.findall(text)
-    return matches[-1] if matches else None
 
 
 def extract_answer(text: str, mode: str) -> str | None:
@@ -75,49 +49,6 @@ def extract_answer(text: str, mode: str) -> str | None:
     if boxed is not None:
         return boxed
     return text.strip() or None
-
-
-def peel_wrappers(s: str) -> str:
-    """`\\text{a} b \\mathrm{c}` -> `a b c` (brace-matched, nested wrappers too)."""
-    while True:
-        match = _WRAPPER_START.search(s)
-        if match is None:
-            return s
-        open_index = match.end() - 1
-        close = matching_brace(s, open_index)
-        if close is None:
-            return s
-        s = s[: match.start()] + s[open_index + 1 : close] + s[close + 1 :]
-
-
-def peel_outer_braces(s: str) -> str:
-    """`{{x}}` -> `x`; `{a}{b}` stays, because its first brace does not close at the end."""
-    while s.startswith("{") and matching_brace(s, 0) == len(s) - 1:
-        s = s[1:-1].strip()
-    return s
-
-
-def normalize_answer(s: str) -> str:
-    s = s.strip().replace("$", "")
-    s = peel_outer_braces(peel_wrappers(s).strip())
-    s = _GROUPED_NUMBER.sub(lambda m: m.group(1).replace(",", ""), s)
-    s = " ".join(s.split()).lower()
-    return s.rstrip(".").rstrip()
-
-
-def occurs_as_words(needle: str, haystack: str) -> bool:
-    """True when `needle` occurs in `haystack` not glued to a letter or digit on either side."""
-    if not needle:
-        return False
-    start = haystack.find(needle)
-    while start >= 0:
-        end = start + len(needle)
-        before_ok = start == 0 or not (haystack[start - 1].isalnum() and needle[0].isalnum())
-        after_ok = end == len(haystack) or not (haystack[end].isalnum() and needle[-1].isalnum())
-        if before_ok and after_ok:
-            return True
-        start = haystack.find(needle, start + 1)
-    return False
 
 
 def check_mode(mode: str) -> None:

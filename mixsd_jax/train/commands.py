@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from mixsd_jax import compile_cache
-from mixsd_jax.cli import add_config_args
+from mixsd_jax.config import add_config_args
 
 # Flag -> TrainConfig key; a flag given on the command line wins over --config and key=value.
 _FLAG_KEYS = {
@@ -68,7 +68,7 @@ def cmd_train(args) -> int:
     cfg = train_config_from_args(args)
     if args.export is not None:
         from mixsd_jax.errors import MixsdError
-        from mixsd_jax.train.export import export_checkpoint
+        from mixsd_jax.models.export import export_checkpoint
 
         if args.export != "latest" and not args.export.isdigit():
             raise MixsdError(f"--export {args.export!r}: expected a step number or 'latest'")

@@ -12,7 +12,7 @@ from mixsd_jax.models.sharding import make_mesh
 from mixsd_jax.train import step as step_lib
 from mixsd_jax.train.checkpoints import Checkpoints
 from mixsd_jax.train.config import TrainConfig, fingerprinted_dict, resume_fingerprint
-from mixsd_jax.train.export import export_checkpoint
+from mixsd_jax.models.export import export_checkpoint
 
 
 def test_checkpoint_exports_to_a_directory_transformers_loads(tiny_qwen2_dir, tmp_path):

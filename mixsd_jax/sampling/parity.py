@@ -1,0 +1,37 @@
+"""`mixsd models parity`: our model and our compiled decoder against transformers (PyTorch).
+
+The logits checks (full forward, cached steps) are the model's own (`models/parity.py`); this adds
+the third: greedy continuations (up to 16 tokens or a stop token) from our compiled decoder
+against transformers' `generate`, which must be token for token the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mixsd_jax.models.parity import GREEDY_TOKENS, logit_parity
+
+# Parity thresholds for the float32 check (issue #2): logits within 1e-3, every argmax and every
+# greedy token equal. Lower-precision runs only report their numbers.
+F32_MAX_ABS_LOGIT_DIFF = 1e-3
+
+
+def run_parity(model_dir: str | Path, dtype: str = "float32", reference: str = "hf_dir") -> dict:
+    from mixsd_jax.sampling.runner import generate
+
+    checked = logit_parity(model_dir, dtype=dtype, reference=reference)
+    ours = generate(checked.params, checked.cfg, checked.prompts, stop_ids=checked.stop_ids,
+                    max_new_tokens=GREEDY_TOKENS, batch_size=len(checked.prompts), dtype=dtype)
+    return {
+        **checked.result,
+        "greedy_tokens_equal": all(o.tokens == g for o, g in zip(ours, checked.hf_generated)),
+        "greedy_tokens": GREEDY_TOKENS,
+    }
+
+
+def parity_passed(result: dict) -> bool:
+    return (
+        result["max_abs_logit_diff"] <= F32_MAX_ABS_LOGIT_DIFF
+        and result["argmax_agreement"] == 1.0
+        and bool(result["greedy_tokens_equal"])
+    )
