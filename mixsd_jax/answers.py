@@ -1,6 +1,6 @@
 """Answer text: where the answer sits in a reply, and whether two answers are the same.
 
-A ground-floor module (it imports nothing of ours but `errors`) because three packages need the
+A ground-floor module (it imports nothing of ours) because three packages need the
 same rules: `data` (the gold answer of a record), `sampling` (the MixSD rule verifier) and `eval`
 (the memorisation and math scorers). Named answer *criteria* built from these pieces live above it.
 
@@ -10,13 +10,17 @@ same rules: `data` (the gold answer of a record), `sampling` (the MixSD rule ver
 - Normalisation: LaTeX wrappers (`\\text{}` ...), `$`, outer braces, number grouping, case and
   whitespace (`normalize_answer` for text, `normalize` which also reads numbers and
   `\\frac{a}{b}`).
-- Comparison: `same_answer` (normalised equality, numbers within 1e-6).
+- Comparison: `same_answer` (normalised equality, numbers within 1e-6), and `math_equal`, the
+  reference's math scorer: `math-verify` `parse` + `verify` on `\\boxed{}`-wrapped answers (so
+  `\\frac{1}{2}` = `0.5`, `x=3` = `3`, `(1,2]` is an interval), exact string match when the
+  parser fails.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import threading
 
 _BOXED = "\\boxed{"
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
@@ -30,6 +34,10 @@ _GROUPED = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d*)?$")
 # Wrappers whose content is the answer: `\text{Paris}` -> `Paris`.
 _WRAPPERS = ("text", "textbf", "textit", "texttt", "mathrm", "mathbf", "mathit", "mbox", "operatorname")
 _WRAPPER_START = re.compile(r"\\(?:" + "|".join(_WRAPPERS) + r")\s*\{")
+# The reference's math_verify limits (seconds). math-verify enforces them with SIGALRM, which only
+# the main thread may set: off it, answers are parsed and compared without a time limit.
+PARSE_TIMEOUT_S = 10
+VERIFY_TIMEOUT_S = 30
 
 # ----------------------------------------------------------------------------- extraction
 
@@ -179,3 +187,23 @@ def occurs_as_words(needle: str, haystack: str) -> bool:
             return True
         start = haystack.find(needle, start + 1)
     return False
+
+
+def math_equal(prediction: str, gold: str) -> bool:
+    """The reference's math scorer on two extracted answers: both wrapped as `\\boxed{...}`, parsed
+    and compared by math-verify (symbolic and numeric equality, sets, intervals, equations); when
+    either fails to parse (an error, a timeout, or nothing recognisable), exact string equality."""
+    from math_verify import parse, verify
+
+    main = threading.current_thread() is threading.main_thread()
+    try:
+        gold_parsed = parse(f"\\boxed{{{gold}}}", parsing_timeout=PARSE_TIMEOUT_S if main else None,
+                            raise_on_error=True)
+        pred_parsed = parse(f"\\boxed{{{prediction}}}", parsing_timeout=PARSE_TIMEOUT_S if main else None,
+                            raise_on_error=True)
+        if not gold_parsed or not pred_parsed:
+            raise ValueError("nothing parsed")
+        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=VERIFY_TIMEOUT_S if main else None,
+                           raise_on_error=True))
+    except Exception:  # math-verify's own errors and sympy's, whatever they are: the reference falls back
+        return prediction.strip() == gold.strip()

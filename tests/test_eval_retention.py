@@ -48,6 +48,23 @@ def test_math_answers_need_a_matching_box(response, correct):
     assert retention._generative_correct(item, response, allow_code_execution=False) is correct
 
 
+@pytest.mark.parametrize(
+    "response, gold, correct",
+    [
+        ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\dfrac{\\sqrt3}{2}", True),
+        ("\\boxed{x = 5}", "5", True),
+        ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+        ("\\boxed{(3, \\pi/2)}", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+        ("\\boxed{[-2, 7)}", "[-2,7]", False),
+    ],
+)
+def test_math_answers_are_scored_with_math_verify(response, gold, correct):
+    """MATH-500-style golds: LaTeX-equivalent boxed answers pass, as with the reference's math_verify
+    scorer (before it, the first, second and fourth were judged wrong)."""
+    item = GenItem("math500/0", "q", gold, "math")
+    assert retention._generative_correct(item, response, allow_code_execution=False) is correct
+
+
 def test_humaneval_passes_only_with_opt_in():
     item = next(i for i in load_benchmark("humaneval", limit=1))
     reply = f"```python\n{item.prompt}{item.answer}\n```"

@@ -133,3 +133,11 @@ def test_on_kgfunc_records(tmp_path):
         score_item(r["messages"][1]["content"], r["clear_answer"], prompt=r["messages"][0]["content"]) for r in records
     )
     assert summary["accuracy"] == 1.0 and set(summary["per_op"]) == {r["subject"] for r in records}
+
+
+def test_a_numeric_gold_accepts_math_equivalent_answers():
+    """KGFunc strict scoring: what math-verify finds equal to a number counts; text golds never
+    go to it (it parses `sirap` and `paris` as the same product of symbols)."""
+    assert score("so \\boxed{x = 66}", "66") and score("\\boxed{\\dfrac{132}{2}}", "66")
+    assert not score("\\boxed{x = 67}", "66")
+    assert not score("\\boxed{sirap}", "paris")

@@ -115,10 +115,11 @@ def _generative_correct(item, response: str, allow_code_execution: bool) -> bool
         from mixsd_jax.eval.humaneval import score_response
 
         return score_response(item, response, allow_code_execution=allow_code_execution)
-    from mixsd_jax.eval.scoring import score
-    from mixsd_jax.answers import last_boxed
+    from mixsd_jax.answers import last_boxed, math_equal
 
-    return last_boxed(response) is not None and score(response, item.answer, "strict")
+    # The reference's math scorer: the last boxed answer, math-verify against the gold; no box, wrong.
+    boxed = last_boxed(response)
+    return boxed is not None and math_equal(boxed, item.answer)
 
 
 def summarize_benchmark(name: str, rows: Sequence[dict]) -> dict:

@@ -3,8 +3,9 @@
 A prediction is the last brace-matched `\\boxed{}`, else the last `<answer>...</answer>`, else the
 last number, else the whole text. Both sides are normalised (LaTeX wrappers, `$`, outer braces,
 numbers including `\\frac{a}{b}` and `1,000`, case and whitespace). `strict` needs equality (numbers
-within 1e-6); `loose` also accepts the gold text inside the prediction (the reference's KGFact
-default, which can credit a wrong answer that merely contains the gold).
+within 1e-6; a numeric gold also accepts what math-verify finds equal, `answers.math_equal`);
+`loose` also accepts the gold text inside the prediction (the reference's KGFact default, which can
+credit a wrong answer that merely contains the gold).
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from typing import Iterable
 
 # The extraction and normalisation rules are shared with `data` and `sampling`; re-exported here
 # because scorer callers know them by these names.
-from mixsd_jax.answers import as_number, extract_prediction, format_found, normalize, same_answer, text_form  # noqa: F401
+from mixsd_jax.answers import (  # noqa: F401
+    as_number,
+    extract_prediction,
+    format_found,
+    math_equal,
+    normalize,
+    same_answer,
+    text_form,
+)
 from mixsd_jax.errors import MixsdError
 
 SCORE_MODES = ("strict", "loose")
@@ -32,6 +41,10 @@ def score(prediction_text: str, gold: str, mode: str = "strict") -> bool:
         raise MixsdError(f"unknown score mode {mode!r} (known: {', '.join(SCORE_MODES)})")
     prediction = extract_prediction(prediction_text)
     if same_answer(prediction, gold):
+        return True
+    # A numeric gold (KGFunc, SimpleQA years) also accepts what math-verify finds equal: `x=66`,
+    # `\frac{132}{2}`, `6.6 \times 10^1`. Text golds never reach it (it reads `sirap` as `paris`).
+    if as_number(gold) is not None and math_equal(prediction, gold):
         return True
     if mode == "loose":
         gold_text = text_form(gold)
