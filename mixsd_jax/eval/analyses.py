@@ -72,15 +72,15 @@ def summarize_nll(rows: Sequence[dict], seed: int = 0) -> dict:
     sums = np.array([x.sum() for x in per_record])
     counts = np.array([len(x) for x in per_record])
     tokens = np.concatenate(per_record)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(rows), (BOOTSTRAP_SAMPLES, len(rows)))
-    boot = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    from mixsd_jax.eval.intervals import ratio_bootstrap_ci
+
+    low, high = ratio_bootstrap_ci(sums, counts, seed=seed, n_resamples=BOOTSTRAP_SAMPLES)
     hist, _ = np.histogram(np.clip(tokens, NLL_BINS[0], NLL_BINS[-1]), bins=NLL_BINS)
     return {
         "records": len(rows),
         "tokens": int(counts.sum()),
         "mean_token_nll": float(sums.sum() / counts.sum()),
-        "ci95": np.percentile(boot, [2.5, 97.5]).tolist(),
+        "ci95": [low, high],
         "mean_record_nll": float(np.mean(sums / counts)),
         "median_token_nll": float(np.median(tokens)),
         "mean_target_tokens": float(counts.mean()),

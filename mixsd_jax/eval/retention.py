@@ -146,13 +146,9 @@ def retention_ratio(base_rows: Sequence[dict], tuned_rows: Sequence[dict], seed:
     base_mean, tuned_mean = pairs[:, 0].mean(), pairs[:, 1].mean()
     if base_mean == 0:
         return {"ratio": None, "ci95": [None, None], "n": len(pairs), "note": "base scores 0"}
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(pairs), (BOOTSTRAP_SAMPLES, len(pairs)))
-    sampled = pairs[draws]  # [S, n, 2]
-    sums = sampled.sum(axis=1)
-    ok = sums[:, 0] > 0
-    ratios = sums[ok, 1] / sums[ok, 0]
-    low, high = (np.percentile(ratios, [2.5, 97.5]).tolist() if len(ratios) else [None, None])
+    from mixsd_jax.eval.intervals import ratio_bootstrap_ci
+
+    low, high = ratio_bootstrap_ci(pairs[:, 1], pairs[:, 0], seed=seed, n_resamples=BOOTSTRAP_SAMPLES)
     return {"ratio": float(tuned_mean / base_mean), "ci95": [low, high], "n": int(len(pairs))}
 
 

@@ -10,7 +10,6 @@ credit a wrong answer that merely contains the gold).
 
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from mixsd_jax.answers import (  # noqa: F401
     text_form,
 )
 from mixsd_jax.errors import MixsdError
+from mixsd_jax.eval.intervals import wilson_interval  # noqa: F401  (scipy's; callers know it from here)
 
 SCORE_MODES = ("strict", "loose")
 
@@ -83,17 +83,6 @@ def score_item(
         prediction=extract_prediction(response),
         gold=gold,
     )
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """95% Wilson score interval: unlike the normal approximation it stays inside [0, 1]."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = correct / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))
 
 
 def _accuracy_block(items: list[ScoredItem]) -> dict:

@@ -1,0 +1,57 @@
+"""95% intervals from `scipy.stats`: Wilson for accuracies, a paired percentile bootstrap for ratios.
+
+Both are what scipy documents and tests, so a reader checks one call, not our arithmetic. The
+bootstrap draws its resamples from `numpy.random.default_rng(seed)` (a fixed seed: the same rows
+give the same interval on every machine and rerun).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import stats
+
+BOOTSTRAP_SAMPLES = 1000
+_Z95 = 1.959963984540054
+
+
+def wilson_interval(correct: int, n: int, z: float = _Z95) -> tuple[float, float]:
+    """Wilson score interval (95% by default): unlike the normal approximation it stays in [0, 1]."""
+    if n == 0:
+        return (0.0, 1.0)
+    level = 2 * stats.norm.cdf(z) - 1
+    ci = stats.binomtest(int(correct), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return (max(0.0, float(ci.low)), min(1.0, float(ci.high)))
+
+
+def ratio_bootstrap_ci(numerator, denominator, seed: int = 0,
+                       n_resamples: int = BOOTSTRAP_SAMPLES) -> tuple[float | None, float | None]:
+    """Percentile 95% interval of sum(numerator) / sum(denominator) over rows resampled in pairs.
+
+    A resample whose denominator sums to 0 has no ratio and is left out of the percentiles (a base
+    model that scored none of the drawn items); with no ratio at all the interval is (None, None).
+    """
+    numerator = np.asarray(numerator, float)
+    denominator = np.asarray(denominator, float)
+
+    def ratio(num, den, axis=-1):
+        total = den.sum(axis=axis)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(total > 0, num.sum(axis=axis) / np.where(total > 0, total, 1.0), np.nan)
+
+    if len(numerator) < 2:  # scipy needs two observations; one row resamples only to itself
+        value = ratio(numerator, denominator)
+        return (None, None) if np.isnan(value) else (float(value), float(value))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)  # identical resamples: a point interval
+        result = stats.bootstrap((numerator, denominator), ratio, paired=True, vectorized=True,
+                                 n_resamples=n_resamples, method="percentile", confidence_level=0.95,
+                                 rng=np.random.default_rng(seed))
+    low, high = result.confidence_interval
+    if np.isnan(low) or np.isnan(high):  # some resamples had no ratio: percentiles of the others
+        kept = result.bootstrap_distribution[~np.isnan(result.bootstrap_distribution)]
+        if not len(kept):
+            return (None, None)
+        low, high = np.percentile(kept, [2.5, 97.5])
+    return (float(low), float(high))
