@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable
 
 import jax
@@ -64,22 +63,20 @@ class OptimConfig:
         )
 
 
-def lr_schedule(opt: OptimConfig) -> Callable[[jax.Array], jax.Array]:
-    """Linear warmup over `warmup_steps` (the first update already uses lr/warmup), then constant
-    or cosine decay to zero at `total_steps`."""
-
-    def schedule(count):
-        count = jnp.asarray(count, jnp.float32)
-        factor = jnp.float32(1.0)
-        if opt.warmup_steps:
-            factor = jnp.minimum(1.0, (count + 1.0) / opt.warmup_steps)
-        if opt.schedule == "cosine":
-            span = max(opt.total_steps - opt.warmup_steps, 1)
-            progress = jnp.clip((count - opt.warmup_steps) / span, 0.0, 1.0)
-            factor = factor * 0.5 * (1.0 + jnp.cos(math.pi * progress))
-        return opt.lr * factor
-
-    return schedule
+def lr_schedule(opt: OptimConfig) -> optax.Schedule:
+    """Linear warmup over `warmup_steps` (the first update already uses lr/warmup, the last one lr),
+    then constant or cosine decay from lr at step `warmup_steps` to zero at `total_steps`."""
+    if opt.schedule == "cosine":
+        decay_steps = max(opt.total_steps - opt.warmup_steps, 1)
+        main = optax.cosine_decay_schedule(init_value=opt.lr, decay_steps=decay_steps, alpha=0.0)
+    else:
+        main = optax.constant_schedule(opt.lr)
+    if not opt.warmup_steps:
+        return main
+    warmup = optax.linear_schedule(
+        init_value=opt.lr / opt.warmup_steps, end_value=opt.lr, transition_steps=opt.warmup_steps - 1
+    )
+    return optax.join_schedules([warmup, main], boundaries=[opt.warmup_steps])
 
 
 def _decay_mask(params):
