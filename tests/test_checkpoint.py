@@ -83,3 +83,24 @@ def test_misshaped_tensor_is_named(tiny_llama_dir, tmp_path):
 def test_not_a_model_directory(tmp_path):
     with pytest.raises(MixsdError, match="no config.json"):
         load_hf(tmp_path)
+
+
+def test_a_corrupt_safetensors_file_is_named(tiny_llama_dir, tmp_path):
+    d = _copy(tiny_llama_dir, tmp_path / "m")
+    (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with pytest.raises(MixsdError, match=r"model.safetensors: not a readable safetensors file"):
+        load_hf(d)
+
+
+def test_lazy_tensors_read_blocks_of_the_stored_bytes(tiny_llama_dir):
+    """Indexing a (transposed) lazy tensor reads the same values as the whole stored array."""
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(tiny_llama_dir / "model.safetensors"))
+    lazy = ckpt.read_hf_tensors(tiny_llama_dir)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    whole = stored[name]
+    assert lazy[name].shape == whole.shape and lazy[name].T.shape == whole.T.shape
+    np.testing.assert_array_equal(lazy[name][1:3], whole[1:3])
+    np.testing.assert_array_equal(lazy[name].T[2:5, 1:4], whole.T[2:5, 1:4])
+    np.testing.assert_array_equal(np.asarray(lazy[name].T), whole.T)

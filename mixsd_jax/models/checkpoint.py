@@ -1,8 +1,9 @@
 """HF-format model directories in and out: config.json + (sharded) safetensors.
 
-Loading is shard-aware: tensors are memory-mapped and every device's slice is read straight from
-the file by `jax.make_array_from_callback`, so a host only touches the bytes its devices hold.
-Export writes safetensors that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+Loading is shard-aware: each tensor is a lazy `safetensors` slice and every device's block is read
+straight from its file by `jax.make_array_from_callback`, so a host only touches the bytes its
+devices hold. Export writes safetensors (`safetensors.numpy.save_file`) that
+`transformers.AutoModelForCausalLM.from_pretrained` loads.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -49,41 +49,68 @@ TOKENIZER_FILES = (
 # ----------------------------------------------------------------------------- safetensors
 
 
-def _open_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Name -> read-only memory-mapped array (no bytes are read until sliced)."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    base = 8 + header_len
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _ST_DTYPES.get(info["dtype"])
+class LazyTensor:
+    """One tensor of a safetensors file, read only where it is indexed (`safe_open(...).get_slice`).
+
+    `.T` is a transposed view of the same bytes (HF stores projections [out, in], we keep [in, out]):
+    indexing it reads the matching block of the stored tensor and transposes just that block.
+    """
+
+    def __init__(self, file_slice, path: Path, name: str, transposed: bool = False):
+        self._slice, self._path, self._name, self._transposed = file_slice, path, name, transposed
+        stored = tuple(file_slice.get_shape())
+        self.shape = tuple(reversed(stored)) if transposed else stored
+        dtype = _ST_DTYPES.get(file_slice.get_dtype())
         if dtype is None:
-            raise MixsdError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, stop = info["data_offsets"]
-        out[name] = mm[base + start : base + stop].view(dtype).reshape(info["shape"])
-    return out
+            raise MixsdError(f"{path}: tensor {name!r} has unsupported dtype {file_slice.get_dtype()}")
+        self.dtype = dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def T(self) -> "LazyTensor":
+        if self.ndim > 2:
+            raise ValueError("only 1-D and 2-D tensors are transposed")
+        return LazyTensor(self._slice, self._path, self._name, not self._transposed)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        idx = idx + (slice(None),) * (self.ndim - len(idx))
+        if self._transposed:
+            return np.asarray(self._slice[tuple(reversed(idx))]).T
+        return np.asarray(self._slice[idx])
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[tuple(slice(None) for _ in self.shape)]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def _open_safetensors(path: Path) -> dict[str, LazyTensor]:
+    """Name -> LazyTensor (only the header is read here)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(path), framework="numpy")
+        return {name: LazyTensor(handle.get_slice(name), path, name) for name in handle.keys()}
+    except SafetensorError as exc:
+        raise MixsdError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, arr in tensors.items():
-        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for arr in tensors.values():
-            f.write(np.ascontiguousarray(arr).tobytes())
+    from safetensors.numpy import save_file
+
+    # transformers reads `format: pt` as "tensors in PyTorch layout", which these are.
+    save_file({name: np.ascontiguousarray(arr) for name, arr in tensors.items()}, str(path),
+              metadata={"format": "pt"})
 
 
-def read_hf_tensors(model_dir: str | Path) -> dict[str, np.ndarray]:
+def read_hf_tensors(model_dir: str | Path) -> dict[str, LazyTensor]:
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
