@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,26 +19,59 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MIXSD_CACHE") or Path.home() / ".cache" / "mixsd-jax").expanduser()
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yields (line_number, object) for each non-blank line; a bad line is a MixsdError naming it."""
+@dataclass(frozen=True)
+class BadLine:
+    """Why one line of a JSONL file is not a JSON object (yielded with `iter_jsonl(..., bad="yield")`)."""
+
+    reason: str
+
+
+def iter_jsonl(path: str | Path, *, bad: str = "raise") -> Iterator[tuple[int, Any]]:
+    """(line number, object) for each non-blank line of a `.jsonl` or `.jsonl.gz` file.
+
+    The one JSONL reader (data, eval and the stage files all read through it), so every bad line is
+    reported alike: not UTF-8, malformed JSON, a last line cut off mid-write, or not an object.
+    `bad="raise"`: the first one is a MixsdError `path:line: reason`; `bad="yield"`: it comes back
+    as `(line, BadLine)` and reading goes on, for validators that report every problem.
+    """
     path = Path(path)
     if not path.is_file():
         raise MixsdError(f"{path}: file not found")
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise MixsdError(f"{path}:{number}: not valid UTF-8 (byte {exc.start})") from None
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise MixsdError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise MixsdError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-            yield number, obj
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                obj = _json_line(raw, number)
+                if obj is None:
+                    continue
+                if isinstance(obj, BadLine) and bad == "raise":
+                    raise MixsdError(f"{path}:{number}: {obj.reason}")
+                yield number, obj
+    except (OSError, EOFError) as exc:  # a corrupt .gz shows up only while reading
+        raise MixsdError(f"{path}: cannot read ({exc})") from None
+
+
+def _json_line(raw: bytes, number: int) -> dict | BadLine | None:
+    """The object on one line, None for a blank line, or why there is none."""
+    torn = not raw.endswith(b"\n")  # only the last line of a file can lack its newline
+    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadLine(f"not valid UTF-8 (byte {exc.start} of the line is {raw[exc.start]:#04x})")
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if torn:
+            reason = f"no newline at end of file and the JSON is incomplete ({exc.msg} at column {exc.colno})"
+            return BadLine(f"truncated last line: {reason}")
+        return BadLine(f"malformed JSON ({exc.msg} at column {exc.colno})")
+    if not isinstance(obj, dict):
+        return BadLine(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def sha256_file(path: str | Path) -> str:

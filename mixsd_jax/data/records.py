@@ -11,13 +11,13 @@ either a record or an error (blank lines are not records).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from mixsd_jax.answers import last_boxed
 from mixsd_jax.errors import MixsdError
+from mixsd_jax.files import BadLine, iter_jsonl
 
 # Where a leading system turn (or an alpaca `system` field) is kept; `to_json` turns it back into
 # the leading system message.
@@ -100,36 +100,13 @@ class ValidationReport:
 
 def iter_json_lines(path: str | Path) -> Iterator[tuple[int, dict | LineProblem]]:
     """Yields (line number, JSON object or the problem with that line); blank lines are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise MixsdError(f"{path}: file not found")
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            yield number, _parse_json_line(raw, number)
-
-
-def _parse_json_line(raw: bytes, number: int) -> dict | LineProblem:
-    torn = not raw.endswith(b"\n")  # only the last line of a file can lack its newline
-    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return LineProblem("", f"not valid UTF-8 (byte {exc.start} of the line is {raw[exc.start]:#04x})")
-    if not text.strip():
-        return {}
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if torn:
-            reason = f"no newline at end of file and the JSON is incomplete ({exc.msg} at column {exc.colno})"
-            return LineProblem("", f"truncated last line: {reason}")
-        return LineProblem("", f"malformed JSON ({exc.msg} at column {exc.colno})")
-    if not isinstance(obj, dict):
-        return LineProblem("", f"expected a JSON object, got {type(obj).__name__}")
-    if not obj:
-        return LineProblem("", "empty JSON object")
-    return obj
+    for number, obj in iter_jsonl(path, bad="yield"):
+        if isinstance(obj, BadLine):
+            yield number, LineProblem("", obj.reason)
+        elif not obj:
+            yield number, LineProblem("", "empty JSON object")
+        else:
+            yield number, obj
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import gzip
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mixsd_jax.errors import MixsdError
+from mixsd_jax.files import iter_jsonl
 
 BUNDLED_ROOT = Path(__file__).resolve().parent.parent / "resources" / "benchmarks"
 DATA_ROOT_ENV = "MIXSD_BENCHMARKS"
@@ -124,25 +123,7 @@ def _require_file(path: Path) -> Path:
 
 def _json_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) per non-blank line of a .jsonl or .jsonl.gz file."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(_require_file(path), "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise MixsdError(f"{path}:{number}: not valid UTF-8 (byte {exc.start})") from None
-                if not text.strip():
-                    continue
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise MixsdError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
-                if not isinstance(obj, dict):
-                    raise MixsdError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-                yield number, obj
-    except (OSError, EOFError) as exc:
-        raise MixsdError(f"{path}: cannot read ({exc})") from None
+    return iter_jsonl(_require_file(path))
 
 
 def _field(row: dict, name: str, kind: type, where: str) -> Any:
