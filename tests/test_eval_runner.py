@@ -191,3 +191,17 @@ def test_bad_inputs_fail_before_any_model_runs(tiny_llama_dir, corpus, tmp_path)
     with pytest.raises(MixsdError, match="needs training files"):
         run(suites=("nll",))
     assert not (tmp_path / "o").exists()
+
+
+def test_results_record_the_humaneval_sandbox(tiny_llama_dir, tmp_path):
+    """With HumanEval turned on, results.json names the protections its programs ran under."""
+    import json
+
+    from mixsd_jax.eval.humaneval import sandbox_protections
+
+    cfg = EvalConfig(base=str(tiny_llama_dir), suites=("retention",), benchmarks=("humaneval",), limit=1,
+                     out_dir=str(tmp_path / "o"), batch_size=1, max_new_tokens=2, allow_code_execution=True)
+    results = evaluate(cfg, progress=False)
+    stored = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["humaneval_sandbox"] == stored["humaneval_sandbox"] == sandbox_protections()
+    assert "in_process_guard" in stored["humaneval_sandbox"]

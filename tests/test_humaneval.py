@@ -1,4 +1,6 @@
 import os
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -6,7 +8,15 @@ import pytest
 
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.eval.benchmarks import load_benchmark
-from mixsd_jax.eval.humaneval import chat_prompt, extract_code, has_fenced_code, run_humaneval_item, score_response
+from mixsd_jax.eval.humaneval import (
+    chat_prompt,
+    extract_code,
+    has_fenced_code,
+    run_humaneval_item,
+    run_program,
+    sandbox_protections,
+    score_response,
+)
 
 ITEM = load_benchmark("humaneval", limit=None)[0]  # HumanEval/0, has_close_elements, from the bundled file
 
@@ -54,23 +64,37 @@ def test_memory_limit():
     assert not run(allocating(2 * 1024**3), memory_mb=256)
 
 
-def test_forked_children_die_with_the_program(tmp_path):
-    pid_file = tmp_path / "child.pid"
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return [pid for pid in found if _alive(pid)]
+
+
+def test_forked_children_die_with_the_program():
+    """A grandchild that outlives its parent is ended with it (process group, PID namespace)."""
+    marker = "61.4242"  # a sleep no other process on the machine runs
     code = (
-        "    import os, time\n"
-        "    child = os.fork()\n"
-        "    if child == 0:\n"
-        "        time.sleep(60)\n"
-        "        os._exit(0)\n"
-        f"    open({str(pid_file)!r}, 'w').write(str(child))\n"
-        "    time.sleep(60)\n"
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        f"    os.execv('/bin/sleep', ['sleep', '{marker}'])\n"
+        "time.sleep(60)\n"
     )
-    assert not run(code, timeout_s=1)
-    child = int(pid_file.read_text())
+    seen = []
+    watcher = threading.Thread(target=lambda: [seen.append(bool(_processes_with(marker))) or time.sleep(0.1)
+                                               for _ in range(25)])
+    watcher.start()
+    assert not run_program(code, timeout_s=2, guard=False)  # the guard would refuse the fork itself
+    watcher.join()
+    assert any(seen), "the grandchild never ran: the test would prove nothing"
     deadline = time.monotonic() + 3
-    while _alive(child) and time.monotonic() < deadline:
+    while _processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(child)
+    assert not _processes_with(marker)
 
 
 def _alive(pid: int) -> bool:
@@ -82,6 +106,49 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _needs(protection: str):
+    return pytest.mark.skipif(protection not in sandbox_protections(),
+                              reason=f"this kernel does not allow the sandbox's {protection}")
+
+
+@_needs("network_namespace")
+def test_a_program_that_opens_a_socket_fails():
+    with socket.socket() as server:  # even localhost is out of reach
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        code = f"import socket\nsocket.create_connection(('127.0.0.1', {server.getsockname()[1]}), timeout=5).close()\n"
+        assert run_program(code, isolate=False, guard=False)  # the same program connects without the sandbox
+        assert not run_program(code, guard=False)
+        assert not run_program(code)
+
+
+@_needs("read_only_filesystem")
+def test_a_program_that_writes_outside_its_directory_fails(tmp_path):
+    target = tmp_path / "escaped.txt"
+    code = f"open({str(target)!r}, 'w').write('out')\nopen('inside.txt', 'w').write('in')\n"
+    assert not run_program(code, guard=False)
+    assert not target.exists()
+    assert run_program("import tempfile\nopen('inside.txt', 'w').write('in')\ntempfile.mkstemp()\n", guard=False)
+    assert run_program(code, isolate=False, guard=False) and target.read_text() == "out"  # it would have
+
+
+@pytest.mark.parametrize("call", [
+    "import os\nopen('f', 'w').close()\nos.remove('f')",
+    "import shutil, os\nos.mkdir('d')\nshutil.rmtree('d')",
+    "import subprocess\nsubprocess.run(['true'])",
+    "import os\nos.kill(os.getpid(), 0)",
+])
+def test_the_in_process_guard_refuses_destructive_calls(call):
+    assert run_program(call, guard=False)
+    assert not run_program(call)
+
+
+def test_protections_are_named():
+    names = sandbox_protections()
+    assert names[:4] == ["separate_interpreter", "empty_environment", "resource_limits", "process_group_killed"]
+    assert names[-1] == "in_process_guard" and "in_process_guard" not in sandbox_protections(guard=False)
 
 
 @pytest.mark.parametrize(

@@ -460,6 +460,10 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
         rows[key] = result
         timing[label] = round(seconds, 2)
     results = assemble(cfg, inputs, rows)
+    if cfg.allow_code_execution and "humaneval" in inputs.benchmarks:
+        from mixsd_jax.eval.humaneval import sandbox_protections
+
+        results["humaneval_sandbox"] = sandbox_protections()  # what isolated the model-written code
     results["timing"] = {"computed_units_s": timing, "total_s": round(time.time() - started, 2)}
     report.write_report(results, out_dir)
     return results
