@@ -157,3 +157,27 @@ def test_builders_are_byte_identical_across_processes(tmp_path):
     first, second, other = build("a", 3, "0"), build("b", 3, "12345"), build("c", 4, "0")
     assert first == second and len(first) == 14
     assert first["simpleqa/atomic_sft/train_messages.jsonl"] != other["simpleqa/atomic_sft/train_messages.jsonl"]
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_validate_an_empty_file_says_so_and_fails(tmp_path, capsys, content):
+    from mixsd_jax import cli
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(content)
+    assert cli.main(["data", "validate", str(empty)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {empty}: holds no records"
+
+
+def test_no_pytorch_banner_without_pytorch():
+    """Without PyTorch installed, transformers announces it on import; our commands do not need it.
+    Every command imports `mixsd_jax` first (the entry point lives in it), then transformers."""
+    hide_torch = "import sys; sys.modules['torch'] = None; "
+    plain = subprocess.run([sys.executable, "-c", hide_torch + "import transformers"],
+                           capture_output=True, text=True, timeout=300)
+    assert "PyTorch was not found" in plain.stderr  # what the test guards against
+    ours = subprocess.run([sys.executable, "-c", hide_torch + "import mixsd_jax.cli, transformers; "
+                           "transformers.logging.get_logger('transformers').warning('other warnings stay')"],
+                          capture_output=True, text=True, timeout=300)
+    assert ours.returncode == 0 and "PyTorch was not found" not in ours.stderr, ours.stderr
+    assert "other warnings stay" in ours.stderr

@@ -173,6 +173,9 @@ def run_validate(args) -> int:
         print(f"{report.path}:{again}: duplicate of line {first} (same user and assistant text)")
     if len(report.duplicates) > args.max_shown:
         print(f"... and {len(report.duplicates) - args.max_shown} more duplicates")
+    if not report.records and not report.errors:
+        # Every stage refuses an empty file; "0 valid records, 0 errors" with exit 0 would hide it.
+        raise MixsdError(f"{report.path}: holds no records")
     print(report.summary())
     failed = bool(report.errors) or (args.strict and bool(report.duplicates))
     return 1 if failed else 0
