@@ -44,3 +44,11 @@ def smollm2_dir():
     from mixsd_jax.models.registry import EMBEDDED_DEFAULT, pull
 
     return pull(EMBEDDED_DEFAULT)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that loads the embedded 135M model must be marked `slow`, so `-m "not slow"` skips it."""
+    unmarked = [item.nodeid for item in items if "smollm2_dir" in item.fixturenames
+                and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError(f"uses the embedded model without @pytest.mark.slow: {', '.join(unmarked)}")

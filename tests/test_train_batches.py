@@ -33,6 +33,7 @@ def test_mask_is_exactly_the_answer_and_end_of_turn(tiny_model_dir, enable_think
     assert context == rendered
 
 
+@pytest.mark.slow
 def test_mask_on_the_embedded_default_template_with_system_prompts(smollm2_dir):
     tok = load_tokenizer(smollm2_dir)
     own_system = Record("Capital of France?", "Paris.", extra={"system": "Answer briefly."})
