@@ -51,8 +51,13 @@ mount --bind "$W" "$W" || exit 91
 while read -r dev m fs opts rest; do
   [ "$m" = "$W" ] && continue
   case "$fs" in proc|devpts|mqueue) continue ;; esac
-  keep=$(echo "$opts" | tr , '\n' | grep -E '^(nosuid|nodev|noexec|noatime|nodiratime|relatime|strictatime)$' | paste -sd, -)
-  mount -o "remount,bind,ro${keep:+,$keep}" "$m" 2>/dev/null || exit 92
+  keep=""
+  IFS=,
+  for o in $opts; do
+    case "$o" in nosuid|nodev|noexec|noatime|nodiratime|relatime|strictatime) keep="$keep,$o" ;; esac
+  done
+  unset IFS
+  mount -o "remount,bind,ro$keep" "$m" 2>/dev/null || exit 92
 done < /proc/self/mounts
 cd "$W" || exit 93  # the working directory was the read-only one under the new bind mount
 exec setpriv --bounding-set=-all --inh-caps=-all --no-new-privs -- "$@"
