@@ -6,8 +6,8 @@ How each kind is scored:
   template). The headline metric is `acc_norm` for ARC, PIQA and HellaSwag (whose choices differ in
   length) and `acc` for the rest; both are kept per item.
 - math (GSM8K, MATH-500, AIME): greedy reply to the reference's math prompt as one chat turn,
-  correct when it has a `\\boxed{}` whose answer matches the gold (strict; no box = wrong, as the
-  reference's math_verify path).
+  correct when its last `\\boxed{}` answer equals the gold by math-verify, as the reference scores
+  it (`answers.math_equal`; exact string when the parser fails; no box = wrong).
 - LAMBADA: the last word is right when greedy decoding from the raw passage would write it, i.e.
   every token of `" " + word` is the argmax (lm-eval's lambada acc), read off the same kernel.
 - HumanEval: pass@1 of the greedy reply to the `humaneval_chat` prompt, run in the sandbox; opt-in.
