@@ -172,3 +172,31 @@ def test_bad_input_is_one_clear_line(tiny_llama_dir, corpus, tmp_path):
     # The prompts (81-92 tokens) fit in 96; rollouts run up to the limit, leaving no room for the GT text.
     with pytest.raises(MixsdError, match=r"record \d+: the OPSD teacher input cannot fit in 96 tokens"):
         train(_cfg(tiny_llama_dir, corpus, tmp_path / "c", "max_seq_len=96"), progress=False)
+
+
+def test_command_line_trains_opsd_and_rejects_bad_keys(tiny_llama_dir, corpus, tmp_path, capsys):
+    from mixsd_jax.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--method", "opsd", "--data", str(corpus), "--model", str(tiny_llama_dir), "--out", str(out),
+            "--steps", "1", "--batch-size", "4", "--no-progress", "async_checkpoints=false", "mesh.data=1",
+            "max_seq_len=256", "pad_to_max_len=true", "opsd.num_rollouts=2", "opsd.max_new_tokens=16",
+            "opsd.loss_chunk=8"]
+    assert main(argv) == 0
+    assert "trained 1 steps" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    assert main(argv + ["opsd.divergence=tvd"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "opsd.divergence" in err and err.count("\n") == 1
+
+
+def test_bench_opsd_prints_one_json_line(tiny_llama_dir, capsys):
+    from mixsd_jax.cli import main
+
+    assert main(["bench", "train", "--method", "opsd", "--model", str(tiny_llama_dir), "--batch-size", "8",
+                 "--rollouts", "1", "--max-new-tokens", "8", "--steps", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert len(lines) == 1 and result["bench"] == "train_opsd" and result["devices"] == 8
+    assert result["rollout_tokens_per_s"] > 0 and result["forward_tokens_per_s"] > 0
+    assert 0 < result["rollout_share_of_step"] < 1 and len(result["loadavg"]) == 3 and result["cpu_cores"] >= 1
