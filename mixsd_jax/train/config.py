@@ -150,19 +150,19 @@ def load_train_config(path=None, overrides=()) -> TrainConfig:
     return config_lib.load(TrainConfig, path, overrides)
 
 
-def _not_fingerprinted(cfg: TrainConfig) -> tuple[str, ...]:
+def not_fingerprinted(cfg: TrainConfig) -> tuple[str, ...]:
     # An SFT run does not read `method`/`opsd`: leaving them out keeps the fingerprints that SFT
     # runs (and pipeline stages) had before OPSD existed.
     return NOT_FINGERPRINTED + (("method", "opsd") if cfg.method == "sft" else ())
 
 
 def resume_fingerprint(cfg: TrainConfig) -> str:
-    return config_lib.fingerprint(cfg, exclude=_not_fingerprinted(cfg))
+    return config_lib.fingerprint(cfg, exclude=not_fingerprinted(cfg))
 
 
 def fingerprinted_dict(cfg: TrainConfig) -> dict:
     data = config_lib.to_dict(cfg)
-    return {k: v for k, v in data.items() if k not in _not_fingerprinted(cfg)}
+    return {k: v for k, v in data.items() if k not in not_fingerprinted(cfg)}
 
 
 def differing_keys(stored: dict, current: dict) -> list[str]:
