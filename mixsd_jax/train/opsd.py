@@ -22,6 +22,7 @@ Batch arrays [A, M, ...] (A accumulation micro batches of M rows):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Sequence
 
@@ -112,36 +113,28 @@ def loss_for(cfg) -> OpsdLoss:
     return OpsdLoss(o.divergence, o.topk, o.mixed_kl_weight, frozen_teacher=o.teacher == "base", chunk=o.loss_chunk)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Evaluator:
-    loss: OpsdLoss
-    model_cfg: ModelConfig
-    compute_dtype: str
-
-
 def mean_divergence(params, teacher_params, model_cfg: ModelConfig, batch, loss: OpsdLoss, compute_dtype="float32"):
     """(mean divergence, response tokens) of a host batch without an update: the measure that
     OPSD lowers, for tests and analyses."""
-    fn = _jit_divergence(_Evaluator(loss, model_cfg, compute_dtype))
-    total, count = fn(params, teacher_params, {k: jnp.asarray(v) for k, v in batch.items()})
+    total, count = divergence_fn(loss, model_cfg, compute_dtype)(
+        params, teacher_params, {k: jnp.asarray(v) for k, v in batch.items()})
     return float(total) / max(float(count), 1.0), float(count)
 
 
-_DIV_CACHE: dict = {}
+@functools.lru_cache(maxsize=8)
+def divergence_fn(loss: OpsdLoss, model_cfg: ModelConfig, compute_dtype: str = "float32"):
+    """jit(params, teacher_params, batch [A, M, ...]) -> (divergence sum, response tokens): both
+    forwards and the loss, no gradient (`teacher_params=None`: the student is its own teacher)."""
 
+    def run(params, teacher, batch):
+        total, count = jnp.float32(0), jnp.float32(0)
+        for a in range(batch["tokens"].shape[0]):
+            micro = jax.tree.map(lambda x: x[a], batch)
+            d, (n, _) = loss(params, model_cfg, micro, jnp.dtype(compute_dtype), teacher)
+            total, count = total + d, count + n
+        return total, count
 
-def _jit_divergence(ev: _Evaluator):
-    if ev not in _DIV_CACHE:
-        def run(params, teacher, batch):
-            total, count = jnp.float32(0), jnp.float32(0)
-            for a in range(batch["tokens"].shape[0]):
-                micro = jax.tree.map(lambda x: x[a], batch)
-                d, (n, _) = ev.loss(params, ev.model_cfg, micro, jnp.dtype(ev.compute_dtype), teacher)
-                total, count = total + d, count + n
-            return total, count
-
-        _DIV_CACHE[ev] = jax.jit(run)
-    return _DIV_CACHE[ev]
+    return jax.jit(run)
 
 
 # ----------------------------------------------------------------------------- data
