@@ -169,34 +169,26 @@ def test_bad_input_is_one_clear_line(tiny_llama_dir, corpus, tmp_path):
     no_gt.write_text(json.dumps({"messages": [{"role": "user", "content": "Q?"}]}) + "\n")
     with pytest.raises(MixsdError, match=r"no_gt\.jsonl:1: messages"):
         train(_cfg(tiny_llama_dir, no_gt, tmp_path / "b"), progress=False)
-    # The prompts (81-92 tokens) fit in 96; rollouts run up to the limit, leaving no room for the GT text.
-    with pytest.raises(MixsdError, match=r"record \d+: the OPSD teacher input cannot fit in 96 tokens"):
+    # The prompts (81-92 tokens) fit in 96, but not with a response and a cut ground truth.
+    with pytest.raises(MixsdError, match=r"the OPSD teacher input cannot fit: all 12 prompts leave no room .* "
+                                         r"max_seq_len=96; raise max_seq_len"):
         train(_cfg(tiny_llama_dir, corpus, tmp_path / "c", "max_seq_len=96"), progress=False)
 
 
-def test_command_line_trains_opsd_and_rejects_bad_keys(tiny_llama_dir, corpus, tmp_path, capsys):
-    from mixsd_jax.cli import main
+def test_rollouts_to_the_length_limit_get_the_ground_truth_cut(tiny_llama_dir, corpus, tmp_path):
+    from mixsd_jax.models.checkpoint import load_hf
+    from mixsd_jax.train import opsd
+    from mixsd_jax.train.teacher import OMISSION_MARKER
 
-    out = tmp_path / "run"
-    argv = ["train", "--method", "opsd", "--data", str(corpus), "--model", str(tiny_llama_dir), "--out", str(out),
-            "--steps", "1", "--batch-size", "4", "--no-progress", "async_checkpoints=false", "mesh.data=1",
-            "max_seq_len=256", "pad_to_max_len=true", "opsd.num_rollouts=2", "opsd.max_new_tokens=16",
-            "opsd.loss_chunk=8"]
-    assert main(argv) == 0
-    assert "trained 1 steps" in capsys.readouterr().out
-    assert json.loads((out / "summary.json").read_text())["steps"] == 1
-    assert main(argv + ["opsd.divergence=tvd"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "opsd.divergence" in err and err.count("\n") == 1
-
-
-def test_bench_opsd_prints_one_json_line(tiny_llama_dir, capsys):
-    from mixsd_jax.cli import main
-
-    assert main(["bench", "train", "--method", "opsd", "--model", str(tiny_llama_dir), "--batch-size", "8",
-                 "--rollouts", "1", "--max-new-tokens", "8", "--steps", "1"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    result = json.loads(lines[-1])
-    assert len(lines) == 1 and result["bench"] == "train_opsd" and result["devices"] == 8
-    assert result["rollout_tokens_per_s"] > 0 and result["forward_tokens_per_s"] > 0
-    assert 0 < result["rollout_share_of_step"] < 1 and len(result["loadavg"]) == 3 and result["cpu_cores"] >= 1
+    cfg = _cfg(tiny_llama_dir, corpus, tmp_path, "max_seq_len=200", "opsd.max_new_tokens=200")
+    source = _rollout_source(cfg)
+    limit = opsd.rollout_limit(cfg, source.tokenizer)
+    _, params = load_hf(tiny_llama_dir)
+    rolled = source.rollouts(0, params)
+    assert any(reason == "max_model_len" for _, _, reason in rolled)
+    assert all(len(p.ids) + len(r) <= limit for p, r, _ in rolled)
+    batch = source.host_batch(0, params)
+    assert batch["teacher_segment_ids"].shape[-1] == 200 and batch["teacher_segment_ids"].sum(-1).max() <= 199
+    cut = [t for t in batch["teacher_tokens"].reshape(-1, 200)
+           if OMISSION_MARKER in source.tokenizer.decode(t.tolist(), skip_special_tokens=False)]
+    assert cut  # the long rollouts' teachers got the 60/40 cut instead of stopping the run

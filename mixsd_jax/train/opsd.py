@@ -148,14 +148,27 @@ class OpsdPrompt:
     where: str
 
 
+# Teacher tokens every rollout leaves free under max_seq_len besides the omission marker: a rollout
+# that runs to the length limit still leaves room for a cut GT text, so one long response cannot
+# stop a long run (the reference's teacher would have nothing left to add).
+MIN_GT_TOKENS = 32
+
+
+def rollout_limit(cfg, tokenizer) -> int:
+    """The longest student sequence (prompt + response) a rollout may reach."""
+    return cfg.max_seq_len - len(tokenizer.encode(teacher_lib.OMISSION_MARKER)) - MIN_GT_TOKENS
+
+
 def prepare_prompts(cfg, tokenizer, records, source: str):
     """Student prompts and GT texts of the records, plus a TokenizedData of prompt examples for
-    the shared BatchPlan (its `.length` is what packing or ordering would read)."""
+    the shared BatchPlan (its `.length` is what packing or ordering would read). A prompt that
+    leaves no room for a response and a cut GT text under max_seq_len is dropped (and counted)."""
     from mixsd_jax.train.batches import Example, TokenizedData, conversation
 
     prompt_style = teacher_lib.get_teacher_prompt(cfg.opsd.prompt)
     end_ids = teacher_lib.end_of_user_ids(tokenizer)
     prompts, examples, dropped = [], [], 0
+    limit = rollout_limit(cfg, tokenizer)
     texts = [tokenizer.render(conversation(r, cfg.system_prompt), add_generation_prompt=True,
                               enable_thinking=cfg.enable_thinking) for r in records]
     for index, (record, text) in enumerate(zip(records, texts)):
@@ -163,7 +176,7 @@ def prepare_prompts(cfg, tokenizer, records, source: str):
         gt = teacher_lib.gt_text(prompt_style, record.assistant, record.clear_answer, where=where)
         ids = tokenizer.encode(text)
         teacher_lib.split_prompt(ids, end_ids)  # fails early for a template without the marker
-        if len(ids) + 1 > cfg.max_seq_len:  # not even one response token fits
+        if len(ids) + 1 > limit:  # not even one response token (and the GT text) fits
             dropped += 1
             continue
         prompts.append(OpsdPrompt(tuple(ids), gt, index, where))
@@ -203,7 +216,7 @@ class RolloutBatches:
             sides=1,
             stop_ids=self.tokenizer.stop_ids,
             max_new_tokens=o.max_new_tokens,
-            max_model_len=self.cfg.max_seq_len,
+            max_model_len=rollout_limit(self.cfg, self.tokenizer),
             batch_size=min(o.rollout_batch_size, len(items)),
             seed=self.cfg.seed,
             dtype=self.cfg.compute_dtype,
@@ -280,7 +293,9 @@ def prepare(cfg, tokenizer):
     prompts, data = prepare_prompts(cfg, tokenizer, records, str(cfg.data))
     if not prompts:
         raise MixsdError(
-            f"{cfg.data}: all {data.num_records} prompts leave no room for a response in max_seq_len={cfg.max_seq_len}"
+            f"{cfg.data}: the OPSD teacher input cannot fit: all {data.num_records} prompts leave no room for a "
+            f"response and the ground truth (at least {MIN_GT_TOKENS} tokens and the omission marker) in "
+            f"max_seq_len={cfg.max_seq_len}; raise max_seq_len"
         )
     plan = BatchPlan(data.examples, batch_size=cfg.batch_size, grad_accum=1, seed=cfg.seed,
                      max_seq_len=cfg.max_seq_len)
