@@ -51,8 +51,9 @@ def bench_opsd(
             build_kgfact(tmp, preset="tiny", seed=0)
             data = os.path.join(tmp, TRAIN_FILE)
         cfg = load_train_config(None, [
-            f"model={model_dir}", f"data={data}", "method=opsd", f"batch_size={batch_size}", f"max_seq_len={max_seq_len}",
-            f"compute_dtype={compute_dtype}", f"opsd.num_rollouts={num_rollouts}", f"opsd.max_new_tokens={max_new_tokens}",
+            f"model={model_dir}", f"data={data}", "method=opsd", f"batch_size={batch_size}",
+            f"max_seq_len={max_seq_len}", f"compute_dtype={compute_dtype}", f"opsd.num_rollouts={num_rollouts}",
+            f"opsd.max_new_tokens={max_new_tokens}",
             f"opsd.loss_chunk={min(1024, max_new_tokens)}", "lr=1e-5",
         ])
         tokenizer = load_tokenizer(model_dir)

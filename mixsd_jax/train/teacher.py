@@ -80,7 +80,8 @@ TEACHER_PROMPTS["knowledge"] = TEACHER_PROMPTS["knowledge_base_answer"]
 
 def get_teacher_prompt(name: str) -> TeacherPrompt:
     if name not in TEACHER_PROMPTS:
-        raise MixsdError(f"config key 'opsd.prompt': unknown teacher prompt {name!r} (known: {', '.join(TEACHER_PROMPTS)})")
+        known = ", ".join(TEACHER_PROMPTS)
+        raise MixsdError(f"config key 'opsd.prompt': unknown teacher prompt {name!r} (known: {known})")
     return TEACHER_PROMPTS[name]
 
 
@@ -102,7 +103,9 @@ def end_of_user_ids(tokenizer) -> tuple[int, ...]:
     vocab = tokenizer.hf.get_vocab()
     ids = tuple(vocab[t] for t in END_OF_USER_TOKENS if t in vocab)
     if not ids:
-        raise MixsdError(f"{tokenizer.source}: the vocabulary has none of {', '.join(END_OF_USER_TOKENS)} (end of a user turn)")
+        raise MixsdError(
+            f"{tokenizer.source}: the vocabulary has none of {', '.join(END_OF_USER_TOKENS)} (end of a user turn)"
+        )
     return ids
 
 
