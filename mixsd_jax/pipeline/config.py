@@ -15,7 +15,7 @@ from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.models.sharding import MeshConfig
 
-METHODS = ("base", "sft", "mixsd")
+METHODS = ("base", "sft", "opsd", "mixsd")
 CORPUS_KINDS = ("kgfact", "kgfunc", "simpleqa", "mquake", "released", "directory")
 
 
@@ -58,6 +58,9 @@ class ExperimentConfig:
     temperatures: tuple[float, ...] = (0.0,)
     generation: dict = dataclasses.field(default_factory=dict)  # GenerateConfig keys
     train: dict = dataclasses.field(default_factory=dict)  # TrainConfig keys
+    # The OPSD run's own keys, over `train`'s: TrainConfig keys (lr, steps, warmup_steps ...) and
+    # OpsdConfig keys (divergence, num_rollouts, max_new_tokens ...), in one flat section.
+    opsd: dict = dataclasses.field(default_factory=dict)
     eval: dict = dataclasses.field(default_factory=dict)  # EvalConfig keys
     mesh: MeshConfig = MeshConfig()  # used by every stage unless its section sets its own
 

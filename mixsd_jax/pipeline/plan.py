@@ -31,6 +31,9 @@ TRAIN_FILES = {
 }
 # Generation prompt preset per corpus kind (REFERENCE.md §1.2).
 GENERATION_PRESETS = {"kgfact": "knowledge", "mquake": "knowledge", "kgfunc": "math_operations", "simpleqa": "simpleqa"}
+# OPSD's teacher prompt (the GT-text strings) per corpus kind (REFERENCE.md §3.4).
+OPSD_PROMPTS = {"kgfact": "knowledge_base_answer", "mquake": "knowledge_base_answer", "kgfunc": "math_operations",
+                "simpleqa": "simpleqa"}
 # Keys the pipeline sets itself in each stage section.
 OWNED_KEYS = {
     "generation": ("input", "out_dir", "model", "lambda_mix", "temperature"),
@@ -95,18 +98,36 @@ def mixsd_run_name(lam: float, temperature: float) -> str:
 
 
 def trained_runs(cfg: ExperimentConfig) -> list[tuple[str, float | None, float | None]]:
-    """(run name, λ, T) per training run, in report order; λ is None for SFT."""
+    """(run name, λ, T) per training run, in report order; λ is None for SFT and OPSD."""
     runs: list[tuple[str, float | None, float | None]] = []
     if "sft" in cfg.methods:
         runs.append(("sft", None, None))
+    if "opsd" in cfg.methods:
+        runs.append(("opsd", None, None))
     if "mixsd" in cfg.methods:
         runs += [(mixsd_run_name(lam, t), lam, t) for t in cfg.temperatures for lam in cfg.lambdas]
     return runs
 
 
-def _section(cls, cfg: ExperimentConfig, section: str, owned_values: dict):
-    """The stage config for one run: the section's keys + the pipeline's keys + the shared mesh."""
-    data = dict(getattr(cfg, section))
+def _opsd_keys(cfg: ExperimentConfig) -> dict:
+    """The OPSD run's section: `train` + the flat `opsd` section (OpsdConfig keys nested under
+    `opsd`), `method: opsd`, and the corpus kind's teacher prompt unless one is given."""
+    from mixsd_jax.train.config import OpsdConfig
+
+    own = {f.name for f in dataclasses.fields(OpsdConfig)}
+    section = dict(cfg.opsd)
+    method_keys = {k: section.pop(k) for k in list(section) if k in own}
+    if "method" in section or "opsd" in section:
+        raise MixsdError("config key 'opsd.method' / 'opsd.opsd': write the OPSD keys directly in the 'opsd' section")
+    method_keys.setdefault("prompt", OPSD_PROMPTS.get(_layout_kind(cfg), "knowledge_base_answer"))
+    nested = {**dict(cfg.train.get("opsd", {})), **method_keys}
+    return {**section, "method": "opsd", "opsd": nested}
+
+
+def _section(cls, cfg: ExperimentConfig, section: str, owned_values: dict, extra: dict | None = None):
+    """The stage config for one run: the section's keys (+ `extra` over them) + the pipeline's keys
+    + the shared mesh."""
+    data = dict(getattr(cfg, section)) | (extra or {})
     names = {f.name for f in dataclasses.fields(cls)}
     if section == "eval" and "splits" not in names:
         data.pop("splits", None)  # handled by the pipeline (a corpus view with those splits only)
@@ -123,7 +144,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     """Validates the model, methods, λ list and every stage section; returns the stages to run."""
     from mixsd_jax.models.registry import resolve_model
     from mixsd_jax.sampling.generator import GenerateConfig, Paths
-    from mixsd_jax.train.config import NOT_FINGERPRINTED, TrainConfig
+    from mixsd_jax.train.config import TrainConfig, not_fingerprinted
 
     EvalConfig, evaluate = _eval_api()
     exp = Path(cfg.out_dir).expanduser().absolute()
@@ -140,14 +161,16 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
         raise MixsdError("config key 'generation.preset': required for a corpus of kind "
                          f"{cfg.corpus.kind!r} (knowledge | math_operations | simpleqa | custom)")
     train_cfgs = {
-        name: _section(TrainConfig, cfg, "train", {"data": "", "model": cfg.model, "out": str(exp / "train" / name)})
+        name: _section(TrainConfig, cfg, "train", {"data": "", "model": cfg.model, "out": str(exp / "train" / name)},
+                       extra=_opsd_keys(cfg) if name == "opsd" else None)
         for name, _, _ in trained_runs(cfg)
     }
     model_dir = resolve_model(cfg.model)
     model_fp = _hash(str(cfg.model), _file_hash(model_dir / "config.json"))
 
     stages = [corpus_stage]
-    data_for: dict[str, tuple[Path, str]] = {"sft": (train_file, corpus_stage.fingerprint)}
+    # SFT trains on the ground truth; OPSD rolls out on its prompts, the ground truth for the teacher.
+    data_for: dict[str, tuple[Path, str]] = {name: (train_file, corpus_stage.fingerprint) for name in ("sft", "opsd")}
     for name, gcfg in generate_cfgs.items():
         output = Paths.for_config(gcfg).final
         fp = _hash("generate", config_lib.fingerprint(gcfg, exclude=("input", "out_dir", "batch_size", "mesh")),
@@ -163,12 +186,10 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     for name, lam, _ in trained_runs(cfg):
         data, data_fp = data_for[name]
         tcfg = dataclasses.replace(train_cfgs[name], data=str(data))
-        settings = config_lib.fingerprint(
-            tcfg, exclude=("data", *(k for k in NOT_FINGERPRINTED if k not in ("steps", "epochs")))
-        )
+        skip = not_fingerprinted(tcfg)
+        settings = config_lib.fingerprint(tcfg, exclude=("data", *(k for k in skip if k not in ("steps", "epochs"))))
         fp = _hash("train", settings, data_fp, model_fp)
-        reset = _hash("train-reset", config_lib.fingerprint(tcfg, exclude=("data", *NOT_FINGERPRINTED)), data_fp,
-                      model_fp)
+        reset = _hash("train-reset", config_lib.fingerprint(tcfg, exclude=("data", *skip)), data_fp, model_fp)
         source = corpus_stage.name if lam is None else f"generate_{name}"
         stages.append(Stage(
             name=f"train_{name}", fingerprint=fp, reset=reset, workdir=Path(tcfg.out),
@@ -180,7 +201,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
 
     runs = trained_runs(cfg)
     eval_dir = exp / "eval"
-    labels = tuple(f"{name}={'SFT' if lam is None else f'MixSD λ={lam:g}' + (f' T={t:g}' if t else '')}"
+    labels = tuple(f"{name}={name.upper() if lam is None else f'MixSD λ={lam:g}' + (f' T={t:g}' if t else '')}"
                    for name, lam, t in runs)
     eval_corpus, view_splits = corpus_dir, _view_splits(cfg, EvalConfig)
     if view_splits:

@@ -1,4 +1,4 @@
-"""`mixsd train` (SFT / MixSD training, resume, export) and `mixsd bench train`."""
+"""`mixsd train` (SFT / MixSD / OPSD training, resume, export) and `mixsd bench train`."""
 
 from __future__ import annotations
 
@@ -17,17 +17,22 @@ _FLAG_KEYS = {
     "lr": "lr",
     "batch_size": "batch_size",
     "seed": "seed",
+    "method": "method",
 }
 
 
 def register(subparsers, bench_subparsers) -> None:
     p = subparsers.add_parser(
         "train",
-        help="fine-tune on a messages JSONL (ground truth = SFT, mixed targets = MixSD); resumes from --out",
+        help="fine-tune on a messages JSONL (ground truth = SFT, mixed targets = MixSD, --method opsd = OPSD); "
+        "resumes from --out",
         description="Masked-NLL training with AdamW. Re-running with the same --out resumes from the latest "
         "checkpoint; raising --steps/--epochs extends a finished run.",
     )
     p.add_argument("--data", help="messages/alpaca JSONL or TFDS dataset directory")
+    p.add_argument("--method", choices=("sft", "opsd"),
+                   help="sft: masked NLL on the assistant turns (default); opsd: on-policy self-distillation on "
+                   "the prompts, the ground truth in the teacher's user turn (the `opsd.*` keys)")
     p.add_argument("--model", help="HF-format directory or registry name")
     p.add_argument("--out", help="output directory (checkpoints, metrics, hf export)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs passes over the data)")
@@ -51,6 +56,11 @@ def register(subparsers, bench_subparsers) -> None:
     b.add_argument("--random-init", action="store_true",
                    help="random weights from the model directory's config.json (no weight files needed)")
     b.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
+    b.add_argument("--method", choices=("sft", "opsd"), default="sft",
+                   help="opsd: rollout tokens/s, teacher+student forward tokens/s and the rollouts' share of a step")
+    b.add_argument("--data", default=None, help="opsd: prompts with ground truth (default: a tiny KGFact corpus)")
+    b.add_argument("--rollouts", type=int, default=2, help="opsd: rollouts per prompt")
+    b.add_argument("--max-new-tokens", type=int, default=32, help="opsd: rollout length limit")
     b.set_defaults(func=cmd_bench_train)
 
 
@@ -94,6 +104,15 @@ def _fmt(value) -> str:
 
 
 def cmd_bench_train(args) -> int:
+    if args.method == "opsd":
+        from mixsd_jax.train.opsd_bench import bench_opsd
+
+        print(json.dumps(bench_opsd(
+            args.model, data=args.data, batch_size=args.batch_size, num_rollouts=args.rollouts,
+            max_new_tokens=args.max_new_tokens, max_seq_len=max(args.seq_len, 256), steps=args.steps,
+            compute_dtype=args.compute_dtype, random_init=args.random_init,
+        )))
+        return 0
     from mixsd_jax.train.bench import bench_train
 
     result = bench_train(

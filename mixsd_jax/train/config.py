@@ -21,6 +21,8 @@ from mixsd_jax.models.sharding import MeshConfig
 
 EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
 
+METHODS = ("sft", "opsd")
+
 DTYPES = ("float32", "bfloat16")
 
 # Keys that do not change the trained parameters: excluded from the resume fingerprint.
@@ -39,10 +41,50 @@ NOT_FINGERPRINTED = (
 
 
 @dataclasses.dataclass(frozen=True)
+class OpsdConfig:
+    """On-policy self-distillation (REFERENCE.md §3.4): per step, `batch_size` prompts get
+    `num_rollouts` responses each from the current parameters; the loss is the divergence between
+    the teacher (the same model with the ground truth in its user turn) and the student on those
+    response tokens, over the teacher's top-`topk` tokens. Defaults are the reference's settings
+    (T=1.0, top-p 1, max 8,192 new tokens, top-k 64), with forward KL, as its reported runs."""
+
+    divergence: str = "forward"  # forward | reverse | mixed
+    mixed_kl_weight: float = 0.5  # w in w*forward + (1-w)*reverse
+    topk: int = 64
+    teacher: Literal["base", "live"] = "base"  # frozen base weights, or the student's current ones
+    prompt: str = "knowledge_base_answer"  # GT-text variant (mixsd_jax.train.teacher.TEACHER_PROMPTS)
+    num_rollouts: int = 1  # responses per prompt
+    temperature: float = 1.0  # 0 = greedy
+    rollout_topk: int = 0  # 0 = the whole vocabulary (top-p 1, as the reference); k > 0 = top-k
+    max_new_tokens: int = 8192
+    rollout_batch_size: int = 64  # decode slots per kernel call
+    loss_chunk: int = 1024  # response positions per LM-head chunk (bounds the [tokens, vocab] buffer)
+
+    def __post_init__(self):
+        from mixsd_jax.train.divergence import check_divergence
+        from mixsd_jax.train.teacher import get_teacher_prompt
+
+        check_divergence(self.divergence)
+        get_teacher_prompt(self.prompt)
+        config_lib.check_range("opsd.mixed_kl_weight", self.mixed_kl_weight, 0, 1)
+        config_lib.check_range("opsd.topk", self.topk, 1)
+        config_lib.check_range("opsd.num_rollouts", self.num_rollouts, 1)
+        config_lib.check_range("opsd.temperature", self.temperature, 0)
+        config_lib.check_range("opsd.rollout_topk", self.rollout_topk, 0)
+        config_lib.check_range("opsd.max_new_tokens", self.max_new_tokens, 1)
+        config_lib.check_range("opsd.rollout_batch_size", self.rollout_batch_size, 1)
+        config_lib.check_range("opsd.loss_chunk", self.loss_chunk, 1)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     data: str = ""  # messages / alpaca JSONL (ground truth for SFT, mixed targets for MixSD)
     model: str = EMBEDDED_DEFAULT_MODEL  # registry name or HF-format directory
     out: str = "runs/train"
+    # sft: masked NLL on the records' assistant turns (SFT on ground truth, or MixSD on mixed
+    # targets); opsd: on-policy self-distillation on their prompts (the `opsd` section).
+    method: Literal["sft", "opsd"] = "sft"
+    opsd: OpsdConfig = OpsdConfig()
     # Run length: `steps` if > 0, else `epochs` passes over the data.
     steps: int = 0
     epochs: int = 1
@@ -108,13 +150,19 @@ def load_train_config(path=None, overrides=()) -> TrainConfig:
     return config_lib.load(TrainConfig, path, overrides)
 
 
+def not_fingerprinted(cfg: TrainConfig) -> tuple[str, ...]:
+    # An SFT run does not read `method`/`opsd`: leaving them out keeps the fingerprints that SFT
+    # runs (and pipeline stages) had before OPSD existed.
+    return NOT_FINGERPRINTED + (("method", "opsd") if cfg.method == "sft" else ())
+
+
 def resume_fingerprint(cfg: TrainConfig) -> str:
-    return config_lib.fingerprint(cfg, exclude=NOT_FINGERPRINTED)
+    return config_lib.fingerprint(cfg, exclude=not_fingerprinted(cfg))
 
 
 def fingerprinted_dict(cfg: TrainConfig) -> dict:
     data = config_lib.to_dict(cfg)
-    return {k: v for k, v in data.items() if k not in NOT_FINGERPRINTED}
+    return {k: v for k, v in data.items() if k not in not_fingerprinted(cfg)}
 
 
 def differing_keys(stored: dict, current: dict) -> list[str]:

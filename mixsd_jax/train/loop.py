@@ -24,6 +24,10 @@ from mixsd_jax import multihost as distributed
 from mixsd_jax.train.config import TrainConfig, fingerprinted_dict, resume_fingerprint
 
 METRIC_KEYS = ("loss", "accuracy", "grad_norm", "lr", "tokens", "loss_tokens")
+# OPSD rows also log their rollouts (`loss` is then the divergence, `accuracy` the share of
+# response tokens where student and teacher argmax agree).
+OPSD_METRIC_KEYS = ("rollout_tokens", "rollout_s", "rollout_tokens_per_s", "teacher_tokens", "mean_response_tokens",
+                    "stopped")
 
 
 def prepare_data(cfg: TrainConfig, tokenizer):
@@ -84,7 +88,12 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
     out = Path(cfg.out)
     model_dir = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_dir)
-    data, plan = prepare_data(cfg, tokenizer)
+    if cfg.method == "opsd":  # prompts only: the targets are rolled out during training
+        from mixsd_jax.train import opsd
+
+        data, plan, opsd_prompts = opsd.prepare(cfg, tokenizer)
+    else:
+        data, plan = prepare_data(cfg, tokenizer)
     model_cfg = ModelConfig.from_hf_dir(model_dir)
     largest_id = max(int(ex.ids.max()) for ex in data.examples)
     if largest_id >= model_cfg.vocab_size:
@@ -95,10 +104,12 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
 
     mesh = make_mesh(cfg.mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.micro_batch % shards:
+    rollouts = cfg.opsd.num_rollouts if cfg.method == "opsd" else 1  # OPSD rows: prompts x rollouts
+    if cfg.micro_batch * rollouts % shards:
         raise MixsdError(
             f"config key 'batch_size': the micro batch ({cfg.batch_size} / grad_accum {cfg.grad_accum} = "
-            f"{cfg.micro_batch}) must be divisible by the mesh's data x fsdp = {shards} devices"
+            f"{cfg.micro_batch}{f' x {rollouts} rollouts' if rollouts > 1 else ''}) must be divisible by the "
+            f"mesh's data x fsdp = {shards} devices"
         )
     opt = step_lib.OptimConfig.from_train_config(cfg, total_steps)
     tx = step_lib.make_optimizer(opt)
@@ -118,7 +129,14 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
             "loss": loss,
         }
 
-    step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, cfg.compute_dtype)
+    # The method: which loss the shared step minimises and what a step's batch is.
+    if cfg.method == "opsd":
+        step_fn, next_batch, batch_stats = opsd.method(cfg, tokenizer, opsd_prompts, plan, model_dir, model_cfg,
+                                                       mesh, opt)
+    else:
+        step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, cfg.compute_dtype)
+        next_batch = lambda step, state: step_lib.device_batch(plan.host_batch(step), mesh)  # noqa: E731
+        batch_stats = dict
     tokens_run = loss_tokens_run = 0
     timed_tokens, timed_seconds = 0.0, 0.0
     ckpt = Checkpoints(out / "checkpoints", save_every=cfg.save_every, keep=cfg.keep, async_save=cfg.async_checkpoints)
@@ -131,13 +149,14 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
                 "raise steps/epochs or use another `out` directory"
             )
         log = RunLog(out, start, total_steps, primary=primary, progress=progress)
-        batch = step_lib.device_batch(plan.host_batch(start), mesh) if start < total_steps else None
+        batch = next_batch(start, state) if start < total_steps else None
         previous = time.time()
         for index in range(start, total_steps):
+            stats = batch_stats()  # of this step's batch (OPSD: its rollouts)
             state, metrics = step_fn(state, batch)
             if index + 1 < total_steps:  # build the next batch while the device works
-                batch = step_lib.device_batch(plan.host_batch(index + 1), mesh)
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                batch = next_batch(index + 1, state)
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()} | stats
             now = time.time()
             done = index + 1
             if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
@@ -243,7 +262,8 @@ class RunLog:
     def write(self, step: int, epoch: int, values: dict) -> None:
         if self.metrics is None:
             return
-        row = {"step": step, "epoch": epoch, **{k: values[k] for k in (*METRIC_KEYS, "tokens_per_s")}}
+        row = {"step": step, "epoch": epoch, **{k: values[k] for k in (*METRIC_KEYS, "tokens_per_s")},
+               **{k: values[k] for k in OPSD_METRIC_KEYS if k in values}}
         self.metrics.write(row)
         for key, value in row.items():
             if key != "step":

@@ -100,10 +100,10 @@ def make_optimizer(opt: OptimConfig) -> optax.GradientTransformation:
 # ----------------------------------------------------------------------------- shardings
 
 
-def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+def batch_shardings(mesh: Mesh, keys=BATCH_KEYS) -> dict[str, NamedSharding]:
     """[A, M, T] arrays: micro-batch rows over data x fsdp, the accumulation axis unsharded."""
     sharding = NamedSharding(mesh, P(None, BATCH_AXES, None))
-    return {key: sharding for key in BATCH_KEYS}
+    return {key: sharding for key in keys}
 
 
 def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> State:
@@ -174,18 +174,22 @@ def micro_batch_sums(params, model_cfg: ModelConfig, micro: Batch, compute_dtype
 def train_step(
     state: State,
     batch: Batch,
-    *,
+    *loss_args,
     model_cfg: ModelConfig,
     tx: optax.GradientTransformation,
     schedule: Callable,
     compute_dtype,
+    loss_fn: Callable = micro_batch_sums,
 ) -> tuple[State, dict]:
+    """One update. `loss_fn(params, model_cfg, micro, compute_dtype, *loss_args)` returns (sum of
+    per-token losses, (token count, correct count)): the SFT NLL by default, OPSD's divergence
+    (mixsd_jax.train.opsd.OpsdLoss, with the frozen teacher's parameters as `loss_args`)."""
     params = state["params"]
-    grad_fn = jax.value_and_grad(micro_batch_sums, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(carry, micro):
         grads_sum, nll_sum, tokens, correct = carry
-        (nll, (count, right)), grads = grad_fn(params, model_cfg, micro, compute_dtype)
+        (nll, (count, right)), grads = grad_fn(params, model_cfg, micro, compute_dtype, *loss_args)
         grads_sum = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_sum, grads)
         return (grads_sum, nll_sum + nll, tokens + count, correct + right), None
 
@@ -213,18 +217,21 @@ def train_step(
 
 
 @functools.lru_cache(maxsize=8)
-def jit_train_step(model_cfg: ModelConfig, opt: OptimConfig, mesh: Mesh, compute_dtype: str):
+def jit_train_step(model_cfg: ModelConfig, opt: OptimConfig, mesh: Mesh, compute_dtype: str, loss=None):
     """The train step with explicit shardings and the state donated; cached, so runs in one process
     (a pipeline, a resume, the tests) with the same model, optimizer and mesh compile each batch
-    shape once."""
+    shape once. `loss`: None for the SFT NLL, or a hashable loss with `batch_keys` (OPSD's, which
+    with `frozen_teacher` takes the teacher's parameters as a third argument)."""
     tx = make_optimizer(opt)
     shardings = state_shardings(model_cfg, tx, mesh)
     fn = functools.partial(
-        train_step, model_cfg=model_cfg, tx=tx, schedule=lr_schedule(opt), compute_dtype=jnp.dtype(compute_dtype)
+        train_step, model_cfg=model_cfg, tx=tx, schedule=lr_schedule(opt), compute_dtype=jnp.dtype(compute_dtype),
+        **({} if loss is None else {"loss_fn": loss}),
     )
+    extra_in = (param_shardings(model_cfg, mesh),) if getattr(loss, "frozen_teacher", False) else ()
     return jax.jit(
         fn,
-        in_shardings=(shardings, batch_shardings(mesh)),
+        in_shardings=(shardings, batch_shardings(mesh, BATCH_KEYS if loss is None else loss.batch_keys), *extra_in),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,),
     )
@@ -233,10 +240,10 @@ def jit_train_step(model_cfg: ModelConfig, opt: OptimConfig, mesh: Mesh, compute
 def device_batch(batch_np: dict, mesh: Mesh) -> Batch:
     """Host arrays (the same global batch on every process) -> global arrays; each process
     only copies the slices its own devices hold."""
-    shardings = batch_shardings(mesh)
+    shardings = batch_shardings(mesh, tuple(batch_np))
     return {
         key: jax.make_array_from_callback(batch_np[key].shape, shardings[key], lambda idx, a=batch_np[key]: a[idx])
-        for key in BATCH_KEYS
+        for key in batch_np
     }
 
 
