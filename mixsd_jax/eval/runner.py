@@ -9,6 +9,8 @@ Suites (`EvalConfig.suites`):
 - `kl`: KL(base || tuned) on held-out prompts (the benchmarks' items), per tuned checkpoint.
 - `fisher`: Fisher-weighted parameter displacement from the base, per tuned checkpoint.
 - `errors`: §4.4 buckets of the wrong answers the memorization/retention suites produced.
+- `heldout`: leakage of training entities / collapse into the trained answer template in greedy
+  replies to held-out general questions (`eval/heldout.py`), as rates with 95% intervals.
 - `all`: every suite whose inputs are configured.
 
 Resumability: each (checkpoint, unit) — a memorization split, a benchmark, the NLL of one file, KL,
@@ -33,7 +35,7 @@ from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import atomic_write_json, atomic_write_jsonl, iter_jsonl
 from mixsd_jax.models.registry import EMBEDDED_DEFAULT
 
-SUITES = ("memorization", "retention", "nll", "kl", "fisher", "errors")
+SUITES = ("memorization", "retention", "nll", "kl", "fisher", "errors", "heldout")
 DEFAULT_BENCHMARKS = ("hellaswag", "piqa", "winogrande", "mmlu", "lambada", "gsm8k")
 BASE = "base"
 
@@ -57,12 +59,20 @@ class EvalConfig:
     kl_texts: int = 64  # held-out prompts for KL (drawn from the benchmarks' items)
     fisher_texts: int = 16  # LAMBADA passages for the base model's Fisher
     dtype: str = "float32"  # compute dtype of the forward passes
+    # The run's answer criterion (mixsd_jax.criteria) for memorization; None = the reference's scorer.
+    criterion: str | None = None
+    heldout_source: str = "mmlu"  # held-out general questions asked as chat turns (eval/heldout.py)
+    heldout_prompts: int = 48
 
     def __post_init__(self):
-        for key in ("batch_size", "max_new_tokens", "kl_texts", "fisher_texts"):
+        for key in ("batch_size", "max_new_tokens", "kl_texts", "fisher_texts", "heldout_prompts"):
             config_lib.check_range(key, getattr(self, key), 1)
         if self.limit is not None:
             config_lib.check_range("limit", self.limit, 1)
+        if self.criterion is not None:
+            from mixsd_jax.criteria import check_criterion
+
+            check_criterion(self.criterion)
         if self.dtype not in ("float32", "bfloat16"):
             raise MixsdError(f"config key 'dtype': must be float32 or bfloat16, got {self.dtype!r}")
         unknown = [s for s in self.suites if s not in SUITES + ("all",)]
@@ -238,6 +248,8 @@ class Inputs:
     fisher_texts: list[str]
     entities: set
     corpus_kind: str | None
+    criterion: object = None  # mixsd_jax.criteria.Criterion with the corpus's training entities
+    heldout: tuple = ()  # (prompts [(id, text)], training entities, answer template) for the heldout suite
 
 
 def gather_inputs(cfg: EvalConfig) -> Inputs:
@@ -289,7 +301,23 @@ def gather_inputs(cfg: EvalConfig) -> Inputs:
         from mixsd_jax.eval.error_analysis import training_entities
 
         entities = training_entities(read_records(memorization.training_file(cfg.corpus_dir)))
-    return Inputs(checkpoints, splits, benchmarks, digests, train_files, kl_texts, fisher_texts, entities, kind)
+    criterion = None
+    if cfg.criterion is not None and splits:
+        from mixsd_jax.criteria import criterion_for
+
+        criterion = criterion_for(cfg.criterion, read_records(memorization.training_file(cfg.corpus_dir)))
+    heldout = ()
+    if "heldout" in suites and cfg.corpus_dir:
+        from mixsd_jax.criteria import training_entities as criterion_entities
+        from mixsd_jax.eval.heldout import answer_template, general_prompts
+
+        train = read_records(memorization.training_file(cfg.corpus_dir))
+        heldout = (general_prompts(cfg.heldout_source, data_root=cfg.data_root, limit=cfg.heldout_prompts,
+                                   seed=cfg.seed), criterion_entities(train), answer_template(r.assistant for r in train))
+    elif "heldout" in explicit:
+        raise MixsdError("suite 'heldout' needs a corpus directory (its training entities and answer template)")
+    return Inputs(checkpoints, splits, benchmarks, digests, train_files, kl_texts, fisher_texts, entities, kind,
+                  criterion, heldout)
 
 
 def _kl_texts(benchmarks: dict, cfg: EvalConfig) -> list[tuple[str, str]]:
@@ -312,7 +340,7 @@ def _kl_texts(benchmarks: dict, cfg: EvalConfig) -> list[tuple[str, str]]:
 
 
 def plan_units(cfg: EvalConfig, inputs: Inputs) -> list[Unit]:
-    from mixsd_jax.eval import analyses, memorization, retention
+    from mixsd_jax.eval import analyses, heldout, memorization, retention
 
     suites = cfg.suite_set()
     gen = {"max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "dtype": cfg.dtype}
@@ -321,11 +349,20 @@ def plan_units(cfg: EvalConfig, inputs: Inputs) -> list[Unit]:
         for name, split in inputs.splits.items():
             units.append(Unit(
                 ckpt.name, f"memorization.{name}",
-                {**gen, "files": _files_digest(split.files), "ids": [it.id for it in split.items], "mode": split.mode},
+                {**gen, "files": _files_digest(split.files), "ids": [it.id for it in split.items], "mode": split.mode,
+                 **({"criterion": [inputs.criterion.name, sorted(inputs.criterion.entities)]} if inputs.criterion else {})},
                 len(split.items),
                 None,
                 prompts=tuple(item.prompt for item in split.items),
-                score=lambda responses, split=split: memorization.score_split(split, responses),
+                score=lambda responses, split=split: memorization.score_split(split, responses, inputs.criterion),
+            ))
+        if inputs.heldout:
+            prompts, entities, template = inputs.heldout
+            units.append(Unit(
+                ckpt.name, f"heldout.{cfg.heldout_source}",
+                {**gen, "prompts": prompts, "entities": sorted(entities), "template": template},
+                len(prompts), None, prompts=tuple(text for _, text in prompts),
+                score=lambda responses: heldout.score_replies(prompts, responses, entities, template),
             ))
         if "retention" in suites:
             for name, items in inputs.benchmarks.items():
@@ -518,7 +555,10 @@ def assemble(cfg: EvalConfig, inputs: Inputs, rows: dict[tuple[str, str], list[d
             variance = sum(p * (1 - p) / n for p, n in adjusted) / len(splits) ** 2
             half = 1.96 * float(np.sqrt(variance))
             block[name] = {"splits": splits, "mean": mean, "ci95": [max(0.0, mean - half), min(1.0, mean + half)]}
+            if inputs.criterion is not None:
+                block[name]["reference_mean"] = float(np.mean([v["reference"]["accuracy"] for v in splits.values()]))
         results["memorization"] = block
+        results["criterion"] = inputs.criterion.name if inputs.criterion is not None else "reference (split modes)"
     if "retention" in cfg.suite_set() and inputs.benchmarks:
         block = {}
         for name in names:
@@ -536,6 +576,11 @@ def assemble(cfg: EvalConfig, inputs: Inputs, rows: dict[tuple[str, str], list[d
             if all(common.values()):
                 nll["common"] = {n: analyses.summarize_nll(r, cfg.seed) for n, r in common.items()}
         results["nll"] = nll
+    if inputs.heldout:
+        from mixsd_jax.eval.heldout import summarize as summarize_heldout
+
+        unit = f"heldout.{cfg.heldout_source}"
+        results["heldout"] = {n: summarize_heldout(rows[(n, unit)], inputs.heldout[2]) for n in names}
     kl = {n: analyses.summarize_kl(rows[(n, "kl")]) for n in names if (n, "kl") in rows}
     if kl:
         results["kl"] = kl

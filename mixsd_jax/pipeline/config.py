@@ -56,6 +56,9 @@ class ExperimentConfig:
     methods: tuple[str, ...] = ("base", "sft", "mixsd")
     lambdas: tuple[float, ...] = (0.3,)  # one MixSD run per (λ, T)
     temperatures: tuple[float, ...] = (0.0,)
+    # One answer criterion (mixsd_jax.criteria) for the whole run: the MixSD verifier and the
+    # memorization scorer both use it. None: each stage's own default (extract mode; reference scorer).
+    criterion: str | None = None
     generation: dict = dataclasses.field(default_factory=dict)  # GenerateConfig keys
     train: dict = dataclasses.field(default_factory=dict)  # TrainConfig keys
     eval: dict = dataclasses.field(default_factory=dict)  # EvalConfig keys
@@ -84,6 +87,10 @@ class ExperimentConfig:
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise MixsdError(f"config key {key!r}: {list(values)} lists a value twice")
+        if self.criterion is not None:
+            from mixsd_jax.criteria import check_criterion
+
+            check_criterion(self.criterion)
         for i, lam in enumerate(self.lambdas):
             config_lib.check_range(f"lambdas[{i}]", lam, 0.0, 1.0)
         for i, temperature in enumerate(self.temperatures):

@@ -33,9 +33,9 @@ TRAIN_FILES = {
 GENERATION_PRESETS = {"kgfact": "knowledge", "mquake": "knowledge", "kgfunc": "math_operations", "simpleqa": "simpleqa"}
 # Keys the pipeline sets itself in each stage section.
 OWNED_KEYS = {
-    "generation": ("input", "out_dir", "model", "lambda_mix", "temperature"),
+    "generation": ("input", "out_dir", "model", "lambda_mix", "temperature", "criterion"),
     "train": ("data", "model", "out"),
-    "eval": ("base", "tuned", "out_dir", "corpus_dir", "train_files", "labels"),
+    "eval": ("base", "tuned", "out_dir", "corpus_dir", "train_files", "labels", "criterion"),
 }
 BASE = "base"
 
@@ -133,6 +133,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
         name: _section(GenerateConfig, cfg, "generation", {
             "input": str(train_file), "out_dir": str(exp / "generate" / name), "model": cfg.model,
             "lambda_mix": lam, "temperature": t, "preset": cfg.generation.get("preset", _preset(cfg)),
+            "criterion": cfg.criterion,
         })
         for name, lam, t in trained_runs(cfg) if lam is not None
     }
@@ -192,12 +193,13 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
         "corpus_dir": str(eval_corpus),
         "train_files": tuple(f"{name}={data_for[name][0]}" for name, _, _ in runs),
         "labels": labels,
+        "criterion": cfg.criterion,
     })
     if {"memorization", "all"} & set(getattr(ecfg, "suites", ())) and _layout_kind(cfg) not in ("kgfact", "mquake", "kgfunc"):
         raise MixsdError(f"config key 'eval.suites': the memorization suite needs a KGFact, MQuAKE or KGFunc corpus, "
                          f"not {cfg.corpus.kind!r} (drop it, e.g. suites=[retention, nll])")
     settings = _hash("eval", config_lib.fingerprint(ecfg, exclude=OWNED_KEYS["eval"]), corpus_stage.fingerprint,
-                     view_splits)
+                     view_splits, *([cfg.criterion] if cfg.criterion else []))
     parts = {BASE: model_fp, **train_fps}
     stages.append(Stage(
         # The evaluator keeps one result per (checkpoint, benchmark) under its own fingerprint, so a
