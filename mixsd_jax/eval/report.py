@@ -103,6 +103,14 @@ def render_table(results: dict) -> str:
             rows = [[_label(results, n)] + [_num(mem[n]["splits"][split].get("per_op", {}).get(op, {}).get("accuracy"))
                                             for op in ops] for n in names]
             sections.append(f"Per-operation accuracy, {split}:\n\n" + _table(["checkpoint"] + ops, rows))
+    seeds = results.get("over_seeds")
+    if seeds:
+        metrics = [k for k in next(iter(seeds.values())) if k != "runs"]
+        rows = [[group, str(len(block["runs"]))]
+                + [_ci(block[k]["mean"], block[k]["ci95"]) if k in block else "–" for k in metrics]
+                for group, block in seeds.items()]
+        sections.append("Over training seeds (mean and 95% t-interval across seeded runs):\n\n"
+                        + _table(["method", "seeds", *metrics], rows))
     held = results.get("heldout")
     if held:
         first = held[names[0]]

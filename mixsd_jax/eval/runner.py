@@ -63,6 +63,7 @@ class EvalConfig:
     criterion: str | None = None
     heldout_source: str = "mmlu"  # held-out general questions asked as chat turns (eval/heldout.py)
     heldout_prompts: int = 48
+    groups: tuple[str, ...] = ()  # "NAME=run1,run2,…": runs of one method over seeds, reported with a seed interval
 
     def __post_init__(self):
         for key in ("batch_size", "max_new_tokens", "kl_texts", "fisher_texts", "heldout_prompts"):
@@ -95,6 +96,12 @@ class EvalConfig:
                 seen.append(name)
             if key == "tuned" and BASE in seen:
                 raise MixsdError(f"config key 'tuned': the name {BASE!r} is the base model's")
+        tuned = {split_named(e, "tuned")[0] for e in self.tuned}
+        for entry in self.groups:
+            group, members = split_named(entry, "groups")
+            unknown = [m for m in members.split(",") if m.strip() not in tuned]
+            if unknown:
+                raise MixsdError(f"config key 'groups': {group!r} lists {unknown[0]!r}, which is not a tuned checkpoint")
 
     def suite_set(self) -> set[str]:
         return set(SUITES) if "all" in self.suites else set(self.suites)
@@ -584,6 +591,11 @@ def assemble(cfg: EvalConfig, inputs: Inputs, rows: dict[tuple[str, str], list[d
     kl = {n: analyses.summarize_kl(rows[(n, "kl")]) for n in names if (n, "kl") in rows}
     if kl:
         results["kl"] = kl
+    if cfg.groups:
+        from mixsd_jax.eval.seeds import over_seeds
+
+        groups = dict(split_named(e, "groups") for e in cfg.groups)
+        results["over_seeds"] = over_seeds(results, {g: [m.strip() for m in v.split(",")] for g, v in groups.items()})
     fisher = {n: rows[(n, "fisher")][0] for n in names if (n, "fisher") in rows}
     if fisher:
         results["fisher"] = fisher

@@ -147,5 +147,11 @@ def training_lines(plan: Plan) -> list[str]:
         if generated.is_file():
             gen = json.loads(generated.read_text())
             line += f" ({gen['accepted']} of {gen['generations']} MixSD targets passed the verifier)"
+        selected = plan.exp_dir / "select" / stage.name[len("train_"):] / "selection.json"
+        if selected.is_file():
+            sel = json.loads(selected.read_text())
+            curve = " ".join(f"{p['step']}:{p['correct']}/{p['n']}" for p in sel["curve"])
+            line += (f"; selected step {sel['chosen_step']} ({sel['applied']}; training recall by step, "
+                     f"{sel['criterion']}: {curve})")
         lines.append(line)
     return lines
