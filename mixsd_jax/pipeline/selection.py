@@ -31,6 +31,7 @@ class SelectionConfig:
     rule: str = "reference"  # reference | first_peak | last | best
     max_new_tokens: int = 48
     batch_size: int = 16
+    limit: int | None = None  # training facts the curve asks (a seeded subset); None = all
 
     def __post_init__(self):
         from mixsd_jax.eval.selection import RULES
@@ -38,6 +39,8 @@ class SelectionConfig:
         config_lib.check_range("selection.every", self.every, 0)
         config_lib.check_range("selection.max_new_tokens", self.max_new_tokens, 1)
         config_lib.check_range("selection.batch_size", self.batch_size, 1)
+        if self.limit is not None:
+            config_lib.check_range("selection.limit", self.limit, 1)
         if self.rule not in RULES:
             raise MixsdError(f"config key 'selection.rule': unknown rule {self.rule!r} (known: {', '.join(RULES)})")
 
@@ -60,7 +63,7 @@ def selection_runner(run: str, method: str, train_dir: Path, corpus_dir: Path, c
         from mixsd_jax.files import atomic_write_json
 
         kind = memorization.corpus_kind(corpus_dir)
-        split = memorization.load_splits(corpus_dir, names=[TRAIN_SPLIT[kind]])[TRAIN_SPLIT[kind]]
+        split = memorization.load_splits(corpus_dir, sel.limit, names=[TRAIN_SPLIT[kind]])[TRAIN_SPLIT[kind]]
         name = criterion_name or f"reference_{split.mode}"
         criterion = criterion_for(name, read_records(memorization.training_file(corpus_dir)))
         steps = selection.saved_steps(train_dir)
