@@ -82,4 +82,4 @@ def test_pipeline_selects_a_saved_step(tiny_llama_dir, tmp_path):
     assert link.is_symlink() and link.resolve() == (out_dir / "train" / "sft" / "exports" / "step_4").resolve()
     results = json.loads((out_dir / "eval" / "results.json").read_text())
     assert results["checkpoints"]["sft"]["model_dir"] == str(link)
-    assert "selected step 4" in proc.stdout
+    assert "selected step 4" in proc.stdout and "wall time per stage" in proc.stdout and "select_sft" in proc.stdout

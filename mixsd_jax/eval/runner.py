@@ -38,6 +38,7 @@ from mixsd_jax.models.registry import EMBEDDED_DEFAULT
 SUITES = ("memorization", "retention", "nll", "kl", "fisher", "errors", "heldout")
 DEFAULT_BENCHMARKS = ("hellaswag", "piqa", "winogrande", "mmlu", "lambada", "gsm8k")
 BASE = "base"
+KL_MAX_BATCH = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,8 +412,10 @@ def _run_kl(models, texts, cfg: EvalConfig, progress) -> list[dict]:
     from mixsd_jax.eval.analyses import kl_rows
 
     token_rows = [models.tokenizer.prompt_ids(text) for _, text in texts]
+    # Two models' [batch, width, vocab] logits live at once here: a decode-sized batch (36 x 128 x
+    # 49152 floats, several copies) ran a 24 GiB machine out of memory, so KL takes at most 8 rows.
     return kl_rows(models.base_params, models.params, models.cfg, token_rows, [i for i, _ in texts],
-                   batch_size=cfg.batch_size, dtype=cfg.dtype, progress=progress)
+                   batch_size=min(cfg.batch_size, KL_MAX_BATCH), dtype=cfg.dtype, progress=progress)
 
 
 def _run_fisher(models, texts, cfg: EvalConfig, progress) -> list[dict]:
