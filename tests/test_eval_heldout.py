@@ -46,6 +46,15 @@ def test_template_leakage_and_rates(corpus):
     assert [r["template"] for r in rows] == [True, False, False]
     summary = heldout.summarize(rows, template)
     assert summary["leakage"]["count"] == 1 and summary["n"] == 3
+    # "Opens like its own targets": MixSD-style numbered openings, checked against each run's targets.
+    openings = {"sft": heldout.target_openings(r.assistant for r in train),
+                "mix": heldout.target_openings(["1. The first step is X.", "1. The answer is Y."])}
+    assert openings["sft"] == ["the answer is"] and openings["mix"] == ["1. the answer", "1. the first"]
+    rows = heldout.score_replies(prompts, ["1. The first step involves A.", "The answer is B.", "Blue."], entities,
+                                 template, openings)
+    assert [r["opens_like"] for r in rows] == [{"sft": False, "mix": True}, {"sft": True, "mix": False},
+                                               {"sft": False, "mix": False}]
+    assert heldout.summarize(rows, template)["opens_like"]["mix"]["count"] == 1
     low, high = summary["leakage"]["ci95"]
     assert low < 1 / 3 < high
 
@@ -56,12 +65,14 @@ def test_suite_end_to_end(tiny_llama_dir, corpus, tmp_path):
     tuned = write_tiny_model(tmp_path / "tuned", "llama", seed=3)
     cfg = EvalConfig(base=str(tiny_llama_dir), tuned=(f"t={tuned}",), suites=("heldout", "memorization"),
                      corpus_dir=str(corpus), limit=2, out_dir=str(tmp_path / "eval"), batch_size=4,
-                     max_new_tokens=4, heldout_prompts=6, criterion="entity_phrase")
+                     max_new_tokens=4, heldout_prompts=6, criterion="entity_phrase",
+                     train_files=(f"t={corpus / 'atomic_sft' / 'train_messages.jsonl'}",))
     results = evaluate(cfg, progress=False)
     assert set(results["heldout"]) == {"base", "t"}
     assert results["heldout"]["t"]["n"] == 6 and results["criterion"] == "entity_phrase"
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "Answer criterion: `entity_phrase`" in report and "Held-out general questions" in report
-    assert "reference scorer" in report
+    assert "reference scorer" in report and "opens like its training targets" in report
+    assert set(results["heldout"]["base"]["opens_like"]) == {"t"}
     rows = (tmp_path / "eval" / "items" / "t" / "heldout.mmlu.jsonl").read_text().splitlines()
     assert len(rows) == 6

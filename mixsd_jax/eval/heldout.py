@@ -11,6 +11,10 @@ Per reply:
 - `leaked`: training entities (subjects and answers, `mixsd_jax.criteria.training_entities`) the
   reply names as a whole phrase while the prompt does not;
 - `template`: the reply opens with the training answers' common opening (KGFact: "The answer is");
+- `opens_like[run]`: the reply opens with the same first three words as one of `run`'s own
+  training targets (a MixSD model's targets have their own style, e.g. "1. The first step …",
+  which the ground-truth template does not catch); every checkpoint's replies, the base's
+  included, are checked against every run's openings, so each rate has the base's beside it;
 - `collapsed`: §4.4's rule (with `\\boxed{}` spans and "the answer is" lines removed, at most 80
   characters and 4 newlines remain); lenient when `max_new_tokens` is small, so read it beside
   the base model's rate.
@@ -26,6 +30,7 @@ from mixsd_jax.errors import MixsdError
 
 SOURCES = ("mmlu", "arc_easy", "arc_challenge")
 MIN_TEMPLATE_WORDS = 2
+OPENING_WORDS = 3
 
 
 def chat_question(item) -> str:
@@ -71,6 +76,16 @@ def answer_template(assistant_texts: Iterable[str]) -> str | None:
     return " ".join(common)
 
 
+def opening(text: str) -> str:
+    """The first OPENING_WORDS words of a text, lowercased (what "opens like" compares)."""
+    return " ".join(text.split()[:OPENING_WORDS]).lower()
+
+
+def target_openings(assistant_texts: Iterable[str]) -> list[str]:
+    """The distinct openings of a training file's targets, sorted."""
+    return sorted({opening(t) for t in assistant_texts if len(t.split()) >= OPENING_WORDS})
+
+
 def leaked(response: str, prompt: str, entities: Iterable[str]) -> list[str]:
     from mixsd_jax.sampling.verify import normalize_answer, occurs_as_words
 
@@ -79,7 +94,7 @@ def leaked(response: str, prompt: str, entities: Iterable[str]) -> list[str]:
 
 
 def score_replies(prompts: Sequence[tuple[str, str]], responses: Sequence[str], entities: Iterable[str],
-                  template: str | None) -> list[dict]:
+                  template: str | None, openings: dict[str, Sequence[str]] | None = None) -> list[dict]:
     from mixsd_jax.eval.error_analysis import is_collapsed
 
     entities = sorted(entities)
@@ -94,17 +109,24 @@ def score_replies(prompts: Sequence[tuple[str, str]], responses: Sequence[str], 
             "leak": bool(names),
             "template": bool(template) and response.lstrip().lower().startswith(template.lower()),
             "collapsed": is_collapsed(response),
+            "opens_like": {run: opening(response) in set(runs) for run, runs in (openings or {}).items()},
         })
     return rows
 
 
-def summarize(rows: Sequence[dict], template: str | None) -> dict:
-    """Leakage, template and collapse rates with 95% Wilson intervals."""
+def _rate(count: int, n: int) -> dict:
     from mixsd_jax.eval.scoring import wilson_interval
 
+    return {"count": count, "rate": count / n if n else None, "ci95": list(wilson_interval(count, n))}
+
+
+def summarize(rows: Sequence[dict], template: str | None) -> dict:
+    """Leakage, template and collapse rates with 95% Wilson intervals, and per run the share of
+    replies opening like that run's training targets (`opens_like`)."""
     n = len(rows)
     out = {"n": n, "template_text": template}
     for key, field in (("leakage", "leak"), ("template", "template"), ("collapse", "collapsed")):
-        count = sum(bool(r[field]) for r in rows)
-        out[key] = {"count": count, "rate": count / n if n else None, "ci95": list(wilson_interval(count, n))}
+        out[key] = _rate(sum(bool(r[field]) for r in rows), n)
+    runs = sorted({run for r in rows for run in r.get("opens_like", {})})
+    out["opens_like"] = {run: _rate(sum(bool(r["opens_like"].get(run)) for r in rows), n) for run in runs}
     return out

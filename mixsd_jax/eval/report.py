@@ -117,12 +117,18 @@ def render_table(results: dict) -> str:
         rows = [[_label(results, n), str(held[n]["n"])]
                 + [f"{held[n][k]['count']}/{held[n]['n']} = {_ci(held[n][k]['rate'], held[n][k]['ci95'], 2)}"
                    for k in ("leakage", "template", "collapse")] for n in names]
+        runs = list(first.get("opens_like", {}))
+        if runs:  # a tuned checkpoint opens like its own targets; the base's rate on the same openings beside it
+            for row, n in zip(rows, names):
+                own = held[n]["opens_like"].get(n)
+                row.append("–" if own is None else f"{own['count']}/{held[n]['n']} (base {first['opens_like'][n]['count']})")
         template = first.get("template_text")
         sections.append(
             "Held-out general questions as chat turns (greedy; rates with 95% intervals): replies naming a training "
             "entity the question does not (leakage), opening with the trained answer template "
             f"({'“' + template + ' …”' if template else 'none found'}), and §4.4 collapse:\n\n"
-            + _table(["checkpoint", "replies", "leakage", "template", "collapse (§4.4)"], rows))
+            + _table(["checkpoint", "replies", "leakage", "template", "collapse (§4.4)"]
+                     + (["opens like its training targets"] if runs else []), rows))
     nll = results.get("nll")
     if nll:
         rows = []

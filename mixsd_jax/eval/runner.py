@@ -257,7 +257,7 @@ class Inputs:
     entities: set
     corpus_kind: str | None
     criterion: object = None  # mixsd_jax.criteria.Criterion with the corpus's training entities
-    heldout: tuple = ()  # (prompts [(id, text)], training entities, answer template) for the heldout suite
+    heldout: tuple = ()  # (prompts [(id, text)], training entities, GT answer template, {run: target openings})
 
 
 def gather_inputs(cfg: EvalConfig) -> Inputs:
@@ -317,11 +317,14 @@ def gather_inputs(cfg: EvalConfig) -> Inputs:
     heldout = ()
     if "heldout" in suites and cfg.corpus_dir:
         from mixsd_jax.criteria import training_entities as criterion_entities
-        from mixsd_jax.eval.heldout import answer_template, general_prompts
+        from mixsd_jax.eval.heldout import answer_template, general_prompts, target_openings
 
         train = read_records(memorization.training_file(cfg.corpus_dir))
+        openings = {name: target_openings(r.assistant for r in read_records(path))
+                    for name, path in (split_named(e, "train_files") for e in cfg.train_files)}
         heldout = (general_prompts(cfg.heldout_source, data_root=cfg.data_root, limit=cfg.heldout_prompts,
-                                   seed=cfg.seed), criterion_entities(train), answer_template(r.assistant for r in train))
+                                   seed=cfg.seed), criterion_entities(train), answer_template(r.assistant for r in train),
+                   openings)
     elif "heldout" in explicit:
         raise MixsdError("suite 'heldout' needs a corpus directory (its training entities and answer template)")
     return Inputs(checkpoints, splits, benchmarks, digests, train_files, kl_texts, fisher_texts, entities, kind,
@@ -365,12 +368,12 @@ def plan_units(cfg: EvalConfig, inputs: Inputs) -> list[Unit]:
                 score=lambda responses, split=split: memorization.score_split(split, responses, inputs.criterion),
             ))
         if inputs.heldout:
-            prompts, entities, template = inputs.heldout
+            prompts, entities, template, openings = inputs.heldout
             units.append(Unit(
                 ckpt.name, f"heldout.{cfg.heldout_source}",
-                {**gen, "prompts": prompts, "entities": sorted(entities), "template": template},
+                {**gen, "prompts": prompts, "entities": sorted(entities), "template": template, "openings": openings},
                 len(prompts), None, prompts=tuple(text for _, text in prompts),
-                score=lambda responses: heldout.score_replies(prompts, responses, entities, template),
+                score=lambda responses: heldout.score_replies(prompts, responses, entities, template, openings),
             ))
         if "retention" in suites:
             for name, items in inputs.benchmarks.items():

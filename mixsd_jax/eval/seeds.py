@@ -53,6 +53,9 @@ def run_metrics(results: dict, name: str) -> dict[str, float | None]:
     if held:
         out["leakage rate"] = held["leakage"]["rate"]
         out["template rate"] = held["template"]["rate"]
+        own = held.get("opens_like", {}).get(name)
+        if own:
+            out["opens-like-own-targets rate"] = own["rate"]
     kl = (results.get("kl") or {}).get(name)
     if kl:
         out["KL(base‖tuned) /token"] = kl["kl_token_mean"]
