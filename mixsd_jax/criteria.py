@@ -25,12 +25,11 @@ from typing import Iterable
 
 from mixsd_jax.errors import MixsdError
 
-# Extraction primitives: sampling/verify.py and eval/scoring.py today; they move to the ground-floor
-# mixsd_jax/answers.py (the house helper's issue), after which these two imports point there.
-from mixsd_jax.eval.scoring import extract_prediction, score as reference_score  # noqa: E402
-from mixsd_jax.sampling.verify import (  # noqa: E402
-    Verifier, last_boxed, matching_brace, normalize_answer, occurs_as_words,
-)
+# Extraction primitives and the reference's scorer: sampling/verify.py and eval/scoring.py on this
+# branch. They move to the ground-floor mixsd_jax/answers.py (the house helper's issue); after that
+# merge these imports must come from there (this module is ground floor: tests/test_imports.py).
+from mixsd_jax.eval.scoring import extract_prediction, score as reference_score
+from mixsd_jax.sampling.verify import last_boxed, matching_brace, normalize_answer, occurs_as_words
 
 CRITERIA = ("reference_loose", "reference_strict", "answer_statement", "entity_phrase")
 DEMO_CRITERION = "entity_phrase"
@@ -143,23 +142,3 @@ def criterion_for(name: str, training_records: Iterable = ()) -> Criterion:
     """The criterion `name` knowing the training entities of `training_records`."""
     check_criterion(name)
     return Criterion(name, training_entities(training_records) if not name.startswith("reference_") else frozenset())
-
-
-@dataclasses.dataclass(frozen=True)
-class ModeVerifier:
-    """The generator's extract-mode verifier (REFERENCE.md §1.6) behind the same interface."""
-
-    verifier: Verifier
-
-    def gt_answer(self, gt_text: str, prompt: str = "") -> str | None:
-        return self.verifier.gt_answer(gt_text)
-
-    def check(self, response: str, gold: str | None) -> bool:
-        return self.verifier.check(response, gold)
-
-
-def generation_verifier(criterion: str | None, extract_mode: str, normalized: bool, records) -> Criterion | ModeVerifier:
-    """The run's criterion when one is set (then `extract_mode` is unused), else the extract mode."""
-    if criterion is not None:
-        return criterion_for(criterion, records)
-    return ModeVerifier(Verifier(extract_mode, normalized))

@@ -127,7 +127,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
     from mixsd_jax.data.records import read_records
     from mixsd_jax.models.registry import resolve_model
     from mixsd_jax.sampling.presets import expert_user_text, resolve_preset
-    from mixsd_jax.criteria import generation_verifier
+    from mixsd_jax.sampling.run_verifier import generation_verifier
 
     if not cfg.input:
         raise MixsdError("generate: no input file (set --input or input=...)")
