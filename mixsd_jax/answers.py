@@ -22,6 +22,8 @@ import math
 import re
 import threading
 
+from mixsd_jax.errors import MixsdError
+
 _BOXED = "\\boxed{"
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
 # The scorer's number keeps a trailing '.' as the reference's regex does; `as_number` reads it.
@@ -207,3 +209,24 @@ def math_equal(prediction: str, gold: str) -> bool:
                            raise_on_error=True))
     except Exception:  # math-verify's own errors and sympy's, whatever they are: the reference falls back
         return prediction.strip() == gold.strip()
+
+
+# The reference's in-domain scorer (REFERENCE.md §4.1), also one of the run criteria (criteria.py).
+SCORE_MODES = ("strict", "loose")
+
+
+def score(prediction_text: str, gold: str, mode: str = "strict") -> bool:
+    """Whether the answer extracted from `prediction_text` matches the gold answer string."""
+    if mode not in SCORE_MODES:
+        raise MixsdError(f"unknown score mode {mode!r} (known: {', '.join(SCORE_MODES)})")
+    prediction = extract_prediction(prediction_text)
+    if same_answer(prediction, gold):
+        return True
+    # A numeric gold (KGFunc, SimpleQA years) also accepts what math-verify finds equal: `x=66`,
+    # `\frac{132}{2}`, `6.6 \times 10^1`. Text golds never reach it (it reads `sirap` as `paris`).
+    if as_number(gold) is not None and math_equal(prediction, gold):
+        return True
+    if mode == "loose":
+        gold_text = text_form(gold)
+        return bool(gold_text) and gold_text in text_form(prediction)
+    return False

@@ -61,15 +61,24 @@ def test_paper_config_builds_its_plan(path, request, tmp_path):
         assert train.steps == 100 and gen.preset == "math_operations" and gen.limit == 1600
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "demo_quick.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_quick.yaml", "study_cpu.yaml"])
 def test_demo_configs_build_their_plans(name, tiny_llama_dir, tmp_path):
+    from mixsd_jax.criteria import DEMO_CRITERION
+
     path = CONFIGS / name
     cfg = load_experiment(path)
     assert cfg.model == "smollm2-135m-instruct"
-    assert cfg.generation["extract_mode"] == "contains"
+    # One criterion for the run (the verifier and the scorer), convergence selection, generative forgetting.
+    assert cfg.criterion == DEMO_CRITERION and "extract_mode" not in cfg.generation
+    assert cfg.selection.every > 0 and cfg.selection.rule == "reference"
+    assert {"memorization", "heldout", "kl"} <= set(cfg.eval["suites"])
     plan = build_plan(load_experiment(path, [f"model={tiny_llama_dir}", f"out_dir={tmp_path / 'exp'}"]))
     assert plan.stages[0].name == "corpus" and plan.stages[-1].name == "eval"
-    assert any(s.name.startswith("train_mixsd") for s in plan.stages) and plan.stage("train_sft")
+    assert any(s.name.startswith("train_mixsd") for s in plan.stages)
+    assert any(s.name.startswith("select_sft") for s in plan.stages)
+    if name == "study_cpu.yaml":
+        assert cfg.seeds == (1, 2, 3) and cfg.lambdas == (0.0, 0.3, 0.5)
+        assert len([s for s in plan.stages if s.name.startswith("train_")]) == 12
 
 
 def test_memorization_on_simpleqa_is_refused_before_any_work(tiny_qwen3_dir, tmp_path):

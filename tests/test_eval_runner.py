@@ -104,10 +104,13 @@ def test_only_units_a_setting_affects_are_recomputed(tiny_llama_dir, tuned_dir, 
     changed = {unit for unit in before if before[unit] != after[unit]}
     # A generation setting touches generated units only; log-likelihood units, NLL, KL, Fisher are reused.
     assert changed == {f"{c}/{u}" for c in ("base", "t1")
-                       for u in ("memorization.recall", "memorization.paraphrased", "retention.gsm8k")}
+                       for u in ("memorization.recall", "memorization.paraphrased", "retention.gsm8k",
+                                 "heldout.mmlu")}
     assert set(before) == set(after) and "t1/kl" in before and "base/nll.gt" in before
     more = fingerprints(limit=3)
-    assert all(more[u] != before[u] for u in before if ".gt" not in u and u.split("/")[1] not in ("kl", "fisher"))
+    # (The held-out prompts have their own count, heldout_prompts.)
+    assert all(more[u] != before[u] for u in before
+               if ".gt" not in u and u.split("/")[1] not in ("kl", "fisher", "heldout.mmlu"))
 
 
 def test_cli_eval_prints_the_table(tiny_llama_dir, tmp_path, capsys):

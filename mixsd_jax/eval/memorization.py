@@ -169,35 +169,46 @@ def generate_texts(
     return [tokenizer.decode(c.tokens) for c in completions]
 
 
-def score_split(split: Split, responses: Sequence[str]) -> list[dict]:
-    """One row per item: the response, the extracted prediction and whether it is right."""
+def score_split(split: Split, responses: Sequence[str], criterion=None) -> list[dict]:
+    """One row per item: the response, the prediction and whether it is right under `criterion` (a
+    `mixsd_jax.criteria.Criterion`; None = the reference's scorer in the split's mode). The
+    reference scorer's verdict is kept beside it (`reference_correct`) so both can be reported."""
     from mixsd_jax.eval.scoring import score_item
 
     rows = []
     for item, response in zip(split.items, responses):
         scored = score_item(response, item.gold, split.mode, op=item.op, id=item.id)
-        rows.append(
-            {
-                "id": item.id,
-                "prompt": item.prompt,
-                "response": response,
-                "gold": item.gold,
-                "prediction": scored.prediction,
-                "correct": scored.correct,
-                "format_found": scored.format_found,
-                "op": item.op,
-            }
-        )
+        row = {
+            "id": item.id,
+            "prompt": item.prompt,
+            "response": response,
+            "gold": item.gold,
+            "prediction": scored.prediction,
+            "correct": scored.correct,
+            "format_found": scored.format_found,
+            "op": item.op,
+        }
+        if criterion is not None:
+            judged = criterion.judge(response, item.gold, item.prompt)
+            row.update(criterion=criterion.name, prediction=judged.prediction, correct=judged.correct,
+                       reference_prediction=scored.prediction, reference_correct=scored.correct)
+        rows.append(row)
     return rows
 
 
 def summarize_rows(rows: Sequence[dict]) -> dict:
-    """Accuracy, Wilson 95% interval, format rate and (KGFunc) per-op breakdown of scored rows."""
+    """Accuracy, Wilson 95% interval, format rate and (KGFunc) per-op breakdown of scored rows; with
+    a run criterion, the reference scorer's accuracy on the same replies under `reference`."""
     from mixsd_jax.eval.scoring import ScoredItem, summarize
 
-    return summarize(
+    summary = summarize(
         ScoredItem(correct=r["correct"], format_found=r["format_found"], op=r.get("op"), id=r["id"]) for r in rows
     )
+    if rows and "reference_correct" in rows[0]:
+        reference = summarize(ScoredItem(correct=r["reference_correct"], id=r["id"]) for r in rows)
+        summary["criterion"] = rows[0]["criterion"]
+        summary["reference"] = {k: reference[k] for k in ("n", "correct", "accuracy", "ci95")}
+    return summary
 
 
 def run_split(params, cfg, tokenizer, split: Split, *, max_new_tokens: int, batch_size: int = 8, seed: int = 0,

@@ -49,9 +49,22 @@ def render_table(results: dict) -> str:
     mem, ret = results.get("memorization"), results.get("retention")
     if mem:
         splits = list(mem[names[0]]["splits"])
-        header += ["memorization"] + splits
-        columns.append(lambda n: [_ci(mem[n]["mean"], mem[n]["ci95"])]
-                       + [_ci(mem[n]["splits"][s]["accuracy"], mem[n]["splits"][s]["ci95"]) for s in splits])
+        with_reference = "reference_mean" in mem[names[0]]
+        header += ["memorization"] + (["reference scorer"] if with_reference else []) + splits
+
+        def memorization_cells(n):
+            cells = [_ci(mem[n]["mean"], mem[n]["ci95"])] + ([_num(mem[n]["reference_mean"])] if with_reference else [])
+            for s in splits:
+                block = mem[n]["splits"][s]
+                cell = _ci(block["accuracy"], block["ci95"])
+                cells.append(cell + (f"; ref {_num(block['reference']['accuracy'])}" if "reference" in block else ""))
+            return cells
+
+        columns.append(memorization_cells)
+        if with_reference:
+            sections.append(f"Answer criterion: `{results.get('criterion')}` (mixsd_jax/criteria.py), used by the MixSD "
+                            "verifier and this scorer; `reference scorer` / `ref` = the reference's scorer (last "
+                            "`\\boxed{}`, else last number; the split's strict/loose mode) on the same replies.")
     if ret:
         benches = list(ret[names[0]]["benchmarks"])
         header += ["retention"] + [f"{b} ({ret[names[0]]['benchmarks'][b]['metric']})" for b in benches]
@@ -90,6 +103,32 @@ def render_table(results: dict) -> str:
             rows = [[_label(results, n)] + [_num(mem[n]["splits"][split].get("per_op", {}).get(op, {}).get("accuracy"))
                                             for op in ops] for n in names]
             sections.append(f"Per-operation accuracy, {split}:\n\n" + _table(["checkpoint"] + ops, rows))
+    seeds = results.get("over_seeds")
+    if seeds:
+        metrics = [k for k in next(iter(seeds.values())) if k != "runs"]
+        rows = [[group, str(len(block["runs"]))]
+                + [_ci(block[k]["mean"], block[k]["ci95"]) if k in block else "–" for k in metrics]
+                for group, block in seeds.items()]
+        sections.append("Over training seeds (mean and 95% t-interval across seeded runs):\n\n"
+                        + _table(["method", "seeds", *metrics], rows))
+    held = results.get("heldout")
+    if held:
+        first = held[names[0]]
+        rows = [[_label(results, n), str(held[n]["n"])]
+                + [f"{held[n][k]['count']}/{held[n]['n']} = {_ci(held[n][k]['rate'], held[n][k]['ci95'], 2)}"
+                   for k in ("leakage", "template", "collapse")] for n in names]
+        runs = list(first.get("opens_like", {}))
+        if runs:  # a tuned checkpoint opens like its own targets; the base's rate on the same openings beside it
+            for row, n in zip(rows, names):
+                own = held[n]["opens_like"].get(n)
+                row.append("–" if own is None else f"{own['count']}/{held[n]['n']} (base {first['opens_like'][n]['count']})")
+        template = first.get("template_text")
+        sections.append(
+            "Held-out general questions as chat turns (greedy; rates with 95% intervals): replies naming a training "
+            "entity the question does not (leakage), opening with the trained answer template "
+            f"({'“' + template + ' …”' if template else 'none found'}), and §4.4 collapse:\n\n"
+            + _table(["checkpoint", "replies", "leakage", "template", "collapse (§4.4)"]
+                     + (["opens like its training targets"] if runs else []), rows))
     nll = results.get("nll")
     if nll:
         rows = []

@@ -9,6 +9,8 @@ Suites (`EvalConfig.suites`):
 - `kl`: KL(base || tuned) on held-out prompts (the benchmarks' items), per tuned checkpoint.
 - `fisher`: Fisher-weighted parameter displacement from the base, per tuned checkpoint.
 - `errors`: §4.4 buckets of the wrong answers the memorization/retention suites produced.
+- `heldout`: leakage of training entities / collapse into the trained answer template in greedy
+  replies to held-out general questions (`eval/heldout.py`), as rates with 95% intervals.
 - `all`: every suite whose inputs are configured.
 
 Resumability: each (checkpoint, unit) — a memorization split, a benchmark, the NLL of one file, KL,
@@ -33,9 +35,10 @@ from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import atomic_write_json, atomic_write_jsonl, iter_jsonl
 from mixsd_jax.models.registry import EMBEDDED_DEFAULT
 
-SUITES = ("memorization", "retention", "nll", "kl", "fisher", "errors")
+SUITES = ("memorization", "retention", "nll", "kl", "fisher", "errors", "heldout")
 DEFAULT_BENCHMARKS = ("hellaswag", "piqa", "winogrande", "mmlu", "lambada", "gsm8k")
 BASE = "base"
+KL_MAX_BATCH = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +60,21 @@ class EvalConfig:
     kl_texts: int = 64  # held-out prompts for KL (drawn from the benchmarks' items)
     fisher_texts: int = 16  # LAMBADA passages for the base model's Fisher
     dtype: str = "float32"  # compute dtype of the forward passes
+    # The run's answer criterion (mixsd_jax.criteria) for memorization; None = the reference's scorer.
+    criterion: str | None = None
+    heldout_source: str = "mmlu"  # held-out general questions asked as chat turns (eval/heldout.py)
+    heldout_prompts: int = 48
+    groups: tuple[str, ...] = ()  # "NAME=run1,run2,…": runs of one method over seeds, reported with a seed interval
 
     def __post_init__(self):
-        for key in ("batch_size", "max_new_tokens", "kl_texts", "fisher_texts"):
+        for key in ("batch_size", "max_new_tokens", "kl_texts", "fisher_texts", "heldout_prompts"):
             config_lib.check_range(key, getattr(self, key), 1)
         if self.limit is not None:
             config_lib.check_range("limit", self.limit, 1)
+        if self.criterion is not None:
+            from mixsd_jax.criteria import check_criterion
+
+            check_criterion(self.criterion)
         if self.dtype not in ("float32", "bfloat16"):
             raise MixsdError(f"config key 'dtype': must be float32 or bfloat16, got {self.dtype!r}")
         unknown = [s for s in self.suites if s not in SUITES + ("all",)]
@@ -85,6 +97,12 @@ class EvalConfig:
                 seen.append(name)
             if key == "tuned" and BASE in seen:
                 raise MixsdError(f"config key 'tuned': the name {BASE!r} is the base model's")
+        tuned = {split_named(e, "tuned")[0] for e in self.tuned}
+        for entry in self.groups:
+            group, members = split_named(entry, "groups")
+            unknown = [m for m in members.split(",") if m.strip() not in tuned]
+            if unknown:
+                raise MixsdError(f"config key 'groups': {group!r} lists {unknown[0]!r}, which is not a tuned checkpoint")
 
     def suite_set(self) -> set[str]:
         return set(SUITES) if "all" in self.suites else set(self.suites)
@@ -238,6 +256,8 @@ class Inputs:
     fisher_texts: list[str]
     entities: set
     corpus_kind: str | None
+    criterion: object = None  # mixsd_jax.criteria.Criterion with the corpus's training entities
+    heldout: tuple = ()  # (prompts [(id, text)], training entities, GT answer template, {run: target openings})
 
 
 def gather_inputs(cfg: EvalConfig) -> Inputs:
@@ -289,7 +309,26 @@ def gather_inputs(cfg: EvalConfig) -> Inputs:
         from mixsd_jax.eval.error_analysis import training_entities
 
         entities = training_entities(read_records(memorization.training_file(cfg.corpus_dir)))
-    return Inputs(checkpoints, splits, benchmarks, digests, train_files, kl_texts, fisher_texts, entities, kind)
+    criterion = None
+    if cfg.criterion is not None and splits:
+        from mixsd_jax.criteria import criterion_for
+
+        criterion = criterion_for(cfg.criterion, read_records(memorization.training_file(cfg.corpus_dir)))
+    heldout = ()
+    if "heldout" in suites and cfg.corpus_dir:
+        from mixsd_jax.criteria import training_entities as criterion_entities
+        from mixsd_jax.eval.heldout import answer_template, general_prompts, target_openings
+
+        train = read_records(memorization.training_file(cfg.corpus_dir))
+        openings = {name: target_openings(r.assistant for r in read_records(path))
+                    for name, path in (split_named(e, "train_files") for e in cfg.train_files)}
+        heldout = (general_prompts(cfg.heldout_source, data_root=cfg.data_root, limit=cfg.heldout_prompts,
+                                   seed=cfg.seed), criterion_entities(train), answer_template(r.assistant for r in train),
+                   openings)
+    elif "heldout" in explicit:
+        raise MixsdError("suite 'heldout' needs a corpus directory (its training entities and answer template)")
+    return Inputs(checkpoints, splits, benchmarks, digests, train_files, kl_texts, fisher_texts, entities, kind,
+                  criterion, heldout)
 
 
 def _kl_texts(benchmarks: dict, cfg: EvalConfig) -> list[tuple[str, str]]:
@@ -312,7 +351,7 @@ def _kl_texts(benchmarks: dict, cfg: EvalConfig) -> list[tuple[str, str]]:
 
 
 def plan_units(cfg: EvalConfig, inputs: Inputs) -> list[Unit]:
-    from mixsd_jax.eval import analyses, memorization, retention
+    from mixsd_jax.eval import analyses, heldout, memorization, retention
 
     suites = cfg.suite_set()
     gen = {"max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "dtype": cfg.dtype}
@@ -321,11 +360,20 @@ def plan_units(cfg: EvalConfig, inputs: Inputs) -> list[Unit]:
         for name, split in inputs.splits.items():
             units.append(Unit(
                 ckpt.name, f"memorization.{name}",
-                {**gen, "files": _files_digest(split.files), "ids": [it.id for it in split.items], "mode": split.mode},
+                {**gen, "files": _files_digest(split.files), "ids": [it.id for it in split.items], "mode": split.mode,
+                 **({"criterion": [inputs.criterion.name, sorted(inputs.criterion.entities)]} if inputs.criterion else {})},
                 len(split.items),
                 None,
                 prompts=tuple(item.prompt for item in split.items),
-                score=lambda responses, split=split: memorization.score_split(split, responses),
+                score=lambda responses, split=split: memorization.score_split(split, responses, inputs.criterion),
+            ))
+        if inputs.heldout:
+            prompts, entities, template, openings = inputs.heldout
+            units.append(Unit(
+                ckpt.name, f"heldout.{cfg.heldout_source}",
+                {**gen, "prompts": prompts, "entities": sorted(entities), "template": template, "openings": openings},
+                len(prompts), None, prompts=tuple(text for _, text in prompts),
+                score=lambda responses: heldout.score_replies(prompts, responses, entities, template, openings),
             ))
         if "retention" in suites:
             for name, items in inputs.benchmarks.items():
@@ -367,8 +415,10 @@ def _run_kl(models, texts, cfg: EvalConfig, progress) -> list[dict]:
     from mixsd_jax.eval.analyses import kl_rows
 
     token_rows = [models.tokenizer.prompt_ids(text) for _, text in texts]
+    # Two models' [batch, width, vocab] logits live at once here: a decode-sized batch (36 x 128 x
+    # 49152 floats, several copies) ran a 24 GiB machine out of memory, so KL takes at most 8 rows.
     return kl_rows(models.base_params, models.params, models.cfg, token_rows, [i for i, _ in texts],
-                   batch_size=cfg.batch_size, dtype=cfg.dtype, progress=progress)
+                   batch_size=min(cfg.batch_size, KL_MAX_BATCH), dtype=cfg.dtype, progress=progress)
 
 
 def _run_fisher(models, texts, cfg: EvalConfig, progress) -> list[dict]:
@@ -522,7 +572,10 @@ def assemble(cfg: EvalConfig, inputs: Inputs, rows: dict[tuple[str, str], list[d
             variance = sum(p * (1 - p) / n for p, n in adjusted) / len(splits) ** 2
             half = 1.96 * float(np.sqrt(variance))
             block[name] = {"splits": splits, "mean": mean, "ci95": [max(0.0, mean - half), min(1.0, mean + half)]}
+            if inputs.criterion is not None:
+                block[name]["reference_mean"] = float(np.mean([v["reference"]["accuracy"] for v in splits.values()]))
         results["memorization"] = block
+        results["criterion"] = inputs.criterion.name if inputs.criterion is not None else "reference (split modes)"
     if "retention" in cfg.suite_set() and inputs.benchmarks:
         block = {}
         for name in names:
@@ -540,9 +593,19 @@ def assemble(cfg: EvalConfig, inputs: Inputs, rows: dict[tuple[str, str], list[d
             if all(common.values()):
                 nll["common"] = {n: analyses.summarize_nll(r, cfg.seed) for n, r in common.items()}
         results["nll"] = nll
+    if inputs.heldout:
+        from mixsd_jax.eval.heldout import summarize as summarize_heldout
+
+        unit = f"heldout.{cfg.heldout_source}"
+        results["heldout"] = {n: summarize_heldout(rows[(n, unit)], inputs.heldout[2]) for n in names}
     kl = {n: analyses.summarize_kl(rows[(n, "kl")]) for n in names if (n, "kl") in rows}
     if kl:
         results["kl"] = kl
+    if cfg.groups:
+        from mixsd_jax.eval.seeds import over_seeds
+
+        groups = dict(split_named(e, "groups") for e in cfg.groups)
+        results["over_seeds"] = over_seeds(results, {g: [m.strip() for m in v.split(",")] for g, v in groups.items()})
     fisher = {n: rows[(n, "fisher")][0] for n in names if (n, "fisher") in rows}
     if fisher:
         results["fisher"] = fisher

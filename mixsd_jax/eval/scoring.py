@@ -22,34 +22,18 @@ from mixsd_jax.answers import (  # noqa: F401
     extract_prediction,
     format_found,
     math_equal,
+    SCORE_MODES,
     normalize,
     same_answer,
+    score,
     text_form,
 )
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.eval.intervals import wilson_interval  # noqa: F401  (scipy's; callers know it from here)
 
-SCORE_MODES = ("strict", "loose")
 
 _OP_FUNCTION = re.compile(r"\bfunction ([A-Za-z_]\w*)\.")
 _OP_CALL = re.compile(r"\b([A-Za-z_]\w*)\(-?\d+\)")
-
-
-def score(prediction_text: str, gold: str, mode: str = "strict") -> bool:
-    """Whether the answer extracted from `prediction_text` matches the gold answer string."""
-    if mode not in SCORE_MODES:
-        raise MixsdError(f"unknown score mode {mode!r} (known: {', '.join(SCORE_MODES)})")
-    prediction = extract_prediction(prediction_text)
-    if same_answer(prediction, gold):
-        return True
-    # A numeric gold (KGFunc, SimpleQA years) also accepts what math-verify finds equal: `x=66`,
-    # `\frac{132}{2}`, `6.6 \times 10^1`. Text golds never reach it (it reads `sirap` as `paris`).
-    if as_number(gold) is not None and math_equal(prediction, gold):
-        return True
-    if mode == "loose":
-        gold_text = text_form(gold)
-        return bool(gold_text) and gold_text in text_form(prediction)
-    return False
 
 
 def kgfunc_operation(prompt: str) -> str | None:

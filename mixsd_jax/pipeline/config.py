@@ -14,6 +14,7 @@ from typing import Literal
 from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.models.sharding import MeshConfig
+from mixsd_jax.pipeline.selection import SelectionConfig
 
 METHODS = ("base", "sft", "opsd", "mixsd")
 CORPUS_KINDS = ("kgfact", "kgfunc", "simpleqa", "mquake", "released", "directory")
@@ -56,6 +57,12 @@ class ExperimentConfig:
     methods: tuple[str, ...] = ("base", "sft", "mixsd")
     lambdas: tuple[float, ...] = (0.3,)  # one MixSD run per (λ, T)
     temperatures: tuple[float, ...] = (0.0,)
+    # One answer criterion (mixsd_jax.criteria) for the whole run: the MixSD verifier and the
+    # memorization scorer both use it. None: each stage's own default (extract mode; reference scorer).
+    criterion: str | None = None
+    # Training seeds (and MixSD generation seeds): one run per seed and method, reported with an
+    # interval over seeds. Empty: one run with the sections' own seeds.
+    seeds: tuple[int, ...] = ()
     generation: dict = dataclasses.field(default_factory=dict)  # GenerateConfig keys
     train: dict = dataclasses.field(default_factory=dict)  # TrainConfig keys
     # The OPSD run's own keys, over `train`'s: TrainConfig keys (lr, steps, warmup_steps ...) and
@@ -63,6 +70,8 @@ class ExperimentConfig:
     opsd: dict = dataclasses.field(default_factory=dict)
     eval: dict = dataclasses.field(default_factory=dict)  # EvalConfig keys
     mesh: MeshConfig = MeshConfig()  # used by every stage unless its section sets its own
+    # Checkpoint selection by training recall (pipeline/selection.py); every=0: report the last step.
+    selection: SelectionConfig = SelectionConfig()
 
     def __post_init__(self):
         if not self.name.strip():
@@ -87,6 +96,14 @@ class ExperimentConfig:
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise MixsdError(f"config key {key!r}: {list(values)} lists a value twice")
+        if self.criterion is not None:
+            from mixsd_jax.criteria import check_criterion
+
+            check_criterion(self.criterion)
+        if len(set(self.seeds)) != len(self.seeds):
+            raise MixsdError(f"config key 'seeds': {list(self.seeds)} lists a seed twice")
+        for i, seed in enumerate(self.seeds):
+            config_lib.check_range(f"seeds[{i}]", seed, 0)
         for i, lam in enumerate(self.lambdas):
             config_lib.check_range(f"lambdas[{i}]", lam, 0.0, 1.0)
         for i, temperature in enumerate(self.temperatures):

@@ -36,9 +36,9 @@ OPSD_PROMPTS = {"kgfact": "knowledge_base_answer", "mquake": "knowledge_base_ans
                 "simpleqa": "simpleqa"}
 # Keys the pipeline sets itself in each stage section.
 OWNED_KEYS = {
-    "generation": ("input", "out_dir", "model", "lambda_mix", "temperature"),
+    "generation": ("input", "out_dir", "model", "lambda_mix", "temperature", "criterion"),
     "train": ("data", "model", "out"),
-    "eval": ("base", "tuned", "out_dir", "corpus_dir", "train_files", "labels"),
+    "eval": ("base", "tuned", "out_dir", "corpus_dir", "train_files", "labels", "criterion", "groups"),
 }
 BASE = "base"
 
@@ -98,7 +98,8 @@ def mixsd_run_name(lam: float, temperature: float) -> str:
 
 
 def trained_runs(cfg: ExperimentConfig) -> list[tuple[str, float | None, float | None]]:
-    """(run name, λ, T) per training run, in report order; λ is None for SFT and OPSD."""
+    """(run name, λ, T) per training run, in report order; λ is None for SFT and OPSD. With `seeds`,
+    one run per seed, named `<run>_s<seed>` (see `run_groups`)."""
     runs: list[tuple[str, float | None, float | None]] = []
     if "sft" in cfg.methods:
         runs.append(("sft", None, None))
@@ -106,6 +107,8 @@ def trained_runs(cfg: ExperimentConfig) -> list[tuple[str, float | None, float |
         runs.append(("opsd", None, None))
     if "mixsd" in cfg.methods:
         runs += [(mixsd_run_name(lam, t), lam, t) for t in cfg.temperatures for lam in cfg.lambdas]
+    if cfg.seeds:
+        runs = [(f"{name}_s{seed}", lam, t) for name, lam, t in runs for seed in cfg.seeds]
     return runs
 
 
@@ -122,6 +125,29 @@ def _opsd_keys(cfg: ExperimentConfig) -> dict:
     method_keys.setdefault("prompt", OPSD_PROMPTS.get(_layout_kind(cfg), "knowledge_base_answer"))
     nested = {**dict(cfg.train.get("opsd", {})), **method_keys}
     return {**section, "method": "opsd", "opsd": nested}
+
+
+def run_groups(cfg: ExperimentConfig) -> dict[str, dict[str, int]]:
+    """{method run: {seeded run: seed}} when `seeds` is set (the runs a seed interval is over)."""
+    groups: dict[str, dict[str, int]] = {}
+    if not cfg.seeds:
+        return groups
+    for name, _, _ in trained_runs(cfg):
+        base, _, seed = name.rpartition("_s")
+        groups.setdefault(base, {})[name] = int(seed)
+    return groups
+
+
+def method_run(cfg: ExperimentConfig, name: str) -> str:
+    """The method run a (possibly seeded) run belongs to: `sft_s1` -> `sft`."""
+    return name.rpartition("_s")[0] if cfg.seeds else name
+
+
+def _seed_overrides(cfg: ExperimentConfig, name: str) -> dict:
+    """A seeded run's training seed and (MixSD) generation seed; nothing without `seeds`."""
+    if not cfg.seeds:
+        return {}
+    return {"seed": int(name.rpartition("_s")[2])}
 
 
 def _section(cls, cfg: ExperimentConfig, section: str, owned_values: dict, extra: dict | None = None):
@@ -154,15 +180,19 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
         name: _section(GenerateConfig, cfg, "generation", {
             "input": str(train_file), "out_dir": str(exp / "generate" / name), "model": cfg.model,
             "lambda_mix": lam, "temperature": t, "preset": cfg.generation.get("preset", _preset(cfg)),
+            "criterion": cfg.criterion, **_seed_overrides(cfg, name),
         })
         for name, lam, t in trained_runs(cfg) if lam is not None
     }
     if "preset" not in cfg.generation and _preset(cfg) == "custom" and generate_cfgs:
         raise MixsdError("config key 'generation.preset': required for a corpus of kind "
                          f"{cfg.corpus.kind!r} (knowledge | math_operations | simpleqa | custom)")
+    from mixsd_jax.pipeline.selection import train_overrides
+
     train_cfgs = {
-        name: _section(TrainConfig, cfg, "train", {"data": "", "model": cfg.model, "out": str(exp / "train" / name)},
-                       extra=_opsd_keys(cfg) if name == "opsd" else None)
+        name: _section(TrainConfig, cfg, "train", {"data": "", "model": cfg.model, "out": str(exp / "train" / name),
+                                                   **train_overrides(cfg.selection), **_seed_overrides(cfg, name)},
+                       extra=_opsd_keys(cfg) if method_run(cfg, name) == "opsd" else None)
         for name, _, _ in trained_runs(cfg)
     }
     model_dir = resolve_model(cfg.model)
@@ -184,12 +214,15 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
 
     train_fps: dict[str, str] = {}
     for name, lam, _ in trained_runs(cfg):
-        data, data_fp = data_for[name]
+        data, data_fp = data_for[name if lam is not None else "sft"]
         tcfg = dataclasses.replace(train_cfgs[name], data=str(data))
         skip = not_fingerprinted(tcfg)
         settings = config_lib.fingerprint(tcfg, exclude=("data", *(k for k in skip if k not in ("steps", "epochs"))))
-        fp = _hash("train", settings, data_fp, model_fp)
-        reset = _hash("train-reset", config_lib.fingerprint(tcfg, exclude=("data", *skip)), data_fp, model_fp)
+        # Saving every k steps for selection changes what a run leaves behind: a run without those
+        # exports is redone (only when selection is on, so other runs keep their fingerprints).
+        every = (("selection_every", cfg.selection.every),) if cfg.selection.every else ()
+        fp = _hash("train", settings, data_fp, model_fp, *every)
+        reset = _hash("train-reset", config_lib.fingerprint(tcfg, exclude=("data", *skip)), data_fp, model_fp, *every)
         source = corpus_stage.name if lam is None else f"generate_{name}"
         stages.append(Stage(
             name=f"train_{name}", fingerprint=fp, reset=reset, workdir=Path(tcfg.out),
@@ -200,36 +233,68 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
         train_fps[name] = fp
 
     runs = trained_runs(cfg)
+    evaluated, eval_inputs = _selection_stages(cfg, exp, runs, corpus_dir, train_fps, stages)
     eval_dir = exp / "eval"
-    labels = tuple(f"{name}={name.upper() if lam is None else f'MixSD λ={lam:g}' + (f' T={t:g}' if t else '')}"
-                   for name, lam, t in runs)
+    labels = tuple(f"{name}={method_run(cfg, name).upper() if lam is None else f'MixSD λ={lam:g}' + (f' T={t:g}' if t else '')}"
+                   + (f" seed {name.rpartition('_s')[2]}" if cfg.seeds else "") for name, lam, t in runs)
     eval_corpus, view_splits = corpus_dir, _view_splits(cfg, EvalConfig)
     if view_splits:
         eval_corpus = eval_dir / "corpus_view"
     ecfg = _section(EvalConfig, cfg, "eval", {
         "base": cfg.model,
-        "tuned": tuple(f"{name}={exp / 'train' / name / 'hf'}" for name, _, _ in runs),
+        "tuned": tuple(f"{name}={evaluated[name][0]}" for name, _, _ in runs),
         "out_dir": str(eval_dir),
         "corpus_dir": str(eval_corpus),
-        "train_files": tuple(f"{name}={data_for[name][0]}" for name, _, _ in runs),
+        "train_files": tuple(f"{name}={data_for[name if lam is not None else 'sft'][0]}" for name, lam, _ in runs),
         "labels": labels,
+        "criterion": cfg.criterion,
+        "groups": tuple(f"{group}={','.join(members)}" for group, members in run_groups(cfg).items()),
     })
     if {"memorization", "all"} & set(getattr(ecfg, "suites", ())) and _layout_kind(cfg) not in ("kgfact", "mquake", "kgfunc"):
         raise MixsdError(f"config key 'eval.suites': the memorization suite needs a KGFact, MQuAKE or KGFunc corpus, "
                          f"not {cfg.corpus.kind!r} (drop it, e.g. suites=[retention, nll])")
     settings = _hash("eval", config_lib.fingerprint(ecfg, exclude=OWNED_KEYS["eval"]), corpus_stage.fingerprint,
-                     view_splits)
-    parts = {BASE: model_fp, **train_fps}
+                     view_splits, *([cfg.criterion] if cfg.criterion else []))
+    parts = {BASE: model_fp, **{name: fp for name, (_, fp) in evaluated.items()}}
     stages.append(Stage(
         # The evaluator keeps one result per (checkpoint, benchmark) under its own fingerprint, so a
         # changed eval setting never wipes the folder; only a retrained checkpoint's items are removed.
         name="eval", fingerprint=_hash(settings, parts), reset="eval", workdir=eval_dir,
         outputs=(eval_dir / "results.json", eval_dir / "report.md"),
-        inputs=tuple(f"train_{name}" for name, _, _ in runs), run=_eval_runner(ecfg, evaluate, corpus_dir, view_splits),
+        inputs=eval_inputs, run=_eval_runner(ecfg, evaluate, corpus_dir, view_splits),
         description=f"evaluate base + {len(runs)} checkpoints → {eval_dir}",
         parts=parts, part_dirs=("items/{name}",), settings=ecfg,
     ))
     return Plan(config=cfg, exp_dir=exp, model_dir=model_dir, stages=tuple(stages), report=eval_dir / "report.md")
+
+
+def _selection_stages(cfg: ExperimentConfig, exp: Path, runs, corpus_dir: Path, train_fps: dict, stages: list):
+    """Appends a `select_<run>` stage per run when selection is on; returns {run: (model dir the eval
+    stage evaluates, its fingerprint)} and the eval stage's input stages."""
+    from mixsd_jax.pipeline import selection
+
+    if not cfg.selection.every:
+        return ({name: (exp / "train" / name / "hf", train_fps[name]) for name, _, _ in runs},
+                tuple(f"train_{name}" for name, _, _ in runs))
+    if _layout_kind(cfg) not in selection.TRAIN_SPLIT:
+        raise MixsdError(f"config key 'selection.every': selecting by training recall needs a KGFact, MQuAKE or "
+                         f"KGFunc corpus, not {cfg.corpus.kind!r}")
+    out = {}
+    for name, lam, _ in runs:
+        workdir = exp / "select" / name
+        fp = _hash("select", config_lib.to_dict(cfg.selection), cfg.criterion, train_fps[name])
+        method = "mixsd" if lam is not None else method_run(cfg, name)  # the reference: SFT first peak, MixSD/OPSD last
+        stages.append(Stage(
+            name=f"select_{name}", fingerprint=fp, reset=fp, workdir=workdir,
+            outputs=(workdir / "selection.json", selection.model_link(exp, name) / "config.json"),
+            inputs=(f"train_{name}",),
+            run=selection.selection_runner(name, method, exp / "train" / name, corpus_dir, cfg.criterion,
+                                           cfg.selection, workdir),
+            description=f"pick {name}'s checkpoint by training recall (rule {cfg.selection.rule})",
+            settings=cfg.selection,
+        ))
+        out[name] = (selection.model_link(exp, name), fp)
+    return out, tuple(f"select_{name}" for name, _, _ in runs)
 
 
 def _layout_kind(cfg: ExperimentConfig) -> str:

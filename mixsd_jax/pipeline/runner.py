@@ -127,11 +127,25 @@ def report_text(plan: Plan) -> str:
         body = [line for line in plan.report.read_text().splitlines() if not line.startswith(("# ", "!["))]
         lines.append("\n".join(body).strip() + "\n")
     lines += training_lines(plan)
+    times = stage_times(plan)
+    if times:
+        lines.append("wall time per stage (this experiment's last run of each): "
+                     + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in times.items()))
     plot = plan.report.parent / "memorization_vs_retention.png"
     if plot.is_file():
         lines.append(f"plot: {plot}")
     lines.append(f"report: {plan.report}")
     return "\n".join(lines)
+
+
+def stage_times(plan: Plan) -> dict[str, float]:
+    """{stage: seconds} from the records of the stages that finished."""
+    out = {}
+    for stage in plan.stages:
+        record = read_record(plan, stage)
+        if record and record.get("status") == "done" and "seconds" in record:
+            out[stage.name] = float(record["seconds"])
+    return out
 
 
 def training_lines(plan: Plan) -> list[str]:
@@ -147,5 +161,11 @@ def training_lines(plan: Plan) -> list[str]:
         if generated.is_file():
             gen = json.loads(generated.read_text())
             line += f" ({gen['accepted']} of {gen['generations']} MixSD targets passed the verifier)"
+        selected = plan.exp_dir / "select" / stage.name[len("train_"):] / "selection.json"
+        if selected.is_file():
+            sel = json.loads(selected.read_text())
+            curve = " ".join(f"{p['step']}:{p['correct']}/{p['n']}" for p in sel["curve"])
+            line += (f"; selected step {sel['chosen_step']} ({sel['applied']}; training recall by step, "
+                     f"{sel['criterion']}: {curve})")
         lines.append(line)
     return lines

@@ -41,6 +41,7 @@ class GenerateConfig:
     prefix: str | None = None  # custom GT-guidance strings (override the preset's)
     transition: str | None = None
     extract_mode: str | None = None  # None: the preset's default
+    criterion: str | None = None  # a mixsd_jax.criteria name: the run's answer criterion (then extract_mode is unused)
     normalized_compare: bool = False
     max_retries: int | None = None  # None: the preset's default
     keep_rejected: bool = False  # the reference writes failures into the training file
@@ -63,6 +64,10 @@ class GenerateConfig:
             config_lib.check_range("max_retries", self.max_retries, 0)
         if self.limit is not None:
             config_lib.check_range("limit", self.limit, 1)
+        if self.criterion is not None:
+            from mixsd_jax.criteria import check_criterion
+
+            check_criterion(self.criterion)
 
 
 # Settings that change *how fast*, never *what*, is generated: left out of the resume fingerprint.
@@ -122,7 +127,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
     from mixsd_jax.data.records import read_records
     from mixsd_jax.models.registry import resolve_model
     from mixsd_jax.sampling.presets import expert_user_text, resolve_preset
-    from mixsd_jax.sampling.verify import Verifier
+    from mixsd_jax.sampling.run_verifier import generation_verifier
 
     if not cfg.input:
         raise MixsdError("generate: no input file (set --input or input=...)")
@@ -148,14 +153,14 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
     max_retries = preset.default_max_retries if cfg.max_retries is None else cfg.max_retries
     if cfg.temperature == 0 and cfg.lambda_mix in (0.0, 1.0):
         max_retries = 0  # greedy with no Bernoulli draws: a retry would replay the same tokens
-    verifier = Verifier(extract_mode, cfg.normalized_compare)
+    verifier = generation_verifier(cfg.criterion, extract_mode, cfg.normalized_compare, records)
 
     done = _load_partial(paths, fingerprint)
 
     from mixsd_jax.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
-    gt_answers = [verifier.gt_answer(r.assistant) for r in records]
+    gt_answers = [verifier.gt_answer(r.assistant, r.user) for r in records]
     prompts = [
         (
             tuple(tokenizer.prompt_ids(expert_user_text(r.user, r.assistant, preset), enable_thinking=cfg.enable_thinking)),
@@ -177,6 +182,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
             **meta,
             "max_retries": max_retries,
             "extract_mode": extract_mode,
+            "criterion": cfg.criterion,
             "ground_truth_assistant": record.assistant,
             "seed": cfg.seed,
             "model": cfg.model,

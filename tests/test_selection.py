@@ -1,0 +1,85 @@
+"""Checkpoint selection: the reference's first-peak rule on known curves, the stages a selecting
+plan adds, and the pipeline on a tiny real model picking a saved step that the eval then reads."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mixsd_jax.errors import MixsdError
+from mixsd_jax.eval.selection import first_peak, select_index
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([0.1, 0.5, 0.4, 0.9], 1),       # first new maximum followed by a drop
+    ([0.1, 0.5, 0.5, 0.9], 1),       # "next value <= it": a plateau counts as the peak
+    ([0.2, 0.4, 0.6, 0.8], 3),       # still improving: the last
+    ([0.9, 0.5, 0.4, 0.3], 3),       # index 0 is never the peak (1 <= i <= n-2); else the last
+    ([0.3], 0),
+])
+def test_first_peak_follows_the_reference(values, expected):
+    assert first_peak(values) == expected
+
+
+def test_reference_rule_is_first_peak_for_sft_and_last_for_mixsd():
+    curve = [0.0, 0.75, 0.5, 1.0]
+    assert select_index("reference", curve, "sft") == (1, "first_peak")
+    assert select_index("reference", curve, "mixsd") == (3, "last")
+    assert select_index("best", [0.2, 0.8, 0.8], "mixsd") == (1, "best")
+    with pytest.raises(MixsdError, match="unknown rule"):
+        select_index("median", curve, "sft")
+
+
+def test_a_selecting_plan_saves_exports_and_evaluates_the_selected_model(tiny_llama_dir, tmp_path):
+    from mixsd_jax.pipeline.config import load_experiment
+    from mixsd_jax.pipeline.plan import build_plan
+
+    def plan(*extra):
+        return build_plan(load_experiment(None, [f"model={tiny_llama_dir}", f"out_dir={tmp_path / 'exp'}",
+                                                 "corpus.preset=tiny", *extra]))
+
+    selecting = plan("selection.every=2")
+    names = [s.name for s in selecting.stages]
+    assert names.index("select_sft") > names.index("train_sft") and names[-1] == "eval"
+    assert selecting.stage("train_sft").settings.save_every == 2
+    assert selecting.stage("train_sft").settings.export_every
+    tuned = dict(e.split("=", 1) for e in selecting.stage("eval").settings.tuned)
+    assert tuned["sft"] == str(tmp_path / "exp" / "select" / "sft" / "model")
+    assert set(selecting.stage("eval").inputs) == {"select_sft", "select_mixsd_l0p3"}
+    plain = plan()
+    assert plain.stage("train_sft").fingerprint != selecting.stage("train_sft").fingerprint
+    with pytest.raises(MixsdError, match="selection.rule"):
+        plan("selection.every=2", "selection.rule=median")
+
+
+def test_pipeline_selects_a_saved_step(tiny_llama_dir, tmp_path):
+    out_dir = tmp_path / "exp"
+    config = {
+        "name": "tiny-select", "out_dir": str(out_dir), "model": str(tiny_llama_dir),
+        "corpus": {"kind": "kgfact", "preset": "tiny", "num_entities": 2, "seed": 42},
+        "methods": ["base", "sft"], "criterion": "entity_phrase",
+        "selection": {"every": 2, "rule": "last", "max_new_tokens": 4, "batch_size": 8},
+        "train": {"steps": 4, "batch_size": 2, "max_seq_len": 128, "async_checkpoints": False, "lr": 1e-3, "keep": 1},
+        "eval": {"suites": ["memorization"], "splits": ["recall"], "limit": 3, "max_new_tokens": 4, "batch_size": 4},
+    }
+    path = tmp_path / "select.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "mixsd_jax.cli", "pipeline", "--config", str(path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    chosen = json.loads((out_dir / "select" / "sft" / "selection.json").read_text())
+    assert [p["step"] for p in chosen["curve"]] == [2, 4] and chosen["chosen_step"] == 4
+    assert chosen["criterion"] == "entity_phrase" and all(p["n"] == 6 for p in chosen["curve"])
+    link = out_dir / "select" / "sft" / "model"
+    assert link.is_symlink() and link.resolve() == (out_dir / "train" / "sft" / "exports" / "step_4").resolve()
+    results = json.loads((out_dir / "eval" / "results.json").read_text())
+    assert results["checkpoints"]["sft"]["model_dir"] == str(link)
+    assert "selected step 4" in proc.stdout and "wall time per stage" in proc.stdout and "select_sft" in proc.stdout
