@@ -78,7 +78,14 @@ def maybe_initialize(cfg: DistributedConfig | None = None) -> bool:
     kwargs = resolve(cfg)
     if kwargs is None:
         return False
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as exc:  # an unreachable coordinator, a port in use, a cluster JAX cannot detect
+        where = kwargs.get("coordinator_address", "auto-detected cluster")
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MixsdError(
+            f"could not join the multi-host run ({ENV_COORDINATOR}/distributed.coordinator {where}): {first[:300]}"
+        ) from None
     return True
 
 
@@ -107,6 +114,45 @@ def put_global(x, sharding):
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all arrive (a no-op for one process). Used after process 0
+    writes a file the others read next, e.g. a stage's output before the next stage."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def agree(name: str, value: str) -> None:
+    """Check that every process computed the same `value` (e.g. the digest of a resume state read
+    from disk); a process that sees other files (no shared filesystem, a stale cache) is an error
+    here instead of a hang in the next collective or a silently different output."""
+    import hashlib
+
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:8], np.int32).copy()
+    every = np.asarray(multihost_utils.process_allgather(digest))
+    if not (every == every[0]).all():
+        odd = int(next(i for i in range(len(every)) if not (every[i] == every[0]).all()))
+        raise MixsdError(
+            f"{name}: process {odd} sees other inputs than process 0; every host must read the same files "
+            "(put inputs and outputs on a filesystem all hosts share)"
+        )
 
 
 def fetch(tree):

@@ -110,3 +110,32 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def batch_shards(mesh: Mesh | None) -> int:
+    """How many ways the batch dimension is split (data x fsdp); 1 without a mesh."""
+    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def pad_rows(rows: int, mesh: Mesh | None) -> int:
+    """`rows` rounded up so every batch shard gets whole rows (the extra rows are padding)."""
+    shards = batch_shards(mesh)
+    return -(-rows // shards) * shards
+
+
+def put_batch(x, mesh: Mesh | None):
+    """A host batch (leading dim = rows, which `pad_rows` made divisible) as a global array split
+    over data x fsdp; every process passes the same whole host batch (the multihost convention)."""
+    from mixsd_jax import multihost
+
+    if mesh is None:
+        return jax.numpy.asarray(x)
+    return multihost.put_global(x, batch_sharding(mesh, np.ndim(x)))
+
+
+def put_replicated(x, mesh: Mesh | None):
+    from mixsd_jax import multihost
+
+    if mesh is None:
+        return jax.numpy.asarray(x)
+    return multihost.put_global(x, replicated(mesh))
