@@ -66,6 +66,11 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
             raise MixsdError(f"mesh: {len(devices)} devices are not divisible by fixed axes product {known}")
         sizes[sizes.index(-1)] = len(devices) // known
     if -1 not in (cfg.data, cfg.fsdp, cfg.tensor) and math.prod(sizes) < len(devices):
+        if jax.process_count() > 1:  # the first devices would leave whole processes out of every kernel
+            raise MixsdError(
+                f"mesh: data*fsdp*tensor = {math.prod(sizes)} but the {jax.process_count()} processes have "
+                f"{len(devices)} devices; a multi-host mesh must use them all (set one axis to -1)"
+            )
         devices = devices[: math.prod(sizes)]  # an explicit smaller mesh uses the first devices
     if math.prod(sizes) != len(devices):
         raise MixsdError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {len(devices)} devices")
