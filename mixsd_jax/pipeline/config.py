@@ -14,6 +14,7 @@ from typing import Literal
 from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.models.sharding import MeshConfig
+from mixsd_jax.multihost import DistributedConfig
 
 METHODS = ("base", "sft", "mixsd")
 CORPUS_KINDS = ("kgfact", "kgfunc", "simpleqa", "mquake", "released", "directory")
@@ -60,6 +61,7 @@ class ExperimentConfig:
     train: dict = dataclasses.field(default_factory=dict)  # TrainConfig keys
     eval: dict = dataclasses.field(default_factory=dict)  # EvalConfig keys
     mesh: MeshConfig = MeshConfig()  # used by every stage unless its section sets its own
+    distributed: DistributedConfig = DistributedConfig()  # multi-host start-up, shared by every stage
 
     def __post_init__(self):
         if not self.name.strip():
