@@ -74,3 +74,16 @@ def test_bfloat16_parameters_are_loaded_in_bfloat16(tiny_llama_dir, one_process,
     rows = _rows(tmp_path / "p16")["retention.piqa"]
     diff = np.abs(np.ravel([r["logprobs"] for r in rows]) - np.ravel([r["logprobs"] for r in one_process["retention.piqa"]]))
     assert 1e-4 < diff.max() < 0.5
+
+
+def test_tensor_parallel_eval_gives_the_rows_of_one_device(tiny_llama_dir, one_process, tmp_path):
+    """Parameters over `tensor` (a model larger than one chip), items over `data`: same rows."""
+    out = tmp_path / "tp"
+    evaluate(_config(tiny_llama_dir, out, mesh=MeshConfig(data=2, tensor=4)), progress=False)
+    tp = _rows(out)
+    for unit, rows in one_process.items():
+        for a, b in zip(rows, tp[unit], strict=True):
+            if "logprobs" in a:
+                np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=1e-4, err_msg=unit)
+            else:
+                assert a["response"] == b["response"], unit

@@ -78,6 +78,15 @@ def test_two_processes_and_eight_devices_write_the_bytes_of_one(tiny_llama_dir, 
     assert _files(eight) == one_device and _this_run(eight) == (1, 8)
 
 
+def test_two_processes_with_tensor_parallel_hosts_write_the_same_bytes(tiny_llama_dir, records, one_device, tmp_path):
+    """The pod layout: records split over the hosts (`data`), each host's chips split the model (`tensor`)."""
+    out = tmp_path / "tp"
+    mh.run(["generate", *_overrides(tiny_llama_dir, records, out), "mesh.data=2", "mesh.tensor=2"])
+    paths = Paths.for_config(GenerateConfig(input=str(records), out_dir=str(out), model=str(tiny_llama_dir),
+                                            lambda_mix=0.3, temperature=1.0))
+    assert _files(paths) == one_device and _this_run(paths) == (2, 4)
+
+
 def test_killed_two_process_run_resumes_with_one_process(tiny_llama_dir, records, one_device, tmp_path):
     out = tmp_path / "killed"
     partial = out / (Paths.for_config(GenerateConfig(input=str(records), out_dir=str(out), model=str(tiny_llama_dir),
