@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import time
 
 import numpy as np
 
@@ -21,6 +23,7 @@ ENV_COORDINATOR = "MIXSD_COORDINATOR"
 ENV_NUM_PROCESSES = "MIXSD_NUM_PROCESSES"
 ENV_PROCESS_ID = "MIXSD_PROCESS_ID"
 ENV_AUTO = "MIXSD_DISTRIBUTED"
+ENV_TIMEOUT = "MIXSD_INIT_TIMEOUT"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,7 @@ class DistributedConfig:
     num_processes: int | None = None
     process_id: int | None = None
     auto: bool = False  # call jax.distributed.initialize() with no arguments (TPU pods, SLURM)
+    timeout_s: int | None = None  # how long to wait for the other processes (MIXSD_INIT_TIMEOUT; JAX: 300)
 
 
 def resolve(cfg: DistributedConfig | None = None, environ=None) -> dict | None:
@@ -78,6 +82,14 @@ def maybe_initialize(cfg: DistributedConfig | None = None) -> bool:
     kwargs = resolve(cfg)
     if kwargs is None:
         return False
+    timeout = (cfg.timeout_s if cfg is not None and cfg.timeout_s is not None
+               else _env_int(os.environ, ENV_TIMEOUT))
+    if timeout is not None:
+        kwargs = {**kwargs, "initialization_timeout": timeout}
+    if kwargs.get("process_id"):
+        # JAX aborts the whole process (a C++ fatal log, no exception) when it cannot reach the
+        # coordinator: look for it first, so an unreachable one is a one-line error instead.
+        _wait_for_coordinator(kwargs["coordinator_address"], 300 if timeout is None else timeout)
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as exc:  # an unreachable coordinator, a port in use, a cluster JAX cannot detect
@@ -87,6 +99,22 @@ def maybe_initialize(cfg: DistributedConfig | None = None) -> bool:
             f"could not join the multi-host run ({ENV_COORDINATOR}/distributed.coordinator {where}): {first[:300]}"
         ) from None
     return True
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except (OSError, ValueError) as exc:
+            if time.monotonic() >= deadline:
+                raise MixsdError(
+                    f"{ENV_COORDINATOR}/distributed.coordinator {address}: no coordinator reachable after "
+                    f"{timeout_s:g}s ({exc}); start process 0 there, or fix the address ({ENV_TIMEOUT} sets the wait)"
+                ) from None
+            time.sleep(0.5)
 
 
 # ----------------------------------------------------------------------------- data on the mesh

@@ -121,6 +121,16 @@ def test_bad_multihost_settings_are_one_line_errors(tiny_llama_dir, records, tmp
     assert len(err.splitlines()) == 1 and re.search(message, err), err
 
 
+def test_an_unreachable_coordinator_is_a_one_line_error(tiny_llama_dir, records, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MIXSD_COORDINATOR", f"127.0.0.1:{mh.free_port()}")  # nobody listens there
+    monkeypatch.setenv("MIXSD_NUM_PROCESSES", "2")
+    monkeypatch.setenv("MIXSD_PROCESS_ID", "1")
+    monkeypatch.setenv("MIXSD_INIT_TIMEOUT", "1")
+    assert main(["generate", *_overrides(tiny_llama_dir, records, tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no coordinator reachable after 1s" in err, err
+
+
 def test_a_mesh_that_does_not_match_the_devices_is_a_one_line_error(tiny_llama_dir, records, tmp_path, capsys):
     assert main(["generate", *_overrides(tiny_llama_dir, records, tmp_path), "mesh.data=3", "mesh.tensor=4"]) == 2
     err = capsys.readouterr().err.strip()
