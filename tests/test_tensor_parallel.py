@@ -61,3 +61,15 @@ def _lowered_text(runner: Runner) -> str:
     live = jax.ShapeDtypeStruct((runner.batch_size,), bool, sharding=batch_sharding(mesh, 1))
     return kernel.decode.lower(runner.params, ((tokens, rows), (tokens, rows)), keys, live, runner.naive_prob,
                                runner.stop_ids, spec=runner.spec).as_text()
+
+
+def test_bench_generate_runs_on_a_tensor_parallel_mesh(mha_dir, capsys):
+    import json
+
+    from mixsd_jax.cli import main
+
+    assert main(["bench", "generate", "--model", str(mha_dir), "--batch-size", "4", "--max-new-tokens", "4",
+                 "--no-hf", "--mesh", "data=2,tensor=4"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4} and line["devices"] == 8
+    assert line["mix_tokens_per_s"] > 0 and "loadavg_1m" in line and line["cpu_cores"] >= 1
