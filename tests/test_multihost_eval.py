@@ -17,9 +17,9 @@ from mixsd_jax.models.sharding import MeshConfig
 BENCHMARKS = ("piqa", "winogrande", "gsm8k")
 
 
-def _rows(out: Path) -> dict:
+def _rows(out: Path, checkpoint: str = "base") -> dict:
     return {p.stem: [json.loads(line) for line in p.read_text().splitlines()]
-            for p in sorted((out / "items" / "base").glob("*.jsonl"))}
+            for p in sorted((out / "items" / checkpoint).glob("*.jsonl"))}
 
 
 def _config(model_dir, out, **overrides) -> EvalConfig:
@@ -30,33 +30,55 @@ def _config(model_dir, out, **overrides) -> EvalConfig:
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny_llama_dir, tmp_path_factory) -> dict:
+def analyses(tmp_path_factory) -> dict:
+    """A tuned checkpoint and a training file: the NLL, KL and Fisher suites run too."""
+    from mixsd_jax.models.tiny import write_tiny_model
+
+    root = tmp_path_factory.mktemp("eval_inputs")
+    train = root / "train.jsonl"
+    train.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Which is item {i}?"},
+                                                      {"role": "assistant", "content": f"Item {i} is \\boxed{{{i}}}."}]})
+                             + "\n" for i in range(3)))
+    return {"tuned": f"t1={write_tiny_model(root / 'tuned', 'llama', seed=1)}", "train": f"gt={train}"}
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_llama_dir, analyses, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("eval_one")
-    evaluate(_config(tiny_llama_dir, out), progress=False)
-    return _rows(out)
+    evaluate(_config(tiny_llama_dir, out, tuned=(analyses["tuned"],), train_files=(analyses["train"],),
+                     suites=("retention", "nll", "kl", "fisher"), kl_texts=2, fisher_texts=1), progress=False)
+    return {**_rows(out), **{f"t1/{k}": v for k, v in _rows(out, "t1").items()}}
 
 
-def test_two_processes_write_the_rows_of_one(tiny_llama_dir, one_process, tmp_path):
+def test_two_processes_write_the_rows_of_one(tiny_llama_dir, analyses, one_process, tmp_path):
     out = tmp_path / "two"
-    mh.run(["eval", "--base", str(tiny_llama_dir), "--suite", "retention", "--benchmarks", ",".join(BENCHMARKS),
-            "--limit", "2", "--out", str(out), "--batch-size", "2", "--max-new-tokens", "6", "--quiet"])
-    two = _rows(out)
-    assert set(two) == set(one_process) == {f"retention.{b}" for b in BENCHMARKS}
+    mh.run(["eval", "--base", str(tiny_llama_dir), "--suite", "retention,nll,kl,fisher", "--benchmarks",
+            ",".join(BENCHMARKS), "--limit", "2", "--out", str(out), "--batch-size", "2", "--max-new-tokens", "6",
+            "--quiet", "--tuned", analyses["tuned"], "--train-file", analyses["train"], "kl_texts=2", "fisher_texts=1"])
+    two = {**_rows(out), **{f"t1/{k}": v for k, v in _rows(out, "t1").items()}}
+    expected = {f"retention.{b}" for b in BENCHMARKS} | {"nll.gt", "t1/kl", "t1/fisher"}
+    assert set(two) == set(one_process) and expected <= set(two)
     for unit, rows in one_process.items():
         assert len(two[unit]) == len(rows)
         for a, b in zip(rows, two[unit]):
-            assert a["id"] == b["id"]
-            if "logprobs" in a:
+            assert a.get("id") == b.get("id")
+            if "logprobs" in a:  # MC
                 np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=1e-5, err_msg=unit)
-            else:
+            elif "response" in a:  # decoded
                 assert a["response"] == b["response"], unit
+            elif "nll" in a:
+                np.testing.assert_allclose(a["nll"], b["nll"], atol=1e-5, err_msg=unit)
+            elif "kl_mean" in a:
+                np.testing.assert_allclose([a["kl_mean"], a["kl_last"]], [b["kl_mean"], b["kl_last"]], atol=1e-5)
+            else:  # fisher
+                np.testing.assert_allclose(a["fisher_displacement"], b["fisher_displacement"], rtol=1e-5)
     assert (out / "results.json").is_file() and (out / "report.md").is_file()
     assert not list(out.rglob(".*.tmp"))  # one writer: no temporary file of a second one left behind
 
 
 def test_bfloat16_eval_computes_in_bfloat16(tiny_llama_dir, one_process, tmp_path):
     evaluate(_config(tiny_llama_dir, tmp_path / "bf16", benchmarks=("piqa", "winogrande"), dtype="bfloat16"),
-             progress=False)
+             progress=False)  # base only: the retention rows
     bf16 = _rows(tmp_path / "bf16")
     f32 = np.concatenate([np.ravel([r["logprobs"] for r in one_process[u]]) for u in sorted(bf16)])
     ours = np.concatenate([np.ravel([r["logprobs"] for r in bf16[u]]) for u in sorted(bf16)])
@@ -81,8 +103,9 @@ def test_tensor_parallel_eval_gives_the_rows_of_one_device(tiny_llama_dir, one_p
     out = tmp_path / "tp"
     evaluate(_config(tiny_llama_dir, out, mesh=MeshConfig(data=2, tensor=4)), progress=False)
     tp = _rows(out)
-    for unit, rows in one_process.items():
-        for a, b in zip(rows, tp[unit], strict=True):
+    assert set(tp) == {f"retention.{b}" for b in BENCHMARKS}
+    for unit in tp:
+        for a, b in zip(one_process[unit], tp[unit], strict=True):
             if "logprobs" in a:
                 np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=1e-4, err_msg=unit)
             else:
