@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command == "bench":  # benches touch devices: join a multi-host run (MIXSD_* environment)
+            from mixsd_jax.multihost import maybe_initialize
+
+            maybe_initialize()
         return int(func(args) or 0)
     except MixsdError as exc:
         print(f"error: {exc}", file=sys.stderr)

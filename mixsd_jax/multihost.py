@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import time
 
 import numpy as np
 
@@ -21,6 +23,7 @@ ENV_COORDINATOR = "MIXSD_COORDINATOR"
 ENV_NUM_PROCESSES = "MIXSD_NUM_PROCESSES"
 ENV_PROCESS_ID = "MIXSD_PROCESS_ID"
 ENV_AUTO = "MIXSD_DISTRIBUTED"
+ENV_TIMEOUT = "MIXSD_INIT_TIMEOUT"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,7 @@ class DistributedConfig:
     num_processes: int | None = None
     process_id: int | None = None
     auto: bool = False  # call jax.distributed.initialize() with no arguments (TPU pods, SLURM)
+    timeout_s: int | None = None  # how long to wait for the other processes (MIXSD_INIT_TIMEOUT; JAX: 300)
 
 
 def resolve(cfg: DistributedConfig | None = None, environ=None) -> dict | None:
@@ -78,8 +82,39 @@ def maybe_initialize(cfg: DistributedConfig | None = None) -> bool:
     kwargs = resolve(cfg)
     if kwargs is None:
         return False
-    jax.distributed.initialize(**kwargs)
+    timeout = (cfg.timeout_s if cfg is not None and cfg.timeout_s is not None
+               else _env_int(os.environ, ENV_TIMEOUT))
+    if timeout is not None:
+        kwargs = {**kwargs, "initialization_timeout": timeout}
+    if kwargs.get("process_id"):
+        # JAX aborts the whole process (a C++ fatal log, no exception) when it cannot reach the
+        # coordinator: look for it first, so an unreachable one is a one-line error instead.
+        _wait_for_coordinator(kwargs["coordinator_address"], 300 if timeout is None else timeout)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as exc:  # an unreachable coordinator, a port in use, a cluster JAX cannot detect
+        where = kwargs.get("coordinator_address", "auto-detected cluster")
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MixsdError(
+            f"could not join the multi-host run ({ENV_COORDINATOR}/distributed.coordinator {where}): {first[:300]}"
+        ) from None
     return True
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except (OSError, ValueError) as exc:
+            if time.monotonic() >= deadline:
+                raise MixsdError(
+                    f"{ENV_COORDINATOR}/distributed.coordinator {address}: no coordinator reachable after "
+                    f"{timeout_s:g}s ({exc}); start process 0 there, or fix the address ({ENV_TIMEOUT} sets the wait)"
+                ) from None
+            time.sleep(0.5)
 
 
 # ----------------------------------------------------------------------------- data on the mesh
@@ -107,6 +142,45 @@ def put_global(x, sharding):
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all arrive (a no-op for one process). Used after process 0
+    writes a file the others read next, e.g. a stage's output before the next stage."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def agree(name: str, value: str) -> None:
+    """Check that every process computed the same `value` (e.g. the digest of a resume state read
+    from disk); a process that sees other files (no shared filesystem, a stale cache) is an error
+    here instead of a hang in the next collective or a silently different output."""
+    import hashlib
+
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:8], np.int32).copy()
+    every = np.asarray(multihost_utils.process_allgather(digest))
+    if not (every == every[0]).all():
+        odd = int(next(i for i in range(len(every)) if not (every[i] == every[0]).all()))
+        raise MixsdError(
+            f"{name}: process {odd} sees other inputs than process 0; every host must read the same files "
+            "(put inputs and outputs on a filesystem all hosts share)"
+        )
 
 
 def fetch(tree):

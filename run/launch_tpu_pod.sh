@@ -9,7 +9,8 @@
 #
 # Every host needs this repository at the same path ($MIXSD_REPO, default: this checkout's path)
 # with the package installed, the model directory, and the output directory on storage all hosts
-# share (Orbax writes one checkpoint from all hosts; process 0 writes metrics and exports).
+# share (Orbax writes one checkpoint from all hosts; process 0 writes every other file: metrics,
+# exports, generated targets, eval items and reports, stage records; see README "Running on a pod").
 # JAX finds the slice's hosts itself: MIXSD_DISTRIBUTED=auto -> jax.distributed.initialize().
 # Extra environment for the hosts: MIXSD_ENV="VAR=value VAR2=value".
 set -euo pipefail

@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixsd_jax import multihost
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.eval.mc import MIN_ROW, ScoreRow, pow2_at_least, score_rows
 from mixsd_jax.models import transformer as tf
+from mixsd_jax.models.sharding import pad_rows, put_batch, put_replicated
 
 NLL_BINS = np.linspace(0.0, 16.0, 65)
 BOOTSTRAP_SAMPLES = 1000
@@ -53,11 +55,11 @@ def target_rows(tokenizer, records: Sequence, max_length: int) -> list[ScoreRow]
 
 def target_nll(
     params, cfg, tokenizer, records: Sequence, *, name: str, batch_size: int = 8, dtype: str = "float32",
-    progress: Callable[[int], None] | None = None,
+    mesh=None, progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """One row per record: its user text (for pairing files) and the NLL of every target token."""
     rows = target_rows(tokenizer, records, cfg.max_position_embeddings)
-    scores = score_rows(params, cfg, rows, batch_size=batch_size, dtype=dtype, progress=progress)
+    scores = score_rows(params, cfg, rows, batch_size=batch_size, dtype=dtype, mesh=mesh, progress=progress)
     return [
         {"id": f"{name}/{i}", "user": record.user, "nll": [round(-float(x), 5) for x in s.logprobs]}
         for i, (record, s) in enumerate(zip(records, scores))
@@ -114,21 +116,22 @@ def kl_per_position(base_params, tuned_params, tokens_BxT, segment_ids_BxT, *, c
 
 def kl_rows(
     base_params, tuned_params, cfg, token_rows: Sequence[Sequence[int]], ids: Sequence[str], *, batch_size: int = 8,
-    dtype: str = "float32", progress: Callable[[int], None] | None = None,
+    dtype: str = "float32", mesh=None, progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Per text: mean KL over its positions and KL at its last position."""
     order = sorted(range(len(token_rows)), key=lambda i: -len(token_rows[i]))
     out: list[dict | None] = [None] * len(token_rows)
+    rows = pad_rows(batch_size, mesh)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = pow2_at_least(max(len(token_rows[i]) for i in chunk), MIN_ROW)
-        tokens = np.zeros((batch_size, width), np.int32)
-        segments = np.zeros((batch_size, width), np.int32)
+        tokens = np.zeros((rows, width), np.int32)
+        segments = np.zeros((rows, width), np.int32)
         for b, i in enumerate(chunk):
             tokens[b, : len(token_rows[i])] = token_rows[i]
             segments[b, : len(token_rows[i])] = 1
-        kl = np.asarray(kl_per_position(base_params, tuned_params, jnp.asarray(tokens), jnp.asarray(segments),
-                                        cfg=cfg, dtype=dtype))
+        kl = multihost.fetch(kl_per_position(base_params, tuned_params, put_batch(tokens, mesh),
+                                             put_batch(segments, mesh), cfg=cfg, dtype=dtype))
         for b, i in enumerate(chunk):
             values = np.maximum(kl[b, : len(token_rows[i])], 0.0)  # float rounding can dip below 0
             out[i] = {"id": ids[i], "tokens": len(token_rows[i]), "kl_mean": float(values.mean()),
@@ -189,7 +192,7 @@ def _accumulate(total, new):
 
 
 def diagonal_fisher(
-    params, cfg, token_rows: Sequence[Sequence[int]], *, dtype: str = "float32",
+    params, cfg, token_rows: Sequence[Sequence[int]], *, dtype: str = "float32", mesh=None,
     progress: Callable[[int], None] | None = None,
 ):
     """Diagonal empirical Fisher (a pytree like `params`) from per-sequence gradients."""
@@ -205,7 +208,8 @@ def diagonal_fisher(
         segments = np.zeros((1, width), np.int32)
         tokens[0, : len(ids)] = ids
         segments[0, : len(ids)] = 1
-        sq = _squared_grad(params, jnp.asarray(tokens), jnp.asarray(segments), cfg=cfg, dtype=dtype)
+        # One sequence per gradient: replicated over the mesh; the gradients are sharded like the params.
+        sq = _squared_grad(params, put_replicated(tokens, mesh), put_replicated(segments, mesh), cfg=cfg, dtype=dtype)
         total = sq if total is None else _accumulate(total, sq)
         if progress is not None:
             progress(1)
@@ -237,7 +241,7 @@ def fisher_displacement(fisher, base_params, tuned_params) -> dict:
     """sum F (theta - theta0)^2 overall and per parameter group, with the plain L2 displacement."""
     if jax.tree.structure(base_params) != jax.tree.structure(tuned_params):
         raise MixsdError("fisher displacement: the tuned parameters do not match the base model's structure")
-    terms = _displacement_terms(fisher, base_params, tuned_params)
+    terms = multihost.fetch(_displacement_terms(fisher, base_params, tuned_params))
     groups: dict[str, np.ndarray] = {}
     for path, value in jax.tree_util.tree_flatten_with_path(terms)[0]:
         name = _group(path)

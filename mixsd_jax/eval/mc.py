@@ -17,6 +17,10 @@ continuation); an empty context is replaced by the bos (else eos) token; a row l
 `max_length` loses tokens from the left. `acc` picks the choice of highest total log-likelihood,
 `acc_norm` the highest log-likelihood per character of the choice text (without the space that
 joins it to the context).
+
+With a `mesh`, each batch is split over data x fsdp (its row count rounded up to whole rows per
+shard) and the parameters are wherever their sharding rules put them; results come back whole to
+every process (`multihost.fetch`), so a multi-host run scores the same rows as one process.
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixsd_jax import multihost
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.models import transformer as tf
 from mixsd_jax.models.config import ModelConfig
+from mixsd_jax.models.sharding import pad_rows, put_batch
 
 MIN_ROW = 32
 MIN_WINDOW = 8
@@ -132,6 +138,7 @@ def score_rows(
     batch_size: int = 8,
     max_length: int | None = None,
     dtype: str = "float32",
+    mesh=None,
     progress: Callable[[int], None] | None = None,
 ) -> list[TokenScores]:
     """Per-token log-probs of every row's scored tokens, in input order."""
@@ -140,17 +147,16 @@ def score_rows(
     results: list[TokenScores | None] = [None] * len(rows)
     sizes = [(pow2_at_least(len(r.ids) - r.score_from, MIN_WINDOW), len(r.ids)) for r in rows]
     for chunk, padded_rows in shape_batches(sizes, batch_size):
-        batch = _pack([rows[i] for i in chunk], padded_rows)
-        logprobs, greedy = window_logprobs(
+        batch = _pack([rows[i] for i in chunk], pad_rows(padded_rows, mesh))
+        logprobs, greedy = multihost.fetch(window_logprobs(
             params,
-            jnp.asarray(batch["tokens"]),
-            jnp.asarray(batch["segments"]),
-            jnp.asarray(batch["starts"]),
-            jnp.asarray(batch["targets"]),
+            put_batch(batch["tokens"], mesh),
+            put_batch(batch["segments"], mesh),
+            put_batch(batch["starts"], mesh),
+            put_batch(batch["targets"], mesh),
             cfg=cfg,
             dtype=dtype,
-        )
-        logprobs, greedy = np.asarray(logprobs), np.asarray(greedy)
+        ))
         for b, i in enumerate(chunk):
             n = len(rows[i].ids) - rows[i].score_from
             results[i] = TokenScores(logprobs[b, :n].astype(np.float64), greedy[b, :n].copy())
@@ -217,6 +223,7 @@ def score_groups(
     batch_size: int = 8,
     max_length: int | None = None,
     dtype: str = "float32",
+    mesh=None,
     progress: Callable[[int], None] | None = None,
 ) -> list[list[TokenScores]]:
     """Per-token scores of every continuation of every group, in input order."""
@@ -226,6 +233,7 @@ def score_groups(
     results: list[list[TokenScores] | None] = [None] * len(groups)
     sizes = [(pow2_at_least(max(len(c) for c in g.continuations), MIN_WINDOW), len(g.context)) for g in groups]
     for chunk, padded_rows in shape_batches(sizes, batch_size):
+        padded_rows = pad_rows(padded_rows, mesh)
         width = pow2_at_least(max(len(groups[i].context) for i in chunk), MIN_ROW)
         span = sizes[chunk[0]][0]
         context = np.zeros((padded_rows, width), np.int32)
@@ -240,11 +248,10 @@ def score_groups(
             for k, c in enumerate(g.continuations):
                 choices[b, k, : len(c)] = c
                 choice_seg[b, k, : len(c)] = 1
-        logprobs, greedy = shared_context_logprobs(
-            params, jnp.asarray(context), jnp.asarray(context_seg), jnp.asarray(choices), jnp.asarray(choice_seg),
-            cfg=cfg, dtype=dtype,
-        )
-        logprobs, greedy = np.asarray(logprobs), np.asarray(greedy)
+        logprobs, greedy = multihost.fetch(shared_context_logprobs(
+            params, put_batch(context, mesh), put_batch(context_seg, mesh), put_batch(choices, mesh),
+            put_batch(choice_seg, mesh), cfg=cfg, dtype=dtype,
+        ))
         for b, i in enumerate(chunk):
             results[i] = [
                 TokenScores(logprobs[b, k, : len(c)].astype(np.float64), greedy[b, k, : len(c)].copy())
@@ -325,10 +332,12 @@ def loglikelihoods(
     batch_size: int = 8,
     max_length: int | None = None,
     dtype: str = "float32",
+    mesh=None,
     progress: Callable[[int], None] | None = None,
 ) -> list[Loglikelihood]:
     rows = encode_requests(tokenizer, requests)
-    scores = score_rows(params, cfg, rows, batch_size=batch_size, max_length=max_length, dtype=dtype, progress=progress)
+    scores = score_rows(params, cfg, rows, batch_size=batch_size, max_length=max_length, dtype=dtype, mesh=mesh,
+                        progress=progress)
     return [_loglikelihood(s, continuation) for s, (_, continuation) in zip(scores, requests)]
 
 
@@ -349,6 +358,7 @@ def score_mc(
     batch_size: int = 8,
     max_length: int | None = None,
     dtype: str = "float32",
+    mesh=None,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """One result per `MCItem`: per-choice log-likelihoods, predictions, and acc / acc_norm (0 or 1).
@@ -363,14 +373,14 @@ def score_mc(
             pairs = encode_pairs(tokenizer, items[i].requests())
             groups.append(ContextGroup(pairs[0][0], tuple(cont for _, cont in pairs)))
         scores = score_groups(params, cfg, groups, batch_size=batch_size, max_length=max_length, dtype=dtype,
-                              progress=progress)
+                              mesh=mesh, progress=progress)
         for i, item_scores in zip(shared, scores):
             per_item[i] = [_loglikelihood(s, cont) for s, (_, cont) in zip(item_scores, items[i].requests())]
     rest = [i for i, item in enumerate(items) if item.shared_continuation is not None]
     if rest:
         requests = [(i, r) for i in rest for r in items[i].requests()]
         scored = loglikelihoods(params, cfg, tokenizer, [r for _, r in requests], batch_size=batch_size,
-                                max_length=max_length, dtype=dtype, progress=progress)
+                                max_length=max_length, dtype=dtype, mesh=mesh, progress=progress)
         for i in rest:
             per_item[i] = []
         for (i, _), ll in zip(requests, scored):

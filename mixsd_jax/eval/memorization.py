@@ -148,6 +148,8 @@ def generate_texts(
     max_new_tokens: int,
     batch_size: int = 8,
     seed: int = 0,
+    dtype: str = "float32",
+    mesh=None,
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Greedy replies to single user turns (chat template, thinking off), decoded without specials."""
@@ -164,6 +166,8 @@ def generate_texts(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         seed=seed,
+        dtype=dtype,
+        mesh=mesh,
         progress=progress,
     )
     return [tokenizer.decode(c.tokens) for c in completions]
@@ -212,9 +216,9 @@ def summarize_rows(rows: Sequence[dict]) -> dict:
 
 
 def run_split(params, cfg, tokenizer, split: Split, *, max_new_tokens: int, batch_size: int = 8, seed: int = 0,
-              progress: Callable[[int], None] | None = None) -> list[dict]:
+              dtype: str = "float32", mesh=None, progress: Callable[[int], None] | None = None) -> list[dict]:
     responses = generate_texts(
         params, cfg, tokenizer, [item.prompt for item in split.items], max_new_tokens=max_new_tokens,
-        batch_size=batch_size, seed=seed, progress=progress,
+        batch_size=batch_size, seed=seed, dtype=dtype, mesh=mesh, progress=progress,
     )
     return score_split(split, responses)

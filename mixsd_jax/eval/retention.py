@@ -68,9 +68,12 @@ def run_benchmark(
     max_new_tokens: int = 256,
     seed: int = 0,
     allow_code_execution: bool = False,
+    dtype: str = "float32",
+    mesh=None,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """One result row per item; every row has `id` and `correct` (0/1; MC rows also acc_norm)."""
+    """One result row per item; every row has `id` and `correct` (0/1; MC rows also acc_norm).
+    Everything runs in `dtype` on `mesh` (None: one device)."""
     from mixsd_jax.eval import mc
     from mixsd_jax.eval.benchmarks import MCItem
 
@@ -79,16 +82,17 @@ def run_benchmark(
 
         split = Split(name, list(items), "strict", ())
         return run_split(params, cfg, tokenizer, split, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         seed=seed, progress=progress)
+                         seed=seed, dtype=dtype, mesh=mesh, progress=progress)
     if isinstance(items[0], MCItem):
-        rows = mc.score_mc(params, cfg, tokenizer, items, batch_size=batch_size, progress=progress)
+        rows = mc.score_mc(params, cfg, tokenizer, items, batch_size=batch_size, dtype=dtype, mesh=mesh,
+                           progress=progress)
         for row in rows:
             row["correct"] = row[primary_metric(name)]
         return rows
     kind = items[0].kind
     if kind == "last_word":
         lls = mc.loglikelihoods(params, cfg, tokenizer, [(it.prompt, " " + it.answer) for it in items],
-                                batch_size=batch_size, progress=progress)
+                                batch_size=batch_size, dtype=dtype, mesh=mesh, progress=progress)
         return [
             {"id": it.id, "gold": it.answer, "logprob": ll.logprob, "num_tokens": ll.num_tokens,
              "correct": float(ll.is_greedy)}
@@ -102,7 +106,7 @@ def run_benchmark(
 
     prompts = [math_prompt(it.prompt) if kind == "math" else chat_prompt(it.prompt) for it in items]
     responses = generate_texts(params, cfg, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               seed=seed, progress=progress)
+                               seed=seed, dtype=dtype, mesh=mesh, progress=progress)
     return [
         {"id": it.id, "prompt": prompt, "response": response, "gold": it.answer, "kind": kind,
          "correct": float(_generative_correct(it, response, allow_code_execution))}

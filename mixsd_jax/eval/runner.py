@@ -19,6 +19,13 @@ to `<unit>.meta.json` holding a fingerprint of everything that determines the ro
 settings, the data files' bytes, the checkpoint's config and weight files). A unit whose
 fingerprint matches is read back, not recomputed; any change recomputes it. Summaries, retention
 ratios, the report and the plots are always rebuilt from the rows.
+
+Mesh and hosts: the base and tuned models are loaded with `param_dtype` onto `mesh`, parameters
+sharded by the training rules (fsdp/tensor); every kernel (MC scoring, decoding, NLL, KL, Fisher)
+computes in `dtype` with its item batch split over data x fsdp. On a multi-host run (`distributed`
+section or MIXSD_* environment) every process runs the same units on the same inputs (checked: the
+resume state read from `items/` must agree) and process 0 alone writes `items/`, `results.json`,
+`report.md` and the plots; the others wait for it.
 """
 
 from __future__ import annotations
@@ -31,9 +38,12 @@ from pathlib import Path
 from typing import Callable
 
 from mixsd_jax import config as config_lib
+from mixsd_jax import multihost
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import atomic_write_json, atomic_write_jsonl, iter_jsonl
 from mixsd_jax.models.registry import EMBEDDED_DEFAULT
+from mixsd_jax.models.sharding import MeshConfig
+from mixsd_jax.multihost import DistributedConfig
 
 SUITES = ("memorization", "retention", "nll", "kl", "fisher", "errors", "heldout")
 DEFAULT_BENCHMARKS = ("hellaswag", "piqa", "winogrande", "mmlu", "lambada", "gsm8k")
@@ -59,7 +69,10 @@ class EvalConfig:
     labels: tuple[str, ...] = ()  # "NAME=label" shown on plots and tables (e.g. "mix03=MixSD λ=0.3")
     kl_texts: int = 64  # held-out prompts for KL (drawn from the benchmarks' items)
     fisher_texts: int = 16  # LAMBADA passages for the base model's Fisher
-    dtype: str = "float32"  # compute dtype of the forward passes
+    dtype: str = "float32"  # compute dtype of every forward pass (MC, decoding, NLL, KL, Fisher)
+    param_dtype: str = "float32"  # storage dtype of the loaded parameters (bfloat16 halves their memory)
+    mesh: MeshConfig = MeshConfig()  # parameters over fsdp/tensor, item batches over data x fsdp
+    distributed: DistributedConfig = DistributedConfig()
     # The run's answer criterion (mixsd_jax.criteria) for memorization; None = the reference's scorer.
     criterion: str | None = None
     heldout_source: str = "mmlu"  # held-out general questions asked as chat turns (eval/heldout.py)
@@ -75,8 +88,9 @@ class EvalConfig:
             from mixsd_jax.criteria import check_criterion
 
             check_criterion(self.criterion)
-        if self.dtype not in ("float32", "bfloat16"):
-            raise MixsdError(f"config key 'dtype': must be float32 or bfloat16, got {self.dtype!r}")
+        for key in ("dtype", "param_dtype"):
+            if getattr(self, key) not in ("float32", "bfloat16"):
+                raise MixsdError(f"config key {key!r}: must be float32 or bfloat16, got {getattr(self, key)!r}")
         unknown = [s for s in self.suites if s not in SUITES + ("all",)]
         if unknown or not self.suites:
             raise MixsdError(f"config key 'suites': unknown suite {unknown[0] if unknown else '(none)'!r} "
@@ -354,7 +368,9 @@ def plan_units(cfg: EvalConfig, inputs: Inputs) -> list[Unit]:
     from mixsd_jax.eval import analyses, heldout, memorization, retention
 
     suites = cfg.suite_set()
-    gen = {"max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "dtype": cfg.dtype}
+    # Stored parameters in another dtype change the rows; float32 (the default) keeps older fingerprints.
+    precision = {"dtype": cfg.dtype, **({"param_dtype": cfg.param_dtype} if cfg.param_dtype != "float32" else {})}
+    gen = {"max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, **precision}
     units = []
     for ckpt in inputs.checkpoints:
         for name, split in inputs.splits.items():
@@ -381,31 +397,31 @@ def plan_units(cfg: EvalConfig, inputs: Inputs) -> list[Unit]:
                 loglik = hasattr(items[0], "requests") or getattr(items[0], "kind", "") == "last_word"
                 units.append(Unit(
                     ckpt.name, f"retention.{name}",
-                    {**({"dtype": cfg.dtype} if loglik else gen), "files": inputs.benchmark_files[name],
+                    {**(precision if loglik else gen), "files": inputs.benchmark_files[name],
                      "ids": [it.id for it in items], "code": cfg.allow_code_execution},
                     sum(len(it.requests()) for it in items) if hasattr(items[0], "requests") else len(items),
                     lambda m, p, name=name, items=items: retention.run_benchmark(
                         name, items, m.params, m.cfg, m.tokenizer, batch_size=cfg.batch_size,
                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                        allow_code_execution=cfg.allow_code_execution, progress=p),
+                        allow_code_execution=cfg.allow_code_execution, dtype=cfg.dtype, mesh=m.mesh, progress=p),
                 ))
         if ckpt.name == BASE:
             for name, (path, records) in inputs.train_files.items():
                 units.append(Unit(
-                    BASE, f"nll.{name}", {"file": _files_digest([path]), "dtype": cfg.dtype}, len(records),
+                    BASE, f"nll.{name}", {"file": _files_digest([path]), **precision}, len(records),
                     lambda m, p, name=name, records=records: analyses.target_nll(
                         m.params, m.cfg, m.tokenizer, records, name=name, batch_size=cfg.batch_size,
-                        dtype=cfg.dtype, progress=p),
+                        dtype=cfg.dtype, mesh=m.mesh, progress=p),
                 ))
             continue
         if inputs.kl_texts:
             units.append(Unit(
-                ckpt.name, "kl", {"texts": inputs.kl_texts, "dtype": cfg.dtype}, len(inputs.kl_texts),
+                ckpt.name, "kl", {"texts": inputs.kl_texts, **precision}, len(inputs.kl_texts),
                 lambda m, p: _run_kl(m, inputs.kl_texts, cfg, p),
             ))
         if inputs.fisher_texts:
             units.append(Unit(
-                ckpt.name, "fisher", {"texts": inputs.fisher_texts, "dtype": cfg.dtype}, len(inputs.fisher_texts),
+                ckpt.name, "fisher", {"texts": inputs.fisher_texts, **precision}, len(inputs.fisher_texts),
                 lambda m, p: _run_fisher(m, inputs.fisher_texts, cfg, p),
             ))
     return units
@@ -418,7 +434,7 @@ def _run_kl(models, texts, cfg: EvalConfig, progress) -> list[dict]:
     # Two models' [batch, width, vocab] logits live at once here: a decode-sized batch (36 x 128 x
     # 49152 floats, several copies) ran a 24 GiB machine out of memory, so KL takes at most 8 rows.
     return kl_rows(models.base_params, models.params, models.cfg, token_rows, [i for i, _ in texts],
-                   batch_size=min(cfg.batch_size, KL_MAX_BATCH), dtype=cfg.dtype, progress=progress)
+                   batch_size=min(cfg.batch_size, KL_MAX_BATCH), dtype=cfg.dtype, mesh=models.mesh, progress=progress)
 
 
 def _run_fisher(models, texts, cfg: EvalConfig, progress) -> list[dict]:
@@ -434,13 +450,13 @@ def _run_fisher(models, texts, cfg: EvalConfig, progress) -> list[dict]:
 class Models:
     """The loaded base (kept) and the current checkpoint's parameters; the base Fisher, once."""
 
-    def __init__(self, cfg: EvalConfig, base: Checkpoint):
+    def __init__(self, cfg: EvalConfig, base: Checkpoint, mesh=None):
         from mixsd_jax.models.checkpoint import load_hf
         from mixsd_jax.models.tokenizer import load_tokenizer
 
-        self.eval_cfg = cfg
+        self.eval_cfg, self.mesh = cfg, mesh
         self.tokenizer = load_tokenizer(base.model_dir)
-        self.cfg, self.base_params = load_hf(base.model_dir)
+        self.cfg, self.base_params = load_hf(base.model_dir, cfg.param_dtype, mesh=mesh)
         self.current, self.params = BASE, self.base_params
         self._fisher = None
 
@@ -450,7 +466,8 @@ class Models:
         from mixsd_jax.models.checkpoint import load_hf
 
         self.params = None  # free the previous checkpoint before loading the next
-        _, self.params = load_hf(ckpt.model_dir) if ckpt.name != BASE else (None, self.base_params)
+        _, self.params = (load_hf(ckpt.model_dir, self.eval_cfg.param_dtype, mesh=self.mesh) if ckpt.name != BASE
+                          else (None, self.base_params))
         self.current = ckpt.name
 
     def fisher(self, texts: list[str], progress):
@@ -459,7 +476,7 @@ class Models:
 
             rows = [self.tokenizer.encode(t)[: self.cfg.max_position_embeddings] for t in texts]
             self._fisher = diagonal_fisher(self.base_params, self.cfg, rows, dtype=self.eval_cfg.dtype,
-                                           progress=progress)
+                                           mesh=self.mesh, progress=progress)
         return self._fisher
 
 
@@ -472,7 +489,12 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
 
     from mixsd_jax.eval import report
 
+    from mixsd_jax.models.sharding import make_mesh
+
     started = time.time()
+    multihost.maybe_initialize(cfg.distributed)
+    mesh = make_mesh(cfg.mesh)
+    primary = multihost.is_primary()
     out_dir = Path(cfg.out_dir)
     inputs = gather_inputs(cfg)
     units = plan_units(cfg, inputs)
@@ -485,16 +507,19 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
         cached = store.load(unit.checkpoint, unit.name, fingerprints[(unit.checkpoint, unit.name)])
         if cached is not None:
             rows[(unit.checkpoint, unit.name)] = cached
-            if progress:
+            if progress and primary:
                 tqdm.write(f"{unit.checkpoint}/{unit.name}: done earlier ({len(cached)} rows)")
     pending = [u for u in units if (u.checkpoint, u.name) not in rows]
+    # Every process must run the same units (their kernels are collectives): same resume state.
+    multihost.agree(f"{out_dir / 'items'}: resume state", json.dumps(sorted(rows)))
+    progress = progress and primary
     timing: dict[str, float] = {}
     models: Models | None = None
     responses: dict[tuple[str, str], list[str]] = {}  # decoded ahead for generative units
     for unit in pending:
         key, label = (unit.checkpoint, unit.name), f"{unit.checkpoint}/{unit.name}"
         if models is None:
-            models = Models(cfg, by_name[BASE])
+            models = Models(cfg, by_name[BASE], mesh)
         models.use(by_name[unit.checkpoint])
         t0 = time.time()
         if unit.score is not None:
@@ -506,7 +531,8 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
             with tqdm(total=unit.total, desc=label, unit="req", disable=not progress, leave=True) as bar:
                 result = unit.compute(models, bar.update)
         seconds = time.time() - t0
-        store.save(unit.checkpoint, unit.name, fingerprints[key], result, seconds)
+        if primary:
+            store.save(unit.checkpoint, unit.name, fingerprints[key], result, seconds)
         rows[key] = result
         timing[label] = round(seconds, 2)
     results = assemble(cfg, inputs, rows)
@@ -515,7 +541,9 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
 
         results["humaneval_sandbox"] = sandbox_protections()  # what isolated the model-written code
     results["timing"] = {"computed_units_s": timing, "total_s": round(time.time() - started, 2)}
-    report.write_report(results, out_dir)
+    if primary:
+        report.write_report(results, out_dir)
+    multihost.barrier(f"eval report {out_dir}")
     return results
 
 
@@ -530,7 +558,7 @@ def _decode_together(units: list[Unit], models: Models, cfg: EvalConfig, progres
     with tqdm(total=len(prompts), desc=label, unit="req", disable=not progress, leave=True) as bar:
         texts = generate_texts(models.params, models.cfg, models.tokenizer, prompts,
                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
-                               progress=bar.update)
+                               dtype=cfg.dtype, mesh=models.mesh, progress=bar.update)
     out, start = {}, 0
     for unit in units:
         out[(unit.checkpoint, unit.name)] = texts[start : start + len(unit.prompts)]

@@ -77,6 +77,7 @@ def recall_curve(
 ) -> list[dict]:
     """[{step, correct, n, accuracy}] over `steps`, from greedy replies to (id, prompt, gold)."""
     from mixsd_jax.files import atomic_write_json, atomic_write_jsonl, iter_jsonl
+    from mixsd_jax.multihost import is_primary
     from mixsd_jax.models.checkpoint import load_hf
     from mixsd_jax.models.tokenizer import load_tokenizer
     from mixsd_jax.eval.memorization import generate_texts
@@ -100,9 +101,10 @@ def recall_curve(
                 judged = criterion.judge(reply, gold, prompt)
                 rows.append({"id": item_id, "gold": gold, "response": reply, "prediction": judged.prediction,
                              "correct": judged.correct})
-            meta_path.unlink(missing_ok=True)
-            atomic_write_jsonl(rows_path, rows)
-            atomic_write_json(meta_path, {"fingerprint": fingerprint, "step": step})
+            if is_primary():
+                meta_path.unlink(missing_ok=True)
+                atomic_write_jsonl(rows_path, rows)
+                atomic_write_json(meta_path, {"fingerprint": fingerprint, "step": step})
         correct = sum(bool(r["correct"]) for r in rows)
         curve.append({"step": step, "correct": correct, "n": len(rows), "accuracy": correct / max(1, len(rows))})
         log(f"  step {step}: training recall {correct}/{len(rows)} ({criterion.name})")

@@ -66,6 +66,11 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
             raise MixsdError(f"mesh: {len(devices)} devices are not divisible by fixed axes product {known}")
         sizes[sizes.index(-1)] = len(devices) // known
     if -1 not in (cfg.data, cfg.fsdp, cfg.tensor) and math.prod(sizes) < len(devices):
+        if jax.process_count() > 1:  # the first devices would leave whole processes out of every kernel
+            raise MixsdError(
+                f"mesh: data*fsdp*tensor = {math.prod(sizes)} but the {jax.process_count()} processes have "
+                f"{len(devices)} devices; a multi-host mesh must use them all (set one axis to -1)"
+            )
         devices = devices[: math.prod(sizes)]  # an explicit smaller mesh uses the first devices
     if math.prod(sizes) != len(devices):
         raise MixsdError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {len(devices)} devices")
@@ -110,3 +115,32 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def batch_shards(mesh: Mesh | None) -> int:
+    """How many ways the batch dimension is split (data x fsdp); 1 without a mesh."""
+    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def pad_rows(rows: int, mesh: Mesh | None) -> int:
+    """`rows` rounded up so every batch shard gets whole rows (the extra rows are padding)."""
+    shards = batch_shards(mesh)
+    return -(-rows // shards) * shards
+
+
+def put_batch(x, mesh: Mesh | None):
+    """A host batch (leading dim = rows, which `pad_rows` made divisible) as a global array split
+    over data x fsdp; every process passes the same whole host batch (the multihost convention)."""
+    from mixsd_jax import multihost
+
+    if mesh is None:
+        return jax.numpy.asarray(x)
+    return multihost.put_global(x, batch_sharding(mesh, np.ndim(x)))
+
+
+def put_replicated(x, mesh: Mesh | None):
+    from mixsd_jax import multihost
+
+    if mesh is None:
+        return jax.numpy.asarray(x)
+    return multihost.put_global(x, replicated(mesh))

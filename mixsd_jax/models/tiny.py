@@ -56,7 +56,8 @@ def _tokenizer(out_dir: Path, family: str):
     return hf
 
 
-def write_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
+def write_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64,
+                     kv_heads: int = 2) -> Path:
     """A ~100k-parameter model of `family` in an HF directory; same seed => same weights."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
@@ -72,7 +73,7 @@ def write_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, 
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,  # 4 = one per head: a tensor axis of 4 then splits the KV cache
         max_position_embeddings=2048,
         initializer_range=0.1,  # peaked enough that greedy argmax has no near-ties
         eos_token_id=tokenizer.eos_token_id,

@@ -15,6 +15,7 @@ from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.models.sharding import MeshConfig
 from mixsd_jax.pipeline.selection import SelectionConfig
+from mixsd_jax.multihost import DistributedConfig
 
 METHODS = ("base", "sft", "opsd", "mixsd")
 CORPUS_KINDS = ("kgfact", "kgfunc", "simpleqa", "mquake", "released", "directory")
@@ -72,6 +73,7 @@ class ExperimentConfig:
     mesh: MeshConfig = MeshConfig()  # used by every stage unless its section sets its own
     # Checkpoint selection by training recall (pipeline/selection.py); every=0: report the last step.
     selection: SelectionConfig = SelectionConfig()
+    distributed: DistributedConfig = DistributedConfig()  # multi-host start-up, shared by every stage
 
     def __post_init__(self):
         if not self.name.strip():

@@ -160,8 +160,9 @@ def _section(cls, cfg: ExperimentConfig, section: str, owned_values: dict, extra
     for key in OWNED_KEYS[section]:
         if key in data:
             raise MixsdError(f"config key '{section}.{key}': set by the pipeline for each run; remove it")
-    if "mesh" in names and "mesh" not in data:
-        data["mesh"] = config_lib.to_dict(cfg.mesh)
+    for shared in ("mesh", "distributed"):  # one mesh and one multi-host setup for every stage
+        if shared in names and shared not in data:
+            data[shared] = config_lib.to_dict(getattr(cfg, shared))
     data.update({k: v for k, v in owned_values.items() if k in names})
     return config_lib.from_dict(cls, data, prefix=f"{section}.")
 
@@ -203,7 +204,8 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     data_for: dict[str, tuple[Path, str]] = {name: (train_file, corpus_stage.fingerprint) for name in ("sft", "opsd")}
     for name, gcfg in generate_cfgs.items():
         output = Paths.for_config(gcfg).final
-        fp = _hash("generate", config_lib.fingerprint(gcfg, exclude=("input", "out_dir", "batch_size", "mesh")),
+        fp = _hash("generate", config_lib.fingerprint(gcfg, exclude=("input", "out_dir", "batch_size", "mesh",
+                                                                     "distributed")),
                    corpus_stage.fingerprint, model_fp)
         stages.append(Stage(
             name=f"generate_{name}", fingerprint=fp, reset=fp, workdir=Path(gcfg.out_dir),
@@ -253,8 +255,9 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     if {"memorization", "all"} & set(getattr(ecfg, "suites", ())) and _layout_kind(cfg) not in ("kgfact", "mquake", "kgfunc"):
         raise MixsdError(f"config key 'eval.suites': the memorization suite needs a KGFact, MQuAKE or KGFunc corpus, "
                          f"not {cfg.corpus.kind!r} (drop it, e.g. suites=[retention, nll])")
-    settings = _hash("eval", config_lib.fingerprint(ecfg, exclude=OWNED_KEYS["eval"]), corpus_stage.fingerprint,
-                     view_splits, *([cfg.criterion] if cfg.criterion else []))
+    # The mesh and hosts change how fast, not what: not in the fingerprint (process ids differ per host).
+    settings = _hash("eval", config_lib.fingerprint(ecfg, exclude=(*OWNED_KEYS["eval"], "mesh", "distributed")),
+                     corpus_stage.fingerprint, view_splits, *([cfg.criterion] if cfg.criterion else []))
     parts = {BASE: model_fp, **{name: fp for name, (_, fp) in evaluated.items()}}
     stages.append(Stage(
         # The evaluator keeps one result per (checkpoint, benchmark) under its own fingerprint, so a
@@ -442,7 +445,11 @@ def _corpus_view(corpus_dir: Path, view: Path, splits: tuple[str, ...]) -> None:
 def _eval_runner(ecfg, evaluate, corpus_dir: Path, view_splits: tuple[str, ...]) -> Callable[[], dict]:
     def run() -> dict:
         if view_splits:
-            _corpus_view(corpus_dir, Path(ecfg.corpus_dir), view_splits)
+            from mixsd_jax import multihost
+
+            if multihost.is_primary():  # one writer; the others wait until the copy is complete
+                _corpus_view(corpus_dir, Path(ecfg.corpus_dir), view_splits)
+            multihost.barrier("pipeline corpus view")
         return evaluate(ecfg, progress=True)
 
     return run

@@ -3,6 +3,12 @@
 A stage is skipped when `<exp>/stages/<name>.json` says it finished with the same fingerprint and
 its outputs exist. A stage is marked `running` (with its fingerprint) before it starts, so a
 killed pipeline resumes the stage with the same settings instead of wiping it.
+
+Multi-host: every process runs the same plan (they must agree on each stage's status, read from the
+shared experiment folder). Process 0 alone writes `experiment.json`, the stage records, removes
+stale outputs and builds the corpus; the stages' own tools follow the same rule for their files
+(generate, train, eval). A barrier after each stage makes its outputs visible to every process
+before the next stage reads them.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from mixsd_jax import config as config_lib
+from mixsd_jax import multihost
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import atomic_write_json
 from mixsd_jax.pipeline.plan import Plan, Stage
@@ -56,30 +63,42 @@ def describe(plan: Plan) -> str:
 def run_plan(plan: Plan, *, log: Callable[[str], None] = print) -> dict:
     """Runs every stage that is not done; returns {stage name: summary or None when skipped}."""
     _join_hosts(plan)
-    plan.exp_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(plan.exp_dir / "experiment.json", config_lib.to_dict(plan.config))
+    primary = multihost.is_primary()
+    if not primary:
+        log = _quiet
+    if primary:
+        plan.exp_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(plan.exp_dir / "experiment.json", config_lib.to_dict(plan.config))
     results: dict = {}
     total = len(plan.stages)
     for i, stage in enumerate(plan.stages, 1):
         status = stage_status(plan, stage)
+        multihost.agree(f"pipeline stage {stage.name}", status)
         if status == "done":
             log(f"[{i}/{total}] {stage.name}: done earlier with the same settings, skipped")
             results[stage.name] = None
             continue
         record = read_record(plan, stage)
-        _clean_stale(plan, stage, record, log)
+        base = {"name": stage.name, "fingerprint": stage.fingerprint, "reset": stage.reset, "parts": stage.parts}
+        if primary:
+            _clean_stale(plan, stage, record, log)
+            atomic_write_json(record_path(plan, stage), {**base, "status": "running"})
+        multihost.barrier(f"pipeline {stage.name} start")  # stale outputs are gone on every host's view
         verb = "resuming" if status == "partial" else "running"
         log(f"[{i}/{total}] {stage.name}: {verb} ({stage.description})")
-        base = {"name": stage.name, "fingerprint": stage.fingerprint, "reset": stage.reset, "parts": stage.parts}
-        atomic_write_json(record_path(plan, stage), {**base, "status": "running"})
         started = time.time()
-        summary = stage.run()
+        if stage.name == "corpus":  # the builders know nothing of hosts: one process writes the files
+            summary = stage.run() if primary else None
+        else:
+            summary = stage.run()
+        multihost.barrier(f"pipeline {stage.name} done")
         missing = [str(p) for p in stage.outputs if not p.exists()]
         if missing:
             raise MixsdError(f"stage {stage.name}: finished but did not write {missing[0]}")
         seconds = round(time.time() - started, 2)
-        atomic_write_json(record_path(plan, stage), {**base, "status": "done", "seconds": seconds,
-                                                     "outputs": [str(p) for p in stage.outputs]})
+        if primary:
+            atomic_write_json(record_path(plan, stage), {**base, "status": "done", "seconds": seconds,
+                                                         "outputs": [str(p) for p in stage.outputs]})
         log(f"[{i}/{total}] {stage.name}: done in {seconds:.1f}s")
         results[stage.name] = summary
     return results
@@ -90,10 +109,11 @@ def _join_hosts(plan: Plan) -> None:
     trainer's `distributed` section or the MIXSD_* environment); single-process otherwise."""
     if all(stage_status(plan, s) == "done" for s in plan.stages):
         return
-    from mixsd_jax.multihost import maybe_initialize
+    multihost.maybe_initialize(plan.config.distributed)
 
-    trained = [s.settings for s in plan.stages if hasattr(s.settings, "distributed")]
-    maybe_initialize(trained[0].distributed if trained else None)
+
+def _quiet(_: str) -> None:
+    """Log sink of non-primary processes: process 0 tells the user what happens."""
 
 
 def _clean_stale(plan: Plan, stage: Stage, record: dict | None, log) -> None:

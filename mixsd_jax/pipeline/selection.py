@@ -61,6 +61,7 @@ def selection_runner(run: str, method: str, train_dir: Path, corpus_dir: Path, c
         from mixsd_jax.data.records import read_records
         from mixsd_jax.eval import memorization, selection
         from mixsd_jax.files import atomic_write_json
+        from mixsd_jax.multihost import barrier, is_primary
 
         kind = memorization.corpus_kind(corpus_dir)
         split = memorization.load_splits(corpus_dir, sel.limit, names=[TRAIN_SPLIT[kind]])[TRAIN_SPLIT[kind]]
@@ -76,15 +77,17 @@ def selection_runner(run: str, method: str, train_dir: Path, corpus_dir: Path, c
                                        batch_size=sel.batch_size)
         index, applied = selection.select_index(sel.rule, [p["accuracy"] for p in curve], method)
         chosen = curve[index]["step"]
-        link = model_link(workdir.parent.parent, run)
-        tmp = link.with_name(link.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        os.symlink(os.path.relpath(steps[chosen], link.parent), tmp)
-        os.replace(tmp, link)  # atomic: the eval stage never sees a half-made link
         summary = {"run": run, "method": method, "rule": sel.rule, "applied": applied, "criterion": name,
                    "split": split.name, "curve": curve, "chosen_step": chosen, "chosen_index": index,
                    "last_step": curve[-1]["step"], "model": str(steps[chosen])}
-        atomic_write_json(workdir / "selection.json", summary)
+        if is_primary():  # every process computed the same curve; one writes it
+            link = model_link(workdir.parent.parent, run)
+            tmp = link.with_name(link.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            os.symlink(os.path.relpath(steps[chosen], link.parent), tmp)
+            os.replace(tmp, link)  # atomic: the eval stage never sees a half-made link
+            atomic_write_json(workdir / "selection.json", summary)
+        barrier(f"select {run}")
         print(f"select {run}: step {chosen} ({applied}; recall {curve[index]['correct']}/{curve[index]['n']})")
         return summary
 

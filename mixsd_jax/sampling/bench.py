@@ -2,6 +2,9 @@
 
 Every row decodes exactly `max_new_tokens` (no stop tokens) so all three do the same work. Our two
 kernels are compiled by a warm-up call before timing; transformers runs eager PyTorch.
+With `mesh` (e.g. tensor=4) our kernels run on that mesh: records over data x fsdp, parameters and
+KV heads over `tensor`, on every process of a multi-host run (process count, devices and the
+machine's load are in the JSON line, so a figure taken on a busy machine says so).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def _timed(fn):
 
 
 def bench_generate(model: str, batch_size: int, max_new_tokens: int, lambda_mix: float = 0.3, dtype: str = "float32",
-                   with_hf: bool = True) -> dict:
+                   with_hf: bool = True, mesh_cfg=None, param_dtype: str = "float32") -> dict:
     from mixsd_jax.models.checkpoint import load_hf
     from mixsd_jax.models.registry import resolve_model
     from mixsd_jax.models.tokenizer import load_tokenizer
@@ -35,15 +38,22 @@ def bench_generate(model: str, batch_size: int, max_new_tokens: int, lambda_mix:
     from mixsd_jax.sampling.runner import Runner, WorkItem
     from mixsd_jax.sampling.strategies import Sampler
 
+    import os
+
+    import jax
+
+    from mixsd_jax.models.sharding import make_mesh
+
     model_dir = resolve_model(model)
-    cfg, params = load_hf(model_dir)
+    mesh = None if mesh_cfg is None else make_mesh(mesh_cfg)
+    cfg, params = load_hf(model_dir, param_dtype, mesh=mesh)
     tok = load_tokenizer(model_dir)
     preset = get_preset("knowledge")
     records = _bench_records(batch_size)
     naive = [tuple(tok.prompt_ids(r.user)) for r in records]
     expert = [tuple(tok.prompt_ids(expert_user_text(r.user, r.assistant, preset))) for r in records]
     common = dict(sampler=Sampler(0.0), stop_ids=[], max_new_tokens=max_new_tokens, max_model_len=1 << 20,
-                  batch_size=batch_size, seed=0, dtype=dtype)
+                  batch_size=batch_size, seed=0, dtype=dtype, mesh=mesh)
     mix = Runner(params, cfg, sides=2, naive_prob=lambda_mix, **common)
     plain = Runner(params, cfg, sides=1, **common)
     mix_items = [WorkItem((e, n), i) for i, (e, n) in enumerate(zip(expert, naive))]
@@ -66,6 +76,13 @@ def bench_generate(model: str, batch_size: int, max_new_tokens: int, lambda_mix:
         "plain_step_ms": round(1000 * plain_s / max_new_tokens, 2),
         "mix_step_over_plain_step": round(mix_s / plain_s, 3),
         "compile_and_warmup_s": round(compile_s, 2),
+        "param_dtype": param_dtype,
+        "mesh": None if mesh is None else dict(mesh.shape),
+        "processes": jax.process_count(),
+        "devices": jax.device_count(),
+        "platform": jax.devices()[0].platform,
+        "cpu_cores": os.cpu_count(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
     if with_hf:
         hf_s = _hf_generate_seconds(model_dir, tok, naive, max_new_tokens)

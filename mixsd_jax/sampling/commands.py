@@ -55,7 +55,10 @@ def register(sub, bench) -> None:
     b.add_argument("--max-new-tokens", type=int, default=64)
     b.add_argument("--lambda", dest="lambda_", type=float, default=0.3)
     b.add_argument("--dtype", default="float32")
+    b.add_argument("--param-dtype", default="float32")
     b.add_argument("--no-hf", action="store_true", help="skip the transformers measurement")
+    b.add_argument("--mesh", nargs="?", const="data=-1", default=None, metavar="AXIS=N[,AXIS=N]",
+                   help="run on a mesh, e.g. --mesh tensor=4 (tensor-parallel decode); default: one device")
     b.set_defaults(func=_bench)
 
     if "models" in sub.choices:  # absent when only this package's commands are registered
@@ -94,8 +97,14 @@ def _generate(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from mixsd_jax.sampling.bench import bench_generate
 
+    mesh_cfg = None
+    if args.mesh is not None:
+        from mixsd_jax import config as config_lib
+        from mixsd_jax.models.sharding import MeshConfig
+
+        mesh_cfg = config_lib.from_dict(MeshConfig, config_lib.parse_overrides(args.mesh.split(",")), prefix="mesh.")
     print(json.dumps(bench_generate(args.model, args.batch_size, args.max_new_tokens, args.lambda_, args.dtype,
-                                    with_hf=not args.no_hf)))
+                                    with_hf=not args.no_hf, mesh_cfg=mesh_cfg, param_dtype=args.param_dtype)))
     return 0
 
 

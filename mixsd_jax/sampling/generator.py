@@ -9,6 +9,12 @@ Results stream to `<final>.partial` (one flushed line per finished (record, gene
 `<final>.partial.meta.json` holding the config fingerprint; a rerun resumes, and refuses a partial
 written with other settings. Finalize writes accepted records (input order) to the final file and
 records that never passed to a separate `.rejected.jsonl`, both by atomic rename.
+
+Multi-host (`distributed` section or MIXSD_* environment): every process reads the same input and
+resume state (checked: they must agree), runs the same queue, and process 0 alone writes the
+`.partial`, its meta, the final, rejected and summary files; the others wait for it and read the
+summary back. So the bytes do not depend on the process count, and a run killed with N processes
+resumes with any other number.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from collections import deque
 from pathlib import Path
 
 from mixsd_jax import config as config_lib
+from mixsd_jax import multihost
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_partial_jsonl, sha256_file
 from mixsd_jax.models.registry import EMBEDDED_DEFAULT
 from mixsd_jax.models.sharding import MeshConfig
+from mixsd_jax.multihost import DistributedConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +62,7 @@ class GenerateConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     mesh: MeshConfig = MeshConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     def __post_init__(self):
         config_lib.check_range("lambda_mix", self.lambda_mix, 0.0, 1.0)
@@ -71,7 +80,7 @@ class GenerateConfig:
 
 
 # Settings that change *how fast*, never *what*, is generated: left out of the resume fingerprint.
-_NOT_IN_FINGERPRINT = ("out_dir", "batch_size", "mesh")
+_NOT_IN_FINGERPRINT = ("out_dir", "batch_size", "mesh", "distributed")
 
 
 def _fmt(x: float) -> str:
@@ -131,10 +140,13 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
 
     if not cfg.input:
         raise MixsdError("generate: no input file (set --input or input=...)")
+    multihost.maybe_initialize(cfg.distributed)
     paths = Paths.for_config(cfg)
     model_dir = resolve_model(cfg.model)
     fingerprint = run_fingerprint(cfg, model_dir)
-    if paths.final.exists() and paths.summary.exists():
+    finished = paths.final.exists() and paths.summary.exists()
+    multihost.agree(f"{paths.final}: finished", f"{fingerprint}:{finished}")
+    if finished:
         summary = json.loads(paths.summary.read_text())
         if summary.get("fingerprint") != fingerprint:
             raise MixsdError(
@@ -156,6 +168,9 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
     verifier = generation_verifier(cfg.criterion, extract_mode, cfg.normalized_compare, records)
 
     done = _load_partial(paths, fingerprint)
+    # Every process must resume from the same state, or the queues (and collectives) diverge.
+    multihost.agree(f"{paths.partial}: resume state", json.dumps(sorted(done)))
+    primary = multihost.is_primary()
 
     from mixsd_jax.models.tokenizer import load_tokenizer
 
@@ -193,12 +208,13 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
         return out
 
     queue: deque = deque()
-    paths.final.parent.mkdir(parents=True, exist_ok=True)
-    if not paths.meta.exists():
-        atomic_write_json(paths.meta, {"fingerprint": fingerprint, "config": config_lib.to_dict(cfg)})
+    if primary:
+        paths.final.parent.mkdir(parents=True, exist_ok=True)
+        if not paths.meta.exists():
+            atomic_write_json(paths.meta, {"fingerprint": fingerprint, "config": config_lib.to_dict(cfg)})
     stats = {"tokens": 0, "naive": 0, "kernel_s": 0.0, "batches": 0}
     started = time.time()
-    with JsonlAppender(paths.partial) as sink:
+    with (JsonlAppender(paths.partial) if primary else _NoSink()) as sink:
         for index in sorted(range(len(records)), key=lambda i: len(prompts[i][0])):
             for gen in range(cfg.num_generations):
                 if (index, gen) in done:
@@ -212,7 +228,25 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
         if queue:
             _run_queue(cfg, model_dir, tokenizer, prompts, gt_answers, verifier, max_retries, queue, sink, result,
                        stats, progress)
-    return _finalize(cfg, paths, len(records), stats, time.time() - started, fingerprint)
+    if primary:
+        summary = _finalize(cfg, paths, len(records), stats, time.time() - started, fingerprint)
+    multihost.barrier(f"generate finalized {paths.final}")
+    if not primary:
+        summary = json.loads(paths.summary.read_text())
+    return summary
+
+
+class _NoSink:
+    """What a non-primary process writes its results to: nothing (process 0 writes the files)."""
+
+    def write(self, obj: dict) -> None:
+        pass
+
+    def __enter__(self) -> "_NoSink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def _meta(fraction: float, num_tokens: int, finish: str, correct: bool, attempts: int) -> dict:
@@ -227,7 +261,8 @@ def _meta(fraction: float, num_tokens: int, finish: str, correct: bool, attempts
 
 def _load_partial(paths: Paths, fingerprint: str) -> set[tuple[int, int]]:
     if not paths.partial.exists():
-        paths.meta.unlink(missing_ok=True)
+        if multihost.is_primary():
+            paths.meta.unlink(missing_ok=True)
         return set()
     previous = json.loads(paths.meta.read_text()).get("fingerprint") if paths.meta.exists() else None
     if previous != fingerprint:
@@ -247,6 +282,7 @@ def _run_queue(cfg, model_dir, tokenizer, prompts, gt_answers, verifier, max_ret
     from mixsd_jax.sampling.strategies import Sampler
 
     mesh = make_mesh(cfg.mesh)
+    stats["devices"] = mesh.devices.size
     model_cfg, params = load_hf(model_dir, cfg.param_dtype, mesh=mesh)
     runner = Runner(
         params,
@@ -264,7 +300,7 @@ def _run_queue(cfg, model_dir, tokenizer, prompts, gt_answers, verifier, max_ret
     )
     pending = len(queue)
     accepted = finished = 0
-    bar = tqdm(total=pending, desc="mixsd generate", unit="rec", disable=not progress)
+    bar = tqdm(total=pending, desc="mixsd generate", unit="rec", disable=not progress or not multihost.is_primary())
     while queue:
         batch = [queue.popleft() for _ in range(min(runner.batch_size, len(queue)))]
         t0 = time.time()
@@ -320,6 +356,8 @@ def _finalize(cfg, paths: Paths, num_records: int, stats: dict, wall_s: float, f
             "kernel_seconds": round(stats["kernel_s"], 3),
             "wall_seconds": round(wall_s, 3),
             "tokens_per_s": round(stats["tokens"] / stats["kernel_s"], 2) if stats["kernel_s"] else None,
+            "processes": multihost.process_count(),  # how this run was spread (not what it wrote)
+            "devices": stats.get("devices"),
         },
         "fingerprint": fingerprint,
         "lambda": cfg.lambda_mix,

@@ -44,11 +44,13 @@ class KernelSpec:
     mesh: Mesh | None = None
 
 
-def _constrain(x, spec: KernelSpec, batch_dim: int = 0):
+def _constrain(x, spec: KernelSpec, batch_dim: int = 0, kv_dim: int | None = None):
     if spec.mesh is None:
         return x
     parts = [None] * x.ndim
     parts[batch_dim] = BATCH_AXES
+    if kv_dim is not None and x.shape[kv_dim] % spec.mesh.shape["tensor"] == 0:
+        parts[kv_dim] = "tensor"  # tensor-parallel decode: each device keeps the KV heads its wk/wv shard makes
     return jax.lax.with_sharding_constraint(x, NamedSharding(spec.mesh, P(*parts)))
 
 
@@ -84,8 +86,8 @@ def decode(params, prompts, record_keys_B, live_B, naive_prob, stop_ids, *, spec
         return stacked.reshape(*stacked.shape[:axis], R, *stacked.shape[axis + 2 :])
 
     cache = {
-        "k": _constrain(rows([c["k"] for c in caches], 1), spec, 1),
-        "v": _constrain(rows([c["v"] for c in caches], 1), spec, 1),
+        "k": _constrain(rows([c["k"] for c in caches], 1), spec, 1, kv_dim=3),  # [L, R, S, KV, Dh]
+        "v": _constrain(rows([c["v"] for c in caches], 1), spec, 1, kv_dim=3),
         "valid": _constrain(rows([c["valid"] for c in caches], 0), spec),
         "end": jnp.asarray(P, jnp.int32),
     }

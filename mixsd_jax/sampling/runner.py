@@ -2,7 +2,12 @@
 
 A batch always has `batch_size` records (empty slots are filled with a one-token dummy and
 discarded) and prompts are padded to a bucket length, so a run compiles a handful of kernels, not
-one per batch. With a mesh, records are split over the `data` axis.
+one per batch. With a mesh, records are split over the `data` axis (and the parameters and KV
+heads over `tensor`, by the model's sharding rules and the kernel's cache constraint).
+
+Multi-process: every process runs the same host logic on the same work items and holds the whole
+host batch; `multihost.put_global` builds the global inputs from it and `multihost.fetch` returns the
+whole result to every process, so the queue, the verifier and the retries stay identical everywhere.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixsd_jax import multihost
 from mixsd_jax.models.config import ModelConfig
-from mixsd_jax.models.sharding import batch_sharding
+from mixsd_jax.models.sharding import batch_sharding, pad_rows, replicated
 from mixsd_jax.sampling import kernel
 from mixsd_jax.sampling.strategies import Sampler
 
@@ -60,13 +66,15 @@ class Runner:
         mesh=None,
         naive_prob: float = 0.0,
     ):
-        devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-        self.batch_size = -(-batch_size // devices) * devices  # every device gets whole records
+        self.batch_size = pad_rows(batch_size, mesh)  # every batch shard gets whole records
         self.params = params
         self.mesh, self.seed, self.sides = mesh, seed, sides
         self.spec = kernel.KernelSpec(cfg, sampler, sides, max_new_tokens, max_model_len, dtype, mesh)
-        self.stop_ids = jnp.asarray(sorted(set(stop_ids)) or [-1], jnp.int32)
-        self.naive_prob = jnp.float32(naive_prob)
+        self.stop_ids = np.asarray(sorted(set(stop_ids)) or [-1], np.int32)
+        self.naive_prob = np.float32(naive_prob)
+        if mesh is not None:  # replicated global arrays: valid inputs on a multi-process mesh too
+            self.stop_ids = multihost.put_global(self.stop_ids, replicated(mesh))
+            self.naive_prob = multihost.put_global(self.naive_prob, replicated(mesh))
 
     def run(self, items: Sequence[WorkItem]) -> list[Completion]:
         """Decode up to `batch_size` items in one kernel call."""
@@ -87,12 +95,13 @@ class Runner:
         )
         live = np.arange(self.batch_size) < len(items)
         if self.mesh is not None:
-            prompts = [(jax.device_put(t, batch_sharding(self.mesh, 2)), jax.device_put(n, batch_sharding(self.mesh, 1)))
-                       for t, n in prompts]
-            keys = jax.device_put(keys, batch_sharding(self.mesh, 1))
-            live = jax.device_put(live, batch_sharding(self.mesh, 1))
+            rows, flat = batch_sharding(self.mesh, 1), batch_sharding(self.mesh, 2)
+            prompts = [(multihost.put_global(t, flat), multihost.put_global(n, rows)) for t, n in prompts]
+            # Typed keys travel as their raw uint32 words, split over the batch like the records.
+            keys = jax.random.wrap_key_data(multihost.put_global(jax.random.key_data(keys), flat))
+            live = multihost.put_global(live, rows)
         out = kernel.decode(self.params, tuple(prompts), keys, live, self.naive_prob, self.stop_ids, spec=self.spec)
-        out = jax.tree.map(np.asarray, out)
+        out = multihost.fetch(out)
         completions = []
         for b in range(len(items)):
             n = int(out["lengths"][b])
@@ -134,6 +143,7 @@ def generate(
         # Not the prompts' own length limit: calls of the same size share one compiled kernel.
         max_model_len=max_model_len or cfg.max_position_embeddings,
         # On a CPU a decode step costs about in proportion to its rows: no more slots than prompts.
+        # (With a mesh the Runner rounds this up to whole rows per batch shard.)
         batch_size=min(batch_size, len(prompts)),
         seed=seed,
         dtype=dtype,

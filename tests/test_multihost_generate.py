@@ -1,0 +1,137 @@
+"""`mixsd generate` on two local processes joined into one JAX run writes the bytes of one process
+and of 8 simulated devices; a run whose processes are all killed mid-generation resumes with ONE
+process to the same bytes. Bad multi-host settings are one-line errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import multihost_helpers as mh
+from mixsd_jax.cli import main
+from mixsd_jax.sampling.generator import GenerateConfig, Paths, generate
+
+# Words the tiny random model writes often pass the `contains` verifier now and then, rare ones
+# never: both files get rows (seed 2: 4 accepted), and sampling with one retry exercises the retries.
+WORDS = ["s", "f", "question", "3", "pro", "it", "5", "git", "zebra", "Paris", "France", "capital"]
+SETTINGS = ["lambda_mix=0.3", "temperature=1.0", "max_retries=1", "extract_mode=contains", "max_new_tokens=12",
+            "max_model_len=256", "batch_size=2", "seed=2"]
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("gen_input") / "train.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is item {i} of the list?"},
+                          {"role": "assistant", "content": f"It is \\boxed{{{w}}}."}]}
+            for i, w in enumerate(WORDS * 2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _overrides(model_dir, records, out_dir) -> list[str]:
+    return [f"input={records}", f"model={model_dir}", f"out_dir={out_dir}", *SETTINGS]
+
+
+def _in_process(model_dir, records, out_dir, mesh_data: int) -> Paths:
+    from mixsd_jax import config as config_lib
+
+    cfg = config_lib.load(GenerateConfig, None, [*_overrides(model_dir, records, out_dir), f"mesh.data={mesh_data}"])
+    generate(cfg, progress=False)
+    return Paths.for_config(cfg)
+
+
+def _this_run(paths: Paths) -> tuple[int, int]:
+    run = json.loads(paths.summary.read_text())["this_run"]
+    return run["processes"], run["devices"]
+
+
+def _files(paths: Paths) -> dict:
+    summary = json.loads(paths.summary.read_text())
+    summary.pop("this_run")  # timings
+    for key in ("output", "rejected_output"):
+        summary[key] = Path(summary[key]).name
+    return {"accepted": paths.final.read_bytes(), "rejected": paths.rejected.read_bytes(), "summary": summary}
+
+
+@pytest.fixture(scope="module")
+def one_device(tiny_llama_dir, records, tmp_path_factory) -> dict:
+    files = _files(_in_process(tiny_llama_dir, records, tmp_path_factory.mktemp("one"), mesh_data=1))
+    assert files["accepted"] and files["rejected"], "the fixture should give both accepted and rejected rows"
+    assert files["summary"]["mean_attempts"] > 1  # retries happened
+    return files
+
+
+def test_two_processes_and_eight_devices_write_the_bytes_of_one(tiny_llama_dir, records, one_device, tmp_path):
+    out = tmp_path / "two"
+    outputs = mh.run(["generate", *_overrides(tiny_llama_dir, records, out)])
+    assert "wrote" in outputs[0]
+    paths = Paths.for_config(GenerateConfig(input=str(records), out_dir=str(out), model=str(tiny_llama_dir),
+                                            lambda_mix=0.3, temperature=1.0))
+    assert _files(paths) == one_device
+    assert _this_run(paths) == (2, 4)  # really two processes with two devices each
+    assert outputs[0].splitlines()[-3] == outputs[1].splitlines()[-3]  # both saw the same result
+    assert not paths.partial.exists() and not paths.meta.exists()
+    # Only process 0 wrote: no stray temporary files of a second writer.
+    assert sorted(p.name for p in out.iterdir()) == sorted([paths.final.name, paths.rejected.name, paths.summary.name])
+
+    eight = _in_process(tiny_llama_dir, records, tmp_path / "eight", mesh_data=8)
+    assert _files(eight) == one_device and _this_run(eight) == (1, 8)
+
+
+def test_two_processes_with_tensor_parallel_hosts_write_the_same_bytes(tiny_llama_dir, records, one_device, tmp_path):
+    """The pod layout: records split over the hosts (`data`), each host's chips split the model (`tensor`)."""
+    out = tmp_path / "tp"
+    mh.run(["generate", *_overrides(tiny_llama_dir, records, out), "mesh.data=2", "mesh.tensor=2"])
+    paths = Paths.for_config(GenerateConfig(input=str(records), out_dir=str(out), model=str(tiny_llama_dir),
+                                            lambda_mix=0.3, temperature=1.0))
+    assert _files(paths) == one_device and _this_run(paths) == (2, 4)
+
+
+def test_killed_two_process_run_resumes_with_one_process(tiny_llama_dir, records, one_device, tmp_path):
+    out = tmp_path / "killed"
+    partial = out / (Paths.for_config(GenerateConfig(input=str(records), out_dir=str(out), model=str(tiny_llama_dir),
+                                                     lambda_mix=0.3, temperature=1.0)).partial.name)
+
+    def mid_generation() -> bool:
+        return partial.exists() and partial.read_text().count("\n") >= 2
+
+    mh.kill_when(["generate", *_overrides(tiny_llama_dir, records, out)], mid_generation)
+    done = partial.read_text().count("\n")
+    assert 2 <= done < len(WORDS) * 2, "the kill should land mid-generation"
+    paths = _in_process(tiny_llama_dir, records, out, mesh_data=1)
+    assert _files(paths) == one_device
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"MIXSD_NUM_PROCESSES": "2", "MIXSD_PROCESS_ID": "0"}, "MIXSD_COORDINATOR not set"),
+        ({"MIXSD_COORDINATOR": "127.0.0.1:1", "MIXSD_NUM_PROCESSES": "2", "MIXSD_PROCESS_ID": "2"},
+         r"process id 2 is outside \[0, 2\)"),
+    ],
+)
+def test_bad_multihost_settings_are_one_line_errors(tiny_llama_dir, records, tmp_path, monkeypatch, capsys, env,
+                                                   message):
+    import re
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["generate", *_overrides(tiny_llama_dir, records, tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_an_unreachable_coordinator_is_a_one_line_error(tiny_llama_dir, records, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MIXSD_COORDINATOR", f"127.0.0.1:{mh.free_port()}")  # nobody listens there
+    monkeypatch.setenv("MIXSD_NUM_PROCESSES", "2")
+    monkeypatch.setenv("MIXSD_PROCESS_ID", "1")
+    monkeypatch.setenv("MIXSD_INIT_TIMEOUT", "1")
+    assert main(["generate", *_overrides(tiny_llama_dir, records, tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no coordinator reachable after 1s" in err, err
+
+
+def test_a_mesh_that_does_not_match_the_devices_is_a_one_line_error(tiny_llama_dir, records, tmp_path, capsys):
+    assert main(["generate", *_overrides(tiny_llama_dir, records, tmp_path), "mesh.data=3", "mesh.tensor=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mesh: data*fsdp*tensor = 12 but there are 8 devices" in err, err

@@ -1,0 +1,65 @@
+"""`mixsd pipeline` on two local processes joined into one JAX run: every stage runs, one process
+writes, and the report equals the one-process report."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+import multihost_helpers as mh
+
+STAGES = ("corpus", "generate_mixsd_l0p3", "train_mixsd_l0p3", "eval")
+
+
+def _config(model_dir, out_dir) -> dict:
+    return {
+        "name": "tiny-pod",
+        "out_dir": str(out_dir),
+        "model": str(model_dir),
+        "corpus": {"kind": "kgfact", "preset": "tiny", "num_entities": 2, "seed": 42},
+        "methods": ["base", "mixsd"],
+        "lambdas": [0.3],
+        # Two devices in both runs (the one-process run uses two simulated ones): same mesh, same numbers.
+        "mesh": {"data": 2},
+        "generation": {"max_new_tokens": 6, "max_retries": 0, "keep_rejected": True, "extract_mode": "contains",
+                       "batch_size": 4},
+        "train": {"steps": 2, "batch_size": 2, "max_seq_len": 128, "save_every": 2, "async_checkpoints": False,
+                  "lr": 1e-3},
+        "eval": {"suites": ["memorization", "retention"], "splits": ["recall"], "benchmarks": ["piqa"],
+                 "limit": 2, "max_new_tokens": 6, "batch_size": 2},
+    }
+
+
+def _write(tmp_path, model_dir, name):
+    out_dir = tmp_path / name
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(_config(model_dir, out_dir)))
+    return path, out_dir
+
+
+def test_two_process_pipeline_writes_the_one_process_report(tiny_llama_dir, tmp_path):
+    one_path, one_dir = _write(tmp_path, tiny_llama_dir, "one")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MIXSD_")}
+    env.update({"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+                "PYTHONPATH": str(mh.ROOT)})
+    single = subprocess.run([sys.executable, "-m", "mixsd_jax.cli", "pipeline", "--config", str(one_path)],
+                            cwd=mh.ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+
+    two_path, two_dir = _write(tmp_path, tiny_llama_dir, "two")
+    outputs = mh.run(["pipeline", "--config", str(two_path)], timeout=600, devices_per_process=1)
+    for stage in STAGES:
+        record = json.loads((two_dir / "stages" / f"{stage}.json").read_text())
+        assert record["status"] == "done", stage
+    train = json.loads((two_dir / "train" / "mixsd_l0p3" / "summary.json").read_text())
+    assert train["processes"] == 2
+    # Process 0 tells the user what happens; the other only runs.
+    assert "eval: done in" in outputs[0] and "eval: done in" not in outputs[1]
+
+    report_one = (one_dir / "eval" / "report.md").read_text().replace(str(one_dir), "EXP")
+    report_two = (two_dir / "eval" / "report.md").read_text().replace(str(two_dir), "EXP")
+    assert "mixsd_l0p3" in report_one and "piqa" in report_one
+    assert report_two == report_one
+    rows = lambda d: (d / "eval" / "items" / "base" / "memorization.recall.jsonl").read_text()  # noqa: E731
+    assert rows(two_dir) == rows(one_dir)
