@@ -183,7 +183,30 @@ def _layer(p, cfg: ModelConfig, x_BxTxD, positions_BxT, inv_freq, new_mask_BxTxT
     return x_BxTxD + _linear(gated, p["w_down"], dtype), k_BxTxKxE, v_BxTxKxE
 
 
-def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cached, old_mask_BxTxS, dtype):
+# Rematerialisation of the layer scan (training): which of a block's intermediates the backward
+# pass keeps; the rest it recomputes from the block's input. "none" keeps all (fastest, most
+# memory), "full" keeps only the block inputs (one [B, T, D] per layer), "dots" keeps the outputs
+# of the weight matmuls but recomputes attention scores and elementwise work; the argument-free
+# `jax.checkpoint_policies` are accepted by their own names too.
+REMAT_POLICIES = {
+    "none": None,
+    "full": "nothing_saveable",
+    "dots": "dots_with_no_batch_dims_saveable",
+    # The plain (argument-free) jax.checkpoint_policies, by their own names.
+    **{name: name for name in ("everything_saveable", "nothing_saveable", "dots_saveable",
+                               "dots_with_no_batch_dims_saveable", "checkpoint_dots",
+                               "checkpoint_dots_with_no_batch_dims")},
+}
+
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy for a `remat` setting (None for "none")."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r} (known: {', '.join(REMAT_POLICIES)})")
+    return None if name == "none" else getattr(jax.checkpoint_policies, REMAT_POLICIES[name])
+
+
+def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cached, old_mask_BxTxS, dtype, remat="none"):
     """All blocks: hidden [B,T,D] before the final norm, new keys and values per layer."""
     T = tokens_BxT.shape[1]
     inv_freq = rope_inv_freq(cfg)
@@ -204,6 +227,10 @@ def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cached,
         x, k, v = layer(p, x_BxTxD=x, cached=layer_cache)
         return x, (k, v)
 
+    if remat != "none":
+        # prevent_cse=False: inside a scan the recomputation cannot be merged away anyway.
+        scan_body = jax.checkpoint(scan_body, policy=remat_policy(remat), prevent_cse=False)
+
     x_BxTxD, (new_k, new_v) = jax.lax.scan(scan_body, x_BxTxD, (params["layers"], cached))
     return x_BxTxD, new_k, new_v
 
@@ -217,15 +244,17 @@ def forward(
     cache: Cache | None = None,
     *,
     dtype=jnp.float32,
+    remat: str = "none",
 ) -> tuple[jax.Array, Cache | None]:
     """Final-norm hidden states [B, T, D] (apply `lm_logits` for logits) and the updated cache.
 
     Without a cache: full-sequence attention with causal + same-segment masking (padding = segment 0).
     With a cache: the T new tokens attend to every valid cached slot and causally to each other,
-    and are then written at slots [end, end+T) of every row.
+    and are then written at slots [end, end+T) of every row. `remat` (see REMAT_POLICIES) only
+    matters under differentiation.
     """
     if cache is None:
-        x_BxTxD, _, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype)
+        x_BxTxD, _, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype, remat)
         return rms_norm(x_BxTxD, params["final_norm"], cfg.rms_norm_eps), None
     is_real_BxT = segment_ids_BxT != 0
     # Cached slots all precede the new tokens: a real query sees every valid one.

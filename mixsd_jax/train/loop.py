@@ -118,7 +118,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
             "loss": loss,
         }
 
-    step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, cfg.compute_dtype)
+    step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, cfg.compute_dtype, step_lib.StepOptions.from_train_config(cfg))
     tokens_run = loss_tokens_run = 0
     timed_tokens, timed_seconds = 0.0, 0.0
     ckpt = Checkpoints(out / "checkpoints", save_every=cfg.save_every, keep=cfg.keep, async_save=cfg.async_checkpoints)
