@@ -69,6 +69,36 @@ def test_auto_chunking_only_when_tokens_times_vocab_is_large():
     assert loss_lib.resolve_chunk(512, 100, 151936) == 0  # one chunk would hold every token
 
 
+@pytest.mark.parametrize("block", [16, 48])
+def test_blockwise_attention_equals_dense(tiny_model_dir, block):
+    """Packed rows (several documents per row, padding at the end) with blocks that do not divide
+    the row (16 of 256 does; 48 pads): the same loss and gradients as dense attention."""
+    cfg, params = load_hf(tiny_model_dir)
+    batch = _plan(tiny_model_dir, batch_size=2, packing=True, max_seq_len=256).host_batch(0)
+    assert len(set(batch["segment_ids"][0, 0].tolist())) > 2  # documents and padding share the row
+    dense = _loss_and_grads(params, cfg, batch, step_lib.StepOptions(attention_block=0))
+    _assert_same(_loss_and_grads(params, cfg, batch, step_lib.StepOptions(attention_block=block)), dense)
+
+
+def test_blockwise_attention_outputs_equal_dense_pad_rows_included():
+    from mixsd_jax.models.transformer import attention, blockwise_attention
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (2, 40, 4, 8))
+    k, v = (jax.random.normal(key, (2, 40, 2, 8)) for key in keys[1:])
+    seg = jnp.array([[1] * 15 + [2] * 20 + [0] * 5, [0] * 40])  # a fully padded row too
+    idx = jnp.arange(40)
+    mask = (idx[:, None] >= idx[None, :])[None] & (seg[:, :, None] == seg[:, None, :]) & (seg != 0)[:, :, None]
+    np.testing.assert_allclose(blockwise_attention(q, k, v, seg, 16), attention(q, k, v, mask), atol=1e-5)
+
+
+def test_auto_attention_blocks_only_long_rows():
+    options = step_lib.StepOptions()
+    assert options.attention_block_for(128) == 0 and options.attention_block_for(2048) == 0
+    assert options.attention_block_for(10000) == step_lib.AUTO_ATTENTION_BLOCK
+    assert step_lib.StepOptions(attention_block=256).attention_block_for(100) == 0
+
+
 @pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p != "none"])
 def test_every_remat_policy_gives_the_same_loss_and_gradients(tiny_qwen3_dir, policy):
     cfg, params = load_hf(tiny_qwen3_dir)

@@ -161,23 +161,37 @@ class StepOptions:
 
     `remat`: rematerialisation of the layer scan (models.transformer.REMAT_POLICIES).
     `loss_chunk`: tokens per LM-head chunk of the loss (train.loss): -1 auto, 0 dense.
+    `attention_block`: query/key block of blockwise attention (models.transformer): -1 auto
+    (blocks of AUTO_ATTENTION_BLOCK above AUTO_ATTENTION_FROM tokens per row), 0 dense.
     `loss`: the name of the token loss in LOSSES (the seam for other objectives).
     """
 
     remat: str = "none"
     loss_chunk: int = -1
+    attention_block: int = -1
     loss: str = "nll"
 
     @classmethod
     def from_train_config(cls, cfg) -> "StepOptions":
-        return cls(remat=cfg.remat, loss_chunk=cfg.loss_chunk)
+        return cls(remat=cfg.remat, loss_chunk=cfg.loss_chunk, attention_block=cfg.attention_block)
+
+    def attention_block_for(self, seq_len: int) -> int:
+        if self.attention_block == -1:
+            return AUTO_ATTENTION_BLOCK if seq_len > AUTO_ATTENTION_FROM else 0
+        return 0 if self.attention_block >= seq_len else self.attention_block
+
+
+# Dense attention holds [heads, T, T] f32 scores per row and layer: 1.6 GB for Qwen3-8B at T = 2048,
+# 16 GB per layer at 10k tokens. Up to 2048 tokens dense is faster (one big matmul); above, blocks.
+AUTO_ATTENTION_FROM = 2048
+AUTO_ATTENTION_BLOCK = 512
 
 
 def nll_loss(params, model_cfg: ModelConfig, micro: Batch, compute_dtype, options: StepOptions):
     """Masked target NLL: (sum, (mask count, correct count)) over one micro batch [M, T]."""
     hidden_MxTxD, _ = forward(
         params, model_cfg, micro["tokens"], micro["positions"], micro["segment_ids"], dtype=compute_dtype,
-        remat=options.remat,
+        remat=options.remat, attention_block=options.attention_block_for(micro["tokens"].shape[-1]),
     )
     return loss_lib.nll_sums(params, model_cfg, hidden_MxTxD, micro, compute_dtype, options.loss_chunk)
 
