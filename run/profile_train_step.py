@@ -120,7 +120,7 @@ def _moves(hlo: str) -> dict:
     sizes = {"f32": 4, "bf16": 2, "s32": 4, "f16": 2, "pred": 1, "u32": 4}
     out = {}
     for line in hlo.splitlines():
-        op = re.search(r"\] (copy|transpose|dynamic-slice|dynamic-update-slice)\(", line)
+        op = re.search(r"[\]}] (copy|transpose|dynamic-slice|dynamic-update-slice)\(", line)
         if not op:
             continue
         m = _SHAPE.search(line)
