@@ -273,7 +273,7 @@ def remat_policy(name: str):
 
 
 def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cached, old_mask_BxTxS, dtype, remat="none",
-                attention_block=0):
+                attention_block=0, activation_sharding=None):
     """All blocks: hidden [B,T,D] before the final norm, new keys and values per layer."""
     T = tokens_BxT.shape[1]
     inv_freq = rope_inv_freq(cfg)
@@ -286,6 +286,11 @@ def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cached,
         & (segment_ids_BxT != 0)[:, :, None]
     )
     x_BxTxD = params["embed"].astype(dtype)[tokens_BxT]
+    if activation_sharding is not None:
+        # Pin the residual stream to the batch sharding: left to propagation, it takes the
+        # embedding's layout (hidden over fsdp, rows replicated), so every device would keep every
+        # row's activations for the backward pass.
+        x_BxTxD = jax.lax.with_sharding_constraint(x_BxTxD, activation_sharding)
     layer = functools.partial(
         _layer, cfg=cfg, positions_BxT=positions_BxT, inv_freq=inv_freq, new_mask_BxTxT=new_mask_BxTxT,
         old_mask_BxTxS=old_mask_BxTxS, dtype=dtype, segment_ids_BxT=segment_ids_BxT, attention_block=attention_block,
@@ -293,6 +298,8 @@ def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cached,
     def scan_body(x, inputs):
         p, layer_cache = inputs
         x, k, v = layer(p, x_BxTxD=x, cached=layer_cache)
+        if activation_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, activation_sharding)
         return x, (k, v)
 
     if remat != "none":
@@ -314,6 +321,7 @@ def forward(
     dtype=jnp.float32,
     remat: str = "none",
     attention_block: int = 0,
+    activation_sharding=None,
 ) -> tuple[jax.Array, Cache | None]:
     """Final-norm hidden states [B, T, D] (apply `lm_logits` for logits) and the updated cache.
 
@@ -321,11 +329,12 @@ def forward(
     With a cache: the T new tokens attend to every valid cached slot and causally to each other,
     and are then written at slots [end, end+T) of every row. `remat` (see REMAT_POLICIES) only
     matters under differentiation; `attention_block` > 0 computes the cache-less attention block
-    by block (`blockwise_attention`), for long sequences.
+    by block (`blockwise_attention`), for long sequences; `activation_sharding` (a sharding of
+    [B, T, D]) pins the residual stream's layout between blocks.
     """
     if cache is None:
         x_BxTxD, _, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype, remat,
-                                    attention_block)
+                                    attention_block, activation_sharding)
         return rms_norm(x_BxTxD, params["final_norm"], cfg.rms_norm_eps), None
     is_real_BxT = segment_ids_BxT != 0
     # Cached slots all precede the new tokens: a real query sees every valid one.

@@ -164,12 +164,15 @@ class StepOptions:
     `attention_block`: query/key block of blockwise attention (models.transformer): -1 auto
     (blocks of AUTO_ATTENTION_BLOCK above AUTO_ATTENTION_FROM tokens per row), 0 dense.
     `loss`: the name of the token loss in LOSSES (the seam for other objectives).
+    `activations`: the sharding of [M, T, D] activations (rows over data x fsdp); set by
+    `jit_train_step` from its mesh.
     """
 
     remat: str = "none"
     loss_chunk: int = -1
     attention_block: int = -1
     loss: str = "nll"
+    activations: NamedSharding | None = None
 
     @classmethod
     def from_train_config(cls, cfg) -> "StepOptions":
@@ -192,6 +195,7 @@ def nll_loss(params, model_cfg: ModelConfig, micro: Batch, compute_dtype, option
     hidden_MxTxD, _ = forward(
         params, model_cfg, micro["tokens"], micro["positions"], micro["segment_ids"], dtype=compute_dtype,
         remat=options.remat, attention_block=options.attention_block_for(micro["tokens"].shape[-1]),
+        activation_sharding=options.activations,
     )
     return loss_lib.nll_sums(params, model_cfg, hidden_MxTxD, micro, compute_dtype, options.loss_chunk)
 
@@ -258,6 +262,7 @@ def jit_train_step(model_cfg: ModelConfig, opt: OptimConfig, mesh: Mesh, compute
     shape once."""
     tx = make_optimizer(opt)
     shardings = state_shardings(model_cfg, tx, mesh)
+    options = dataclasses.replace(options, activations=NamedSharding(mesh, P(BATCH_AXES, None, None)))
     fn = functools.partial(
         train_step, model_cfg=model_cfg, tx=tx, schedule=lr_schedule(opt), compute_dtype=jnp.dtype(compute_dtype),
         options=options,
