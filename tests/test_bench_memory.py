@@ -78,9 +78,11 @@ def test_train_config_plans_the_train_step_only(tmp_path, tiny_llama_dir):
     assert line["kernel"] == "train_step" and line["remat"] == "full" and line["mesh"]["data"] == 2
 
 
-def test_bad_input_is_one_line():
+def test_bad_input_is_one_line(experiment):
     proc = _run(["--config", "/nonexistent.yaml"])
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "nonexistent.yaml" in proc.stderr
+    proc = _run(["--config", str(experiment), "--kernels", "train_step", "mesh.fsdp=4", "train.grad_accum=4"])
+    assert proc.returncode == 2 and "micro batch" in proc.stderr and proc.stderr.strip().count("\n") == 0
     with pytest.raises(MixsdError, match="chip-bytes"):
         memory.parse_bytes("lots")
     assert memory.parse_bytes("16GiB") == 16 << 30 and memory.parse_bytes("80GB") == 80 * 10**9

@@ -127,6 +127,10 @@ def train_step_memory(model_cfg, train_cfg, mesh, chip_bytes: int) -> dict:
     shardings = step_lib.state_shardings(model_cfg, tx, mesh)
     state = step_lib.abstract_state(model_cfg, tx, shardings, train_cfg.param_dtype)
     A, M, T = train_cfg.grad_accum, train_cfg.micro_batch, train_cfg.max_seq_len
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if M % shards:
+        raise MixsdError(f"config key 'train.batch_size': the micro batch ({train_cfg.batch_size} / grad_accum {A} = {M}) "
+                         f"must be divisible by the mesh's data x fsdp = {shards} devices")
     batch = {key: _struct((A, M, T), jnp.float32 if key == "loss_mask" else jnp.int32, sh)
              for key, sh in step_lib.batch_shardings(mesh).items()}
     step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, train_cfg.compute_dtype, options)
