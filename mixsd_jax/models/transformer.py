@@ -206,7 +206,11 @@ def attention_with_cache(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, old_mask_BxTxS, k_BxTx
 
 
 def _linear(x, w, dtype):
-    return jnp.einsum("...i,io->...o", x, w.astype(dtype))
+    # As one 2-D matmul over the flattened leading dims: differentiated, the weight gradient is
+    # then a plain [in, N] x [N, out] matmul. Through "...i,io->...o" on [B, T, in] it contracts
+    # two dims at once, which XLA:CPU runs off its fast matmul path (2x slower for SmolLM2's MLP).
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), w.astype(dtype))
+    return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 # ----------------------------------------------------------------------------- forward

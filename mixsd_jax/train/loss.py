@@ -29,8 +29,16 @@ DEFAULT_CHUNK = 1024
 def head_weight(params, cfg: ModelConfig, dtype) -> tuple[jax.Array, str]:
     """The LM head as (weight, einsum spec hidden x weight -> logits): tied [V, D] or [D, V]."""
     if cfg.tie_word_embeddings:
-        return params["embed"].astype(dtype), "mtd,vd->mtv"
-    return params["lm_head"].astype(dtype), "mtd,dv->mtv"
+        return params["embed"].astype(dtype), "nd,vd->nv"
+    return params["lm_head"].astype(dtype), "nd,dv->nv"
+
+
+def _logits(spec, hidden_MxTxD, weight):
+    # Flattened to [M*T, D] first: the head's weight gradient is then one plain matmul, where a
+    # contraction over both M and T leaves XLA:CPU's fast matmul path (see models.transformer._linear).
+    M, T, D = hidden_MxTxD.shape
+    logits_NxV = jnp.einsum(spec, hidden_MxTxD.reshape(M * T, D), weight, preferred_element_type=jnp.float32)
+    return logits_NxV.reshape(M, T, -1)
 
 
 def _sums(logits_MxTxV, targets_MxT, mask_MxT):
@@ -47,7 +55,7 @@ def _sums(logits_MxTxV, targets_MxT, mask_MxT):
 
 
 def dense_nll_sums(hidden_MxTxD, weight, spec, targets_MxT, mask_MxT):
-    logits_MxTxV = jnp.einsum(spec, hidden_MxTxD, weight, preferred_element_type=jnp.float32)
+    logits_MxTxV = _logits(spec, hidden_MxTxD, weight)
     nll, correct = _sums(logits_MxTxV, targets_MxT, mask_MxT)
     return nll, (jnp.sum(mask_MxT), correct)
 
@@ -67,7 +75,7 @@ def chunked_nll_sums(hidden_MxTxD, weight, spec, targets_MxT, mask_MxT, chunk: i
     @jax.checkpoint
     def body(carry, xs):
         h_MxCxD, t_MxC, m_MxC = xs
-        logits_MxCxV = jnp.einsum(spec, h_MxCxD, weight, preferred_element_type=jnp.float32)
+        logits_MxCxV = _logits(spec, h_MxCxD, weight)
         nll, correct = _sums(logits_MxCxV, t_MxC, m_MxC)
         return (carry[0] + nll, carry[1] + correct), None
 
