@@ -27,3 +27,25 @@ def test_flops_per_token_counts_every_matmul_weight(tiny_qwen3_dir):
     T = 128
     expected = 6 * linear + 3 * 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * T
     assert flops_per_token(cfg, T) == expected
+
+
+def test_step_matmuls_are_the_weight_flops_of_the_step(tiny_qwen3_dir):
+    """The plain-matmul reference of `mixsd bench train` times the step's own weight matmuls: three
+    passes (forward, two backward) over them are the step's FLOPs less attention."""
+    from mixsd_jax.train.bench import step_matmuls
+
+    cfg = ModelConfig.from_hf_dir(tiny_qwen3_dir)
+    T, tokens = 128, 4 * 128
+    weight_flops = sum(2 * n * k * m * count for (n, k, m), count in step_matmuls(cfg, tokens))
+    attention = 3 * 4 * cfg.num_layers * cfg.q_dim * T
+    assert 3 * weight_flops == (flops_per_token(cfg, T) - attention) * tokens
+
+
+def test_machine_load_warns_when_busy():
+    import os
+
+    from mixsd_jax.train.bench import machine_load
+
+    info = machine_load()
+    assert info["cores"] == os.cpu_count() and len(info["load_avg"]) == 3
+    assert ("warning" in info) == (info["load_avg"][0] > info["cores"] / 2)

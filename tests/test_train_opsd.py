@@ -125,7 +125,8 @@ def test_eight_devices_agree_with_one(straight, tiny_llama_dir, corpus, tmp_path
     np.testing.assert_allclose(np.array(eight, float), np.array(one, float), rtol=1e-5)
     from mixsd_jax.models.checkpoint import read_hf_tensors
 
-    a, b = read_hf_tensors(out / "hf"), read_hf_tensors(tmp_path / "hf")
+    a = {k: np.asarray(v) for k, v in read_hf_tensors(out / "hf").items()}
+    b = {k: np.asarray(v) for k, v in read_hf_tensors(tmp_path / "hf").items()}
     for name in a:
         # Relative to each tensor's norm: AdamW turns a last-bit difference in a near-zero gradient
         # into an lr-sized step for a handful of elements (4 of 24,576 here, 1e-5 absolute).

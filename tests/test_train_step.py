@@ -158,4 +158,6 @@ def test_eight_devices_match_one(tiny_llama_dir):
             assert state["params"]["layers"]["w_up"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
             assert len(state["params"]["layers"]["w_up"].addressable_shards) == 8
     np.testing.assert_allclose(runs["eight"][0], runs["one"][0], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), runs["eight"][1], runs["one"][1])
+    # 5e-5 = 5% of the lr-sized Adam step after three steps: the sharded step sums in another order,
+    # and Adam's g / sqrt(v) turns round-off on a near-zero gradient into a visible move.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5), runs["eight"][1], runs["one"][1])

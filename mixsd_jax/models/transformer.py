@@ -126,6 +126,68 @@ def attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS) -> jax.Array:
     return out.reshape(B, T, H * E)
 
 
+def blockwise_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_ids_BxT, block: int) -> jax.Array:
+    """`attention` over the sequence itself (causal, same segment, real tokens), computed block by
+    block with an online softmax (FlashAttention's recurrence), so no [T, T] scores exist: the
+    largest buffer is one [block, block] tile of scores per head. Both loops are rematerialised, so
+    the backward pass keeps one running (max, sum, output) per query block and key block instead of
+    the probabilities. Equal to `attention` to round-off, pad rows included (a fully masked row
+    averages every value in both)."""
+    B, T, H, E = q_BxTxHxE.shape
+    K = k_BxTxKxE.shape[2]
+    G = H // K
+    pad = -T % block
+    idx_T = jnp.arange(T + pad)
+    if pad:  # padded keys and queries are segment 0: masked out, then cut off
+        q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
+                                           for a in (q_BxTxHxE, k_BxTxKxE, v_BxTxKxE))
+        segment_ids_BxT = jnp.pad(segment_ids_BxT, ((0, 0), (0, pad)))
+    n = (T + pad) // block
+
+    def blocks(a):  # [B, n*C, ...] -> [n, B, C, ...]
+        return jnp.moveaxis(a.reshape(B, n, block, *a.shape[2:]), 1, 0)
+
+    q_blocks = blocks(q_BxTxHxE.reshape(B, T + pad, K, G, E))
+    kv_blocks = (blocks(k_BxTxKxE), blocks(v_BxTxKxE), blocks(segment_ids_BxT), idx_T.reshape(n, block))
+    scale = 1.0 / math.sqrt(E)
+
+    def query_block(_, xs):
+        q_BxCxKxGxE, seg_q_BxC, idx_q_C = xs
+
+        def key_block(carry, ys):
+            m_BxKxGxC, l_BxKxGxC, acc_BxKxGxCxE = carry
+            k_BxCxKxE, v_BxCxKxE, seg_k_BxC, idx_k_C = ys
+            s = jnp.einsum("bqkge,bske->bkgqs", q_BxCxKxGxE, k_BxCxKxE, preferred_element_type=jnp.float32) * scale
+            mask_BxCxC = (
+                (idx_q_C[:, None] >= idx_k_C[None, :])[None]
+                & (seg_q_BxC[:, :, None] == seg_k_BxC[:, None, :])
+                & (seg_q_BxC != 0)[:, :, None]
+            )
+            # Keys past T (block padding) rank below masked ones, so a fully masked query averages
+            # the T real values, as in `attention`.
+            masked_C = jnp.where(idx_k_C < T, _MASKED, 3 * _MASKED)
+            s = jnp.where(mask_BxCxC[:, None, None], s, masked_C)
+            m_new = jnp.maximum(m_BxKxGxC, jnp.max(s, axis=-1))
+            p = jnp.exp(s - m_new[..., None])
+            correction = jnp.exp(m_BxKxGxC - m_new)
+            l_new = l_BxKxGxC * correction + jnp.sum(p, axis=-1)
+            pv = jnp.einsum("bkgqs,bske->bkgqe", p.astype(v_BxCxKxE.dtype), v_BxCxKxE,
+                            preferred_element_type=jnp.float32)
+            return (m_new, l_new, acc_BxKxGxCxE * correction[..., None] + pv), None
+
+        init = (jnp.full((B, K, G, block), _MASKED, jnp.float32), jnp.zeros((B, K, G, block), jnp.float32),
+                jnp.zeros((B, K, G, block, E), jnp.float32))
+        body = jax.checkpoint(key_block, prevent_cse=False)
+        (_, l, acc), _ = jax.lax.scan(body, init, kv_blocks)
+        out_BxKxGxCxE = acc / l[..., None]
+        return None, jnp.transpose(out_BxKxGxCxE, (0, 3, 1, 2, 4)).reshape(B, block, H * E)
+
+    _, out_nxBxCxD = jax.lax.scan(jax.checkpoint(query_block, prevent_cse=False), None,
+                                  (q_blocks, blocks(segment_ids_BxT), idx_T.reshape(n, block)))
+    out_BxTxD = jnp.moveaxis(out_nxBxCxD, 0, 1).reshape(B, T + pad, H * E)[:, :T]
+    return out_BxTxD.astype(v_BxTxKxE.dtype)
+
+
 def attention_with_cache(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, old_mask_BxTxS, k_BxTxKxE, v_BxTxKxE, new_mask_BxTxT):
     """Attention over cached slots and the new tokens jointly, without concatenating the cache."""
     B, T, H, E = q_BxTxHxE.shape
@@ -144,13 +206,18 @@ def attention_with_cache(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, old_mask_BxTxS, k_BxTx
 
 
 def _linear(x, w, dtype):
-    return jnp.einsum("...i,io->...o", x, w.astype(dtype))
+    # As one 2-D matmul over the flattened leading dims: differentiated, the weight gradient is
+    # then a plain [in, N] x [N, out] matmul. Through "...i,io->...o" on [B, T, in] it contracts
+    # two dims at once, which XLA:CPU runs off its fast matmul path (2x slower for SmolLM2's MLP).
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), w.astype(dtype))
+    return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 # ----------------------------------------------------------------------------- forward
 
 
-def _layer(p, cfg: ModelConfig, x_BxTxD, positions_BxT, inv_freq, new_mask_BxTxT, cached, old_mask_BxTxS, dtype):
+def _layer(p, cfg: ModelConfig, x_BxTxD, positions_BxT, inv_freq, new_mask_BxTxT, cached, old_mask_BxTxS, dtype,
+           segment_ids_BxT=None, attention_block=0):
     """One decoder block; returns the new hidden states and this call's keys and values."""
     B, T, _ = x_BxTxD.shape
     h = rms_norm(x_BxTxD, p["attn_norm"], cfg.rms_norm_eps)
@@ -168,7 +235,10 @@ def _layer(p, cfg: ModelConfig, x_BxTxD, positions_BxT, inv_freq, new_mask_BxTxT
     q_BxTxHxE = apply_rope(q_BxTxHxE, positions_BxT, inv_freq)
     k_BxTxKxE = apply_rope(k_BxTxKxE, positions_BxT, inv_freq)
     if cached is None:
-        attn = attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, new_mask_BxTxT)
+        if attention_block:
+            attn = blockwise_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_ids_BxT, attention_block)
+        else:
+            attn = attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, new_mask_BxTxT)
     else:
         k_old, v_old = cached
         # Round the new keys through the cache dtype so a bf16 cache gives the same result now and later.
@@ -183,26 +253,62 @@ def _layer(p, cfg: ModelConfig, x_BxTxD, positions_BxT, inv_freq, new_mask_BxTxT
     return x_BxTxD + _linear(gated, p["w_down"], dtype), k_BxTxKxE, v_BxTxKxE
 
 
-def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cached, old_mask_BxTxS, dtype):
+# Rematerialisation of the layer scan (training): which of a block's intermediates the backward
+# pass keeps; the rest it recomputes from the block's input. "none" keeps all (fastest, most
+# memory), "full" keeps only the block inputs (one [B, T, D] per layer), "dots" keeps the outputs
+# of the weight matmuls but recomputes attention scores and elementwise work; the argument-free
+# `jax.checkpoint_policies` are accepted by their own names too.
+REMAT_POLICIES = {
+    "none": None,
+    "full": "nothing_saveable",
+    "dots": "dots_with_no_batch_dims_saveable",
+    # The plain (argument-free) jax.checkpoint_policies, by their own names.
+    **{name: name for name in ("everything_saveable", "nothing_saveable", "dots_saveable",
+                               "dots_with_no_batch_dims_saveable", "checkpoint_dots",
+                               "checkpoint_dots_with_no_batch_dims")},
+}
+
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy for a `remat` setting (None for "none")."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r} (known: {', '.join(REMAT_POLICIES)})")
+    return None if name == "none" else getattr(jax.checkpoint_policies, REMAT_POLICIES[name])
+
+
+def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cached, old_mask_BxTxS, dtype, remat="none",
+                attention_block=0, activation_sharding=None):
     """All blocks: hidden [B,T,D] before the final norm, new keys and values per layer."""
     T = tokens_BxT.shape[1]
     inv_freq = rope_inv_freq(cfg)
     idx = jnp.arange(T)
-    # Among the T new tokens: causal, same segment, real tokens only.
-    new_mask_BxTxT = (
+    # Among the T new tokens: causal, same segment, real tokens only (blockwise attention builds
+    # its tiles of this mask itself).
+    new_mask_BxTxT = None if attention_block else (
         (idx[:, None] >= idx[None, :])[None]
         & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
         & (segment_ids_BxT != 0)[:, :, None]
     )
     x_BxTxD = params["embed"].astype(dtype)[tokens_BxT]
+    if activation_sharding is not None:
+        # Pin the residual stream to the batch sharding: left to propagation, it takes the
+        # embedding's layout (hidden over fsdp, rows replicated), so every device would keep every
+        # row's activations for the backward pass.
+        x_BxTxD = jax.lax.with_sharding_constraint(x_BxTxD, activation_sharding)
     layer = functools.partial(
         _layer, cfg=cfg, positions_BxT=positions_BxT, inv_freq=inv_freq, new_mask_BxTxT=new_mask_BxTxT,
-        old_mask_BxTxS=old_mask_BxTxS, dtype=dtype,
+        old_mask_BxTxS=old_mask_BxTxS, dtype=dtype, segment_ids_BxT=segment_ids_BxT, attention_block=attention_block,
     )
     def scan_body(x, inputs):
         p, layer_cache = inputs
         x, k, v = layer(p, x_BxTxD=x, cached=layer_cache)
+        if activation_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, activation_sharding)
         return x, (k, v)
+
+    if remat != "none":
+        # prevent_cse=False: inside a scan the recomputation cannot be merged away anyway.
+        scan_body = jax.checkpoint(scan_body, policy=remat_policy(remat), prevent_cse=False)
 
     x_BxTxD, (new_k, new_v) = jax.lax.scan(scan_body, x_BxTxD, (params["layers"], cached))
     return x_BxTxD, new_k, new_v
@@ -217,15 +323,22 @@ def forward(
     cache: Cache | None = None,
     *,
     dtype=jnp.float32,
+    remat: str = "none",
+    attention_block: int = 0,
+    activation_sharding=None,
 ) -> tuple[jax.Array, Cache | None]:
     """Final-norm hidden states [B, T, D] (apply `lm_logits` for logits) and the updated cache.
 
     Without a cache: full-sequence attention with causal + same-segment masking (padding = segment 0).
     With a cache: the T new tokens attend to every valid cached slot and causally to each other,
-    and are then written at slots [end, end+T) of every row.
+    and are then written at slots [end, end+T) of every row. `remat` (see REMAT_POLICIES) only
+    matters under differentiation; `attention_block` > 0 computes the cache-less attention block
+    by block (`blockwise_attention`), for long sequences; `activation_sharding` (a sharding of
+    [B, T, D]) pins the residual stream's layout between blocks.
     """
     if cache is None:
-        x_BxTxD, _, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype)
+        x_BxTxD, _, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype, remat,
+                                    attention_block, activation_sharding)
         return rms_norm(x_BxTxD, params["final_norm"], cfg.rms_norm_eps), None
     is_real_BxT = segment_ids_BxT != 0
     # Cached slots all precede the new tokens: a real query sees every valid one.

@@ -9,6 +9,7 @@ both alike.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -29,7 +30,8 @@ def synthetic_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 
     }
 
 
-def ours_stepper(model_dir, batch_size: int, seq_len: int, compute_dtype: str, random_init: bool = False):
+def ours_stepper(model_dir, batch_size: int, seq_len: int, compute_dtype: str, random_init: bool = False,
+                 options=None):
     """(one_step() that runs our train step to completion, ModelConfig)."""
     import jax
 
@@ -50,7 +52,7 @@ def ours_stepper(model_dir, batch_size: int, seq_len: int, compute_dtype: str, r
     shardings = step_lib.state_shardings(cfg, tx, mesh)
     holder = {"state": step_lib.init_state(params, tx, shardings)}
     del params
-    step_fn = step_lib.jit_train_step(cfg, opt, mesh, compute_dtype)
+    step_fn = step_lib.jit_train_step(cfg, opt, mesh, compute_dtype, options or step_lib.StepOptions())
     batch = step_lib.device_batch(synthetic_batch(cfg.vocab_size, batch_size, seq_len), mesh)
 
     def one_step():
@@ -97,16 +99,59 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
+def step_matmuls(cfg, tokens: int) -> list[tuple[tuple[int, int, int], int]]:
+    """The weight matmuls of one forward pass as ((rows, in, out), count): what the step's
+    matmul FLOPs are made of (the backward pass runs each shape twice more, transposed)."""
+    D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    shapes = {}
+    for shape in ((tokens, D, cfg.q_dim), (tokens, D, cfg.kv_dim), (tokens, D, cfg.kv_dim), (tokens, cfg.q_dim, D),
+                  (tokens, D, F), (tokens, D, F), (tokens, F, D)):
+        shapes[shape] = shapes.get(shape, 0) + L
+    shapes[(tokens, D, cfg.vocab_size)] = 1
+    return list(shapes.items())
+
+
+def matmul_gflops(cfg, tokens: int, dtype: str, reps: int = 3) -> float:
+    """GFLOP/s of plain `jax.jit` matmuls on the step's shapes (f32 accumulation), weighted by how
+    often the step runs each shape: the rate XLA itself reaches here, measured in the same run."""
+    import jax
+    import jax.numpy as jnp
+
+    mm = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+    flops = seconds = 0.0
+    for (n, k, m), count in step_matmuls(cfg, tokens):
+        a = jnp.ones((n, k), dtype)
+        b = jnp.ones((k, m), dtype)
+        jax.block_until_ready(mm(a, b))
+        t = float(np.median([_timed(lambda: jax.block_until_ready(mm(a, b))) for _ in range(reps)]))
+        flops += 2.0 * n * k * m * count
+        seconds += t * count
+    return flops / seconds / 1e9
+
+
+def machine_load() -> dict:
+    import os
+
+    cores = os.cpu_count() or 1
+    load = [round(x, 2) for x in os.getloadavg()]
+    out = {"load_avg": load, "cores": cores}
+    if load[0] > cores / 2:
+        out["warning"] = (f"load average {load[0]} is above half of the {cores} cores: timings are not those of an "
+                          "idle machine (rerun when idle)")
+    return out
+
+
 def bench_train(
     model: str,
     *,
     batch_size: int = 8,
     seq_len: int = 128,
-    steps: int = 3,
+    steps: int = 5,
     compute_dtype: str = "float32",
     torch_compare: bool = True,
     random_init: bool = False,
     peak_tflops: float | None = None,
+    options=None,
 ) -> dict:
     import jax
 
@@ -114,13 +159,14 @@ def bench_train(
     from mixsd_jax.train.step import flops_per_token
 
     model_dir = resolve_model(model)
-    ours_step, cfg = ours_stepper(model_dir, batch_size, seq_len, compute_dtype, random_init)
+    ours_step, cfg = ours_stepper(model_dir, batch_size, seq_len, compute_dtype, random_init, options)
     compile_s = _timed(ours_step)
     torch_step = None
     if torch_compare:
         torch_step = torch_stepper(model_dir, batch_size, seq_len, compute_dtype, random_init)
         torch_step()
     # Interleaved, so a change in machine load during the run hits both sides alike; medians.
+    load_before = machine_load()
     ours_s, torch_s = [], []
     for _ in range(steps):
         ours_s.append(_timed(ours_step))
@@ -128,25 +174,41 @@ def bench_train(
             torch_s.append(_timed(torch_step))
     tokens = batch_size * seq_len
     ours = tokens / float(np.median(ours_s))
+    flops = flops_per_token(cfg, seq_len)
     result: dict = {
         "model": str(model),
         "batch_size": batch_size,
         "seq_len": seq_len,
         "steps": steps,
         "compute_dtype": compute_dtype,
+        "step_options": None if options is None else dataclasses.asdict(options),
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "ours_tokens_per_s": round(ours, 2),
+        "ours_step_s": [round(t, 4) for t in ours_s],
         "ours_first_step_s": round(compile_s, 2),
+        "gflop_per_token": round(flops / 1e9, 4),
+        "achieved_gflops": round(ours * flops / 1e9, 2),
     }
     if torch_step is not None:
         theirs = tokens / float(np.median(torch_s))
-        result["torch_tokens_per_s"] = round(theirs, 2)
-        result["ratio"] = round(ours / theirs, 3)
-    flops = flops_per_token(cfg, seq_len)
+        # Per interleaved pair: both sides under the same momentary load.
+        ratios = [t / o for o, t in zip(ours_s, torch_s)]
+        result.update(
+            torch_tokens_per_s=round(theirs, 2),
+            torch_step_s=[round(t, 4) for t in torch_s],
+            ratio=round(float(np.median(ratios)), 3),
+            ratio_min=round(min(ratios), 3),
+            ratio_max=round(max(ratios), 3),
+            ratio_of_medians=round(ours / theirs, 3),
+        )
+    result["matmul_gflops"] = round(matmul_gflops(cfg, tokens, compute_dtype), 2)
+    result["achieved_over_matmul"] = round(result["achieved_gflops"] / result["matmul_gflops"], 3)
     result["tflops_per_s"] = round(ours * flops / 1e12, 3)
     peak = peak_tflops or DEFAULT_PEAK_TFLOPS.get(jax.default_backend())
     if peak:
         result["peak_tflops"] = peak
         result["mfu"] = round(ours * flops / (peak * 1e12 * jax.device_count()), 4)
+    load_after = machine_load()
+    result.update(load_avg_before=load_before["load_avg"], **load_after)
     return result

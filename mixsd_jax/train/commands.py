@@ -50,7 +50,7 @@ def register(subparsers, bench_subparsers) -> None:
     b.add_argument("--model", default="smollm2-135m-instruct", help="HF-format directory or registry name")
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--seq-len", type=int, default=128)
-    b.add_argument("--steps", type=int, default=3, help="timed steps (after one untimed warm-up step)")
+    b.add_argument("--steps", type=int, default=5, help="timed steps of each side, interleaved (after one untimed warm-up step)")
     b.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
     b.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     b.add_argument("--random-init", action="store_true",
@@ -61,6 +61,9 @@ def register(subparsers, bench_subparsers) -> None:
     b.add_argument("--data", default=None, help="opsd: prompts with ground truth (default: a tiny KGFact corpus)")
     b.add_argument("--rollouts", type=int, default=2, help="opsd: rollouts per prompt")
     b.add_argument("--max-new-tokens", type=int, default=32, help="opsd: rollout length limit")
+    b.add_argument("--remat", default="none", help="layer-scan rematerialisation (train config key remat)")
+    b.add_argument("--loss-chunk", type=int, default=-1, help="LM-head loss chunk (train config key loss_chunk)")
+    b.add_argument("--attention-block", type=int, default=-1, help="attention block (train config key attention_block)")
     b.set_defaults(func=cmd_bench_train)
 
 
@@ -103,6 +106,16 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
+def _step_options(args):
+    from mixsd_jax.errors import MixsdError
+    from mixsd_jax.models.transformer import REMAT_POLICIES
+    from mixsd_jax.train.step import StepOptions
+
+    if args.remat not in REMAT_POLICIES:
+        raise MixsdError(f"--remat {args.remat!r}: unknown policy (known: {', '.join(REMAT_POLICIES)})")
+    return StepOptions(remat=args.remat, loss_chunk=args.loss_chunk, attention_block=args.attention_block)
+
+
 def cmd_bench_train(args) -> int:
     if args.method == "opsd":
         from mixsd_jax.train.opsd_bench import bench_opsd
@@ -124,6 +137,7 @@ def cmd_bench_train(args) -> int:
         torch_compare=not args.no_torch,
         random_init=args.random_init,
         peak_tflops=args.peak_tflops,
+        options=_step_options(args),
     )
     print(json.dumps(result))
     return 0

@@ -18,6 +18,7 @@ from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.multihost import DistributedConfig
 from mixsd_jax.models.sharding import MeshConfig
+from mixsd_jax.models.transformer import REMAT_POLICIES
 
 EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -37,6 +38,11 @@ NOT_FINGERPRINTED = (
     "log_every",
     "distributed",
     "async_checkpoints",
+    # How the step computes, not what (the same loss and gradients to f32 round-off): a run that
+    # ran out of memory may resume with more rematerialisation or smaller loss chunks.
+    "remat",
+    "loss_chunk",
+    "attention_block",
 )
 
 
@@ -110,6 +116,12 @@ class TrainConfig:
     # Numerics.
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights and optimizer state
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Memory: rematerialisation of the layer scan (none | dots | full, or a jax.checkpoint_policies
+    # name), tokens per LM-head chunk of the loss (-1: chunked when tokens x vocab is large, 0: dense)
+    # and the block of blockwise attention (-1: blocks of 512 above 2048 tokens per row, 0: dense).
+    remat: str = "none"
+    loss_chunk: int = -1
+    attention_block: int = -1
     # Outputs.
     save_every: int = 0  # 0: only at the end
     keep: int = 3
@@ -137,6 +149,10 @@ class TrainConfig:
         config_lib.check_range("eps", self.eps, 0)
         config_lib.check_range("clip_norm", self.clip_norm, 0)
         config_lib.check_range("max_seq_len", self.max_seq_len, 2)
+        config_lib.check_range("loss_chunk", self.loss_chunk, -1)
+        config_lib.check_range("attention_block", self.attention_block, -1)
+        if self.remat not in REMAT_POLICIES:
+            raise MixsdError(f"config key 'remat': unknown policy {self.remat!r} (known: {', '.join(REMAT_POLICIES)})")
         config_lib.check_range("save_every", self.save_every, 0)
         config_lib.check_range("keep", self.keep, 1)
         config_lib.check_range("log_every", self.log_every, 1)

@@ -134,7 +134,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
         step_fn, next_batch, batch_stats = opsd.method(cfg, tokenizer, opsd_prompts, plan, model_dir, model_cfg,
                                                        mesh, opt)
     else:
-        step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, cfg.compute_dtype)
+        step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, cfg.compute_dtype,
+                                          step_lib.StepOptions.from_train_config(cfg))
         next_batch = lambda step, state: step_lib.device_batch(plan.host_batch(step), mesh)  # noqa: E731
         batch_stats = dict
     tokens_run = loss_tokens_run = 0

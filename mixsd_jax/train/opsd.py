@@ -35,6 +35,7 @@ from mixsd_jax.models.config import ModelConfig
 from mixsd_jax.models.transformer import forward, lm_logits
 from mixsd_jax.train.divergence import topk_divergence
 from mixsd_jax.train import teacher as teacher_lib
+from mixsd_jax.train import step as step_lib
 
 OPSD_KEYS = (
     "tokens",
@@ -56,7 +57,7 @@ OPSD_KEYS = (
 class OpsdLoss:
     """The OPSD micro-batch loss for the shared train step (hashable: part of the jit cache key).
 
-    Called as `loss(params, model_cfg, micro, compute_dtype, teacher_params=None)` and returns
+    Called as `loss(params, model_cfg, micro, compute_dtype, options, teacher_params=None)` and returns
     (sum of per-token divergences, (response tokens, tokens where student and teacher argmax
     agree)), like the SFT NLL's (sum, (count, correct)).
     """
@@ -69,12 +70,16 @@ class OpsdLoss:
 
     batch_keys = OPSD_KEYS
 
-    def __call__(self, params, model_cfg: ModelConfig, micro, compute_dtype, teacher_params=None):
+    def __call__(self, params, model_cfg: ModelConfig, micro, compute_dtype, options, teacher_params=None):
         teacher = jax.lax.stop_gradient(params if teacher_params is None else teacher_params)
-        hidden_s, _ = forward(params, model_cfg, micro["tokens"], micro["positions"], micro["segment_ids"],
-                              dtype=compute_dtype)
-        hidden_t, _ = forward(teacher, model_cfg, micro["teacher_tokens"], micro["teacher_positions"],
-                              micro["teacher_segment_ids"], dtype=compute_dtype)
+
+        def hidden(p, tokens, positions, segment_ids):  # the step's remat, attention blocks and layout
+            return forward(p, model_cfg, tokens, positions, segment_ids, dtype=compute_dtype, remat=options.remat,
+                           attention_block=options.attention_block_for(tokens.shape[-1]),
+                           activation_sharding=options.activations)[0]
+
+        hidden_s = hidden(params, micro["tokens"], micro["positions"], micro["segment_ids"])
+        hidden_t = hidden(teacher, micro["teacher_tokens"], micro["teacher_positions"], micro["teacher_segment_ids"])
         # Only the response positions reach the LM head: [M, R, D], not [M, T, D].
         hs_MxRxD = jnp.take_along_axis(hidden_s, micro["student_index"][..., None], axis=1)
         ht_MxRxD = jax.lax.stop_gradient(jnp.take_along_axis(hidden_t, micro["teacher_index"][..., None], axis=1))
@@ -130,7 +135,7 @@ def divergence_fn(loss: OpsdLoss, model_cfg: ModelConfig, compute_dtype: str = "
         total, count = jnp.float32(0), jnp.float32(0)
         for a in range(batch["tokens"].shape[0]):
             micro = jax.tree.map(lambda x: x[a], batch)
-            d, (n, _) = loss(params, model_cfg, micro, jnp.dtype(compute_dtype), teacher)
+            d, (n, _) = loss(params, model_cfg, micro, jnp.dtype(compute_dtype), step_lib.StepOptions(), teacher)
             total, count = total + d, count + n
         return total, count
 
@@ -305,10 +310,10 @@ def prepare(cfg, tokenizer):
 def method(cfg, tokenizer, prompts, plan, model_dir, model_cfg, mesh, opt):
     """(step_fn(state, batch), next_batch(step, state), stats()) for the shared loop."""
     from mixsd_jax.models.checkpoint import load_hf
-    from mixsd_jax.train import step as step_lib
 
     loss = loss_for(cfg)
-    jitted = step_lib.jit_train_step(model_cfg, opt, mesh, cfg.compute_dtype, loss)
+    jitted = step_lib.jit_train_step(model_cfg, opt, mesh, cfg.compute_dtype,
+                                     step_lib.StepOptions.from_train_config(cfg), loss=loss)
     if loss.frozen_teacher:
         # The base weights stay as loaded (not part of the state: a resume reloads the same bytes).
         _, teacher = load_hf(model_dir, param_dtype=cfg.param_dtype, mesh=mesh)

@@ -70,7 +70,7 @@ def bench_opsd(
     tx = step_lib.make_optimizer(opt)
     state = step_lib.init_state(params, tx, step_lib.state_shardings(model_cfg, tx, mesh))
     loss = opsd.loss_for(cfg)
-    step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, compute_dtype, loss)
+    step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, compute_dtype, loss=loss)
     forward_fn = opsd.divergence_fn(loss, model_cfg, compute_dtype)
     batches = opsd.RolloutBatches(cfg, tokenizer, prompts, plan, model_cfg, mesh)
 

@@ -24,7 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mixsd_jax.models.config import ModelConfig
 from mixsd_jax.models.sharding import BATCH_AXES, param_shardings, replicated
-from mixsd_jax.models.transformer import forward, lm_logits, param_shapes
+from mixsd_jax.models.transformer import forward, param_shapes
+from mixsd_jax.train import loss as loss_lib
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -150,25 +151,62 @@ def abstract_state(model_cfg: ModelConfig, tx, shardings: State, param_dtype: st
 # ----------------------------------------------------------------------------- loss and step
 
 
-def micro_batch_sums(params, model_cfg: ModelConfig, micro: Batch, compute_dtype) -> tuple[jax.Array, tuple]:
-    """(sum of masked target NLL, (mask count, correct count)) over one micro batch [M, T]."""
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """How the step computes (not what): the same loss and gradients for every setting, to f32
+    round-off. Hashable, so it is part of the compiled step's cache key.
+
+    `remat`: rematerialisation of the layer scan (models.transformer.REMAT_POLICIES).
+    `loss_chunk`: tokens per LM-head chunk of the loss (train.loss): -1 auto, 0 dense.
+    `attention_block`: query/key block of blockwise attention (models.transformer): -1 auto
+    (blocks of AUTO_ATTENTION_BLOCK above AUTO_ATTENTION_FROM tokens per row), 0 dense.
+    `loss`: the name of the token loss in LOSSES (the seam for other objectives).
+    `activations`: the sharding of [M, T, D] activations (rows over data x fsdp); set by
+    `jit_train_step` from its mesh.
+    """
+
+    remat: str = "none"
+    loss_chunk: int = -1
+    attention_block: int = -1
+    loss: str = "nll"
+    activations: NamedSharding | None = None
+
+    @classmethod
+    def from_train_config(cls, cfg) -> "StepOptions":
+        return cls(remat=cfg.remat, loss_chunk=cfg.loss_chunk, attention_block=cfg.attention_block)
+
+    def attention_block_for(self, seq_len: int) -> int:
+        if self.attention_block == -1:
+            return AUTO_ATTENTION_BLOCK if seq_len > AUTO_ATTENTION_FROM else 0
+        return 0 if self.attention_block >= seq_len else self.attention_block
+
+
+# Dense attention holds [heads, T, T] f32 scores per row and layer: 1.6 GB for Qwen3-8B at T = 2048,
+# 16 GB per layer at 10k tokens. Up to 2048 tokens dense is faster (one big matmul); above, blocks.
+AUTO_ATTENTION_FROM = 2048
+AUTO_ATTENTION_BLOCK = 512
+
+
+def nll_loss(params, model_cfg: ModelConfig, micro: Batch, compute_dtype, options: StepOptions):
+    """Masked target NLL: (sum, (mask count, correct count)) over one micro batch [M, T]."""
     hidden_MxTxD, _ = forward(
-        params, model_cfg, micro["tokens"], micro["positions"], micro["segment_ids"], dtype=compute_dtype
+        params, model_cfg, micro["tokens"], micro["positions"], micro["segment_ids"], dtype=compute_dtype,
+        remat=options.remat, attention_block=options.attention_block_for(micro["tokens"].shape[-1]),
+        activation_sharding=options.activations,
     )
-    logits_MxTxV = lm_logits(params, model_cfg, hidden_MxTxD, dtype=compute_dtype)
-    targets_MxT = micro["targets"]
-    # One pass of elementwise work over the [M, T, V] logits: the target logit is picked with a
-    # compare against an iota (its gradient is an elementwise one-hot that fuses into the softmax
-    # gradient, where take_along_axis would scatter into a fresh [M, T, V] buffer), and the max
-    # needed for a stable logsumexp doubles as the accuracy test.
-    max_logit = jax.lax.stop_gradient(jnp.max(logits_MxTxV, axis=-1))
-    log_z = max_logit + jnp.log(jnp.sum(jnp.exp(logits_MxTxV - max_logit[..., None]), axis=-1))
-    is_target = jax.lax.broadcasted_iota(jnp.int32, logits_MxTxV.shape, 2) == targets_MxT[..., None]
-    target_logit = jnp.sum(jnp.where(is_target, logits_MxTxV, 0.0), axis=-1)
-    mask = micro["loss_mask"].astype(jnp.float32)
-    nll_sum = jnp.sum((log_z - target_logit) * mask)
-    correct = jnp.sum((target_logit >= max_logit) * mask)
-    return nll_sum, (jnp.sum(mask), correct)
+    return loss_lib.nll_sums(params, model_cfg, hidden_MxTxD, micro, compute_dtype, options.loss_chunk)
+
+
+# Token losses by name. A loss maps (params, model_cfg, micro batch, compute dtype, options) to
+# (sum over the micro batch, (token count, correct count)); the step divides both sums by the
+# global token count, so any loss that is a sum over tokens fits the accumulation and sharding.
+LOSSES: dict[str, Callable] = {"nll": nll_loss}
+
+
+def micro_batch_sums(params, model_cfg: ModelConfig, micro: Batch, compute_dtype,
+                     options: StepOptions = StepOptions()) -> tuple[jax.Array, tuple]:
+    """(sum of the configured token loss, (mask count, correct count)) over one micro batch [M, T]."""
+    return LOSSES[options.loss](params, model_cfg, micro, compute_dtype, options)
 
 
 def train_step(
@@ -180,8 +218,9 @@ def train_step(
     schedule: Callable,
     compute_dtype,
     loss_fn: Callable = micro_batch_sums,
+    options: StepOptions = StepOptions(),
 ) -> tuple[State, dict]:
-    """One update. `loss_fn(params, model_cfg, micro, compute_dtype, *loss_args)` returns (sum of
+    """One update. `loss_fn(params, model_cfg, micro, compute_dtype, options, *loss_args)` returns (sum of
     per-token losses, (token count, correct count)): the SFT NLL by default, OPSD's divergence
     (mixsd_jax.train.opsd.OpsdLoss, with the frozen teacher's parameters as `loss_args`)."""
     params = state["params"]
@@ -189,7 +228,7 @@ def train_step(
 
     def accumulate(carry, micro):
         grads_sum, nll_sum, tokens, correct = carry
-        (nll, (count, right)), grads = grad_fn(params, model_cfg, micro, compute_dtype, *loss_args)
+        (nll, (count, right)), grads = grad_fn(params, model_cfg, micro, compute_dtype, options, *loss_args)
         grads_sum = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_sum, grads)
         return (grads_sum, nll_sum + nll, tokens + count, correct + right), None
 
@@ -217,15 +256,19 @@ def train_step(
 
 
 @functools.lru_cache(maxsize=8)
-def jit_train_step(model_cfg: ModelConfig, opt: OptimConfig, mesh: Mesh, compute_dtype: str, loss=None):
+def jit_train_step(model_cfg: ModelConfig, opt: OptimConfig, mesh: Mesh, compute_dtype: str,
+                   options: StepOptions = StepOptions(), loss=None):
     """The train step with explicit shardings and the state donated; cached, so runs in one process
     (a pipeline, a resume, the tests) with the same model, optimizer and mesh compile each batch
-    shape once. `loss`: None for the SFT NLL, or a hashable loss with `batch_keys` (OPSD's, which
+    shape once. `options`: how the step computes (remat, chunks, blocks). `loss`: None for the
+    configured token loss (`options.loss`, the SFT NLL), or a hashable loss with `batch_keys` (OPSD's, which
     with `frozen_teacher` takes the teacher's parameters as a third argument)."""
     tx = make_optimizer(opt)
     shardings = state_shardings(model_cfg, tx, mesh)
+    options = dataclasses.replace(options, activations=NamedSharding(mesh, P(BATCH_AXES, None, None)))
     fn = functools.partial(
         train_step, model_cfg=model_cfg, tx=tx, schedule=lr_schedule(opt), compute_dtype=jnp.dtype(compute_dtype),
+        options=options,
         **({} if loss is None else {"loss_fn": loss}),
     )
     extra_in = (param_shardings(model_cfg, mesh),) if getattr(loss, "frozen_teacher", False) else ()
