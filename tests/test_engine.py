@@ -1,0 +1,68 @@
+"""The continuous-batching decode engine against the fixed-batch path it replaced (pinned fixtures)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mixsd_jax import config as config_lib
+from mixsd_jax.models.checkpoint import load_hf
+from mixsd_jax.sampling.engine import Engine, decode_all
+from mixsd_jax.sampling.runner import WorkItem, generate
+from mixsd_jax.sampling.strategies import Sampler
+
+FIXTURES = Path(__file__).parent / "fixtures" / "engine"
+
+
+def _make_fixtures():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+MAKE = _make_fixtures()
+PINNED = json.loads((FIXTURES / "fixed_batch.json").read_text())
+
+
+def _same_completions(ours, pinned):
+    assert len(ours) == len(pinned)
+    for o, p in zip(ours, pinned):
+        assert (o.tokens, o.naive, o.finish_reason) == (p["tokens"], p["naive"], p["finish"])
+        assert o.logprobs == pytest.approx(p["logprobs"], abs=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.6])
+def test_plain_decoding_equals_the_fixed_batch_path(tiny_llama_dir, temperature):
+    cfg, params = load_hf(tiny_llama_dir)
+    outs = generate(params, cfg, MAKE.PROMPTS, stop_ids=[PINNED["stop_id"]], temperature=temperature,
+                    **MAKE.PLAIN_SETTINGS)
+    _same_completions(outs, PINNED["plain"][f"t{temperature}"])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.6])
+@pytest.mark.parametrize("batch_size, segment_steps", [(4, 16), (3, 5), (1, 7)])
+def test_mixing_equals_the_fixed_batch_path_for_any_slots_and_segments(tiny_llama_dir, temperature, batch_size,
+                                                                        segment_steps):
+    cfg, params = load_hf(tiny_llama_dir)
+    P = MAKE.PROMPTS
+    items = [WorkItem((P[i % 8], P[(i + 3) % 8]), i // 2, gen_index=i % 2, attempt=i % 3) for i in range(10)]
+    engine = Engine(params, cfg, sampler=Sampler(temperature, 16), sides=2, stop_ids=[PINNED["stop_id"]],
+                    max_new_tokens=24, max_model_len=30, batch_size=batch_size, seed=9, naive_prob=0.3,
+                    segment_steps=segment_steps, block=8)
+    _same_completions(decode_all(engine, items), PINNED["mix"][f"t{temperature}"])
+
+
+@pytest.mark.parametrize("temperature, lam", MAKE.GEN_CASES)
+def test_generator_files_equal_the_fixed_batch_path(tiny_llama_dir, tmp_path, temperature, lam):
+    from mixsd_jax.sampling.generator import GenerateConfig, Paths, generate as mixsd_generate
+
+    # Other slot count than the pinned run (4): continuous batching must not change a byte.
+    settings = {**MAKE.GEN_SETTINGS, "batch_size": 3}
+    cfg = config_lib.from_dict(GenerateConfig, dict(input=str(MAKE.corpus(tmp_path / "kg")), out_dir=str(tmp_path),
+                                                    model=str(tiny_llama_dir), lambda_mix=lam,
+                                                    temperature=temperature, **settings))
+    mixsd_generate(cfg, progress=False)
+    assert MAKE.generator_rows(Paths.for_config(cfg).final) == PINNED["generator"][f"t{temperature}_l{lam}"]
