@@ -66,3 +66,41 @@ def test_generator_files_equal_the_fixed_batch_path(tiny_llama_dir, tmp_path, te
                                                     temperature=temperature, **settings))
     mixsd_generate(cfg, progress=False)
     assert MAKE.generator_rows(Paths.for_config(cfg).final) == PINNED["generator"][f"t{temperature}_l{lam}"]
+
+
+def _mix_engine(params, cfg, *, mesh=None, max_new_tokens=24, stop_ids=None, batch_size=4):
+    return Engine(params, cfg, sampler=Sampler(0.6, 16), sides=2,
+                  stop_ids=[PINNED["stop_id"]] if stop_ids is None else stop_ids, max_new_tokens=max_new_tokens,
+                  max_model_len=30, batch_size=batch_size, seed=9, naive_prob=0.3, segment_steps=6, block=8, mesh=mesh)
+
+
+def _pinned_items():
+    P = MAKE.PROMPTS
+    return [WorkItem((P[i % 8], P[(i + 3) % 8]), i // 2, gen_index=i % 2, attempt=i % 3) for i in range(10)]
+
+
+def test_same_tokens_on_a_data_and_tensor_mesh(tiny_llama_dir):
+    import jax
+
+    from mixsd_jax.models.sharding import MeshConfig, make_mesh
+
+    mesh = make_mesh(MeshConfig(data=4, tensor=2))  # the 2 kv heads split over `tensor`
+    assert jax.device_count() == 8
+    cfg, params = load_hf(tiny_llama_dir, mesh=mesh)
+    _same_completions(decode_all(_mix_engine(params, cfg, mesh=mesh), _pinned_items()), PINNED["mix"]["t0.6"])
+
+
+def test_cache_follows_the_live_length_not_max_new_tokens(tiny_llama_dir):
+    cfg, params = load_hf(tiny_llama_dir)
+    prompts = [MAKE.PROMPTS[i] for i in range(4)]
+    stopped = generate(params, cfg, prompts, stop_ids=[], max_new_tokens=12)
+    stop = sorted({c.tokens[-1] for c in stopped})
+    # Same records, a stop set that ends them within 12 tokens: N = 12 and N = 1500 do the same work.
+    short, long = (Engine(params, cfg, sampler=Sampler(0.0), sides=1, stop_ids=stop, max_new_tokens=n,
+                          max_model_len=2048, batch_size=4, seed=0, segment_steps=4, block=8) for n in (12, 1500))
+    items = [WorkItem((p,), i) for i, p in enumerate(prompts)]
+    a, b = decode_all(short, items), decode_all(long, items)
+    assert [c.tokens for c in a] == [c.tokens for c in b]
+    assert all(len(c.tokens) <= 12 for c in b)
+    # Cache rows sized by the longest live row (prompt + tokens + one segment), not by 1500 new tokens.
+    assert long.capacity == short.capacity <= 64

@@ -75,6 +75,7 @@ class Engine:
         self.stop_ids = self._put(np.asarray(sorted(set(stop_ids)) or [-1], np.int32))
         self.naive_prob = self._put(np.float32(naive_prob))
         self.segments_run = 0
+        self.capacity = 0  # cache slots per row of the last run (it follows the longest live row)
 
     def _put(self, x):
         """Small host inputs, replicated on the mesh (every process holds them whole)."""
@@ -122,6 +123,7 @@ class Engine:
             finished = []
             if out is not None:
                 finished = self._collect(multihost.fetch(out), slots)
+        self.capacity = capacity
 
     def _insert(self, state, take: list[WorkItem], free: list[int], slots: list):
         n = min(_pow2_at_least(len(take)), self.batch_size)
