@@ -47,13 +47,18 @@ def register(sub, bench) -> None:
     add_config_args(p)
     p.set_defaults(func=_generate)
 
-    b = bench.add_parser("generate", help="MixSD vs plain vs transformers decode throughput (one JSON line)")
+    b = bench.add_parser("generate", help="decode engine vs its peers, repeated A/B pairs (one JSON line)")
     b.add_argument("--model", default="smollm2-135m-instruct")
-    b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--workload", choices=["default", "capacity", "longtail"], default="default",
+                   help="default: mix vs plain vs PyTorch; capacity: N=64 vs N=8192; longtail: vs the fixed-batch path")
+    b.add_argument("--batch-size", type=int, default=None, help="slots (default: 32; capacity: 16; longtail: 16)")
+    b.add_argument("--records", type=int, default=None, help="records (capacity: 16; longtail: 32)")
+    b.add_argument("--max-new-tokens", type=int, default=None, help="default: 64; longtail: 512")
     b.add_argument("--lambda", dest="lambda_", type=float, default=0.3)
     b.add_argument("--dtype", default="float32")
-    b.add_argument("--no-hf", action="store_true", help="skip the transformers measurement")
+    b.add_argument("--repeats", type=int, default=5, help="timed rounds of the interleaved A/B pairs")
+    b.add_argument("--no-hf", "--no-torch", dest="no_hf", action="store_true",
+                   help="skip the transformers measurements")
     b.set_defaults(func=_bench)
 
 
@@ -81,6 +86,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from mixsd_jax.sampling.bench import bench_generate
 
-    print(json.dumps(bench_generate(args.model, args.batch_size, args.max_new_tokens, args.lambda_, args.dtype,
-                                    with_hf=not args.no_hf)))
+    workload = args.workload
+    batch_size = args.batch_size or (32 if workload == "default" else 16)
+    max_new_tokens = args.max_new_tokens or (512 if workload == "longtail" else 64)
+    records = args.records or (16 if workload == "capacity" else 32)
+    print(json.dumps(bench_generate(args.model, workload, batch_size, max_new_tokens, args.lambda_, args.dtype,
+                                    args.repeats, with_torch=not args.no_hf, records=records)), flush=True)
     return 0
