@@ -104,3 +104,59 @@ def test_cache_follows_the_live_length_not_max_new_tokens(tiny_llama_dir):
     assert all(len(c.tokens) <= 12 for c in b)
     # Cache rows sized by the longest live row (prompt + tokens + one segment), not by 1500 new tokens.
     assert long.capacity == short.capacity <= 64
+
+
+_WORKER = """
+import importlib.util, json, sys
+from mixsd_jax import multihost
+multihost.maybe_initialize()
+import jax
+from mixsd_jax.models.checkpoint import load_hf
+from mixsd_jax.models.sharding import MeshConfig, make_mesh
+from mixsd_jax.sampling.engine import Engine, decode_all
+from mixsd_jax.sampling.runner import WorkItem
+from mixsd_jax.sampling.strategies import Sampler
+spec = importlib.util.spec_from_file_location("t", sys.argv[2])
+t = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(t)
+mesh = make_mesh(MeshConfig(data=2, tensor=2))
+cfg, params = load_hf(sys.argv[1], mesh=mesh)
+engine = t._mix_engine(params, cfg, mesh=mesh)
+outs = decode_all(engine, t._pinned_items())
+print("OUT " + json.dumps([[o.tokens, o.naive, o.finish_reason] for o in outs]), flush=True)
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_decode_what_one_does(tiny_llama_dir):
+    import os
+    import subprocess
+    import sys
+
+    port, procs, outputs = _free_port(), [], []
+    for process_id in range(2):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+               "MIXSD_COORDINATOR": f"127.0.0.1:{port}", "MIXSD_NUM_PROCESSES": "2",
+               "MIXSD_PROCESS_ID": str(process_id)}
+        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, str(tiny_llama_dir), __file__], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=300)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+    got = [json.loads(next(line for line in out.splitlines() if line.startswith("OUT "))[4:]) for out in outputs]
+    pinned = [[p["tokens"], p["naive"], p["finish"]] for p in PINNED["mix"]["t0.6"]]
+    assert got[0] == got[1] == pinned
