@@ -272,7 +272,7 @@ class _TorchPeer:
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 cache = DynamicCache()
                 out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                       past_key_values=cache, use_cache=True)
+                                       cache=cache, use_cache=True)
                 sides.append({"mask": mask, "next_pos": positions[:, -1:] + 1, "cache": cache,
                               "last": out.last_hidden_state[:, -1]})
             generated = []
@@ -284,7 +284,7 @@ class _TorchPeer:
                 for side in sides:
                     side["mask"] = torch.cat([side["mask"], torch.ones_like(side["mask"][:, :1])], dim=1)
                     out = self.model.model(input_ids=token[:, None], attention_mask=side["mask"],
-                                           position_ids=side["next_pos"], past_key_values=side["cache"],
+                                           position_ids=side["next_pos"], cache=side["cache"],
                                            use_cache=True)
                     side["next_pos"] = side["next_pos"] + 1
                     side["last"] = out.last_hidden_state[:, -1]
