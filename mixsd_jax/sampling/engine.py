@@ -7,7 +7,8 @@ for the rest of the batch. The host work of finished attempts (the caller's `on_
 verify, stream, queue a retry) runs while the device decodes the next segment (JAX dispatch is
 asynchronous; the host only waits when it reads that segment's small result).
 
-The cache grows with the longest live row (capacity = block * 2^k slots, copied up when needed) and
+The cache grows with the longest live row (capacity = block * 2^k slots, copied up when needed, never
+more than a row can use: min(max_model_len, prompt + max_new_tokens) plus one segment) and
 each step's attention reads only the blocks below the longest live row, so time and memory follow
 the live length, not `max_new_tokens`.
 
@@ -83,9 +84,13 @@ class Engine:
             return jnp.asarray(x)
         return multihost.put_global(x, NamedSharding(self.mesh, P()))
 
-    def _capacity_for(self, need: int) -> int:
-        block = self.spec.block
-        return block * _pow2_at_least(-(-need // block))
+    def _capacity_for(self, need: int, longest_prompt: int) -> int:
+        """Slots per row: the next power-of-two number of blocks, but never more than any row can use."""
+        block, spec = self.spec.block, self.spec
+        # A row holds at most min(max_model_len, prompt + max_new_tokens) tokens (the stop rules).
+        ceiling = min(spec.max_model_len, longest_prompt + spec.max_new_tokens) + spec.segment_steps + 1
+        blocks = min(_pow2_at_least(-(-need // block)), -(-ceiling // block))
+        return block * max(blocks, -(-need // block))
 
     def run(self, items: Iterable[WorkItem], on_finish: OnFinish) -> None:
         """Decode every item, and every item `on_finish` returns (retries), until the queue is empty.
@@ -95,7 +100,7 @@ class Engine:
         queue = deque(items)
         B, K = self.batch_size, self.spec.segment_steps
         slots: list[_Slot | None] = [None] * B
-        state, capacity = None, 0
+        state, capacity, longest_prompt = None, 0, 0
         finished: list[tuple[WorkItem, Completion]] = []
         while queue or finished or any(slots):
             free = [b for b in range(B) if slots[b] is None]
@@ -103,12 +108,13 @@ class Engine:
             live = [s for s in slots if s is not None]
             need = max([s.longest + len(s.tokens) for s in live] + [max(map(len, it.prompts)) for it in take] + [0])
             need += K + 1  # the rows can grow by K in the next segment
+            longest_prompt = max([longest_prompt] + [max(map(len, it.prompts)) for it in take])
             if take or live:
                 if state is None:
-                    capacity = self._capacity_for(need)
+                    capacity = self._capacity_for(need, longest_prompt)
                     state = segments.init_state(spec=self.spec, batch=B, capacity=capacity)
                 elif need > capacity:
-                    capacity = self._capacity_for(need)
+                    capacity = self._capacity_for(need, longest_prompt)
                     state = segments.grow(state, spec=self.spec, capacity=capacity)
             if take:
                 state = self._insert(state, take, free[: len(take)], slots)
