@@ -160,3 +160,12 @@ def test_two_processes_decode_what_one_does(tiny_llama_dir):
     got = [json.loads(next(line for line in out.splitlines() if line.startswith("OUT "))[4:]) for out in outputs]
     pinned = [[p["tokens"], p["naive"], p["finish"]] for p in PINNED["mix"]["t0.6"]]
     assert got[0] == got[1] == pinned
+
+
+def test_a_sequence_reaching_max_model_len_ends_with_max_model_len(tiny_llama_dir):
+    cfg, params = load_hf(tiny_llama_dir)
+    free = decode_all(_mix_engine(params, cfg, stop_ids=[], max_new_tokens=40, batch_size=2), _pinned_items()[:3])
+    # max_model_len 30 counts the longer prompt: 30 - longest tokens, across block (8) and segment (6) edges.
+    for item, c in zip(_pinned_items()[:3], free):
+        longest = max(map(len, item.prompts))
+        assert c.finish_reason == "max_model_len" and len(c.tokens) == 30 - longest
