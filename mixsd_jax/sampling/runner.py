@@ -1,4 +1,10 @@
-"""Host side of the decode kernel: pad work into fixed shapes, run it, unpack per item.
+"""Work items and completions; `generate`, plain decoding on the decode engine; and `Runner`, the fixed-batch path.
+
+`Runner` runs a whole batch through kernel.decode until its slowest record stops. It is kept as the
+reference the continuous-batching engine (sampling/engine.py) is checked and benchmarked against
+(tests/fixtures/engine, `mixsd bench generate --workload longtail`); generation and evaluation use the engine.
+
+Runner's host side: pad work into fixed shapes, run it, unpack per item.
 
 A batch always has `batch_size` records (empty slots are filled with a one-token dummy and
 discarded) and prompts are padded to a bucket length, so a run compiles a handful of kernels, not
