@@ -22,6 +22,7 @@ import dataclasses
 from collections import deque
 from typing import Callable, Iterable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -66,11 +67,13 @@ class Engine:
         mesh=None,
         naive_prob: float = 0.0,
         segment_steps: int = 16,
-        block: int = 128,
+        block: int | None = None,
     ):
         devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = -(-batch_size // devices) * devices  # every device gets whole slots
         self.params, self.mesh, self.seed, self.sides = params, mesh, seed, sides
+        if block is None:  # an accelerator pays per loop iteration (kernel launches): fewer, bigger blocks
+            block = 128 if jax.default_backend() == "cpu" else 512
         self.spec = segments.EngineSpec(cfg, sampler, sides, max_new_tokens, max_model_len, dtype, mesh,
                                         segment_steps, block)
         self.stop_ids = self._put(np.asarray(sorted(set(stop_ids)) or [-1], np.int32))
