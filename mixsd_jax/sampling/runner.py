@@ -134,7 +134,7 @@ def generate(
     Runs on the continuous-batching engine (sampling/engine.py): a finished prompt's slot takes the
     next one at once, and attention reads only up to the longest live row.
     """
-    from mixsd_jax.sampling.engine import Engine, decode_all
+    from mixsd_jax.sampling.engine import Engine
 
     engine = Engine(
         params,
