@@ -79,13 +79,13 @@ def _kgfunc_records(n: int):
     return [records[(i * step) % len(records)] for i in range(n)]
 
 
-def _load(model: str, dtype: str):
+def _load(model: str, param_dtype: str, mesh):
     from mixsd_jax.models.checkpoint import load_hf
     from mixsd_jax.models.registry import resolve_model
     from mixsd_jax.models.tokenizer import load_tokenizer
 
     model_dir = resolve_model(model)
-    cfg, params = load_hf(model_dir, dtype)
+    cfg, params = load_hf(model_dir, param_dtype, mesh=mesh)
     return model_dir, cfg, params, load_tokenizer(model_dir)
 
 
@@ -108,22 +108,34 @@ def _engine(params, cfg, **kw):
 
 def bench_generate(model: str, workload: str = "default", batch_size: int = 32, max_new_tokens: int = 64,
                    lambda_mix: float = 0.3, dtype: str = "float32", repeats: int = 5, with_torch: bool = True,
-                   records: int | None = None) -> dict:
+                   records: int | None = None, mesh_cfg=None, param_dtype: str = "float32") -> dict:
+    """One workload's JSON dict. `mesh_cfg` (a MeshConfig): our side runs on that mesh (records over
+    data x fsdp, parameters and KV heads over `tensor`); `param_dtype`: our weights' storage dtype."""
+    import jax
+
+    from mixsd_jax.models.sharding import make_mesh
+
+    mesh = None if mesh_cfg is None else make_mesh(mesh_cfg)
+    loaded = _load(model, param_dtype, mesh)
     if workload == "capacity":
-        return _capacity(model, batch_size if records is None else records, lambda_mix, dtype, repeats)
-    if workload == "longtail":
-        return _longtail(model, records or 32, batch_size, max_new_tokens, lambda_mix, dtype, repeats)
-    return _default(model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch)
+        result = _capacity(loaded, model, batch_size if records is None else records, lambda_mix, dtype, repeats, mesh)
+    elif workload == "longtail":
+        result = _longtail(loaded, model, records or 32, batch_size, max_new_tokens, lambda_mix, dtype, repeats, mesh)
+    else:
+        result = _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh)
+    where = {"param_dtype": param_dtype, "mesh": None if mesh is None else dict(mesh.shape),
+             "processes": jax.process_count(), "devices": jax.device_count(), "platform": jax.devices()[0].platform}
+    return {**result, **where, **_machine()}
 
 
-def _default(model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch) -> dict:
+def _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh) -> dict:
     from mixsd_jax.sampling.engine import decode_all
     from mixsd_jax.sampling.runner import WorkItem
 
-    model_dir, cfg, params, tok = _load(model, dtype)
+    model_dir, cfg, params, tok = loaded
     expert, naive = _prompts(tok, _kgfact_records(batch_size), "knowledge")
     common = dict(stop_ids=[], max_new_tokens=max_new_tokens, max_model_len=1 << 20, batch_size=batch_size,
-                  dtype=dtype)
+                  dtype=dtype, mesh=mesh)
     mix = _engine(params, cfg, sides=2, naive_prob=lambda_mix, **common)
     plain = _engine(params, cfg, sides=1, **common)
     mix_items = [WorkItem((e, n), i) for i, (e, n) in enumerate(zip(expert, naive))]
@@ -149,17 +161,17 @@ def _default(model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with
         result["hf_tokens_per_s"] = round(tokens / statistics.median(times["hf"]), 2)
         result.update(_stats("mix_over_torch_mix", [t / m for m, t in zip(times["mix"], times["torch_mix"])]))
         result.update(_stats("mix_over_hf", [h / m for m, h in zip(times["mix"], times["hf"])]))
-    return {**result, **_machine()}
+    return result
 
 
-def _capacity(model, records, lambda_mix, dtype, repeats, calibrate_steps: int = 48) -> dict:
+def _capacity(loaded, model, records, lambda_mix, dtype, repeats, mesh, calibrate_steps: int = 48) -> dict:
     from mixsd_jax.sampling.engine import decode_all
     from mixsd_jax.sampling.runner import WorkItem
 
-    _, cfg, params, tok = _load(model, dtype)
+    _, cfg, params, tok = loaded
     expert, naive = _prompts(tok, _kgfact_records(records), "knowledge")
     items = [WorkItem((e, n), i) for i, (e, n) in enumerate(zip(expert, naive))]
-    common = dict(sides=2, naive_prob=lambda_mix, max_model_len=1 << 20, batch_size=records, dtype=dtype)
+    common = dict(sides=2, naive_prob=lambda_mix, max_model_len=1 << 20, batch_size=records, dtype=dtype, mesh=mesh)
     free = decode_all(_engine(params, cfg, stop_ids=[], max_new_tokens=calibrate_steps, **common), items)
     stop_ids = _stop_set(free, calibrate_steps)
     engines = {n: _engine(params, cfg, stop_ids=stop_ids, max_new_tokens=n, **common) for n in (64, 8192)}
@@ -176,7 +188,6 @@ def _capacity(model, records, lambda_mix, dtype, repeats, calibrate_steps: int =
         "same_outputs": [c.tokens for c in outs[64]] == [c.tokens for c in outs[8192]],
         "n64_s": round(statistics.median(times["n64"]), 3), "n8192_s": round(statistics.median(times["n8192"]), 3),
         **_stats("capacity_ratio", [b / a for a, b in zip(times["n64"], times["n8192"])]),
-        **_machine(),
     }
 
 
@@ -195,19 +206,19 @@ def _stop_set(free, last: int, first: int = 24) -> list[int]:
     return sorted(stops)
 
 
-def _longtail(model, records, batch_size, max_new_tokens, lambda_mix, dtype, repeats, max_retries: int = 2,
-              temperature: float = 0.6) -> dict:
+def _longtail(loaded, model, records, batch_size, max_new_tokens, lambda_mix, dtype, repeats, mesh,
+              max_retries: int = 2, temperature: float = 0.6) -> dict:
     from mixsd_jax.sampling.runner import Runner, WorkItem
     from mixsd_jax.sampling.strategies import Sampler
     from mixsd_jax.sampling.verify import Verifier
 
-    _, cfg, params, tok = _load(model, dtype)
+    _, cfg, params, tok = loaded
     recs = _kgfunc_records(records)
     expert, naive = _prompts(tok, recs, "math_operations")
     verifier = Verifier("boxed_or_last_number")
     gts = [verifier.gt_answer(r.assistant) for r in recs]
     common = dict(stop_ids=tok.stop_ids, max_new_tokens=max_new_tokens, max_model_len=1 << 20,
-                  batch_size=batch_size, dtype=dtype, naive_prob=lambda_mix, sides=2)
+                  batch_size=batch_size, dtype=dtype, naive_prob=lambda_mix, sides=2, mesh=mesh)
     engine = _engine(params, cfg, temperature=temperature, **common)
     old = Runner(params, cfg, sampler=Sampler(temperature), seed=0, **common)
     items = [WorkItem((expert[i], naive[i]), i) for i in range(records)]
@@ -244,7 +255,6 @@ def _longtail(model, records, batch_size, max_new_tokens, lambda_mix, dtype, rep
         "final_lengths_min_median_max": [lengths[0], lengths[len(lengths) // 2], lengths[-1]],
         "old_s": round(statistics.median(times["old"]), 3), "new_s": round(statistics.median(times["new"]), 3),
         **_stats("longtail_speedup", [o / n for o, n in zip(times["old"], times["new"])]),
-        **_machine(),
     }
 
 

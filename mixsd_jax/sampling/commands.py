@@ -56,6 +56,9 @@ def register(sub, bench) -> None:
     b.add_argument("--max-new-tokens", type=int, default=None, help="default: 64; longtail: 512")
     b.add_argument("--lambda", dest="lambda_", type=float, default=0.3)
     b.add_argument("--dtype", default="float32")
+    b.add_argument("--param-dtype", default="float32")
+    b.add_argument("--mesh", nargs="?", const="data=-1", default=None, metavar="AXIS=N[,AXIS=N]",
+                   help="run our side on a mesh, e.g. --mesh tensor=4 (tensor-parallel decode); default: one device")
     b.add_argument("--repeats", type=int, default=5, help="timed rounds of the interleaved A/B pairs")
     b.add_argument("--no-hf", "--no-torch", dest="no_hf", action="store_true",
                    help="skip the transformers measurements")
@@ -86,10 +89,17 @@ def _generate(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from mixsd_jax.sampling.bench import bench_generate
 
+    mesh_cfg = None
+    if args.mesh is not None:
+        from mixsd_jax import config as config_lib
+        from mixsd_jax.models.sharding import MeshConfig
+
+        mesh_cfg = config_lib.from_dict(MeshConfig, config_lib.parse_overrides(args.mesh.split(",")), prefix="mesh.")
     workload = args.workload
     batch_size = args.batch_size or (32 if workload == "default" else 16)
     max_new_tokens = args.max_new_tokens or (512 if workload == "longtail" else 64)
     records = args.records or (16 if workload == "capacity" else 32)
     print(json.dumps(bench_generate(args.model, workload, batch_size, max_new_tokens, args.lambda_, args.dtype,
-                                    args.repeats, with_torch=not args.no_hf, records=records)), flush=True)
+                                    args.repeats, with_torch=not args.no_hf, records=records, mesh_cfg=mesh_cfg,
+                                    param_dtype=args.param_dtype)), flush=True)
     return 0
