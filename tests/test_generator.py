@@ -10,7 +10,7 @@ from mixsd_jax.data.kgfact import build_kgfact
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.sampling import generator as gen_lib
 from mixsd_jax.sampling.generator import GenerateConfig, Paths, generate
-from mixsd_jax.sampling.runner import Runner
+from mixsd_jax.sampling import segments
 
 REFERENCE_META = (
     "lambda", "temperature", "topk", "num_generations_per_query", "gen_index", "student_token_fraction",
@@ -77,23 +77,24 @@ def test_same_bytes_on_8_devices(corpus, tiny_qwen2_dir, tmp_path):
 def test_killed_run_resumes_to_identical_file(corpus, tiny_qwen2_dir, tmp_path, monkeypatch):
     reference = _final_bytes(corpus, tiny_qwen2_dir, tmp_path / "straight", batch_size=3)
     calls = {"n": 0}
-    original = Runner.run
+    original = segments.decode_segment
 
-    def dying_run(self, items):
+    def dying_segment(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # killed between batches
-        return original(self, items)
+        if calls["n"] == 6:  # by then retries have finished and been streamed (3 slots, 10 attempts)
+            raise KeyboardInterrupt  # killed between decode segments
+        return original(*args, **kwargs)
 
     cfg = _cfg(corpus, tiny_qwen2_dir, tmp_path / "killed", batch_size=3)
-    monkeypatch.setattr(Runner, "run", dying_run)
+    monkeypatch.setattr(segments, "decode_segment", dying_segment)
     with pytest.raises(KeyboardInterrupt):
         generate(cfg, progress=False)
     paths = Paths.for_config(cfg)
     assert paths.partial.exists() and not paths.final.exists()
+    assert paths.partial.read_text().count("\n") > 0  # some results were streamed before the kill
     with open(paths.partial, "a") as f:
         f.write('{"messages": [{"role": "user", "cont')  # torn by the kill mid-write
-    monkeypatch.setattr(Runner, "run", original)
+    monkeypatch.setattr(segments, "decode_segment", original)
     summary = generate(cfg, progress=False)
     assert paths.final.read_bytes() == reference
     assert summary["this_run"]["tokens_generated"] > 0

@@ -1,19 +1,64 @@
-"""`mixsd bench generate`: MixSD mixing vs our plain decode vs transformers' `generate`, one run.
+"""`mixsd bench generate`: the decode engine against its peers, as A/B pairs repeated and interleaved.
 
-Every row decodes exactly `max_new_tokens` (no stop tokens) so all three do the same work. Our two
-kernels are compiled by a warm-up call before timing; transformers runs eager PyTorch.
-With `mesh` (e.g. tensor=4) our kernels run on that mesh: records over data x fsdp, parameters and
-KV heads over `tensor`, on every process of a multi-host run (process count, devices and the
-machine's load are in the JSON line, so a figure taken on a busy machine says so).
+Workloads (each prints one JSON line; ratios as median with `_min`/`_max` over the repeats):
+- `default`: B records x N tokens, no stop tokens, so every contender does exactly the same work:
+  our MixSD mix, our plain decode, the same MixSD job written the way a PyTorch user would
+  (transformers, two live DynamicCaches, one Python loop per token, LM head on the chosen side
+  only) and transformers' plain `generate`. Keys: mix_step_over_plain_step, mix_over_torch_mix,
+  mix_over_hf (throughput ratios: > 1 means ours is faster).
+- `capacity`: 16 records decoded with max_new_tokens 64 and 8192, a stop set that ends every
+  record within 48 tokens (mostly after 24), so both do the same steps. Key: capacity_ratio (time 8192 / time 64).
+- `longtail`: KGFunc records (answers of very different lengths) with retries, the new engine
+  against the fixed-batch path it replaced (sampling/runner.Runner, batches run to their slowest
+  record, retries wait for the next batch), same outputs checked. Key: longtail_speedup.
+
+Timings exclude compilation (a warm-up round runs first). Every JSON line carries load_avg and
+cores, and `busy` when the machine's load is above half its cores (such figures are not evidence).
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+import sys
 import tempfile
 import time
+from collections import deque
 
 
-def _bench_records(n: int):
+def _machine() -> dict:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = [round(x, 2) for x in os.getloadavg()]
+    info = {"load_avg": load, "cores": cores}
+    if max(load) > cores / 2:
+        info["busy"] = f"load {max(load)} > cores/2 = {cores / 2}: timings are not evidence"
+        print(f"warning: {info['busy']}", file=sys.stderr)
+    return info
+
+
+def _stats(name: str, values: list[float]) -> dict:
+    return {name: round(statistics.median(values), 3), f"{name}_min": round(min(values), 3),
+            f"{name}_max": round(max(values), 3)}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each function per round, rounds A B C A B C ... after one untimed warm-up round."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    return times
+
+
+def _kgfact_records(n: int):
     from mixsd_jax.data.kgfact import build_kgfact
     from mixsd_jax.data.records import read_records
 
@@ -23,85 +68,247 @@ def _bench_records(n: int):
     return [records[i % len(records)] for i in range(n)]
 
 
-def _timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def _kgfunc_records(n: int):
+    from mixsd_jax.data.kgfunc import TRAIN_DIR, build_kgfunc
+    from mixsd_jax.data.records import read_records
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_kgfunc(tmp, preset="small", seed=0)
+        records = read_records(f"{tmp}/{TRAIN_DIR}/train_messages.jsonl")
+    step = max(1, len(records) // n)  # spread over the operations
+    return [records[(i * step) % len(records)] for i in range(n)]
 
 
-def bench_generate(model: str, batch_size: int, max_new_tokens: int, lambda_mix: float = 0.3, dtype: str = "float32",
-                   with_hf: bool = True, mesh_cfg=None, param_dtype: str = "float32") -> dict:
+def _load(model: str, param_dtype: str, mesh):
     from mixsd_jax.models.checkpoint import load_hf
     from mixsd_jax.models.registry import resolve_model
     from mixsd_jax.models.tokenizer import load_tokenizer
+
+    model_dir = resolve_model(model)
+    cfg, params = load_hf(model_dir, param_dtype, mesh=mesh)
+    return model_dir, cfg, params, load_tokenizer(model_dir)
+
+
+def _prompts(tok, records, preset_name: str):
     from mixsd_jax.sampling.presets import expert_user_text, get_preset
-    from mixsd_jax.sampling.runner import Runner, WorkItem
+
+    preset = get_preset(preset_name)
+    naive = [tuple(tok.prompt_ids(r.user)) for r in records]
+    expert = [tuple(tok.prompt_ids(expert_user_text(r.user, r.assistant, preset))) for r in records]
+    return expert, naive
+
+
+def _engine(params, cfg, **kw):
+    from mixsd_jax.sampling.engine import Engine
     from mixsd_jax.sampling.strategies import Sampler
 
-    import os
+    temperature = kw.pop("temperature", 0.0)
+    return Engine(params, cfg, sampler=Sampler(temperature), seed=0, **kw)
 
+
+def bench_generate(model: str, workload: str = "default", batch_size: int = 32, max_new_tokens: int = 64,
+                   lambda_mix: float = 0.3, dtype: str = "float32", repeats: int = 5, with_torch: bool = True,
+                   records: int | None = None, mesh_cfg=None, param_dtype: str = "float32") -> dict:
+    """One workload's JSON dict. `mesh_cfg` (a MeshConfig): our side runs on that mesh (records over
+    data x fsdp, parameters and KV heads over `tensor`); `param_dtype`: our weights' storage dtype."""
     import jax
 
     from mixsd_jax.models.sharding import make_mesh
 
-    model_dir = resolve_model(model)
     mesh = None if mesh_cfg is None else make_mesh(mesh_cfg)
-    cfg, params = load_hf(model_dir, param_dtype, mesh=mesh)
-    tok = load_tokenizer(model_dir)
-    preset = get_preset("knowledge")
-    records = _bench_records(batch_size)
-    naive = [tuple(tok.prompt_ids(r.user)) for r in records]
-    expert = [tuple(tok.prompt_ids(expert_user_text(r.user, r.assistant, preset))) for r in records]
-    common = dict(sampler=Sampler(0.0), stop_ids=[], max_new_tokens=max_new_tokens, max_model_len=1 << 20,
-                  batch_size=batch_size, seed=0, dtype=dtype, mesh=mesh)
-    mix = Runner(params, cfg, sides=2, naive_prob=lambda_mix, **common)
-    plain = Runner(params, cfg, sides=1, **common)
+    loaded = _load(model, param_dtype, mesh)
+    if workload == "capacity":
+        result = _capacity(loaded, model, batch_size if records is None else records, lambda_mix, dtype, repeats, mesh)
+    elif workload == "longtail":
+        result = _longtail(loaded, model, records or 32, batch_size, max_new_tokens, lambda_mix, dtype, repeats, mesh)
+    else:
+        result = _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh)
+    where = {"param_dtype": param_dtype, "mesh": None if mesh is None else dict(mesh.shape),
+             "processes": jax.process_count(), "devices": jax.device_count(), "platform": jax.devices()[0].platform}
+    return {**result, **where, **_machine()}
+
+
+def _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh) -> dict:
+    from mixsd_jax.sampling.engine import decode_all
+    from mixsd_jax.sampling.runner import WorkItem
+
+    model_dir, cfg, params, tok = loaded
+    expert, naive = _prompts(tok, _kgfact_records(batch_size), "knowledge")
+    common = dict(stop_ids=[], max_new_tokens=max_new_tokens, max_model_len=1 << 20, batch_size=batch_size,
+                  dtype=dtype, mesh=mesh)
+    mix = _engine(params, cfg, sides=2, naive_prob=lambda_mix, **common)
+    plain = _engine(params, cfg, sides=1, **common)
     mix_items = [WorkItem((e, n), i) for i, (e, n) in enumerate(zip(expert, naive))]
     plain_items = [WorkItem((n,), i) for i, n in enumerate(naive)]
-    compile_s = _timed(lambda: mix.run(mix_items)) + _timed(lambda: plain.run(plain_items))
-    mix_s = _timed(lambda: mix.run(mix_items))
-    plain_s = _timed(lambda: plain.run(plain_items))
+    fns = {"mix": lambda: decode_all(mix, mix_items), "plain": lambda: decode_all(plain, plain_items)}
+    if with_torch:
+        peer = _TorchPeer(model_dir, tok.pad_id, dtype)
+        fns["torch_mix"] = lambda: peer.mix(expert, naive, max_new_tokens, lambda_mix)
+        fns["hf"] = lambda: peer.generate(naive, max_new_tokens)
+    times = _interleaved(fns, repeats)
     tokens = batch_size * max_new_tokens
     result = {
-        "model": model,
-        "batch_size": batch_size,
-        "max_new_tokens": max_new_tokens,
-        "lambda": lambda_mix,
-        "dtype": dtype,
+        "workload": "default", "model": model, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+        "lambda": lambda_mix, "dtype": dtype, "repeats": repeats,
         "mean_expert_prompt_tokens": sum(map(len, expert)) / batch_size,
         "mean_naive_prompt_tokens": sum(map(len, naive)) / batch_size,
-        "mix_tokens_per_s": round(tokens / mix_s, 2),
-        "plain_tokens_per_s": round(tokens / plain_s, 2),
-        "mix_step_ms": round(1000 * mix_s / max_new_tokens, 2),
-        "plain_step_ms": round(1000 * plain_s / max_new_tokens, 2),
-        "mix_step_over_plain_step": round(mix_s / plain_s, 3),
-        "compile_and_warmup_s": round(compile_s, 2),
-        "param_dtype": param_dtype,
-        "mesh": None if mesh is None else dict(mesh.shape),
-        "processes": jax.process_count(),
-        "devices": jax.device_count(),
-        "platform": jax.devices()[0].platform,
-        "cpu_cores": os.cpu_count(),
-        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "mix_tokens_per_s": round(tokens / statistics.median(times["mix"]), 2),
+        "plain_tokens_per_s": round(tokens / statistics.median(times["plain"]), 2),
+        **_stats("mix_step_over_plain_step", [m / p for m, p in zip(times["mix"], times["plain"])]),
     }
-    if with_hf:
-        hf_s = _hf_generate_seconds(model_dir, tok, naive, max_new_tokens)
-        result["hf_tokens_per_s"] = round(tokens / hf_s, 2)
-        result["mix_over_hf"] = round(result["mix_tokens_per_s"] / result["hf_tokens_per_s"], 3)
+    if with_torch:
+        result["torch_mix_tokens_per_s"] = round(tokens / statistics.median(times["torch_mix"]), 2)
+        result["hf_tokens_per_s"] = round(tokens / statistics.median(times["hf"]), 2)
+        result.update(_stats("mix_over_torch_mix", [t / m for m, t in zip(times["mix"], times["torch_mix"])]))
+        result.update(_stats("mix_over_hf", [h / m for m, h in zip(times["mix"], times["hf"])]))
     return result
 
 
-def _hf_generate_seconds(model_dir, tok, prompts, max_new_tokens) -> float:
-    import torch
-    from transformers import AutoModelForCausalLM
+def _capacity(loaded, model, records, lambda_mix, dtype, repeats, mesh, calibrate_steps: int = 48) -> dict:
+    from mixsd_jax.sampling.engine import decode_all
+    from mixsd_jax.sampling.runner import WorkItem
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    width = max(map(len, prompts))
-    pad = tok.pad_id
-    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])  # left padding
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=pad, eos_token_id=None)
-    with torch.no_grad():
-        model.generate(ids[:, -8:], attention_mask=mask[:, -8:], max_new_tokens=2, min_new_tokens=2, do_sample=False,
-                       pad_token_id=pad, eos_token_id=None)  # warm-up
-        return _timed(lambda: model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, **kwargs))
+    _, cfg, params, tok = loaded
+    expert, naive = _prompts(tok, _kgfact_records(records), "knowledge")
+    items = [WorkItem((e, n), i) for i, (e, n) in enumerate(zip(expert, naive))]
+    common = dict(sides=2, naive_prob=lambda_mix, max_model_len=1 << 20, batch_size=records, dtype=dtype, mesh=mesh)
+    free = decode_all(_engine(params, cfg, stop_ids=[], max_new_tokens=calibrate_steps, **common), items)
+    stop_ids = _stop_set(free, calibrate_steps)
+    engines = {n: _engine(params, cfg, stop_ids=stop_ids, max_new_tokens=n, **common) for n in (64, 8192)}
+    outs = {}
+
+    def run(n):
+        outs[n] = decode_all(engines[n], items)
+
+    times = _interleaved({"n64": lambda: run(64), "n8192": lambda: run(8192)}, repeats)
+    steps = sorted(len(c.tokens) for c in outs[64])
+    return {
+        "workload": "capacity", "model": model, "records": records, "lambda": lambda_mix, "dtype": dtype,
+        "repeats": repeats, "decode_steps": steps[-1], "decode_steps_min": steps[0], "stop_ids": len(stop_ids),
+        "same_outputs": [c.tokens for c in outs[64]] == [c.tokens for c in outs[8192]],
+        "n64_s": round(statistics.median(times["n64"]), 3), "n8192_s": round(statistics.median(times["n8192"]), 3),
+        **_stats("capacity_ratio", [b / a for a, b in zip(times["n64"], times["n8192"])]),
+    }
+
+
+def _stop_set(free, last: int, first: int = 24) -> list[int]:
+    """Stop ids that end every record between steps `first` and `last` where its own tokens allow.
+
+    Per record: its first token at a step in [first, last) that no record emits before `first`, else
+    its token at step `last` - 1. So every record stops by `last` (N = 64 and N = 8192 then decode the
+    same steps), and mostly not before `first` (decode, not prefill, dominates the timing).
+    """
+    early = {t for c in free for t in c.tokens[:first]}
+    stops = set()
+    for c in free:
+        late = [t for t in c.tokens[first:last] if t not in early]
+        stops.add(late[0] if late else c.tokens[last - 1])
+    return sorted(stops)
+
+
+def _longtail(loaded, model, records, batch_size, max_new_tokens, lambda_mix, dtype, repeats, mesh,
+              max_retries: int = 2, temperature: float = 0.6) -> dict:
+    from mixsd_jax.sampling.runner import Runner, WorkItem
+    from mixsd_jax.sampling.strategies import Sampler
+    from mixsd_jax.sampling.verify import Verifier
+
+    _, cfg, params, tok = loaded
+    recs = _kgfunc_records(records)
+    expert, naive = _prompts(tok, recs, "math_operations")
+    verifier = Verifier("boxed_or_last_number")
+    gts = [verifier.gt_answer(r.assistant) for r in recs]
+    common = dict(stop_ids=tok.stop_ids, max_new_tokens=max_new_tokens, max_model_len=1 << 20,
+                  batch_size=batch_size, dtype=dtype, naive_prob=lambda_mix, sides=2, mesh=mesh)
+    engine = _engine(params, cfg, temperature=temperature, **common)
+    old = Runner(params, cfg, sampler=Sampler(temperature), seed=0, **common)
+    items = [WorkItem((expert[i], naive[i]), i) for i in range(records)]
+
+    def verdict(item, c, final):
+        text = tok.decode(c.tokens)
+        if verifier.check(text, gts[item.record_index]) or item.attempt >= max_retries:
+            final[item.record_index] = (item.attempt, tuple(c.tokens))
+            return []
+        return [WorkItem(item.prompts, item.record_index, item.gen_index, item.attempt + 1)]
+
+    finals = {}
+
+    def run_new():
+        final = finals["new"] = {}
+        engine.run(items, lambda item, c: verdict(item, c, final))
+
+    def run_old():  # the fixed-batch generator loop this engine replaced
+        final = finals["old"] = {}
+        queue = deque(items)
+        while queue:
+            batch = [queue.popleft() for _ in range(min(old.batch_size, len(queue)))]
+            for item, c in zip(batch, old.run(batch)):
+                queue.extend(verdict(item, c, final))
+
+    times = _interleaved({"old": run_old, "new": run_new}, repeats)
+    lengths = sorted(len(t) for _, t in finals["new"].values())
+    return {
+        "workload": "longtail", "model": model, "records": records, "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens, "lambda": lambda_mix, "temperature": temperature,
+        "max_retries": max_retries, "dtype": dtype, "repeats": repeats,
+        "same_outputs": finals["new"] == finals["old"],
+        "attempts": sum(a + 1 for a, _ in finals["new"].values()),
+        "final_lengths_min_median_max": [lengths[0], lengths[len(lengths) // 2], lengths[-1]],
+        "old_s": round(statistics.median(times["old"]), 3), "new_s": round(statistics.median(times["new"]), 3),
+        **_stats("longtail_speedup", [o / n for o, n in zip(times["old"], times["new"])]),
+    }
+
+
+class _TorchPeer:
+    """transformers on PyTorch, written as a PyTorch user would: eager modules, one Python loop per token."""
+
+    def __init__(self, model_dir, pad_id: int, dtype: str):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.pad = pad_id
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+
+    def _left_pad(self, prompts):
+        width = max(map(len, prompts))
+        ids = self.torch.tensor([[self.pad] * (width - len(p)) + list(p) for p in prompts])
+        mask = self.torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        return ids, mask
+
+    def generate(self, prompts, max_new_tokens: int):
+        ids, mask = self._left_pad(prompts)
+        with self.torch.no_grad():
+            return self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                       min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad,
+                                       eos_token_id=None)
+
+    def mix(self, expert, naive, max_new_tokens: int, lambda_mix: float, seed: int = 0):
+        """Greedy MixSD: both conditionals live in their own DynamicCache, the same token feeds both."""
+        torch = self.torch
+        from transformers import DynamicCache
+
+        g = torch.Generator().manual_seed(seed)
+        sides = []
+        with torch.no_grad():
+            for prompts in (expert, naive):
+                ids, mask = self._left_pad(prompts)
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                cache = DynamicCache()
+                out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                       cache=cache, use_cache=True)
+                sides.append({"mask": mask, "next_pos": positions[:, -1:] + 1, "cache": cache,
+                              "last": out.last_hidden_state[:, -1]})
+            generated = []
+            for _ in range(max_new_tokens):
+                pick_naive = torch.rand(len(expert), generator=g) < lambda_mix
+                hidden = torch.where(pick_naive[:, None], sides[1]["last"], sides[0]["last"])
+                token = self.model.lm_head(hidden).argmax(-1)  # LM head on the chosen side only
+                generated.append(token)
+                for side in sides:
+                    side["mask"] = torch.cat([side["mask"], torch.ones_like(side["mask"][:, :1])], dim=1)
+                    out = self.model.model(input_ids=token[:, None], attention_mask=side["mask"],
+                                           position_ids=side["next_pos"], cache=side["cache"],
+                                           use_cache=True)
+                    side["next_pos"] = side["next_pos"] + 1
+                    side["last"] = out.last_hidden_state[:, -1]
+        return torch.stack(generated, dim=1)

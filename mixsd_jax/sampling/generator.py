@@ -1,8 +1,9 @@
 """`mixsd generate`: MixSD mixed targets for a record file, streamed, verified, resumable.
 
-Work is a queue of attempts (record, generation, attempt). Batches of `batch_size` attempts run
-through the compiled mixing kernel; a failed attempt goes back to the end of the queue with
-attempt+1, so retries share batches with fresh work. Every attempt's randomness is a function of
+Work is a queue of attempts (record, generation, attempt) run by the continuous-batching decode
+engine (sampling/engine.py, `batch_size` slots): a finished attempt is decoded, verified and
+streamed while the device runs on, and a failed one goes back to the end of the queue with
+attempt+1, taking the next free slot. Every attempt's randomness is a function of
 its ids alone, hence the files do not depend on batch size, device count or resume history.
 
 Results stream to `<final>.partial` (one flushed line per finished (record, generation)), next to
@@ -278,13 +279,14 @@ def _run_queue(cfg, model_dir, tokenizer, prompts, gt_answers, verifier, max_ret
 
     from mixsd_jax.models.checkpoint import load_hf
     from mixsd_jax.models.sharding import make_mesh
-    from mixsd_jax.sampling.runner import Runner, WorkItem
+    from mixsd_jax.sampling.engine import Engine
+    from mixsd_jax.sampling.runner import WorkItem
     from mixsd_jax.sampling.strategies import Sampler
 
     mesh = make_mesh(cfg.mesh)
     stats["devices"] = mesh.devices.size
     model_cfg, params = load_hf(model_dir, cfg.param_dtype, mesh=mesh)
-    runner = Runner(
+    engine = Engine(
         params,
         model_cfg,
         sampler=Sampler(cfg.temperature, cfg.topk),
@@ -298,29 +300,32 @@ def _run_queue(cfg, model_dir, tokenizer, prompts, gt_answers, verifier, max_ret
         mesh=mesh,
         naive_prob=cfg.lambda_mix,
     )
-    pending = len(queue)
-    accepted = finished = 0
-    bar = tqdm(total=pending, desc="mixsd generate", unit="rec", disable=not progress or not multihost.is_primary())
-    while queue:
-        batch = [queue.popleft() for _ in range(min(runner.batch_size, len(queue)))]
-        t0 = time.time()
-        completions = runner.run([WorkItem(prompts[i], i, g, a) for i, g, a in batch])
-        stats["kernel_s"] += time.time() - t0
-        stats["batches"] += 1
-        for (index, gen, attempt), c in zip(batch, completions):
-            stats["tokens"] += len(c.tokens)
-            stats["naive"] += sum(c.naive)
-            text = tokenizer.decode(c.tokens)
-            correct = verifier.check(text, gt_answers[index])
-            if correct or attempt >= max_retries:
-                fraction = sum(c.naive) / max(1, len(c.tokens))
-                sink.write(result(index, gen, text, _meta(fraction, len(c.tokens), c.finish_reason, correct, attempt + 1)))
-                accepted += correct
-                finished += 1
-                bar.update(1)
-                bar.set_postfix(pass_rate=f"{accepted / finished:.2f}", retry_queue=sum(1 for q in queue if q[2]))
-            else:
-                queue.append((index, gen, attempt + 1))
+    counts = {"accepted": 0, "finished": 0, "retrying": 0}
+    bar = tqdm(total=len(queue), desc="mixsd generate", unit="rec", disable=not progress or not multihost.is_primary())
+
+    # Called by the engine for each finished attempt while the device decodes the next segment.
+    def on_finish(item: WorkItem, c) -> list[WorkItem]:
+        index, gen, attempt = item.record_index, item.gen_index, item.attempt
+        stats["tokens"] += len(c.tokens)
+        stats["naive"] += sum(c.naive)
+        text = tokenizer.decode(c.tokens)
+        correct = verifier.check(text, gt_answers[index])
+        counts["retrying"] -= attempt > 0
+        if correct or attempt >= max_retries:
+            fraction = sum(c.naive) / max(1, len(c.tokens))
+            sink.write(result(index, gen, text, _meta(fraction, len(c.tokens), c.finish_reason, correct, attempt + 1)))
+            counts["accepted"] += correct
+            counts["finished"] += 1
+            bar.update(1)
+            bar.set_postfix(pass_rate=f"{counts['accepted'] / counts['finished']:.2f}", retry_queue=counts["retrying"])
+            return []
+        counts["retrying"] += 1
+        return [WorkItem(prompts[index], index, gen, attempt + 1)]  # a retry takes the next free slot
+
+    t0 = time.time()
+    engine.run([WorkItem(prompts[i], i, g, a) for i, g, a in queue], on_finish)
+    stats["kernel_s"] += time.time() - t0
+    stats["batches"] += engine.segments_run
     bar.close()
 
 

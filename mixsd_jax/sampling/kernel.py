@@ -1,4 +1,7 @@
-"""The compiled decode loop, for one conditional (plain generation) or two (the MixSD mix).
+"""The fixed-batch decode loop, for one conditional (plain generation) or two (the MixSD mix).
+
+Generation and evaluation run on the continuous-batching engine (segments.py, engine.py), which
+keeps this file's per-step rule; this loop remains as the reference it is tested against.
 
 Rows are grouped per record: row `b * sides + side`, side 0 = expert (or the only prompt), side 1 =
 naive. Both rows of a record share one generated suffix: every step draws, per record,

@@ -1,4 +1,10 @@
-"""Host side of the decode kernel: pad work into fixed shapes, run it, unpack per item.
+"""Work items and completions; `generate`, plain decoding on the decode engine; and `Runner`, the fixed-batch path.
+
+`Runner` runs a whole batch through kernel.decode until its slowest record stops. It is kept as the
+reference the continuous-batching engine (sampling/engine.py) is checked and benchmarked against
+(tests/fixtures/engine, `mixsd bench generate --workload longtail`); generation and evaluation use the engine.
+
+Runner's host side: pad work into fixed shapes, run it, unpack per item.
 
 A batch always has `batch_size` records (empty slots are filled with a one-token dummy and
 discarded) and prompts are padded to a bucket length, so a run compiles a handful of kernels, not
@@ -132,8 +138,14 @@ def generate(
     mesh=None,
     progress=None,
 ) -> list[Completion]:
-    """Plain decoding of many prompts (the evaluator's entry point); results in input order."""
-    runner = Runner(
+    """Plain decoding of many prompts (the evaluator's entry point); results in input order.
+
+    Runs on the continuous-batching engine (sampling/engine.py): a finished prompt's slot takes the
+    next one at once, and attention reads only up to the longest live row.
+    """
+    from mixsd_jax.sampling.engine import Engine
+
+    engine = Engine(
         params,
         cfg,
         sampler=Sampler(temperature, topk),
@@ -149,13 +161,16 @@ def generate(
         dtype=dtype,
         mesh=mesh,
     )
-    # Similar lengths together: fewer pad slots, fewer prompt buckets. Keys follow the input index.
+    # Similar lengths together: fewer prompt buckets per insert. Keys follow the input index.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    items = [WorkItem((tuple(prompts[i]),), i) for i in order]
     results: list[Completion | None] = [None] * len(prompts)
-    for start in range(0, len(order), runner.batch_size):
-        chunk = order[start : start + runner.batch_size]
-        for i, completion in zip(chunk, runner.run([WorkItem((tuple(prompts[i]),), i) for i in chunk])):
-            results[i] = completion
+
+    def keep(item: WorkItem, completion: Completion):
+        results[item.record_index] = completion
         if progress is not None:
-            progress(len(chunk))
+            progress(1)
+        return ()
+
+    engine.run(items, keep)
     return results  # type: ignore[return-value]

@@ -207,6 +207,10 @@ class RolloutBatches:
 
     def rollouts(self, step: int, params) -> list[tuple[OpsdPrompt, list[int], str]]:
         """(prompt, response ids with the stop token, finish reason) for every rollout of step k."""
+        # The fixed-batch kernel (sampling.runner.Runner), not yet the continuous-batching engine:
+        # the engine's logits agree with it only to f32 round-off across slot counts, and at T = 1
+        # over the whole vocabulary a round-off can flip a sampled token, so rollouts would depend
+        # on `rollout_batch_size`. The Runner's do not (test_rollouts_depend_only_on_...).
         from mixsd_jax.sampling.runner import Runner, WorkItem
         from mixsd_jax.sampling.strategies import Sampler
 

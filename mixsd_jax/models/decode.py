@@ -1,0 +1,103 @@
+"""One decode step for rows that sit at their own cache lengths, reading the cache only up to the live end.
+
+The continuous-batching engine (sampling/engine.py) keeps one long-lived cache whose rows hold
+unrelated sequences of different lengths. Row r holds `lengths_R[r]` tokens in slots [0, lengths)
+with positions equal to slots, so its next token has position `lengths_R[r]` and goes to that slot.
+
+Attention walks the cache in blocks of `block` slots with an online softmax (running max, sum and
+weighted values), and only over the blocks below `bound` (the longest live row): the work and the
+KV reads of a step follow the live length, not the cache capacity. The cache is read from the full
+[L, R, S, K, E] array block by block (never sliced per layer first, which would copy a whole layer's
+cache every step), and the step's new keys and values are scattered in place after the layer scan.
+
+A masked score is a finite -1e30 and every row first sees its own new token, so a block beyond a
+row's length adds exactly zero: a row's result never depends on its neighbours' lengths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mixsd_jax.models import transformer as tf
+from mixsd_jax.models.config import ModelConfig
+
+_MASKED = -1e30
+
+
+def _linear(x, w, dtype):
+    return jnp.einsum("...i,io->...o", x, w.astype(dtype))
+
+
+def _block_attention(q_RxKxGxE, k_self_RxKxE, v_self_RxKxE, cache_k, cache_v, layer, lengths_R, bound, block):
+    """softmax(q · [cache[:lengths], self]) · values for every row, blocks of the cache below `bound`."""
+    R, K, G, E = q_RxKxGxE.shape
+    scale = 1.0 / math.sqrt(E)
+    vdtype = v_self_RxKxE.dtype
+    m_RxKxG = jnp.einsum("rkge,rke->rkg", q_RxKxGxE, k_self_RxKxE, preferred_element_type=jnp.float32) * scale
+    l_RxKxG = jnp.ones_like(m_RxKxG)
+    acc_RxKxGxE = jnp.broadcast_to(v_self_RxKxE[:, :, None, :], (R, K, G, E)).astype(jnp.float32)
+
+    def one_block(i, carry):
+        m, l, acc = carry
+        start = i * block
+        k_RxSxKxE = jax.lax.dynamic_slice(cache_k, (layer, 0, start, 0, 0), (1, R, block, K, E))[0].astype(vdtype)
+        v_RxSxKxE = jax.lax.dynamic_slice(cache_v, (layer, 0, start, 0, 0), (1, R, block, K, E))[0].astype(vdtype)
+        s = jnp.einsum("rkge,rske->rkgs", q_RxKxGxE, k_RxSxKxE, preferred_element_type=jnp.float32) * scale
+        seen_RxS = (start + jnp.arange(block))[None, :] < lengths_R[:, None]
+        s = jnp.where(seen_RxS[:, None, None, :], s, _MASKED)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        correction = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        l = l * correction + p.sum(axis=-1)
+        acc = acc * correction[..., None] + jnp.einsum(
+            "rkgs,rske->rkge", p.astype(vdtype), v_RxSxKxE, preferred_element_type=jnp.float32
+        )
+        return m_new, l, acc
+
+    n_blocks = (bound + block - 1) // block
+    _, l_RxKxG, acc_RxKxGxE = jax.lax.fori_loop(0, n_blocks, one_block, (m_RxKxG, l_RxKxG, acc_RxKxGxE))
+    return (acc_RxKxGxE / l_RxKxG[..., None]).astype(vdtype).reshape(R, K * G * E)
+
+
+def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k, cache_v, bound, *, dtype, block):
+    """Feed one token per row; returns (final-norm hidden [R, D], cache_k, cache_v).
+
+    `write_R` is the slot each row's new key/value goes to (a row that is not decoding passes the
+    capacity S: the write is dropped). `bound` is a scalar: no row reads a slot at or past it.
+    """
+    R = tokens_R.shape[0]
+    L, K, E, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+    inv_freq = tf.rope_inv_freq(cfg)
+    positions_Rx1 = lengths_R[:, None]
+
+    def layer_body(x_RxD, inputs):
+        p, layer = inputs
+        h = tf.rms_norm(x_RxD, p["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = _linear(h, p["wq"], dtype), _linear(h, p["wk"], dtype), _linear(h, p["wv"], dtype)
+        if cfg.qkv_bias:
+            q, k, v = q + p["bq"].astype(dtype), k + p["bk"].astype(dtype), v + p["bv"].astype(dtype)
+        q_Rx1xHxE, k_Rx1xKxE, v_RxKxE = q.reshape(R, 1, H, E), k.reshape(R, 1, K, E), v.reshape(R, K, E)
+        if cfg.qk_norm:
+            q_Rx1xHxE = tf.rms_norm(q_Rx1xHxE, p["q_norm"], cfg.rms_norm_eps)
+            k_Rx1xKxE = tf.rms_norm(k_Rx1xKxE, p["k_norm"], cfg.rms_norm_eps)
+        q_RxHxE = tf.apply_rope(q_Rx1xHxE, positions_Rx1, inv_freq)[:, 0]
+        k_RxKxE = tf.apply_rope(k_Rx1xKxE, positions_Rx1, inv_freq)[:, 0]
+        # Through the cache dtype first, so this step sees its own key exactly as later steps will.
+        k_RxKxE = k_RxKxE.astype(cache_k.dtype).astype(dtype)
+        v_RxKxE = v_RxKxE.astype(cache_v.dtype).astype(dtype)
+        attn = _block_attention(q_RxHxE.reshape(R, K, H // K, E), k_RxKxE, v_RxKxE, cache_k, cache_v, layer,
+                                lengths_R, bound, block)
+        x_RxD = x_RxD + _linear(attn, p["wo"], dtype)
+        h = tf.rms_norm(x_RxD, p["mlp_norm"], cfg.rms_norm_eps)
+        gated = jax.nn.silu(_linear(h, p["w_gate"], dtype)) * _linear(h, p["w_up"], dtype)
+        return x_RxD + _linear(gated, p["w_down"], dtype), (k_RxKxE, v_RxKxE)
+
+    x_RxD = params["embed"].astype(dtype)[tokens_R]
+    x_RxD, (k_LxRxKxE, v_LxRxKxE) = jax.lax.scan(layer_body, x_RxD, (params["layers"], jnp.arange(L)))
+    rows = jnp.arange(R)
+    cache_k = cache_k.at[:, rows, write_R].set(k_LxRxKxE.astype(cache_k.dtype), mode="drop")
+    cache_v = cache_v.at[:, rows, write_R].set(v_LxRxKxE.astype(cache_v.dtype), mode="drop")
+    return tf.rms_norm(x_RxD, params["final_norm"], cfg.rms_norm_eps), cache_k, cache_v

@@ -1,0 +1,181 @@
+"""The decode engine: continuous batching over a work queue (prefill -> insert -> generate, JetStream's shape).
+
+`batch_size` slots decode together in compiled segments of `segment_steps` steps. Between segments
+the host refills every free slot from the queue (fresh work or retries): the new prompts are
+prefilled in one call and written into those slots' rows of the long-lived cache, without waiting
+for the rest of the batch. The host work of finished attempts (the caller's `on_finish`: decode,
+verify, stream, queue a retry) runs while the device decodes the next segment (JAX dispatch is
+asynchronous; the host only waits when it reads that segment's small result).
+
+The cache grows with the longest live row (capacity = block * 2^k slots, copied up when needed, never
+more than a row can use: min(max_model_len, prompt + max_new_tokens) plus one segment) and
+each step's attention reads only the blocks below the longest live row, so time and memory follow
+the live length, not `max_new_tokens`.
+
+Multi-process: every process runs this same loop on the same queue; inputs go to the mesh with
+`multihost.put_global` and results come back whole to each process with `multihost.fetch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mixsd_jax import multihost
+from mixsd_jax.models.config import ModelConfig
+from mixsd_jax.sampling import segments
+from mixsd_jax.sampling.kernel import FINISH_NAMES
+from mixsd_jax.sampling.runner import Completion, WorkItem, bucket_length
+from mixsd_jax.sampling.strategies import Sampler
+
+OnFinish = Callable[[WorkItem, Completion], Iterable[WorkItem]]
+
+
+@dataclasses.dataclass
+class _Slot:
+    item: WorkItem
+    longest: int  # the item's longest prompt
+    tokens: list = dataclasses.field(default_factory=list)
+    logprobs: list = dataclasses.field(default_factory=list)
+    naive: list = dataclasses.field(default_factory=list)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class Engine:
+    def __init__(
+        self,
+        params,
+        cfg: ModelConfig,
+        *,
+        sampler: Sampler,
+        sides: int,
+        stop_ids: Sequence[int],
+        max_new_tokens: int,
+        max_model_len: int,
+        batch_size: int,
+        seed: int,
+        dtype: str = "float32",
+        mesh=None,
+        naive_prob: float = 0.0,
+        segment_steps: int = 16,
+        block: int | None = None,
+    ):
+        devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        self.batch_size = -(-batch_size // devices) * devices  # every device gets whole slots
+        self.params, self.mesh, self.seed, self.sides = params, mesh, seed, sides
+        if block is None:  # an accelerator pays per loop iteration (kernel launches): fewer, bigger blocks
+            block = 128 if jax.default_backend() == "cpu" else 512
+        self.spec = segments.EngineSpec(cfg, sampler, sides, max_new_tokens, max_model_len, dtype, mesh,
+                                        segment_steps, block)
+        self.stop_ids = self._put(np.asarray(sorted(set(stop_ids)) or [-1], np.int32))
+        self.naive_prob = self._put(np.float32(naive_prob))
+        self.segments_run = 0
+        self.capacity = 0  # cache slots per row of the last run (it follows the longest live row)
+
+    def _put(self, x):
+        """Small host inputs, replicated on the mesh (every process holds them whole)."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return multihost.put_global(x, NamedSharding(self.mesh, P()))
+
+    def _capacity_for(self, need: int, longest_prompt: int) -> int:
+        """Slots per row: the next power-of-two number of blocks, but never more than any row can use."""
+        block, spec = self.spec.block, self.spec
+        # A row holds at most min(max_model_len, prompt + max_new_tokens) tokens (the stop rules).
+        ceiling = min(spec.max_model_len, longest_prompt + spec.max_new_tokens) + spec.segment_steps + 1
+        blocks = min(_pow2_at_least(-(-need // block)), -(-ceiling // block))
+        return block * max(blocks, -(-need // block))
+
+    def run(self, items: Iterable[WorkItem], on_finish: OnFinish) -> None:
+        """Decode every item, and every item `on_finish` returns (retries), until the queue is empty.
+
+        `on_finish(item, completion)` is called once per finished attempt, in finishing order.
+        """
+        queue = deque(items)
+        B, K = self.batch_size, self.spec.segment_steps
+        slots: list[_Slot | None] = [None] * B
+        state, capacity, longest_prompt = None, 0, 0
+        finished: list[tuple[WorkItem, Completion]] = []
+        while queue or finished or any(slots):
+            free = [b for b in range(B) if slots[b] is None]
+            take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+            live = [s for s in slots if s is not None]
+            need = max([s.longest + len(s.tokens) for s in live] + [max(map(len, it.prompts)) for it in take] + [0])
+            need += K + 1  # the rows can grow by K in the next segment
+            longest_prompt = max([longest_prompt] + [max(map(len, it.prompts)) for it in take])
+            if take or live:
+                if state is None:
+                    capacity = self._capacity_for(need, longest_prompt)
+                    state = segments.init_state(spec=self.spec, batch=B, capacity=capacity)
+                elif need > capacity:
+                    capacity = self._capacity_for(need, longest_prompt)
+                    state = segments.grow(state, spec=self.spec, capacity=capacity)
+            if take:
+                state = self._insert(state, take, free[: len(take)], slots)
+            out = None
+            if any(slots):
+                state, out = segments.decode_segment(self.params, state, self.naive_prob, self.stop_ids,
+                                                     spec=self.spec)
+                self.segments_run += 1
+            # The previous segment's finished attempts are handled while this one runs on the device.
+            for item, completion in finished:
+                queue.extend(on_finish(item, completion))
+            finished = []
+            if out is not None:
+                finished = self._collect(multihost.fetch(out), slots)
+        self.capacity = capacity
+
+    def _insert(self, state, take: list[WorkItem], free: list[int], slots: list):
+        n = min(_pow2_at_least(len(take)), self.batch_size)
+        pad = n - len(take)
+        sides = []
+        for side in range(self.sides):
+            rows = [it.prompts[side] for it in take] + [(0,)] * pad
+            tokens = np.zeros((n, bucket_length(max(map(len, rows)))), np.int32)
+            for i, r in enumerate(rows):
+                tokens[i, : len(r)] = r
+            lens = np.array([len(r) for r in rows], np.int32)
+            lens_d = self._put(lens)
+            sides.append((*segments.prefill(self.params, self._put(tokens), lens_d, spec=self.spec), lens_d))
+        slot_ids = np.array(free + [self.batch_size] * pad, np.int32)  # >= B: dropped
+        ids = np.array([(it.record_index, it.gen_index, it.attempt) for it in take] + [(0, 0, 0)] * pad, np.uint32)
+        for item, b in zip(take, free):
+            slots[b] = _Slot(item, max(map(len, item.prompts)))
+        return segments.insert(state, tuple(sides), self._put(slot_ids), self._put(ids), self._put(np.int32(self.seed)),
+                               spec=self.spec)
+
+    def _collect(self, out: dict, slots: list) -> list[tuple[WorkItem, Completion]]:
+        finished = []
+        for b, slot in enumerate(slots):
+            if slot is None:
+                continue
+            n = int(out["step_B"][b]) - len(slot.tokens)
+            slot.tokens += out["tokens"][b, :n].tolist()
+            slot.logprobs += out["logprobs"][b, :n].tolist()
+            slot.naive += out["naive"][b, :n].tolist()
+            if out["done_B"][b]:
+                finish = FINISH_NAMES[int(out["finish_B"][b])]
+                finished.append((slot.item, Completion(slot.tokens, slot.logprobs, slot.naive, finish)))
+                slots[b] = None
+        return finished
+
+
+def decode_all(engine: Engine, items: Sequence[WorkItem]) -> list[Completion]:
+    """Every item decoded once (no retries); results in `items` order (equal items decode equally)."""
+    done: dict[WorkItem, Completion] = {}
+
+    def keep(item, completion):
+        done[item] = completion
+        return ()
+
+    engine.run(items, keep)
+    return [done[item] for item in items]
