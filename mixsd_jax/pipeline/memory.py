@@ -92,8 +92,8 @@ def abstract_params(model_cfg, mesh, dtype: str):
 
 
 def analyse(kernel: str, lowered, chip_bytes: int, started: float, **info) -> dict:
-    """One JSON-ready line from a lowered kernel: compile it and read its per-device memory."""
-    compiled = lowered.compile()
+    """One JSON-ready line from a lowered (or already compiled) kernel: its per-device memory."""
+    compiled = lowered.compile() if hasattr(lowered, "compile") else lowered
     mem = compiled.memory_analysis()
     arg, out, alias, temp = (int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))
     peak = arg + out - alias + temp
@@ -194,9 +194,9 @@ def decode_memory(kernel: str, model_cfg, mesh, chip_bytes: int, *, sides: int, 
     state = state_at(capacity)
     tokens = _struct((B, width), jnp.int32, rep)
     lens = _struct((B,), jnp.int32, rep)
-    prefill = segments.prefill.lower(params, tokens, lens, spec=spec)
+    prefill = segments.prefill.lower(params, tokens, lens, spec=spec).compile()
     prefill_out = _with_shardings(jax.eval_shape(lambda: segments.prefill(params, tokens, lens, spec=spec)),
-                                  prefill.compile().output_shardings)
+                                  prefill.output_shardings)
     side_args = tuple((*prefill_out, lens) for _ in range(sides))
     lowered = {
         "prefill": prefill,
