@@ -46,6 +46,14 @@ def test_one_line_per_kernel_with_per_device_bytes(experiment, tiny_qwen3_dir):
         assert line["peak_bytes"] == line["argument_bytes"] + line["output_bytes"] - line["alias_bytes"] + line["temp_bytes"]
         assert line["chip_bytes"] == 1 << 20
         assert line["fits"] == (line["peak_bytes"] <= 1 << 20)
+    # generate plans the decode engine's kernels; the line carries the largest one's bytes.
+    gen = lines[1]
+    assert set(gen["engine"]) >= {"prefill", "insert", "decode_segment"}
+    assert gen["peak_bytes"] == max(k["peak_bytes"] for k in gen["engine"].values())
+    assert gen["peak_bytes"] == gen["engine"][gen["largest"]]["peak_bytes"]
+    # 4 pairs (1 per batch shard), the cache at min(48, 32 + 16) + one segment + 1 = 65 slots, in 512-slot blocks.
+    assert gen["shapes"]["batch"] == 4 and gen["shapes"]["sides"] == 2 and gen["shapes"]["cache_slots"] == 512
+    assert gen["kv_cache_bytes_per_device"] > 0
     train = lines[0]
     assert not train["fits"]  # a tiny model's step still needs more than 1 MiB
 

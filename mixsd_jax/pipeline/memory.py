@@ -7,8 +7,9 @@ even allocated), and `compiled.memory_analysis()` gives the per-device bytes of 
 program: arguments, outputs, aliased (donated) buffers and temporaries. One JSON line per kernel:
 
   train_step   the jitted train step (state donated) at batch_size / grad_accum x max_seq_len
-  generate     the MixSD decode kernel (two sides) at the generation batch and max_model_len
-  eval_decode  the plain decode kernel at the eval batch, max_new_tokens and a prompt bucket
+  generate     the decode engine's kernels (two sides) at the generation batch and max_model_len
+  eval_decode  the engine's kernels (one side) at the eval batch, max_new_tokens and a prompt bucket
+               (prefill, insert, decode_segment, grow: the largest one's bytes, each under `engine`)
   eval_mc      the MC / NLL scoring kernel at the eval batch and a row bucket
 
 `peak_bytes` = arguments + outputs - aliased + temporaries, the device memory the program needs
@@ -91,8 +92,8 @@ def abstract_params(model_cfg, mesh, dtype: str):
 
 
 def analyse(kernel: str, lowered, chip_bytes: int, started: float, **info) -> dict:
-    """One JSON-ready line from a lowered kernel: compile it and read its per-device memory."""
-    compiled = lowered.compile()
+    """One JSON-ready line from a lowered (or already compiled) kernel: its per-device memory."""
+    compiled = lowered.compile() if hasattr(lowered, "compile") else lowered
     mem = compiled.memory_analysis()
     arg, out, alias, temp = (int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))
     peak = arg + out - alias + temp
@@ -140,34 +141,91 @@ def train_step_memory(model_cfg, train_cfg, mesh, chip_bytes: int) -> dict:
                    remat=options.remat, loss_chunk=options.loss_chunk)
 
 
+ENGINE_BLOCK = 512  # the engine's attention block on an accelerator (engine.Engine: 128 only on a CPU)
+
+
+def _with_shardings(structs, shardings):
+    import jax
+
+    return jax.tree.map(lambda s, sh: _struct(s.shape, s.dtype, sh), structs, shardings)
+
+
 def decode_memory(kernel: str, model_cfg, mesh, chip_bytes: int, *, sides: int, batch: int, prompt_len: int,
-                  max_new_tokens: int, max_model_len: int, dtype: str, param_dtype: str, topk: int = 64) -> dict:
-    """Today's `sampling.kernel.decode` at these shapes. Kept small and separate: the decode
-    engine is being rewritten, and only this function needs to follow its signature."""
+                  max_new_tokens: int, max_model_len: int, dtype: str, param_dtype: str, topk: int = 64,
+                  segment_steps: int = 16, block: int = ENGINE_BLOCK) -> dict:
+    """The continuous-batching engine's compiled kernels (sampling/segments.py) at these shapes.
+
+    The Engine itself sizes everything (its batch rounding, its cache capacity rule), with no
+    weights: a full batch of `prompt_len`-token prompts, so the cache reaches its ceiling
+    min(max_model_len, prompt + max_new_tokens) + one segment, in whole blocks. Compiled:
+      prefill         one side's prompts [B, bucket(prompt_len)] (replicated inputs, as the engine puts them)
+      insert          every side's prefill output into the state at full capacity (state donated)
+      decode_segment  `segment_steps` steps on the state at full capacity (state donated)
+      grow            the last cache copy-up, from the previous power-of-two blocks to full capacity
+    The line carries the largest one's bytes (`largest`) and every kernel's under `engine`.
+    """
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
-    from mixsd_jax.models.sharding import batch_sharding, replicated
-    from mixsd_jax.sampling import kernel as kernel_lib
+    from mixsd_jax.models.sharding import replicated
+    from mixsd_jax.sampling import segments
+    from mixsd_jax.sampling.engine import Engine, _pow2_at_least
+    from mixsd_jax.sampling.runner import bucket_length
     from mixsd_jax.sampling.strategies import Sampler
 
     started = time.perf_counter()
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch = -(-batch // shards) * shards  # as the Runner rounds it: whole records per device
-    spec = kernel_lib.KernelSpec(model_cfg, Sampler(1.0, topk), sides, max_new_tokens, max_model_len, dtype, mesh)
-    prompts = tuple((_struct((batch, prompt_len), jnp.int32, batch_sharding(mesh, 2)),
-                     _struct((batch,), jnp.int32, batch_sharding(mesh, 1))) for _ in range(sides))
-    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
-    keys = _struct(keys.shape, keys.dtype, batch_sharding(mesh, 1))
-    live = _struct((batch,), jnp.bool_, batch_sharding(mesh, 1))
-    scalar = _struct((), jnp.float32, replicated(mesh))
-    stops = _struct((2,), jnp.int32, replicated(mesh))
+    engine = Engine(None, model_cfg, sampler=Sampler(1.0, topk), sides=sides, stop_ids=[0],
+                    max_new_tokens=max_new_tokens, max_model_len=max_model_len, batch_size=batch, seed=0,
+                    dtype=dtype, mesh=mesh, segment_steps=segment_steps, block=block)
+    spec, B = engine.spec, engine.batch_size
+    need = min(max_model_len, prompt_len + max_new_tokens) + segment_steps + 1  # every row at its ceiling
+    capacity = engine._capacity_for(need, prompt_len)
+    prev_capacity = block * (_pow2_at_least(capacity // block) // 2)
+    width = bucket_length(prompt_len)
+    rep = replicated(mesh)
     params = abstract_params(model_cfg, mesh, param_dtype)
-    lowered = kernel_lib.decode.lower(params, prompts, keys, live, scalar, stops, spec=spec)
-    return analyse(kernel, lowered, chip_bytes, started,
-                   shapes={"batch": batch, "sides": sides, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
-                           "cache_slots": prompt_len + max_new_tokens},
-                   param_dtype=param_dtype, compute_dtype=dtype)
+
+    def state_at(cap):
+        fn = segments.init_state.lower(spec=spec, batch=B, capacity=cap).compile()
+        shapes = jax.eval_shape(lambda: segments.init_state(spec=spec, batch=B, capacity=cap))
+        return _with_shardings(shapes, fn.output_shardings)
+
+    state = state_at(capacity)
+    tokens = _struct((B, width), jnp.int32, rep)
+    lens = _struct((B,), jnp.int32, rep)
+    prefill = segments.prefill.lower(params, tokens, lens, spec=spec).compile()
+    prefill_out = _with_shardings(jax.eval_shape(lambda: segments.prefill(params, tokens, lens, spec=spec)),
+                                  prefill.output_shardings)
+    side_args = tuple((*prefill_out, lens) for _ in range(sides))
+    lowered = {
+        "prefill": prefill,
+        "insert": segments.insert.lower(state, side_args, _struct((B,), jnp.int32, rep),
+                                        _struct((B, 3), jnp.uint32, rep), _struct((), jnp.int32, rep), spec=spec),
+        "decode_segment": segments.decode_segment.lower(params, state, _struct((), jnp.float32, rep),
+                                                        _struct((2,), jnp.int32, rep), spec=spec),
+    }
+    if prev_capacity >= block:
+        lowered["grow"] = segments.grow.lower(state_at(prev_capacity), spec=spec, capacity=capacity)
+    lines = {name: analyse(name, low, chip_bytes, time.perf_counter()) for name, low in lowered.items()}
+    engine_info = {name: {k: line[k] for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
+                                               "peak_bytes", "peak_gib", "fits")} for name, line in lines.items()}
+    largest = max(lines, key=lambda name: lines[name]["peak_bytes"])
+    top = lines[largest]
+    cache_bytes = 2 * int(np.prod(state["cache_k"].sharding.shard_shape(state["cache_k"].shape))) \
+        * jnp.dtype(dtype).itemsize
+    return {
+        **{k: v for k, v in top.items() if k not in ("kernel", "compile_s")},
+        "kernel": kernel,
+        "largest": largest,
+        "shapes": {"batch": B, "sides": sides, "prompt_len": prompt_len, "prompt_width": width,
+                   "max_new_tokens": max_new_tokens, "cache_slots": capacity, "grow_from": prev_capacity,
+                   "segment_steps": segment_steps, "block": block},
+        "kv_cache_bytes_per_device": cache_bytes,
+        "engine": engine_info,
+        "param_dtype": param_dtype, "compute_dtype": dtype,
+        "compile_s": round(time.perf_counter() - started, 1),
+    }
 
 
 def mc_memory(model_cfg, mesh, chip_bytes: int, *, batch: int, row_len: int, window: int, dtype: str,
