@@ -207,18 +207,18 @@ class RolloutBatches:
 
     def rollouts(self, step: int, params) -> list[tuple[OpsdPrompt, list[int], str]]:
         """(prompt, response ids with the stop token, finish reason) for every rollout of step k."""
-        # The fixed-batch kernel (sampling.runner.Runner), not yet the continuous-batching engine:
-        # the engine's logits agree with it only to f32 round-off across slot counts, and at T = 1
-        # over the whole vocabulary a round-off can flip a sampled token, so rollouts would depend
-        # on `rollout_batch_size`. The Runner's do not (test_rollouts_depend_only_on_...).
-        from mixsd_jax.sampling.runner import Runner, WorkItem
+        # The decode engine (continuous batching). Rollout (prompt, r) at step k draws from the key
+        # fold_in(seed, record, r, k), whatever its slot, so the rollouts do not depend on
+        # `rollout_batch_size` (test_rollouts_depend_only_on_...).
+        from mixsd_jax.sampling.engine import Engine, decode_all
+        from mixsd_jax.sampling.runner import WorkItem
         from mixsd_jax.sampling.strategies import Sampler
 
         o = self.cfg.opsd
         rows = self.plan.batch_rows(step)
         work = [(self.prompts[row[0]], r) for row in rows if row for r in range(o.num_rollouts)]
         items = [WorkItem((p.ids,), record_index=p.record_index, gen_index=r, attempt=step) for p, r in work]
-        runner = Runner(
+        engine = Engine(
             params,
             self.model_cfg,
             sampler=Sampler(o.temperature, o.rollout_topk or self.model_cfg.vocab_size),
@@ -231,12 +231,7 @@ class RolloutBatches:
             dtype=self.cfg.compute_dtype,
             mesh=self.mesh,
         )
-        out = []
-        for start in range(0, len(items), runner.batch_size):
-            chunk = items[start : start + runner.batch_size]
-            for (prompt, _), done in zip(work[start : start + len(chunk)], runner.run(chunk)):
-                out.append((prompt, list(done.tokens), done.finish_reason))
-        return out
+        return [(prompt, list(done.tokens), done.finish_reason) for (prompt, _), done in zip(work, decode_all(engine, items))]
 
     def host_batch(self, step: int, params) -> dict[str, np.ndarray]:
         jax.block_until_ready(params)  # the previous update: not part of the rollout time
