@@ -158,7 +158,7 @@ def decode_memory(kernel: str, model_cfg, mesh, chip_bytes: int, *, sides: int, 
     The Engine itself sizes everything (its batch rounding, its cache capacity rule), with no
     weights: a full batch of `prompt_len`-token prompts, so the cache reaches its ceiling
     min(max_model_len, prompt + max_new_tokens) + one segment, in whole blocks. Compiled:
-      prefill         one side's prompts [B, bucket(prompt_len)] (replicated inputs, as the engine puts them)
+      prefill         one side's prompts [B, bucket(prompt_len)] (split over the batch axes, as the engine puts them)
       insert          every side's prefill output into the state at full capacity (state donated)
       decode_segment  `segment_steps` steps on the state at full capacity (state donated)
       grow            the last cache copy-up, from the previous power-of-two blocks to full capacity
@@ -168,7 +168,7 @@ def decode_memory(kernel: str, model_cfg, mesh, chip_bytes: int, *, sides: int, 
     import jax.numpy as jnp
     import numpy as np
 
-    from mixsd_jax.models.sharding import replicated
+    from mixsd_jax.models.sharding import batch_sharding, replicated
     from mixsd_jax.sampling import segments
     from mixsd_jax.sampling.engine import Engine, _pow2_at_least
     from mixsd_jax.sampling.runner import bucket_length
@@ -192,8 +192,8 @@ def decode_memory(kernel: str, model_cfg, mesh, chip_bytes: int, *, sides: int, 
         return _with_shardings(shapes, fn.output_shardings)
 
     state = state_at(capacity)
-    tokens = _struct((B, width), jnp.int32, rep)
-    lens = _struct((B,), jnp.int32, rep)
+    tokens = _struct((B, width), jnp.int32, batch_sharding(mesh, 2))
+    lens = _struct((B,), jnp.int32, batch_sharding(mesh, 1))
     prefill = segments.prefill.lower(params, tokens, lens, spec=spec).compile()
     prefill_out = _with_shardings(jax.eval_shape(lambda: segments.prefill(params, tokens, lens, spec=spec)),
                                   prefill.output_shardings)
@@ -203,7 +203,8 @@ def decode_memory(kernel: str, model_cfg, mesh, chip_bytes: int, *, sides: int, 
         "insert": segments.insert.lower(state, side_args, _struct((B,), jnp.int32, rep),
                                         _struct((B, 3), jnp.uint32, rep), _struct((), jnp.int32, rep), spec=spec),
         "decode_segment": segments.decode_segment.lower(params, state, _struct((), jnp.float32, rep),
-                                                        _struct((2,), jnp.int32, rep), spec=spec),
+                                                        _struct((2,), jnp.int32, rep), _struct((), jnp.int32, rep),
+                                                        spec=spec),
     }
     if prev_capacity >= block:
         lowered["grow"] = segments.grow.lower(state_at(prev_capacity), spec=spec, capacity=capacity)

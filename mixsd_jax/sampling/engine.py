@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mixsd_jax import multihost
 from mixsd_jax.models.config import ModelConfig
+from mixsd_jax.models.sharding import pad_rows, put_batch
 from mixsd_jax.sampling import segments
 from mixsd_jax.sampling.kernel import FINISH_NAMES
 from mixsd_jax.sampling.runner import Completion, WorkItem, bucket_length
@@ -69,8 +70,7 @@ class Engine:
         segment_steps: int = 16,
         block: int | None = None,
     ):
-        devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-        self.batch_size = -(-batch_size // devices) * devices  # every device gets whole slots
+        self.batch_size = pad_rows(batch_size, mesh)  # every batch shard gets whole slots
         self.params, self.mesh, self.seed, self.sides = params, mesh, seed, sides
         if block is None:  # an accelerator pays per loop iteration (kernel launches): fewer, bigger blocks
             block = 128 if jax.default_backend() == "cpu" else 512
@@ -123,8 +123,11 @@ class Engine:
                 state = self._insert(state, take, free[: len(take)], slots)
             out = None
             if any(slots):
+                # With work waiting, the segment ends once enough slots free up to take it (a quarter
+                # of the batch, or all the waiting work): a freed slot idles at most until then.
+                refill_at = min(len(queue), max(1, B // 4)) if queue else B + 1
                 state, out = segments.decode_segment(self.params, state, self.naive_prob, self.stop_ids,
-                                                     spec=self.spec)
+                                                     self._put(np.int32(refill_at)), spec=self.spec)
                 self.segments_run += 1
             # The previous segment's finished attempts are handled while this one runs on the device.
             for item, completion in finished:
@@ -135,7 +138,9 @@ class Engine:
         self.capacity = capacity
 
     def _insert(self, state, take: list[WorkItem], free: list[int], slots: list):
-        n = min(_pow2_at_least(len(take)), self.batch_size)
+        # The prompts are prefilled split over the batch axes (whole rows per shard), not replicated:
+        # each device prefills its share of the insert.
+        n = pad_rows(min(_pow2_at_least(len(take)), self.batch_size), self.mesh)
         pad = n - len(take)
         sides = []
         for side in range(self.sides):
@@ -144,8 +149,8 @@ class Engine:
             for i, r in enumerate(rows):
                 tokens[i, : len(r)] = r
             lens = np.array([len(r) for r in rows], np.int32)
-            lens_d = self._put(lens)
-            sides.append((*segments.prefill(self.params, self._put(tokens), lens_d, spec=self.spec), lens_d))
+            lens_d = put_batch(lens, self.mesh)
+            sides.append((*segments.prefill(self.params, put_batch(tokens, self.mesh), lens_d, spec=self.spec), lens_d))
         slot_ids = np.array(free + [self.batch_size] * pad, np.int32)  # >= B: dropped
         ids = np.array([(it.record_index, it.gen_index, it.attempt) for it in take] + [(0, 0, 0)] * pad, np.uint32)
         for item, b in zip(take, free):

@@ -142,8 +142,9 @@ def insert(state: dict, sides: tuple, slots_N, ids_Nx3, seed, *, spec: EngineSpe
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnums=1)
-def decode_segment(params, state: dict, naive_prob, stop_ids, *, spec: EngineSpec):
-    """Up to `segment_steps` decode steps (fewer when every slot has stopped).
+def decode_segment(params, state: dict, naive_prob, stop_ids, refill_at, *, spec: EngineSpec):
+    """Up to `segment_steps` decode steps: fewer when every slot has stopped, or once `refill_at`
+    slots have stopped in this segment (the host has work waiting for them; pass B + 1 for never).
 
     Returns (state, out): out["tokens"|"logprobs"|"naive"] [B, K] hold each slot's tokens of this
     segment in columns [0, its step count here) — a slot runs from the segment's start until it
@@ -157,7 +158,7 @@ def decode_segment(params, state: dict, naive_prob, stop_ids, *, spec: EngineSpe
     fold = jax.vmap(jax.random.fold_in)
 
     def body(carry):
-        k, st, out = carry
+        k, st, out, freed = carry
         keys_B = jax.random.wrap_key_data(st["keys_Bx2"])
         step_keys = fold(keys_B, st["step_B"])
         pick_keys = fold(step_keys, jnp.zeros((B,), jnp.int32))
@@ -204,17 +205,18 @@ def decode_segment(params, state: dict, naive_prob, stop_ids, *, spec: EngineSpe
             "done_B": done_B,
             "finish_B": jnp.where(stopping_B, finish_now_B, st["finish_B"]),
         }
-        return k + 1, st, out
+        return k + 1, st, out, freed + jnp.sum(stopping_B, dtype=jnp.int32)
 
     def cond(carry):
-        k, st, _ = carry
-        return (k < K) & ~jnp.all(st["done_B"])
+        k, st, _, freed = carry
+        return (k < K) & ~jnp.all(st["done_B"]) & (freed < refill_at)
 
     out = {
         "tokens": jnp.zeros((B, K), jnp.int32),
         "logprobs": jnp.zeros((B, K), jnp.float32),
         "naive": jnp.zeros((B, K), bool),
     }
-    _, state, out = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, out))
+    zero = jnp.zeros((), jnp.int32)
+    _, state, out, _ = jax.lax.while_loop(cond, body, (zero, state, out, zero))
     out.update(step_B=state["step_B"] + 0, done_B=state["done_B"] | False, finish_B=state["finish_B"] + 0)
     return _constrain(state, spec), out
