@@ -41,11 +41,12 @@ def test_step_matmuls_are_the_weight_flops_of_the_step(tiny_qwen3_dir):
     assert 3 * weight_flops == (flops_per_token(cfg, T) - attention) * tokens
 
 
-def test_machine_load_warns_when_busy():
+def test_machine_report_judges_the_load_before_the_timed_work():
     import os
 
-    from mixsd_jax.train.bench import machine_load
+    from mixsd_jax import machine
 
-    info = machine_load()
-    assert info["cores"] == os.cpu_count() and len(info["load_avg"]) == 3
-    assert ("warning" in info) == (info["load_avg"][0] > info["cores"] / 2)
+    idle = machine.report([0.0, 0.0, 0.0])
+    assert idle["cores"] == len(os.sched_getaffinity(0)) and len(idle["load_avg"]) == 3 and "busy" not in idle
+    busy = machine.report([idle["cores"] * 0.5 + 0.01, 0.0, 0.0])
+    assert busy["load_avg_before"][0] > busy["cores"] / 2 and "before the timed work" in busy["busy"]

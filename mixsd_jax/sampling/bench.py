@@ -12,28 +12,19 @@ Workloads (each prints one JSON line; ratios as median with `_min`/`_max` over t
   against the fixed-batch path it replaced (sampling/runner.Runner, batches run to their slowest
   record, retries wait for the next batch), same outputs checked. Key: longtail_speedup.
 
-Timings exclude compilation (a warm-up round runs first). Every JSON line carries load_avg and
-cores, and `busy` when the machine's load is above half its cores (such figures are not evidence).
+Timings exclude compilation (a warm-up round runs first). Every JSON line carries the load before
+and after, the cores, and `busy` when the load before was above half the cores (mixsd_jax/machine.py).
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import tempfile
 import time
 from collections import deque
 
-
-def _machine() -> dict:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = [round(x, 2) for x in os.getloadavg()]
-    info = {"load_avg": load, "cores": cores}
-    if max(load) > cores / 2:
-        info["busy"] = f"load {max(load)} > cores/2 = {cores / 2}: timings are not evidence"
-        print(f"warning: {info['busy']}", file=sys.stderr)
-    return info
+from mixsd_jax import machine
 
 
 def _stats(name: str, values: list[float]) -> dict:
@@ -115,6 +106,7 @@ def bench_generate(model: str, workload: str = "default", batch_size: int = 32, 
 
     from mixsd_jax.models.sharding import make_mesh
 
+    load_before = machine.load()
     mesh = None if mesh_cfg is None else make_mesh(mesh_cfg)
     loaded = _load(model, param_dtype, mesh)
     if workload == "capacity":
@@ -125,7 +117,7 @@ def bench_generate(model: str, workload: str = "default", batch_size: int = 32, 
         result = _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh)
     where = {"param_dtype": param_dtype, "mesh": None if mesh is None else dict(mesh.shape),
              "processes": jax.process_count(), "devices": jax.device_count(), "platform": jax.devices()[0].platform}
-    return {**result, **where, **_machine()}
+    return {**result, **where, **machine.report(load_before)}
 
 
 def _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh) -> dict:

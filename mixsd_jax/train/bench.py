@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from mixsd_jax import machine
+
 # Dense bf16 peak used for MFU when none is given: the H200 figure measured on our GPU machine.
 DEFAULT_PEAK_TFLOPS = {"gpu": 790.0}
 
@@ -129,18 +131,6 @@ def matmul_gflops(cfg, tokens: int, dtype: str, reps: int = 3) -> float:
     return flops / seconds / 1e9
 
 
-def machine_load() -> dict:
-    import os
-
-    cores = os.cpu_count() or 1
-    load = [round(x, 2) for x in os.getloadavg()]
-    out = {"load_avg": load, "cores": cores}
-    if load[0] > cores / 2:
-        out["warning"] = (f"load average {load[0]} is above half of the {cores} cores: timings are not those of an "
-                          "idle machine (rerun when idle)")
-    return out
-
-
 def bench_train(
     model: str,
     *,
@@ -166,7 +156,7 @@ def bench_train(
         torch_step = torch_stepper(model_dir, batch_size, seq_len, compute_dtype, random_init)
         torch_step()
     # Interleaved, so a change in machine load during the run hits both sides alike; medians.
-    load_before = machine_load()
+    load_before = machine.load()
     ours_s, torch_s = [], []
     for _ in range(steps):
         ours_s.append(_timed(ours_step))
@@ -209,6 +199,5 @@ def bench_train(
     if peak:
         result["peak_tflops"] = peak
         result["mfu"] = round(ours * flops / (peak * 1e12 * jax.device_count()), 4)
-    load_after = machine_load()
-    result.update(load_avg_before=load_before["load_avg"], **load_after)
+    result.update(machine.report(load_before))
     return result

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from mixsd_jax import machine
+
 
 def bench_opsd(
     model: str,
@@ -74,7 +76,7 @@ def bench_opsd(
     forward_fn = opsd.divergence_fn(loss, model_cfg, compute_dtype)
     batches = opsd.RolloutBatches(cfg, tokenizer, prompts, plan, model_cfg, mesh)
 
-    rows = []
+    rows, load_before = [], machine.load()
     for step in range(steps + 1):
         started = time.perf_counter()
         host = batches.host_batch(step, state["params"])
@@ -115,6 +117,5 @@ def bench_opsd(
         "median_update_s": round(med("update_s"), 4),
         "mean_generated_tokens_per_step": round(float(np.mean([r["generated"] for r in timed])), 1),
         "first_step_s": round(rows[0]["build_s"] + rows[0]["update_s"], 2),
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
-        "cpu_cores": os.cpu_count(),
+        **machine.report(load_before),
     }

@@ -1,0 +1,29 @@
+"""The machine a benchmark ran on, for its JSON line: cores, load before and after, busy or not.
+
+The verdict reads the 1-minute load taken *before* the timed work (at the end the benchmark's own
+threads are in it): a machine already above half its cores was not idle, and such timings are not
+evidence.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def report(load_before: list[float]) -> dict:
+    """{load_avg_before, load_avg (now), cores} and `busy` (also printed to stderr) when it was busy."""
+    n = cores()
+    info = {"load_avg_before": load_before, "load_avg": load(), "cores": n}
+    if load_before[0] > n / 2:
+        info["busy"] = f"load {load_before[0]} > cores/2 = {n / 2} before the timed work: timings are not evidence"
+        print(f"warning: {info['busy']}", file=sys.stderr)
+    return info
