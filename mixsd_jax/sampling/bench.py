@@ -43,9 +43,12 @@ def _interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
+    for i in range(repeats):
         for name, fn in fns.items():
             times[name].append(_timed(fn))
+        # Each round as it ends, so a long or killed run still shows what it measured.
+        print(f"round {i + 1}/{repeats}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()), file=sys.stderr,
+              flush=True)
     return times
 
 
