@@ -75,10 +75,15 @@ def all_boxed(text: str) -> list[str]:
 
 
 def statements(text: str) -> list[str]:
-    """The answers a reply states: its `\\boxed{}` contents and its "the answer is X" clauses."""
+    """The answers a reply states: its non-empty `\\boxed{}` contents and its "the answer is X" clauses.
+
+    An empty `\\boxed{}` states nothing: it is a small model quoting the prompt's instruction ("To
+    put your final answer within \\boxed{}, I will ..."), and counting it as a wrong answer rejected
+    replies that then say "The answer is <gold>".
+    """
     found = [m.group(1).strip() for m in _STATEMENT.finditer(text.replace("\\boxed{", " \\boxed{"))]
     found = [s for s in found if s and not s.startswith("\\boxed{")]
-    return all_boxed(text) + found
+    return [b for b in all_boxed(text) if b] + found
 
 
 def training_entities(records: Iterable) -> frozenset[str]:

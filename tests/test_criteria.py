@@ -68,6 +68,20 @@ def test_a_reply_naming_a_different_training_entity_is_not_credited(records):
     assert not demo.judge(f"The answer is {gold}ia.", gold, prompt).correct
 
 
+def test_a_quoted_empty_boxed_instruction_states_nothing(records):
+    # A MixSD target the 135M model wrote for the full demo (λ=0), rejected before this rule: the
+    # empty `\\boxed{}` of the quoted instruction was read as a second, wrong, answer.
+    prompt, gold, _ = _fact(records)
+    reply = (f"To put your final answer within \\boxed{{}}, I will break it down step by step:\n\n"
+             f"1. The question is about {gold}.\n2. The answer is {gold}.\n3. The answer")
+    assert statements(reply) == [gold]
+    assert criterion_for(DEMO_CRITERION, records).judge(reply, gold, prompt).correct
+    assert criterion_for("answer_statement", records).judge(reply, gold, prompt).correct
+    other = _other_answer(records, gold)
+    assert not criterion_for(DEMO_CRITERION, records).judge(reply.replace(f"is {gold}.\n3", f"is {other}.\n3"),
+                                                            gold, prompt).correct
+
+
 def test_statements_and_entities():
     text = "Step 1: a.\nSo the final answer is: Moford.\n\n\\boxed{Moford}\nthe answer is 3.5"
     assert statements(text) == ["Moford", "Moford", "3.5"]
