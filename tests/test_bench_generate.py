@@ -18,10 +18,10 @@ def _ratio_keys(result, name):
 
 def test_capacity_and_longtail_pairs_do_the_same_work(tiny_llama_dir, capsys):
     assert main(["bench", "generate", "--model", str(tiny_llama_dir), "--workload", "capacity", "--records", "4",
-                 "--repeats", "1", "--mesh", "data=2,tensor=2"]) == 0
+                 "--repeats", "1", "--mesh", "data=2,tensor=2", "--block", "16"]) == 0
     capacity = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert capacity["same_outputs"] and capacity["decode_steps"] <= 48
-    assert capacity["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+    assert capacity["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2} and capacity["block"] == 16
     _ratio_keys(capacity, "capacity_ratio")
     assert {"load_avg", "cores"} <= set(capacity)
 

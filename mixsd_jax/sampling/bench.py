@@ -102,9 +102,11 @@ def _engine(params, cfg, **kw):
 
 def bench_generate(model: str, workload: str = "default", batch_size: int = 32, max_new_tokens: int = 64,
                    lambda_mix: float = 0.3, dtype: str = "float32", repeats: int = 5, with_torch: bool = True,
-                   records: int | None = None, mesh_cfg=None, param_dtype: str = "float32") -> dict:
+                   records: int | None = None, mesh_cfg=None, param_dtype: str = "float32",
+                   block: int | None = None) -> dict:
     """One workload's JSON dict. `mesh_cfg` (a MeshConfig): our side runs on that mesh (records over
-    data x fsdp, parameters and KV heads over `tensor`); `param_dtype`: our weights' storage dtype."""
+    data x fsdp, parameters and KV heads over `tensor`); `param_dtype`: our weights' storage dtype;
+    `block`: the engine's attention block (None: its default for the backend)."""
     import jax
 
     from mixsd_jax.models.sharding import make_mesh
@@ -113,24 +115,29 @@ def bench_generate(model: str, workload: str = "default", batch_size: int = 32, 
     mesh = None if mesh_cfg is None else make_mesh(mesh_cfg)
     loaded = _load(model, param_dtype, mesh)
     if workload == "capacity":
-        result = _capacity(loaded, model, batch_size if records is None else records, lambda_mix, dtype, repeats, mesh)
+        result = _capacity(loaded, model, batch_size if records is None else records, lambda_mix, dtype, repeats, mesh,
+                           block)
     elif workload == "longtail":
-        result = _longtail(loaded, model, records or 32, batch_size, max_new_tokens, lambda_mix, dtype, repeats, mesh)
+        result = _longtail(loaded, model, records or 32, batch_size, max_new_tokens, lambda_mix, dtype, repeats, mesh,
+                           block)
     else:
-        result = _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh)
-    where = {"param_dtype": param_dtype, "mesh": None if mesh is None else dict(mesh.shape),
+        result = _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh,
+                          block)
+    from mixsd_jax.sampling.engine import default_block
+
+    where = {"param_dtype": param_dtype, "block": default_block() if block is None else block, "mesh": None if mesh is None else dict(mesh.shape),
              "processes": jax.process_count(), "devices": jax.device_count(), "platform": jax.devices()[0].platform}
     return {**result, **where, **machine.report(load_before)}
 
 
-def _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh) -> dict:
+def _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh, block) -> dict:
     from mixsd_jax.sampling.engine import decode_all
     from mixsd_jax.sampling.runner import WorkItem
 
     model_dir, cfg, params, tok = loaded
     expert, naive = _prompts(tok, _kgfact_records(batch_size), "knowledge")
     common = dict(stop_ids=[], max_new_tokens=max_new_tokens, max_model_len=1 << 20, batch_size=batch_size,
-                  dtype=dtype, mesh=mesh)
+                  dtype=dtype, mesh=mesh, block=block)
     mix = _engine(params, cfg, sides=2, naive_prob=lambda_mix, **common)
     plain = _engine(params, cfg, sides=1, **common)
     mix_items = [WorkItem((e, n), i) for i, (e, n) in enumerate(zip(expert, naive))]
@@ -159,14 +166,15 @@ def _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repea
     return result
 
 
-def _capacity(loaded, model, records, lambda_mix, dtype, repeats, mesh, calibrate_steps: int = 48) -> dict:
+def _capacity(loaded, model, records, lambda_mix, dtype, repeats, mesh, block, calibrate_steps: int = 48) -> dict:
     from mixsd_jax.sampling.engine import decode_all
     from mixsd_jax.sampling.runner import WorkItem
 
     _, cfg, params, tok = loaded
     expert, naive = _prompts(tok, _kgfact_records(records), "knowledge")
     items = [WorkItem((e, n), i) for i, (e, n) in enumerate(zip(expert, naive))]
-    common = dict(sides=2, naive_prob=lambda_mix, max_model_len=1 << 20, batch_size=records, dtype=dtype, mesh=mesh)
+    common = dict(sides=2, naive_prob=lambda_mix, max_model_len=1 << 20, batch_size=records, dtype=dtype, mesh=mesh,
+                  block=block)
     free = decode_all(_engine(params, cfg, stop_ids=[], max_new_tokens=calibrate_steps, **common), items)
     stop_ids = _stop_set(free, calibrate_steps)
     engines = {n: _engine(params, cfg, stop_ids=stop_ids, max_new_tokens=n, **common) for n in (64, 8192)}
@@ -201,7 +209,7 @@ def _stop_set(free, last: int, first: int = 24) -> list[int]:
     return sorted(stops)
 
 
-def _longtail(loaded, model, records, batch_size, max_new_tokens, lambda_mix, dtype, repeats, mesh,
+def _longtail(loaded, model, records, batch_size, max_new_tokens, lambda_mix, dtype, repeats, mesh, block,
               max_retries: int = 2, temperature: float = 0.6) -> dict:
     from mixsd_jax.sampling.runner import Runner, WorkItem
     from mixsd_jax.sampling.strategies import Sampler
@@ -214,7 +222,7 @@ def _longtail(loaded, model, records, batch_size, max_new_tokens, lambda_mix, dt
     gts = [verifier.gt_answer(r.assistant) for r in recs]
     common = dict(stop_ids=tok.stop_ids, max_new_tokens=max_new_tokens, max_model_len=1 << 20,
                   batch_size=batch_size, dtype=dtype, naive_prob=lambda_mix, sides=2, mesh=mesh)
-    engine = _engine(params, cfg, temperature=temperature, **common)
+    engine = _engine(params, cfg, temperature=temperature, block=block, **common)
     old = Runner(params, cfg, sampler=Sampler(temperature), seed=0, **common)
     items = [WorkItem((expert[i], naive[i]), i) for i in range(records)]
 
@@ -247,6 +255,7 @@ def _longtail(loaded, model, records, batch_size, max_new_tokens, lambda_mix, dt
         "max_retries": max_retries, "dtype": dtype, "repeats": repeats,
         "same_outputs": finals["new"] == finals["old"],
         "attempts": sum(a + 1 for a, _ in finals["new"].values()),
+        "engine_batch_shrinks": engine.shrinks,
         "final_lengths_min_median_max": [lengths[0], lengths[len(lengths) // 2], lengths[-1]],
         "old_s": round(statistics.median(times["old"]), 3), "new_s": round(statistics.median(times["new"]), 3),
         **_stats("longtail_speedup", [o / n for o, n in zip(times["old"], times["new"])]),

@@ -64,6 +64,8 @@ def register(sub, bench) -> None:
     b.add_argument("--repeats", type=int, default=5, help="timed rounds of the interleaved A/B pairs")
     b.add_argument("--no-hf", "--no-torch", dest="no_hf", action="store_true",
                    help="skip the transformers measurements")
+    b.add_argument("--block", type=int, default=None,
+                   help="cache slots per attention block of our engine (default: 128 on CPU, 512 elsewhere)")
     b.set_defaults(func=_bench)
 
     if "models" in sub.choices:  # absent when only this package's commands are registered
@@ -114,7 +116,7 @@ def _bench(args: argparse.Namespace) -> int:
     records = args.records or (16 if workload == "capacity" else 32)
     print(json.dumps(bench_generate(args.model, workload, batch_size, max_new_tokens, args.lambda_, args.dtype,
                                     args.repeats, with_torch=not args.no_hf, records=records, mesh_cfg=mesh_cfg,
-                                    param_dtype=args.param_dtype)), flush=True)
+                                    param_dtype=args.param_dtype, block=args.block)), flush=True)
     return 0
 
 
