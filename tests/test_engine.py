@@ -68,24 +68,15 @@ def test_generator_files_equal_the_fixed_batch_path(tiny_llama_dir, tmp_path, te
     assert MAKE.generator_rows(Paths.for_config(cfg).final) == PINNED["generator"][f"t{temperature}_l{lam}"]
 
 
-def _mix_engine(params, cfg, *, mesh=None, max_new_tokens=24, stop_ids=None, batch_size=4, shrink_tail=None):
+def _mix_engine(params, cfg, *, mesh=None, max_new_tokens=24, stop_ids=None, batch_size=4):
     return Engine(params, cfg, sampler=Sampler(0.6, 16), sides=2,
                   stop_ids=[PINNED["stop_id"]] if stop_ids is None else stop_ids, max_new_tokens=max_new_tokens,
-                  max_model_len=30, batch_size=batch_size, seed=9, naive_prob=0.3, segment_steps=6, block=8, mesh=mesh,
-                  shrink_tail=shrink_tail)
+                  max_model_len=30, batch_size=batch_size, seed=9, naive_prob=0.3, segment_steps=6, block=8, mesh=mesh)
 
 
 def _pinned_items():
     P = MAKE.PROMPTS
     return [WorkItem((P[i % 8], P[(i + 3) % 8]), i // 2, gen_index=i % 2, attempt=i % 3) for i in range(10)]
-
-
-def test_the_tail_runs_in_a_smaller_batch_with_the_same_tokens(tiny_llama_dir):
-    cfg, params = load_hf(tiny_llama_dir)
-    for shrink_tail in (False, True):
-        engine = _mix_engine(params, cfg, batch_size=4, shrink_tail=shrink_tail)
-        _same_completions(decode_all(engine, _pinned_items()), PINNED["mix"]["t0.6"])
-        assert (engine.shrinks > 0) == shrink_tail  # the last attempts ran in 2 or 1 slots
 
 
 def test_same_tokens_on_a_data_and_tensor_mesh(tiny_llama_dir):

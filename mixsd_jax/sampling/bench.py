@@ -255,7 +255,6 @@ def _longtail(loaded, model, records, batch_size, max_new_tokens, lambda_mix, dt
         "max_retries": max_retries, "dtype": dtype, "repeats": repeats,
         "same_outputs": finals["new"] == finals["old"],
         "attempts": sum(a + 1 for a, _ in finals["new"].values()),
-        "engine_batch_shrinks": engine.shrinks,
         "final_lengths_min_median_max": [lengths[0], lengths[len(lengths) // 2], lengths[-1]],
         "old_s": round(statistics.median(times["old"]), 3), "new_s": round(statistics.median(times["new"]), 3),
         **_stats("longtail_speedup", [o / n for o, n in zip(times["old"], times["new"])]),

@@ -10,8 +10,7 @@ asynchronous; the host only waits when it reads that segment's small result).
 The cache grows with the longest live row (capacity = block * 2^k slots, copied up when needed, never
 more than a row can use: min(max_model_len, prompt + max_new_tokens) plus one segment) and
 each step's attention reads only the blocks below the longest live row, so time and memory follow
-the live length, not `max_new_tokens`. On a CPU, once the queue is empty, the live slots move to a
-smaller batch (segments.shrink) so the last long records stop paying for finished slots.
+the live length, not `max_new_tokens`.
 
 Multi-process: every process runs this same loop on the same queue; inputs go to the mesh with
 `multihost.put_global` and results come back whole to each process with `multihost.fetch`.
@@ -76,7 +75,6 @@ class Engine:
         naive_prob: float = 0.0,
         segment_steps: int = 16,
         block: int | None = None,
-        shrink_tail: bool | None = None,
     ):
         self.batch_size = pad_rows(batch_size, mesh)  # every batch shard gets whole slots
         self.params, self.mesh, self.seed, self.sides = params, mesh, seed, sides
@@ -85,12 +83,7 @@ class Engine:
                                         segment_steps, block)
         self.stop_ids = self._put(np.asarray(sorted(set(stop_ids)) or [-1], np.int32))
         self.naive_prob = self._put(np.float32(naive_prob))
-        # Once nothing waits, run the last live slots in a smaller batch. On a CPU every slot costs its
-        # FLOPs each step, finished or not; an accelerator's step costs about the same at any small
-        # batch (it reads the weights either way), so there a new compile would buy nothing.
-        self.shrink_tail = jax.default_backend() == "cpu" if shrink_tail is None else shrink_tail
         self.segments_run = 0
-        self.shrinks = 0  # batch shrinks in the last run
         self.capacity = 0  # cache slots per row of the last run (it follows the longest live row)
 
     def _put(self, x):
@@ -117,11 +110,7 @@ class Engine:
         slots: list[_Slot | None] = [None] * B
         state, capacity, longest_prompt = None, 0, 0
         finished: list[tuple[WorkItem, Completion]] = []
-        self.shrinks = 0
         while queue or finished or any(slots):
-            if self.shrink_tail and state is not None and not queue:
-                state, slots = self._shrink(state, slots, reserve=len(finished))
-                B = len(slots)
             free = [b for b in range(B) if slots[b] is None]
             take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
             live = [s for s in slots if s is not None]
@@ -152,18 +141,6 @@ class Engine:
             if out is not None:
                 finished = self._collect(multihost.fetch(out), slots)
         self.capacity = capacity
-
-    def _shrink(self, state, slots: list, reserve: int):
-        """The smallest power-of-two batch (whole slots per shard) that holds the live slots and `reserve`
-        free ones (a retry for each finished attempt not yet handed to `on_finish`), if at most half."""
-        live = [b for b, slot in enumerate(slots) if slot is not None]
-        n = pad_rows(_pow2_at_least(max(1, len(live) + reserve)), self.mesh)
-        if n > len(slots) // 2:
-            return state, slots
-        keep = live + [b for b, slot in enumerate(slots) if slot is None][: n - len(live)]
-        self.shrinks += 1
-        state = segments.shrink(state, self._put(np.asarray(keep, np.int32)), spec=self.spec)
-        return state, [slots[b] for b in keep]
 
     def _insert(self, state, take: list[WorkItem], free: list[int], slots: list):
         # The prompts are prefilled split over the batch axes (whole rows per shard), not replicated:

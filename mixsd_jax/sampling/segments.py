@@ -99,21 +99,6 @@ def grow(state: dict, *, spec: EngineSpec, capacity: int) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def shrink(state: dict, keep_N, *, spec: EngineSpec) -> dict:
-    """The state of slots `keep_N` only, in that order: a batch of N < B slots (caches keep their capacity)."""
-    rows_M = (keep_N[:, None] * spec.sides + jnp.arange(spec.sides)[None, :]).reshape(-1)
-    out = {}
-    for name, x in state.items():
-        if name in ("cache_k", "cache_v"):
-            out[name] = x[:, rows_M]
-        elif name in ("lengths_R", "last_RxD"):
-            out[name] = x[rows_M]
-        else:
-            out[name] = x[keep_N]
-    return _constrain(out, spec)
-
-
-@functools.partial(jax.jit, static_argnames=("spec",))
 def prefill(params, tokens_NxP, lens_N, *, spec: EngineSpec):
     """Keys, values [L, N, P, K, E] and last hidden [N, D] of right-padded prompts."""
     seg_NxP = (jnp.arange(tokens_NxP.shape[1])[None, :] < lens_N[:, None]).astype(jnp.int32)
