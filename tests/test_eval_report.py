@@ -75,6 +75,16 @@ def test_write_report_writes_json_markdown_and_pngs(tmp_path):
     assert report.render_table(results) in text and report.PLOT_TRADEOFF in text
 
 
+def test_forgetting_plot_when_heldout_rates_were_measured(tmp_path):
+    results = _results()
+    assert "forgetting_plot" not in report.write_report(results, tmp_path / "without")
+    rate = {"rate": 0.25, "ci95": [0.1, 0.5], "count": 1}
+    results["heldout"] = {n: {"n": 4, "leakage": rate, "template": rate, "collapse": rate} for n in ("base", "sft", "mix03")}
+    paths = report.write_report(results, tmp_path / "with")
+    assert paths["forgetting_plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.PLOT_FORGETTING in paths["report"].read_text()
+
+
 def test_tradeoff_plot_with_one_axis_measured(tmp_path):
     results = _results()
     for s in results["summary"].values():

@@ -16,6 +16,7 @@ from mixsd_jax.files import atomic_write_json, atomic_write_text
 
 PLOT_TRADEOFF = "memorization_vs_retention.png"
 PLOT_NLL = "nll_targets.png"
+PLOT_FORGETTING = "memorization_vs_heldout.png"
 
 
 def _num(x, digits: int = 3) -> str:
@@ -219,6 +220,37 @@ def plot_tradeoff(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_forgetting(results: dict, path: Path) -> None:
+    """Memorization against the held-out chat replies' leakage and template rates (95% intervals).
+
+    At 135M the forgetting is generative (injected entities and the trained template in unrelated
+    replies) while log-likelihood retention barely moves: this is the plot where the trade-off shows.
+    """
+    plt = _pyplot()
+    summary, heldout = results["summary"], results["heldout"]
+    names = [n for n in summary if n in heldout and summary[n]["memorization"] is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    series = (("leakage", "o", "names an injected entity"), ("template", "^", "opens with the trained template"))
+    for key, marker, text in series:
+        xs = [summary[n]["memorization"] for n in names]
+        ys = [heldout[n][key]["rate"] for n in names]
+        yerr = [[y - heldout[n][key]["ci95"][0] for n, y in zip(names, ys)],
+                [heldout[n][key]["ci95"][1] - y for n, y in zip(names, ys)]]
+        ax.errorbar(xs, ys, yerr=yerr, fmt=marker, capsize=3, label=f"{text} ({key})")
+    for n in names:  # one label per checkpoint, above its markers
+        top = max(heldout[n][key]["rate"] for key, _, _ in series)
+        ax.annotate(summary[n]["label"], (summary[n]["memorization"], top), textcoords="offset points",
+                    xytext=(4, 8), fontsize=8, rotation=30)
+    ax.set_xlabel("memorization (mean accuracy over test splits)")
+    ax.set_ylabel(f"share of {heldout[names[0]]['n'] if names else 0} held-out replies (lower is better)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title("Memorization vs forgetting on held-out questions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_nll(results: dict, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
@@ -246,8 +278,13 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     if results.get("nll"):
         paths["nll_plot"] = out_dir / PLOT_NLL
         plot_nll(results, paths["nll_plot"])
+    if results.get("heldout"):
+        paths["forgetting_plot"] = out_dir / PLOT_FORGETTING
+        plot_forgetting(results, paths["forgetting_plot"])
     body = ["# MixSD evaluation", "", render_table(results)]
     body.append(f"![memorization vs retention]({PLOT_TRADEOFF})")
+    if "forgetting_plot" in paths:
+        body.append(f"\n![memorization vs held-out forgetting]({PLOT_FORGETTING})")
     if "nll_plot" in paths:
         body.append(f"\n![target NLL]({PLOT_NLL})")
     body.append("")

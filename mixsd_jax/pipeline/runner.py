@@ -151,9 +151,9 @@ def report_text(plan: Plan) -> str:
     if times:
         lines.append("wall time per stage (this experiment's last run of each): "
                      + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in times.items()))
-    plot = plan.report.parent / "memorization_vs_retention.png"
-    if plot.is_file():
-        lines.append(f"plot: {plot}")
+    for plot in ("memorization_vs_retention.png", "memorization_vs_heldout.png"):  # eval/report.py's plots
+        if (plan.report.parent / plot).is_file():
+            lines.append(f"plot: {plan.report.parent / plot}")
     lines.append(f"report: {plan.report}")
     return "\n".join(lines)
 
