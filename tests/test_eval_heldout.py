@@ -73,6 +73,8 @@ def test_suite_end_to_end(tiny_llama_dir, corpus, tmp_path):
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "Answer criterion: `entity_phrase`" in report and "Held-out general questions" in report
     assert "reference scorer" in report and "opens like its training targets" in report
+    assert "memorization_vs_heldout.png" in report  # the plot of memorization against these rates
+    assert (tmp_path / "eval" / "memorization_vs_heldout.png").read_bytes()[:4] == b"\x89PNG"
     assert set(results["heldout"]["base"]["opens_like"]) == {"t"}
     rows = (tmp_path / "eval" / "items" / "t" / "heldout.mmlu.jsonl").read_text().splitlines()
     assert len(rows) == 6
