@@ -151,9 +151,11 @@ def report_text(plan: Plan) -> str:
     if times:
         lines.append("wall time per stage (this experiment's last run of each): "
                      + ", ".join(f"{name} {seconds:.0f}s" for name, seconds in times.items()))
-    for plot in ("memorization_vs_retention.png", "memorization_vs_heldout.png"):  # eval/report.py's plots
-        if (plan.report.parent / plot).is_file():
-            lines.append(f"plot: {plan.report.parent / plot}")
+    from mixsd_jax.eval.report import PLOT_FORGETTING, PLOT_TRADEOFF
+
+    for plot in (plan.report.parent / PLOT_TRADEOFF, plan.report.parent / PLOT_FORGETTING):
+        if plot.is_file():
+            lines.append(f"plot: {plot}")
     lines.append(f"report: {plan.report}")
     return "\n".join(lines)
 

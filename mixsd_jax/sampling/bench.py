@@ -110,6 +110,7 @@ def bench_generate(model: str, workload: str = "default", batch_size: int = 32, 
     import jax
 
     from mixsd_jax.models.sharding import make_mesh
+    from mixsd_jax.sampling.engine import default_block
 
     load_before = machine.load()
     mesh = None if mesh_cfg is None else make_mesh(mesh_cfg)
@@ -123,10 +124,9 @@ def bench_generate(model: str, workload: str = "default", batch_size: int = 32, 
     else:
         result = _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh,
                           block)
-    from mixsd_jax.sampling.engine import default_block
-
-    where = {"param_dtype": param_dtype, "block": default_block() if block is None else block, "mesh": None if mesh is None else dict(mesh.shape),
-             "processes": jax.process_count(), "devices": jax.device_count(), "platform": jax.devices()[0].platform}
+    where = {"param_dtype": param_dtype, "block": default_block() if block is None else block,
+             "mesh": None if mesh is None else dict(mesh.shape), "processes": jax.process_count(),
+             "devices": jax.device_count(), "platform": jax.devices()[0].platform}
     return {**result, **where, **machine.report(load_before)}
 
 
