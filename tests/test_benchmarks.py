@@ -115,7 +115,8 @@ def test_lambada_and_humaneval():
 def test_bundled_subset_is_the_documented_rule_applied_to_the_full_set(name):
     bundled = load_benchmark(name)
     assert benchmark_dir(name) == BUNDLED_ROOT / BENCHMARKS[name]["dir"]
-    subset = [full(name)[i] for i in subset_indices(len(full(name)), 200, seed=0)]
+    subset = [full(name)[i] for i in subset_indices(len(full(name)), len(bundled), seed=0)]
+    assert len(bundled) == min(len(full(name)), 500 if name == "arc_easy" else 200)
     no_id = lambda items: [dataclasses.replace(i, id="") for i in items]  # noqa: E731
     assert no_id(bundled) == no_id(subset)
 
@@ -139,7 +140,8 @@ def test_bundled_sets_are_small_and_attributed():
         assert (BUNDLED_ROOT / spec["dir"]).is_dir() == spec["bundled"], name
         if spec["bundled"]:
             assert f"`{spec['dir']}/" in attribution
-    for share_alike in ("arc_easy", "arc_challenge", "boolq"):
+    assert "CC BY-SA 4.0" in attribution.split("`arc_easy/", 1)[1].split("\n", 1)[0]  # ARC-Easy keeps its licence
+    for share_alike in ("arc_challenge", "boolq"):
         assert not (BUNDLED_ROOT / share_alike).exists()
 
 
@@ -158,11 +160,12 @@ def test_limit_is_deterministic_and_in_file_order():
 def test_not_bundled_needs_a_data_root(monkeypatch, tmp_path):
     monkeypatch.delenv("MIXSD_BENCHMARKS", raising=False)
     with pytest.raises(MixsdError, match="MIXSD_BENCHMARKS"):
-        load_benchmark("arc_easy")
-    (tmp_path / "arc_easy").mkdir()
-    (tmp_path / "arc_easy" / "arc_easy.jsonl").write_text('{"query": "Question: 1+1?", "choices": ["2", "3"], "gold": 0}\n')
+        load_benchmark("arc_challenge")
+    (tmp_path / "arc_challenge").mkdir()
+    (tmp_path / "arc_challenge" / "arc_challenge.jsonl").write_text(
+        '{"query": "Question: 1+1?", "choices": ["2", "3"], "gold": 0}\n')
     monkeypatch.setenv("MIXSD_BENCHMARKS", str(tmp_path))
-    assert load_benchmark("arc_easy") == [MCItem("arc_easy/0", "Question: 1+1?\nAnswer:", (" 2", " 3"), 0)]
+    assert load_benchmark("arc_challenge") == [MCItem("arc_challenge/0", "Question: 1+1?\nAnswer:", (" 2", " 3"), 0)]
     with pytest.raises(MixsdError, match="unknown benchmark 'arc'"):
         load_benchmark("arc")
 

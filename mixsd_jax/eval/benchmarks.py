@@ -1,8 +1,9 @@
 """Readers for the held-out benchmarks in their published formats, as uniform items.
 
 Layout of a data root (the same as `../shared/benchmarks`): one folder per set holding the original
-files. Small subsets of the permissively licensed sets are bundled in
-`mixsd_jax/resources/benchmarks` (see its ATTRIBUTION.md), so evaluation runs with no external data.
+files. Small subsets of the permissively licensed sets, and 500 ARC-Easy questions under their own
+CC BY-SA 4.0 licence, are bundled in `mixsd_jax/resources/benchmarks` (see its ATTRIBUTION.md), so
+evaluation runs with no external data.
 
 Two item types:
 - `MCItem` for log-likelihood multiple choice. The reader already applies the prompt format
@@ -36,7 +37,7 @@ DATA_ROOT_ENV = "MIXSD_BENCHMARKS"
 
 # dir: the folder under a data root; bundled: a subset ships in BUNDLED_ROOT.
 BENCHMARKS: dict[str, dict[str, Any]] = {
-    "arc_easy": {"kind": "mc", "license": "CC BY-SA 4.0", "bundled": False, "dir": "arc_easy"},
+    "arc_easy": {"kind": "mc", "license": "CC BY-SA 4.0", "bundled": True, "dir": "arc_easy"},
     "arc_challenge": {"kind": "mc", "license": "CC BY-SA 4.0", "bundled": False, "dir": "arc_challenge"},
     "boolq": {"kind": "mc", "license": "CC BY-SA 3.0", "bundled": False, "dir": "boolq"},
     "piqa": {"kind": "mc", "license": "AFL-3.0", "bundled": True, "dir": "piqa"},

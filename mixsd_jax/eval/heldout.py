@@ -4,8 +4,9 @@ leakage and collapse, measured on every reply rather than only on wrong ones, be
 model gets few held-out answers right and the base model's rate is the comparison.)
 
 Prompts: a fixed set of benchmark questions asked as one chat user turn (question and its options),
-`limit` of them by the benchmarks' seeded subset rule. `mmlu` is bundled (MIT); `arc_easy` /
-`arc_challenge` (CC BY-SA, not bundled) need a data root such as ../shared/benchmarks.
+`limit` of them by the benchmarks' seeded subset rule. `mmlu` (MIT) and 500 `arc_easy` questions
+(CC BY-SA 4.0) are bundled; `arc_challenge` (CC BY-SA, not bundled) needs a data root such as
+../shared/benchmarks.
 
 Per reply:
 - `leaked`: training entities (subjects and answers, `mixsd_jax.criteria.training_entities`) the

@@ -103,10 +103,11 @@ def _engine(params, cfg, **kw):
 def bench_generate(model: str, workload: str = "default", batch_size: int = 32, max_new_tokens: int = 64,
                    lambda_mix: float = 0.3, dtype: str = "float32", repeats: int = 5, with_torch: bool = True,
                    records: int | None = None, mesh_cfg=None, param_dtype: str = "float32",
-                   block: int | None = None) -> dict:
+                   block: int | None = None, blocks: list[int] | None = None) -> dict:
     """One workload's JSON dict. `mesh_cfg` (a MeshConfig): our side runs on that mesh (records over
     data x fsdp, parameters and KV heads over `tensor`); `param_dtype`: our weights' storage dtype;
-    `block`: the engine's attention block (None: its default for the backend)."""
+    `block`: the engine's attention block (None: its default for the backend); `blocks`: the block
+    sizes the `blocks` workload compares."""
     import jax
 
     from mixsd_jax.models.sharding import make_mesh
@@ -118,6 +119,9 @@ def bench_generate(model: str, workload: str = "default", batch_size: int = 32, 
     if workload == "capacity":
         result = _capacity(loaded, model, batch_size if records is None else records, lambda_mix, dtype, repeats, mesh,
                            block)
+    elif workload == "blocks":
+        result = _blocks(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, mesh,
+                         blocks or [default_block()])
     elif workload == "longtail":
         result = _longtail(loaded, model, records or 32, batch_size, max_new_tokens, lambda_mix, dtype, repeats, mesh,
                            block)
@@ -125,24 +129,36 @@ def bench_generate(model: str, workload: str = "default", batch_size: int = 32, 
         result = _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh,
                           block)
     where = {"param_dtype": param_dtype, "block": default_block() if block is None else block,
+             "default_block": default_block(),
              "mesh": None if mesh is None else dict(mesh.shape), "processes": jax.process_count(),
              "devices": jax.device_count(), "platform": jax.devices()[0].platform}
     return {**result, **where, **machine.report(load_before)}
 
 
-def _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh, block) -> dict:
+def _mix_and_plain(params, cfg, expert, naive, max_new_tokens, lambda_mix, dtype, mesh, block, outs=None) -> dict:
+    """Our MixSD mix and our plain decode of the default workload (no stop tokens), as two timed
+    functions; each leaves its tokens in `outs` (by "mix" / "plain") when given."""
     from mixsd_jax.sampling.engine import decode_all
     from mixsd_jax.sampling.runner import WorkItem
 
-    model_dir, cfg, params, tok = loaded
-    expert, naive = _prompts(tok, _kgfact_records(batch_size), "knowledge")
-    common = dict(stop_ids=[], max_new_tokens=max_new_tokens, max_model_len=1 << 20, batch_size=batch_size,
+    common = dict(stop_ids=[], max_new_tokens=max_new_tokens, max_model_len=1 << 20, batch_size=len(naive),
                   dtype=dtype, mesh=mesh, block=block)
     mix = _engine(params, cfg, sides=2, naive_prob=lambda_mix, **common)
     plain = _engine(params, cfg, sides=1, **common)
     mix_items = [WorkItem((e, n), i) for i, (e, n) in enumerate(zip(expert, naive))]
     plain_items = [WorkItem((n,), i) for i, n in enumerate(naive)]
-    fns = {"mix": lambda: decode_all(mix, mix_items), "plain": lambda: decode_all(plain, plain_items)}
+    outs = {} if outs is None else outs
+
+    def run(name, engine, items):
+        outs[name] = [c.tokens for c in decode_all(engine, items)]
+
+    return {"mix": lambda: run("mix", mix, mix_items), "plain": lambda: run("plain", plain, plain_items)}
+
+
+def _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh, block) -> dict:
+    model_dir, cfg, params, tok = loaded
+    expert, naive = _prompts(tok, _kgfact_records(batch_size), "knowledge")
+    fns = _mix_and_plain(params, cfg, expert, naive, max_new_tokens, lambda_mix, dtype, mesh, block)
     if with_torch:
         peer = _TorchPeer(model_dir, tok.pad_id, dtype)
         fns["torch_mix"] = lambda: peer.mix(expert, naive, max_new_tokens, lambda_mix)
@@ -163,6 +179,35 @@ def _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repea
         result["hf_tokens_per_s"] = round(tokens / statistics.median(times["hf"]), 2)
         result.update(_stats("mix_over_torch_mix", [t / m for m, t in zip(times["mix"], times["torch_mix"])]))
         result.update(_stats("mix_over_hf", [h / m for m, h in zip(times["mix"], times["hf"])]))
+    return result
+
+
+def _blocks(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, mesh, blocks) -> dict:
+    """The default workload's mix and plain decode under each attention block size, all interleaved
+    (mix@a plain@a mix@b plain@b ...), so a block default is chosen on one machine state, not on
+    commands run at different loads. Ratios against the first block: > 1 means that block is slower."""
+    _, cfg, params, tok = loaded
+    expert, naive = _prompts(tok, _kgfact_records(batch_size), "knowledge")
+    fns, outs = {}, {b: {} for b in blocks}
+    for b in blocks:
+        pair = _mix_and_plain(params, cfg, expert, naive, max_new_tokens, lambda_mix, dtype, mesh, b, outs[b])
+        fns.update({f"{name}_b{b}": fn for name, fn in pair.items()})
+    times = _interleaved(fns, repeats)
+    tokens = batch_size * max_new_tokens
+    result = {"workload": "blocks", "model": model, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+              "lambda": lambda_mix, "dtype": dtype, "repeats": repeats, "blocks": list(blocks),
+              # Blocks change only the order of attention's sums: tokens may differ where two logits tie closely.
+              "same_tokens_across_blocks": all(outs[b] == outs[blocks[0]] for b in blocks)}
+    first = blocks[0]
+    for b in blocks:
+        mix, plain = times[f"mix_b{b}"], times[f"plain_b{b}"]
+        result[f"mix_tokens_per_s_b{b}"] = round(tokens / statistics.median(mix), 2)
+        result[f"plain_tokens_per_s_b{b}"] = round(tokens / statistics.median(plain), 2)
+        result.update(_stats(f"mix_step_over_plain_step_b{b}", [m / p for m, p in zip(mix, plain)]))
+        if b != first:
+            result.update(_stats(f"mix_b{b}_over_mix_b{first}", [m / f for m, f in zip(mix, times[f"mix_b{first}"])]))
+            result.update(_stats(f"plain_b{b}_over_plain_b{first}",
+                                 [p / f for p, f in zip(plain, times[f"plain_b{first}"])]))
     return result
 
 

@@ -51,9 +51,10 @@ def register(sub, bench) -> None:
 
     b = bench.add_parser("generate", help="decode engine vs its peers, repeated A/B pairs (one JSON line)")
     b.add_argument("--model", default="smollm2-135m-instruct")
-    b.add_argument("--workload", choices=["default", "capacity", "longtail"], default="default",
-                   help="default: mix vs plain vs PyTorch; capacity: N=64 vs N=8192; longtail: vs the fixed-batch path")
-    b.add_argument("--batch-size", type=int, default=None, help="slots (default: 32; capacity: 16; longtail: 16)")
+    b.add_argument("--workload", choices=["default", "capacity", "longtail", "blocks"], default="default",
+                   help="default: mix vs plain vs PyTorch; capacity: N=64 vs N=8192; longtail: vs the fixed-batch "
+                        "path; blocks: mix and plain under each --blocks size")
+    b.add_argument("--batch-size", type=int, default=None, help="slots (default: 32; capacity, longtail, blocks: 16)")
     b.add_argument("--records", type=int, default=None, help="records (capacity: 16; longtail: 32)")
     b.add_argument("--max-new-tokens", type=int, default=None, help="default: 64; longtail: 512")
     b.add_argument("--lambda", dest="lambda_", type=float, default=0.3)
@@ -66,6 +67,8 @@ def register(sub, bench) -> None:
                    help="skip the transformers measurements")
     b.add_argument("--block", type=int, default=None,
                    help="cache slots per attention block of our engine (default: 128 on CPU, 512 elsewhere)")
+    b.add_argument("--blocks", default="64,128", type=lambda s: [int(x) for x in s.split(",")],
+                   help="block sizes the blocks workload compares, comma-separated (default: 64,128)")
     b.set_defaults(func=_bench)
 
     if "models" in sub.choices:  # absent when only this package's commands are registered
@@ -116,7 +119,8 @@ def _bench(args: argparse.Namespace) -> int:
     records = args.records or (16 if workload == "capacity" else 32)
     print(json.dumps(bench_generate(args.model, workload, batch_size, max_new_tokens, args.lambda_, args.dtype,
                                     args.repeats, with_torch=not args.no_hf, records=records, mesh_cfg=mesh_cfg,
-                                    param_dtype=args.param_dtype, block=args.block)), flush=True)
+                                    param_dtype=args.param_dtype, block=args.block, blocks=args.blocks)),
+          flush=True)
     return 0
 
 
