@@ -1,13 +1,19 @@
 """Shared fixtures: tiny real checkpoints written by transformers, and the embedded default model.
 
 Eight simulated CPU devices are configured before JAX is imported, so sharding tests can build
-meshes; computations without a mesh still run on one device.
+meshes; computations without a mesh still run on one device. XLA's persistent compilation cache
+is shared by the whole run (every pytest-xdist worker, every subprocess a test starts, which
+inherit the environment): most of the suite's time is compiling the same tiny-model kernels in
+another process.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"mixsd-jax-test-xla-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 

@@ -47,16 +47,17 @@ def test_pytorch_two_cache_peer_is_the_same_mixsd_job(tiny_llama_dir):
 
 
 def test_default_workload_reports_every_ratio(tiny_llama_dir):
-    result = bench.bench_generate(str(tiny_llama_dir), "default", batch_size=2, max_new_tokens=4, repeats=1)
-    for name in ("mix_step_over_plain_step", "mix_over_torch_mix", "mix_over_hf"):
+    result = bench.bench_generate(str(tiny_llama_dir), "default", batch_size=2, max_new_tokens=20, repeats=1)
+    for name in ("mix_step_over_plain_step", "mix_decode_step_over_plain_decode_step", "mix_over_torch_mix",
+                 "mix_over_hf"):
         _ratio_keys(result, name)
 
 
 def test_blocks_workload_interleaves_block_sizes(tiny_llama_dir, capsys):
     assert main(["bench", "generate", "--model", str(tiny_llama_dir), "--workload", "blocks", "--blocks", "8,16",
-                 "--batch-size", "2", "--max-new-tokens", "20", "--repeats", "1"]) == 0
+                 "--batch-size", "2", "--max-new-tokens", "6", "--repeats", "1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["blocks"] == [8, 16] and result["same_tokens_across_blocks"]  # 20 tokens span blocks of 8
+    assert result["blocks"] == [8, 16] and result["same_tokens_across_blocks"]  # the prompts span several blocks
     for name in ("mix_step_over_plain_step_b8", "mix_step_over_plain_step_b16", "mix_b16_over_mix_b8",
                  "plain_b16_over_plain_b8"):
         _ratio_keys(result, name)

@@ -4,7 +4,9 @@ Workloads (each prints one JSON line; ratios as median with `_min`/`_max` over t
 - `default`: B records x N tokens, no stop tokens, so every contender does exactly the same work:
   our MixSD mix, our plain decode, the same MixSD job written the way a PyTorch user would
   (transformers, two live DynamicCaches, one Python loop per token, LM head on the chosen side
-  only) and transformers' plain `generate`. Keys: mix_step_over_plain_step, mix_over_torch_mix,
+  only) and transformers' plain `generate`. Keys: mix_step_over_plain_step (whole jobs, prefill
+  included: the expert prompts are the longer), mix_decode_step_over_plain_decode_step (decode steps
+  alone: each job less the same job stopped after its first segment), mix_over_torch_mix,
   mix_over_hf (throughput ratios: > 1 means ours is faster).
 - `capacity`: 16 records decoded with max_new_tokens 64 and 8192, a stop set that ends every
   record within 48 tokens (mostly after 24), so both do the same steps. Key: capacity_ratio (time 8192 / time 64).
@@ -135,9 +137,12 @@ def bench_generate(model: str, workload: str = "default", batch_size: int = 32, 
     return {**result, **where, **machine.report(load_before)}
 
 
-def _mix_and_plain(params, cfg, expert, naive, max_new_tokens, lambda_mix, dtype, mesh, block, outs=None) -> dict:
+def _mix_and_plain(params, cfg, expert, naive, max_new_tokens, lambda_mix, dtype, mesh, block, outs=None,
+                   first_segment: bool = False) -> dict:
     """Our MixSD mix and our plain decode of the default workload (no stop tokens), as two timed
-    functions; each leaves its tokens in `outs` (by "mix" / "plain") when given."""
+    functions; each leaves its tokens in `outs` (by "mix" / "plain") when given. `first_segment`
+    adds the same two jobs stopped after their first decode segment ("mix_first", "plain_first":
+    prefill and K steps), so that the difference times the remaining decode steps alone."""
     from mixsd_jax.sampling.engine import decode_all
     from mixsd_jax.sampling.runner import WorkItem
 
@@ -152,13 +157,22 @@ def _mix_and_plain(params, cfg, expert, naive, max_new_tokens, lambda_mix, dtype
     def run(name, engine, items):
         outs[name] = [c.tokens for c in decode_all(engine, items)]
 
-    return {"mix": lambda: run("mix", mix, mix_items), "plain": lambda: run("plain", plain, plain_items)}
+    fns = {"mix": lambda: run("mix", mix, mix_items), "plain": lambda: run("plain", plain, plain_items)}
+    K = mix.spec.segment_steps
+    if first_segment and max_new_tokens > K:
+        short = dict(common, max_new_tokens=K)
+        mix_first = _engine(params, cfg, sides=2, naive_prob=lambda_mix, **short)
+        plain_first = _engine(params, cfg, sides=1, **short)
+        fns["mix_first"] = lambda: run("mix_first", mix_first, mix_items)
+        fns["plain_first"] = lambda: run("plain_first", plain_first, plain_items)
+    return fns
 
 
 def _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh, block) -> dict:
     model_dir, cfg, params, tok = loaded
     expert, naive = _prompts(tok, _kgfact_records(batch_size), "knowledge")
-    fns = _mix_and_plain(params, cfg, expert, naive, max_new_tokens, lambda_mix, dtype, mesh, block)
+    fns = _mix_and_plain(params, cfg, expert, naive, max_new_tokens, lambda_mix, dtype, mesh, block,
+                         first_segment=True)
     if with_torch:
         peer = _TorchPeer(model_dir, tok.pad_id, dtype)
         fns["torch_mix"] = lambda: peer.mix(expert, naive, max_new_tokens, lambda_mix)
@@ -174,6 +188,10 @@ def _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repea
         "plain_tokens_per_s": round(tokens / statistics.median(times["plain"]), 2),
         **_stats("mix_step_over_plain_step", [m / p for m, p in zip(times["mix"], times["plain"])]),
     }
+    if "mix_first" in times:  # decode steps alone: the whole jobs less their prefill and first segment
+        result.update(_stats("mix_decode_step_over_plain_decode_step", [
+            (m - mf) / (p - pf) for m, mf, p, pf in zip(times["mix"], times["mix_first"], times["plain"],
+                                                        times["plain_first"])]))
     if with_torch:
         result["torch_mix_tokens_per_s"] = round(tokens / statistics.median(times["torch_mix"]), 2)
         result["hf_tokens_per_s"] = round(tokens / statistics.median(times["hf"]), 2)
