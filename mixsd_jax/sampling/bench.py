@@ -168,6 +168,13 @@ def _mix_and_plain(params, cfg, expert, naive, max_new_tokens, lambda_mix, dtype
     return fns
 
 
+def _mix_and_plain_keys(mix: list[float], plain: list[float], tokens: int, suffix: str = "") -> dict:
+    """Tokens/s of our mix and plain decode and their per-round time ratio, keys ending in `suffix`."""
+    return {f"mix_tokens_per_s{suffix}": round(tokens / statistics.median(mix), 2),
+            f"plain_tokens_per_s{suffix}": round(tokens / statistics.median(plain), 2),
+            **_stats(f"mix_step_over_plain_step{suffix}", [m / p for m, p in zip(mix, plain)])}
+
+
 def _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh, block) -> dict:
     model_dir, cfg, params, tok = loaded
     expert, naive = _prompts(tok, _kgfact_records(batch_size), "knowledge")
@@ -184,9 +191,7 @@ def _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repea
         "lambda": lambda_mix, "dtype": dtype, "repeats": repeats,
         "mean_expert_prompt_tokens": sum(map(len, expert)) / batch_size,
         "mean_naive_prompt_tokens": sum(map(len, naive)) / batch_size,
-        "mix_tokens_per_s": round(tokens / statistics.median(times["mix"]), 2),
-        "plain_tokens_per_s": round(tokens / statistics.median(times["plain"]), 2),
-        **_stats("mix_step_over_plain_step", [m / p for m, p in zip(times["mix"], times["plain"])]),
+        **_mix_and_plain_keys(times["mix"], times["plain"], tokens),
     }
     if "mix_first" in times:  # decode steps alone: the whole jobs less their prefill and first segment
         result.update(_stats("mix_decode_step_over_plain_decode_step", [
@@ -219,9 +224,7 @@ def _blocks(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeat
     first = blocks[0]
     for b in blocks:
         mix, plain = times[f"mix_b{b}"], times[f"plain_b{b}"]
-        result[f"mix_tokens_per_s_b{b}"] = round(tokens / statistics.median(mix), 2)
-        result[f"plain_tokens_per_s_b{b}"] = round(tokens / statistics.median(plain), 2)
-        result.update(_stats(f"mix_step_over_plain_step_b{b}", [m / p for m, p in zip(mix, plain)]))
+        result.update(_mix_and_plain_keys(mix, plain, tokens, suffix=f"_b{b}"))
         if b != first:
             result.update(_stats(f"mix_b{b}_over_mix_b{first}", [m / f for m, f in zip(mix, times[f"mix_b{first}"])]))
             result.update(_stats(f"plain_b{b}_over_plain_b{first}",
