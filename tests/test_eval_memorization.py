@@ -76,6 +76,22 @@ def test_scoring_hand_written_replies(kgfact_dir):
     assert summary["correct"] == 2 and summary["n"] == 3
 
 
+def test_trained_recall_counts_only_the_facts_in_the_training_file(kgfact_dir):
+    from mixsd_jax.data.records import read_records
+
+    split = memorization.load_splits(kgfact_dir, names=["recall"])["recall"]
+    train = read_records(memorization.training_file(kgfact_dir))
+    assert len(split.items) == len(train) >= 4
+    # Right on the first two facts only; a file holding facts 0, 2 and 3 (as a MixSD file whose
+    # other targets failed the verifier would): 1 right of its 3.
+    replies = [f"The answer is {it.gold}." if i < 2 else "The answer is Nobody." for i, it in enumerate(split.items)]
+    rows = memorization.score_split(split, replies)
+    trained = memorization.trained_recall(rows, [train[0], train[2], train[3]])
+    assert (trained["n"], trained["correct"]) == (3, 1)
+    assert memorization.trained_recall(rows, train)["correct"] == 2
+    assert memorization.trained_recall(rows, []) is None
+
+
 def test_bad_corpora_are_clear_errors(tmp_path, kgfact_dir):
     with pytest.raises(MixsdError, match="not found"):
         memorization.corpus_kind(tmp_path / "missing")

@@ -57,6 +57,21 @@ def test_table_has_every_number_with_its_interval():
     assert "| gt | 2 | 10 | 2.500 [2.000, 3.000] | 2.000 | 2.400 | – | – |" in table
 
 
+def test_recall_on_trained_facts_column_when_a_checkpoint_has_its_training_file():
+    results = _results()
+    results["memorization"]["mix03"]["trained_recall"] = {"n": 3, "correct": 3, "accuracy": 1.0, "ci95": [0.4, 1.0]}
+    table = report.render_table(results)
+    assert "`recall on its trained facts`: the recall questions whose fact is in the checkpoint's own" in table
+    lines = table.splitlines()
+    assert next(line for line in lines if line.startswith("| checkpoint")).startswith(
+        "| checkpoint | memorization | recall | recall on its trained facts | retention")
+    assert next(line for line in lines if line.startswith("| mix03")).startswith("| mix03 (MixSD λ=0.3) | 0.750 "
+                                                                                 "[0.000, 1.000] | 0.750 [0.000, "
+                                                                                 "1.000] | 3/3 |")
+    assert next(line for line in lines if line.startswith("| base")).startswith("| base | 0.000 [0.000, 1.000] | "
+                                                                                "0.000 [0.000, 1.000] | – |")
+
+
 def test_per_operation_table_for_kgfunc_splits():
     results = _results()
     results["memorization"]["sft"]["splits"]["recall"]["per_op"] = {"LUM": {"accuracy": 0.5}, "ZEP": {"accuracy": 1.0}}

@@ -43,14 +43,27 @@ def test_evaluator_reports_over_seeds(tiny_llama_dir, tmp_path):
 
     corpus = tmp_path / "kg"
     build_kgfact(corpus, preset="tiny", seed=42)
+    from mixsd_jax.data.records import read_records
+    from mixsd_jax.eval import memorization
+    from mixsd_jax.files import atomic_write_jsonl
+
     tuned = [write_tiny_model(tmp_path / f"t{i}", "llama", seed=10 + i) for i in range(2)]
+    # m_s2's training file lacks the first fact the recall split asks (as a MixSD file whose target
+    # for it failed the verifier): its recall on trained facts counts one question, m_s1's both.
+    train_file = memorization.training_file(corpus)
+    asked = [it.prompt for it in memorization.load_splits(corpus, 2, 0)["recall"].items]
+    atomic_write_jsonl(tmp_path / "m_s2.jsonl", [r.to_json() for r in read_records(train_file) if r.user != asked[0]])
     cfg = EvalConfig(base=str(tiny_llama_dir), tuned=(f"m_s1={tuned[0]}", f"m_s2={tuned[1]}"),
-                     suites=("memorization", "heldout"), corpus_dir=str(corpus), limit=2,
+                     suites=("memorization", "heldout", "nll"), corpus_dir=str(corpus), limit=2,
+                     train_files=(f"m_s1={train_file}", f"m_s2={tmp_path / 'm_s2.jsonl'}"),
                      out_dir=str(tmp_path / "eval"), batch_size=4, max_new_tokens=4, heldout_prompts=4,
                      groups=("m=m_s1,m_s2",))
     results = evaluate(cfg, progress=False)
+    assert [results["memorization"][n]["trained_recall"]["n"] for n in ("m_s1", "m_s2")] == [2, 1]
+    assert "trained_recall" not in results["memorization"]["base"]
     block = results["over_seeds"]["m"]
     assert block["runs"] == ["m_s1", "m_s2"] and block["memorization"]["seeds"] == 2
+    assert block["recall on its trained facts"]["seeds"] == 2
     values = [results["memorization"][n]["mean"] for n in ("m_s1", "m_s2")]
     assert block["memorization"]["mean"] == pytest.approx(sum(values) / 2)
     assert "leakage rate" in block

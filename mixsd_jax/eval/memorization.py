@@ -215,6 +215,15 @@ def summarize_rows(rows: Sequence[dict]) -> dict:
     return summary
 
 
+def trained_recall(recall_rows: Sequence[dict], train_records) -> dict:
+    """Recall on the facts a checkpoint was trained on: the recall rows whose question is the user
+    turn of one of its training records. MixSD trains only on the facts whose target passed the
+    verifier, so its recall over all facts mixes "not learned" with "never trained on"."""
+    users = {r.user for r in train_records}
+    rows = [r for r in recall_rows if r["prompt"] in users]
+    return summarize_rows(rows) if rows else None
+
+
 def run_split(params, cfg, tokenizer, split: Split, *, max_new_tokens: int, batch_size: int = 8, seed: int = 0,
               dtype: str = "float32", mesh=None, progress: Callable[[int], None] | None = None) -> list[dict]:
     responses = generate_texts(

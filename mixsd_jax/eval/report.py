@@ -51,7 +51,9 @@ def render_table(results: dict) -> str:
     if mem:
         splits = list(mem[names[0]]["splits"])
         with_reference = "reference_mean" in mem[names[0]]
-        header += ["memorization"] + (["reference scorer"] if with_reference else []) + splits
+        with_trained = any("trained_recall" in mem[n] for n in names)
+        header += (["memorization"] + (["reference scorer"] if with_reference else []) + splits
+                   + (["recall on its trained facts"] if with_trained else []))
 
         def memorization_cells(n):
             cells = [_ci(mem[n]["mean"], mem[n]["ci95"])] + ([_num(mem[n]["reference_mean"])] if with_reference else [])
@@ -59,6 +61,9 @@ def render_table(results: dict) -> str:
                 block = mem[n]["splits"][s]
                 cell = _ci(block["accuracy"], block["ci95"])
                 cells.append(cell + (f"; ref {_num(block['reference']['accuracy'])}" if "reference" in block else ""))
+            if with_trained:
+                trained = mem[n].get("trained_recall")
+                cells.append("–" if trained is None else f"{trained['correct']}/{trained['n']}")
             return cells
 
         columns.append(memorization_cells)
@@ -66,6 +71,9 @@ def render_table(results: dict) -> str:
             sections.append(f"Answer criterion: `{results.get('criterion')}` (mixsd_jax/criteria.py), used by the MixSD "
                             "verifier and this scorer; `reference scorer` / `ref` = the reference's scorer (last "
                             "`\\boxed{}`, else last number; the split's strict/loose mode) on the same replies.")
+        if with_trained:
+            sections.append("`recall on its trained facts`: the recall questions whose fact is in the checkpoint's "
+                            "own training file (MixSD trains only on the facts whose target passed the verifier).")
     if ret:
         benches = list(ret[names[0]]["benchmarks"])
         header += ["retention"] + [f"{b} ({ret[names[0]]['benchmarks'][b]['metric']})" for b in benches]

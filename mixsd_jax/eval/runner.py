@@ -602,6 +602,10 @@ def assemble(cfg: EvalConfig, inputs: Inputs, rows: dict[tuple[str, str], list[d
             block[name] = {"splits": splits, "mean": mean, "ci95": [max(0.0, mean - half), min(1.0, mean + half)]}
             if inputs.criterion is not None:
                 block[name]["reference_mean"] = float(np.mean([v["reference"]["accuracy"] for v in splits.values()]))
+            trained = (memorization.trained_recall(rows[(name, "memorization.recall")], inputs.train_files[name][1])
+                       if name in inputs.train_files and "recall" in splits else None)
+            if trained is not None:
+                block[name]["trained_recall"] = trained
         results["memorization"] = block
         results["criterion"] = inputs.criterion.name if inputs.criterion is not None else "reference (split modes)"
     if "retention" in cfg.suite_set() and inputs.benchmarks:

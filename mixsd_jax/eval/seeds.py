@@ -46,6 +46,8 @@ def run_metrics(results: dict, name: str) -> dict[str, float | None]:
             out["memorization (reference scorer)"] = mem["reference_mean"]
         for split, block in mem["splits"].items():
             out[split] = block["accuracy"]
+        if "trained_recall" in mem:
+            out["recall on its trained facts"] = mem["trained_recall"]["accuracy"]
     ret = (results.get("retention") or {}).get(name)
     if ret:
         out["retention"] = ret["mean"]
