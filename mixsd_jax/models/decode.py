@@ -5,11 +5,8 @@ unrelated sequences of different lengths. Row r holds `lengths_R[r]` tokens in s
 with positions equal to slots, so its next token has position `lengths_R[r]` and goes to that slot.
 
 Attention walks the cache in blocks of `block` slots with an online softmax (running max, sum and
-weighted values), and only over the blocks below its side's bound: rows are grouped by side
-(row = b * sides + side; MixSD's expert rows hold the fact and its answer, so they are longer than
-the naive ones), and each side reads up to its own longest live row. The work and the KV reads of a
-step follow the live length, not the cache capacity, and the naive rows do not pay for the expert's
-longer prompts. The cache is read from the full
+weighted values), and only over the blocks below `bound` (the longest live row): the work and the
+KV reads of a step follow the live length, not the cache capacity. The cache is read from the full
 [L, R, S, K, E] array block by block (never sliced per layer first, which would copy a whole layer's
 cache every step), and the step's new keys and values are scattered in place after the layer scan.
 
@@ -34,55 +31,47 @@ def _linear(x, w, dtype):
     return jnp.einsum("...i,io->...o", x, w.astype(dtype))
 
 
-def _block_attention(q_BxKxGxE, k_self_BxKxE, v_self_BxKxE, cache_k, cache_v, layer, side, lengths_B, bound, block):
-    """softmax(q · [cache[:lengths], self]) · values for the B rows of one side, over the blocks of the
-    cache below `bound`. `cache_k`/`cache_v` are the [L, B, sides, S, K, E] view of the cache (a
-    reshape, no copy): each block is read for this side's rows only."""
-    B, K, G, E = q_BxKxGxE.shape
+def _block_attention(q_RxKxGxE, k_self_RxKxE, v_self_RxKxE, cache_k, cache_v, layer, lengths_R, bound, block):
+    """softmax(q · [cache[:lengths], self]) · values for every row, blocks of the cache below `bound`."""
+    R, K, G, E = q_RxKxGxE.shape
     scale = 1.0 / math.sqrt(E)
-    vdtype = v_self_BxKxE.dtype
-    m_BxKxG = jnp.einsum("bkge,bke->bkg", q_BxKxGxE, k_self_BxKxE, preferred_element_type=jnp.float32) * scale
-    l_BxKxG = jnp.ones_like(m_BxKxG)
-    acc_BxKxGxE = jnp.broadcast_to(v_self_BxKxE[:, :, None, :], (B, K, G, E)).astype(jnp.float32)
+    vdtype = v_self_RxKxE.dtype
+    m_RxKxG = jnp.einsum("rkge,rke->rkg", q_RxKxGxE, k_self_RxKxE, preferred_element_type=jnp.float32) * scale
+    l_RxKxG = jnp.ones_like(m_RxKxG)
+    acc_RxKxGxE = jnp.broadcast_to(v_self_RxKxE[:, :, None, :], (R, K, G, E)).astype(jnp.float32)
 
     def one_block(i, carry):
         m, l, acc = carry
         start = i * block
-        corner, size = (layer, 0, side, start, 0, 0), (1, B, 1, block, K, E)
-        k_BxSxKxE = jax.lax.dynamic_slice(cache_k, corner, size)[0, :, 0].astype(vdtype)
-        v_BxSxKxE = jax.lax.dynamic_slice(cache_v, corner, size)[0, :, 0].astype(vdtype)
-        s = jnp.einsum("bkge,bske->bkgs", q_BxKxGxE, k_BxSxKxE, preferred_element_type=jnp.float32) * scale
-        seen_BxS = (start + jnp.arange(block))[None, :] < lengths_B[:, None]
-        s = jnp.where(seen_BxS[:, None, None, :], s, _MASKED)
+        k_RxSxKxE = jax.lax.dynamic_slice(cache_k, (layer, 0, start, 0, 0), (1, R, block, K, E))[0].astype(vdtype)
+        v_RxSxKxE = jax.lax.dynamic_slice(cache_v, (layer, 0, start, 0, 0), (1, R, block, K, E))[0].astype(vdtype)
+        s = jnp.einsum("rkge,rske->rkgs", q_RxKxGxE, k_RxSxKxE, preferred_element_type=jnp.float32) * scale
+        seen_RxS = (start + jnp.arange(block))[None, :] < lengths_R[:, None]
+        s = jnp.where(seen_RxS[:, None, None, :], s, _MASKED)
         m_new = jnp.maximum(m, s.max(axis=-1))
         correction = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
         l = l * correction + p.sum(axis=-1)
         acc = acc * correction[..., None] + jnp.einsum(
-            "bkgs,bske->bkge", p.astype(vdtype), v_BxSxKxE, preferred_element_type=jnp.float32
+            "rkgs,rske->rkge", p.astype(vdtype), v_RxSxKxE, preferred_element_type=jnp.float32
         )
         return m_new, l, acc
 
     n_blocks = (bound + block - 1) // block
-    _, l_BxKxG, acc_BxKxGxE = jax.lax.fori_loop(0, n_blocks, one_block, (m_BxKxG, l_BxKxG, acc_BxKxGxE))
-    return (acc_BxKxGxE / l_BxKxG[..., None]).astype(vdtype).reshape(B, K * G * E)
+    _, l_RxKxG, acc_RxKxGxE = jax.lax.fori_loop(0, n_blocks, one_block, (m_RxKxG, l_RxKxG, acc_RxKxGxE))
+    return (acc_RxKxGxE / l_RxKxG[..., None]).astype(vdtype).reshape(R, K * G * E)
 
 
-def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k, cache_v, bounds, *, dtype, block):
+def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k, cache_v, bound, *, dtype, block):
     """Feed one token per row; returns (final-norm hidden [R, D], cache_k, cache_v).
 
     `write_R` is the slot each row's new key/value goes to (a row that is not decoding passes the
-    capacity S: the write is dropped). `bounds` [sides] holds one bound per side (rows b * sides +
-    side): no row of a side reads a slot at or past its bound.
+    capacity S: the write is dropped). `bound` is a scalar: no row reads a slot at or past it.
     """
-    R, sides = tokens_R.shape[0], bounds.shape[0]
-    B = R // sides
+    R = tokens_R.shape[0]
     L, K, E, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
     inv_freq = tf.rope_inv_freq(cfg)
     positions_Rx1 = lengths_R[:, None]
-    lengths_BxT = lengths_R.reshape(B, sides)
-    view = (L, B, sides, *cache_k.shape[2:])
-    cache_k_by_side, cache_v_by_side = cache_k.reshape(view), cache_v.reshape(view)
 
     def layer_body(x_RxD, inputs):
         p, layer = inputs
@@ -99,14 +88,9 @@ def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k,
         # Through the cache dtype first, so this step sees its own key exactly as later steps will.
         k_RxKxE = k_RxKxE.astype(cache_k.dtype).astype(dtype)
         v_RxKxE = v_RxKxE.astype(cache_v.dtype).astype(dtype)
-        q_BxTxKxGxE = q_RxHxE.reshape(B, sides, K, H // K, E)
-        k_BxTxKxE, v_BxTxKxE = k_RxKxE.reshape(B, sides, K, E), v_RxKxE.reshape(B, sides, K, E)
-        attn_BxTxF = jnp.stack([
-            _block_attention(q_BxTxKxGxE[:, t], k_BxTxKxE[:, t], v_BxTxKxE[:, t], cache_k_by_side, cache_v_by_side,
-                             layer, t, lengths_BxT[:, t], bounds[t], block)
-            for t in range(sides)
-        ], axis=1)
-        x_RxD = x_RxD + _linear(attn_BxTxF.reshape(R, -1), p["wo"], dtype)
+        attn = _block_attention(q_RxHxE.reshape(R, K, H // K, E), k_RxKxE, v_RxKxE, cache_k, cache_v, layer,
+                                lengths_R, bound, block)
+        x_RxD = x_RxD + _linear(attn, p["wo"], dtype)
         h = tf.rms_norm(x_RxD, p["mlp_norm"], cfg.rms_norm_eps)
         gated = jax.nn.silu(_linear(h, p["w_gate"], dtype)) * _linear(h, p["w_up"], dtype)
         return x_RxD + _linear(gated, p["w_down"], dtype), (k_RxKxE, v_RxKxE)

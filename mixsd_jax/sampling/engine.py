@@ -9,9 +9,8 @@ asynchronous; the host only waits when it reads that segment's small result).
 
 The cache grows with the longest live row (capacity = block * 2^k slots, copied up when needed, never
 more than a row can use: min(max_model_len, prompt + max_new_tokens) plus one segment) and
-each step's attention reads only the blocks below the longest live row of each side (the naive rows
-do not read up to the expert's longer prompts), so time and memory follow the live length, not
-`max_new_tokens`.
+each step's attention reads only the blocks below the longest live row, so time and memory follow
+the live length, not `max_new_tokens`.
 
 Multi-process: every process runs this same loop on the same queue; inputs go to the mesh with
 `multihost.put_global` and results come back whole to each process with `multihost.fetch`.
