@@ -215,10 +215,11 @@ def summarize_rows(rows: Sequence[dict]) -> dict:
     return summary
 
 
-def trained_recall(recall_rows: Sequence[dict], train_records) -> dict:
+def trained_recall(recall_rows: Sequence[dict], train_records) -> dict | None:
     """Recall on the facts a checkpoint was trained on: the recall rows whose question is the user
     turn of one of its training records. MixSD trains only on the facts whose target passed the
-    verifier, so its recall over all facts mixes "not learned" with "never trained on"."""
+    verifier, so its recall over all facts mixes "not learned" with "never trained on". None when
+    no recall question is in the file."""
     users = {r.user for r in train_records}
     rows = [r for r in recall_rows if r["prompt"] in users]
     return summarize_rows(rows) if rows else None
