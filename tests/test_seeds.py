@@ -6,8 +6,11 @@ import math
 import pytest
 
 from mixsd_jax.data.kgfact import build_kgfact
+from mixsd_jax.data.records import read_records
 from mixsd_jax.errors import MixsdError
+from mixsd_jax.eval import memorization
 from mixsd_jax.eval.seeds import mean_interval
+from mixsd_jax.files import atomic_write_jsonl
 from mixsd_jax.models.tiny import write_tiny_model
 
 
@@ -43,10 +46,6 @@ def test_evaluator_reports_over_seeds(tiny_llama_dir, tmp_path):
 
     corpus = tmp_path / "kg"
     build_kgfact(corpus, preset="tiny", seed=42)
-    from mixsd_jax.data.records import read_records
-    from mixsd_jax.eval import memorization
-    from mixsd_jax.files import atomic_write_jsonl
-
     tuned = [write_tiny_model(tmp_path / f"t{i}", "llama", seed=10 + i) for i in range(2)]
     # m_s2's training file lacks the first fact the recall split asks (as a MixSD file whose target
     # for it failed the verifier): its recall on trained facts counts one question, m_s1's both.
