@@ -5,10 +5,13 @@ unrelated sequences of different lengths. Row r holds `lengths_R[r]` tokens in s
 with positions equal to slots, so its next token has position `lengths_R[r]` and goes to that slot.
 
 Attention walks the cache in blocks of `block` slots with an online softmax (running max, sum and
-weighted values), and only over the blocks below `bound` (the longest live row): the work and the
-KV reads of a step follow the live length, not the cache capacity. The cache is read from the full
-[L, R, S, K, E] array block by block (never sliced per layer first, which would copy a whole layer's
-cache every step), and the step's new keys and values are scattered in place after the layer scan.
+weighted values), and only over the blocks below the longest live row: the work and the KV reads of
+a step follow the live length, not the cache capacity. Rows come in groups of `sides` (row
+b * sides + side: a MixSD record's expert and naive rows), and each side has its own bound: the
+naive rows' shorter prompts do not walk the blocks only the expert prompts reach. The cache is read
+from the full [L, R, S, K, E] array block by block (never sliced per layer first, which would copy
+a whole layer's cache every step), and the step's new keys and values are scattered in place after
+the layer scan.
 
 A masked score is a finite -1e30 and every row first sees its own new token, so a block beyond a
 row's length adds exactly zero: a row's result never depends on its neighbours' lengths.
@@ -31,9 +34,21 @@ def _linear(x, w, dtype):
     return jnp.einsum("...i,io->...o", x, w.astype(dtype))
 
 
-def _block_attention(q_RxKxGxE, k_self_RxKxE, v_self_RxKxE, cache_k, cache_v, layer, lengths_R, bound, block):
-    """softmax(q · [cache[:lengths], self]) · values for every row, blocks of the cache below `bound`."""
+def _block_attention(q_RxKxGxE, k_self_RxKxE, v_self_RxKxE, cache_k, cache_v, layer, side, sides, lengths_R, bound,
+                     block):
+    """softmax(q · [cache[:lengths], self]) · values for the rows of one side (q's R rows are cache
+    rows side, side + sides, ...), over the blocks of the cache below `bound`."""
     R, K, G, E = q_RxKxGxE.shape
+    L, _, S = cache_k.shape[:3]
+    if sides > 1:  # [L, R * sides, S, K, E] viewed as [L, R, sides, S, K, E]: a reshape of contiguous memory
+        cache_k, cache_v = (c.reshape(L, R, sides, S, K, E) for c in (cache_k, cache_v))
+
+    def read(cache, start):
+        # With one side the cache is sliced as it is: measured on XLA's CPU backend, the [L, R, 1, S, K, E]
+        # view made plain decoding 2x slower.
+        if sides == 1:
+            return jax.lax.dynamic_slice(cache, (layer, 0, start, 0, 0), (1, R, block, K, E))[0]
+        return jax.lax.dynamic_slice(cache, (layer, 0, side, start, 0, 0), (1, R, 1, block, K, E))[0, :, 0]
     scale = 1.0 / math.sqrt(E)
     vdtype = v_self_RxKxE.dtype
     m_RxKxG = jnp.einsum("rkge,rke->rkg", q_RxKxGxE, k_self_RxKxE, preferred_element_type=jnp.float32) * scale
@@ -43,8 +58,7 @@ def _block_attention(q_RxKxGxE, k_self_RxKxE, v_self_RxKxE, cache_k, cache_v, la
     def one_block(i, carry):
         m, l, acc = carry
         start = i * block
-        k_RxSxKxE = jax.lax.dynamic_slice(cache_k, (layer, 0, start, 0, 0), (1, R, block, K, E))[0].astype(vdtype)
-        v_RxSxKxE = jax.lax.dynamic_slice(cache_v, (layer, 0, start, 0, 0), (1, R, block, K, E))[0].astype(vdtype)
+        k_RxSxKxE, v_RxSxKxE = read(cache_k, start).astype(vdtype), read(cache_v, start).astype(vdtype)
         s = jnp.einsum("rkge,rske->rkgs", q_RxKxGxE, k_RxSxKxE, preferred_element_type=jnp.float32) * scale
         seen_RxS = (start + jnp.arange(block))[None, :] < lengths_R[:, None]
         s = jnp.where(seen_RxS[:, None, None, :], s, _MASKED)
@@ -62,13 +76,14 @@ def _block_attention(q_RxKxGxE, k_self_RxKxE, v_self_RxKxE, cache_k, cache_v, la
     return (acc_RxKxGxE / l_RxKxG[..., None]).astype(vdtype).reshape(R, K * G * E)
 
 
-def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k, cache_v, bound, *, dtype, block):
+def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k, cache_v, bounds, *, dtype, block):
     """Feed one token per row; returns (final-norm hidden [R, D], cache_k, cache_v).
 
     `write_R` is the slot each row's new key/value goes to (a row that is not decoding passes the
-    capacity S: the write is dropped). `bound` is a scalar: no row reads a slot at or past it.
+    capacity S: the write is dropped). `bounds` [sides]: no row of side s (rows s, s + sides, ...)
+    reads a slot at or past bounds[s].
     """
-    R = tokens_R.shape[0]
+    R, sides = tokens_R.shape[0], bounds.shape[0]
     L, K, E, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
     inv_freq = tf.rope_inv_freq(cfg)
     positions_Rx1 = lengths_R[:, None]
@@ -88,8 +103,14 @@ def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k,
         # Through the cache dtype first, so this step sees its own key exactly as later steps will.
         k_RxKxE = k_RxKxE.astype(cache_k.dtype).astype(dtype)
         v_RxKxE = v_RxKxE.astype(cache_v.dtype).astype(dtype)
-        attn = _block_attention(q_RxHxE.reshape(R, K, H // K, E), k_RxKxE, v_RxKxE, cache_k, cache_v, layer,
-                                lengths_R, bound, block)
+        by_side = lambda x: x.reshape(R // sides, sides, *x.shape[1:])  # noqa: E731 - rows -> [B, sides, ...]
+        q_BxSxKxGxE, k_BxSxKxE, v_BxSxKxE = by_side(q_RxHxE.reshape(R, K, H // K, E)), by_side(k_RxKxE), by_side(v_RxKxE)
+        lengths_BxS = by_side(lengths_R)
+        attn = jnp.stack([
+            _block_attention(q_BxSxKxGxE[:, s], k_BxSxKxE[:, s], v_BxSxKxE[:, s], cache_k, cache_v, layer, s, sides,
+                             lengths_BxS[:, s], bounds[s], block)
+            for s in range(sides)
+        ], axis=1).reshape(R, -1)
         x_RxD = x_RxD + _linear(attn, p["wo"], dtype)
         h = tf.rms_norm(x_RxD, p["mlp_norm"], cfg.rms_norm_eps)
         gated = jax.nn.silu(_linear(h, p["w_gate"], dtype)) * _linear(h, p["w_up"], dtype)

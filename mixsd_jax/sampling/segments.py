@@ -193,7 +193,8 @@ def decode_segment(params, state: dict, naive_prob, stop_ids, refill_at, *, spec
         # Only records still running feed their token; a stopped row's write is dropped (index S).
         hidden_RxD, cache_k, cache_v = decode_step(
             params, cfg, jnp.repeat(token_B, sides), lengths_R, jnp.where(running_R, lengths_R, S),
-            st["cache_k"], st["cache_v"], jnp.max(jnp.where(running_R, lengths_R, 0)), dtype=dtype, block=spec.block,
+            st["cache_k"], st["cache_v"], jnp.max(jnp.where(running_R, lengths_R, 0).reshape(B, sides), axis=0),
+            dtype=dtype, block=spec.block,
         )
         st = {
             **st,
