@@ -15,29 +15,32 @@ the layer scan.
 
 A masked score is a finite -1e30 and every row first sees its own new token, so a block beyond a
 row's length adds exactly zero: a row's result never depends on its neighbours' lengths.
+
+A sliding-window layer (Gemma 3) also starts its walk late: at the block holding the oldest slot
+inside the window of the side's shortest decoding row, so it reads at most its window (plus one
+block, and the spread of the side's lengths) whatever the context length.
+
+The layer itself is `block.block`, the one training and prefill use; only the attention differs.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 
 import jax
 import jax.numpy as jnp
 
-from mixsd_jax.models import transformer as tf
+from mixsd_jax.models.attention import MASKED
+from mixsd_jax.models.block import block as decoder_block, layer_variants, norm, rope_inv_freq, embed
 from mixsd_jax.models.config import ModelConfig
-
-_MASKED = -1e30
-
-
-def _linear(x, w, dtype):
-    return jnp.einsum("...i,io->...o", x, w.astype(dtype))
 
 
 def _block_attention(q_RxKxGxE, k_self_RxKxE, v_self_RxKxE, cache_k, cache_v, layer, side, sides, lengths_R, bound,
-                     block):
+                     block, divisor, window=None, first=None):
     """softmax(q · [cache[:lengths], self]) · values for the rows of one side (q's R rows are cache
-    rows side, side + sides, ...), over the blocks of the cache below `bound`."""
+    rows side, side + sides, ...), over the blocks of the cache below `bound`. With a `window`, a
+    row sees only the slots fewer than `window` behind its new token, and the walk starts at the
+    block of slot `first - window + 1` (`first`: the side's shortest decoding row's length)."""
     R, K, G, E = q_RxKxGxE.shape
     L, _, S = cache_k.shape[:3]
     if sides > 1:  # [L, R * sides, S, K, E] viewed as [L, R, sides, S, K, E]: a reshape of contiguous memory
@@ -49,7 +52,7 @@ def _block_attention(q_RxKxGxE, k_self_RxKxE, v_self_RxKxE, cache_k, cache_v, la
         if sides == 1:
             return jax.lax.dynamic_slice(cache, (layer, 0, start, 0, 0), (1, R, block, K, E))[0]
         return jax.lax.dynamic_slice(cache, (layer, 0, side, start, 0, 0), (1, R, 1, block, K, E))[0, :, 0]
-    scale = 1.0 / math.sqrt(E)
+    scale = 1.0 / divisor
     vdtype = v_self_RxKxE.dtype
     m_RxKxG = jnp.einsum("rkge,rke->rkg", q_RxKxGxE, k_self_RxKxE, preferred_element_type=jnp.float32) * scale
     l_RxKxG = jnp.ones_like(m_RxKxG)
@@ -60,8 +63,11 @@ def _block_attention(q_RxKxGxE, k_self_RxKxE, v_self_RxKxE, cache_k, cache_v, la
         start = i * block
         k_RxSxKxE, v_RxSxKxE = read(cache_k, start).astype(vdtype), read(cache_v, start).astype(vdtype)
         s = jnp.einsum("rkge,rske->rkgs", q_RxKxGxE, k_RxSxKxE, preferred_element_type=jnp.float32) * scale
-        seen_RxS = (start + jnp.arange(block))[None, :] < lengths_R[:, None]
-        s = jnp.where(seen_RxS[:, None, None, :], s, _MASKED)
+        slots_S = start + jnp.arange(block)
+        seen_RxS = slots_S[None, :] < lengths_R[:, None]
+        if window is not None:
+            seen_RxS = seen_RxS & (slots_S[None, :] > (lengths_R - window)[:, None])
+        s = jnp.where(seen_RxS[:, None, None, :], s, MASKED)
         m_new = jnp.maximum(m, s.max(axis=-1))
         correction = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
@@ -72,7 +78,8 @@ def _block_attention(q_RxKxGxE, k_self_RxKxE, v_self_RxKxE, cache_k, cache_v, la
         return m_new, l, acc
 
     n_blocks = (bound + block - 1) // block
-    _, l_RxKxG, acc_RxKxGxE = jax.lax.fori_loop(0, n_blocks, one_block, (m_RxKxG, l_RxKxG, acc_RxKxGxE))
+    first_block = 0 if window is None else jnp.maximum(first - window + 1, 0) // block
+    _, l_RxKxG, acc_RxKxGxE = jax.lax.fori_loop(first_block, n_blocks, one_block, (m_RxKxG, l_RxKxG, acc_RxKxGxE))
     return (acc_RxKxGxE / l_RxKxG[..., None]).astype(vdtype).reshape(R, K * G * E)
 
 
@@ -85,40 +92,39 @@ def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k,
     """
     R, sides = tokens_R.shape[0], bounds.shape[0]
     L, K, E, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
-    inv_freq = tf.rope_inv_freq(cfg)
+    S = cache_k.shape[2]
+    variants = layer_variants(cfg)
+    inv_freq = rope_inv_freq(cfg)
     positions_Rx1 = lengths_R[:, None]
+    by_side = lambda x: x.reshape(R // sides, sides, *x.shape[1:])  # noqa: E731 - rows -> [B, sides, ...]
+    lengths_BxS = by_side(lengths_R)
+    # The shortest decoding row of each side: where a sliding window's walk over the cache starts.
+    firsts = jnp.min(jnp.where(by_side(write_R) < S, lengths_BxS, S), axis=0)
 
-    def layer_body(x_RxD, inputs):
-        p, layer = inputs
-        h = tf.rms_norm(x_RxD, p["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = _linear(h, p["wq"], dtype), _linear(h, p["wk"], dtype), _linear(h, p["wv"], dtype)
-        if cfg.qkv_bias:
-            q, k, v = q + p["bq"].astype(dtype), k + p["bk"].astype(dtype), v + p["bv"].astype(dtype)
-        q_Rx1xHxE, k_Rx1xKxE, v_RxKxE = q.reshape(R, 1, H, E), k.reshape(R, 1, K, E), v.reshape(R, K, E)
-        if cfg.qk_norm:
-            q_Rx1xHxE = tf.rms_norm(q_Rx1xHxE, p["q_norm"], cfg.rms_norm_eps)
-            k_Rx1xKxE = tf.rms_norm(k_Rx1xKxE, p["k_norm"], cfg.rms_norm_eps)
-        q_RxHxE = tf.apply_rope(q_Rx1xHxE, positions_Rx1, inv_freq)[:, 0]
-        k_RxKxE = tf.apply_rope(k_Rx1xKxE, positions_Rx1, inv_freq)[:, 0]
+    def attend(layer, window, q_Rx1xHxE, k_Rx1xKxE, v_Rx1xKxE):
         # Through the cache dtype first, so this step sees its own key exactly as later steps will.
-        k_RxKxE = k_RxKxE.astype(cache_k.dtype).astype(dtype)
-        v_RxKxE = v_RxKxE.astype(cache_v.dtype).astype(dtype)
-        by_side = lambda x: x.reshape(R // sides, sides, *x.shape[1:])  # noqa: E731 - rows -> [B, sides, ...]
-        q_BxSxKxGxE, k_BxSxKxE, v_BxSxKxE = by_side(q_RxHxE.reshape(R, K, H // K, E)), by_side(k_RxKxE), by_side(v_RxKxE)
-        lengths_BxS = by_side(lengths_R)
+        k_RxKxE = k_Rx1xKxE[:, 0].astype(cache_k.dtype).astype(dtype)
+        v_RxKxE = v_Rx1xKxE[:, 0].astype(cache_v.dtype).astype(dtype)
+        q_BxSxKxGxE = by_side(q_Rx1xHxE[:, 0].reshape(R, K, H // K, E))
+        k_BxSxKxE, v_BxSxKxE = by_side(k_RxKxE), by_side(v_RxKxE)
         attn = jnp.stack([
             _block_attention(q_BxSxKxGxE[:, s], k_BxSxKxE[:, s], v_BxSxKxE[:, s], cache_k, cache_v, layer, s, sides,
-                             lengths_BxS[:, s], bounds[s], block)
+                             lengths_BxS[:, s], bounds[s], block, cfg.attention_divisor, window, firsts[s])
             for s in range(sides)
-        ], axis=1).reshape(R, -1)
-        x_RxD = x_RxD + _linear(attn, p["wo"], dtype)
-        h = tf.rms_norm(x_RxD, p["mlp_norm"], cfg.rms_norm_eps)
-        gated = jax.nn.silu(_linear(h, p["w_gate"], dtype)) * _linear(h, p["w_up"], dtype)
-        return x_RxD + _linear(gated, p["w_down"], dtype), (k_RxKxE, v_RxKxE)
+        ], axis=1).reshape(R, 1, -1)
+        return attn, (k_RxKxE, v_RxKxE)
 
-    x_RxD = params["embed"].astype(dtype)[tokens_R]
-    x_RxD, (k_LxRxKxE, v_LxRxKxE) = jax.lax.scan(layer_body, x_RxD, (params["layers"], jnp.arange(L)))
+    def layer_body(x_Rx1xD, inputs):
+        p, layer, variant = inputs
+        window = None if variant is None else variant["window"]
+        x_Rx1xD, kv, _ = decoder_block(p, cfg, x_Rx1xD, positions_Rx1,
+                                       inv_freq if variant is None else variant["inv_freq"],
+                                       functools.partial(attend, layer, window), dtype=dtype)
+        return x_Rx1xD, kv
+
+    x_Rx1xD = embed(params, cfg, tokens_R[:, None], dtype)
+    x_Rx1xD, (k_LxRxKxE, v_LxRxKxE) = jax.lax.scan(layer_body, x_Rx1xD, (params["layers"], jnp.arange(L), variants))
     rows = jnp.arange(R)
     cache_k = cache_k.at[:, rows, write_R].set(k_LxRxKxE.astype(cache_k.dtype), mode="drop")
     cache_v = cache_v.at[:, rows, write_R].set(v_LxRxKxE.astype(cache_v.dtype), mode="drop")
-    return tf.rms_norm(x_RxD, params["final_norm"], cfg.rms_norm_eps), cache_k, cache_v
+    return norm(x_Rx1xD[:, 0], params["final_norm"], cfg), cache_k, cache_v

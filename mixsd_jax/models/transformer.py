@@ -1,4 +1,4 @@
-"""Decoder-only transformer (Llama / Qwen2 / Qwen3) as pure functions over a parameter pytree.
+"""Decoder-only transformer (Llama / Qwen2 / Qwen3 / Gemma 3) as pure functions over a parameter pytree.
 
 Conventions. Dimension letters in names: B batch, T new tokens, S cache slots, D hidden, H query
 heads, K kv heads, G = H/K query heads per kv head, E head dim, F ffn, V vocab, L layers.
@@ -11,24 +11,28 @@ incremental decoding are all this one rule.
 
 The KV cache is a dict: `k`, `v` [L, B, S, K, E], `valid` [B, S] (slot holds a real token) and `end` (scalar int32: next
 slot to write; the same for every row, because prompts are right-padded into the same slots and
-positions are carried explicitly, so slots need not equal positions).
+positions are carried explicitly, so slots need not equal positions). Models with sliding-window
+layers also keep `positions` [B, S] (each slot's position), which their windows are measured in.
+
+The layers themselves are `block.block`, one function for training, prefill and decoding; this
+module chooses how they attend (dense, blockwise or against the cache) and scans them.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from mixsd_jax.models.attention import (  # noqa: F401 - attention, rms_norm, apply_rope: re-exported
+    attention, attention_with_cache, blockwise_attention, sequence_mask, within_window,
+)
+from mixsd_jax.models.block import apply_rope, block, embed, layer_variants, norm, rms_norm, rope_inv_freq  # noqa: F401
 from mixsd_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
-
-_MASKED = -1e30  # finite, so a fully masked (pad) query row yields a finite softmax, not NaN
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -52,6 +56,8 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
         layers.update(bq=(L, cfg.q_dim), bk=(L, cfg.kv_dim), bv=(L, cfg.kv_dim))
     if cfg.qk_norm:
         layers.update(q_norm=(L, cfg.head_dim), k_norm=(L, cfg.head_dim))
+    if cfg.sandwich_norms:
+        layers.update(post_attn_norm=(L, D), post_mlp_norm=(L, D))
     shapes: dict[str, Any] = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (D, V)
@@ -59,198 +65,20 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
-    """Random parameters (normal 0.02, norms at 1, biases at 0): for tests and benchmarks."""
+    """Random parameters (normal 0.02, norms at 1, biases at 0): for tests and benchmarks. Norms
+    stored as an offset from 1 (Gemma) start at 0."""
     flat, treedef = jax.tree.flatten_with_path(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
     leaves = []
     for i, (path, shape) in enumerate(flat):
         name = path[-1].key
         if name.endswith("norm"):
-            leaves.append(jnp.ones(shape, dtype))
+            leaves.append(jnp.zeros(shape, dtype) if cfg.norm_offset else jnp.ones(shape, dtype))
         elif name.startswith("b"):
             leaves.append(jnp.zeros(shape, dtype))
         else:
             leaves.append((0.02 * jax.random.normal(jax.random.fold_in(key, i), shape)).astype(dtype))
     return jax.tree.unflatten(treedef, leaves)
 
-
-# ----------------------------------------------------------------------------- pieces
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    # As transformers: normalise in f32, cast back, then scale.
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight.astype(x.dtype) * x32.astype(x.dtype)
-
-
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-    E = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E))
-    s = cfg.rope_scaling
-    if s is None:
-        return inv_freq
-    if s.rope_type == "linear":
-        return inv_freq / s.factor
-    # llama3: long wavelengths slowed by `factor`, short kept, a smooth blend in between.
-    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = jnp.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor
-    )
-    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
-    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return jnp.where(is_medium, blended, scaled)
-
-
-def apply_rope(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    # Half-split rotation (transformers' rotate_half), angles in f32.
-    angles_BxTxE2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
-    cos = jnp.cos(angles_BxTxE2)[:, :, None, :]
-    sin = jnp.sin(angles_BxTxE2)[:, :, None, :]
-    x1, x2 = jnp.split(x_BxTxNxE.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BxTxNxE.dtype)
-
-
-def attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS) -> jax.Array:
-    B, T, H, E = q_BxTxHxE.shape
-    K = k_BxSxKxE.shape[2]
-    q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
-    scores = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(E)
-    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxE.dtype)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v_BxSxKxE)
-    return out.reshape(B, T, H * E)
-
-
-def blockwise_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_ids_BxT, block: int) -> jax.Array:
-    """`attention` over the sequence itself (causal, same segment, real tokens), computed block by
-    block with an online softmax (FlashAttention's recurrence), so no [T, T] scores exist: the
-    largest buffer is one [block, block] tile of scores per head. Both loops are rematerialised, so
-    the backward pass keeps one running (max, sum, output) per query block and key block instead of
-    the probabilities. Equal to `attention` to round-off, pad rows included (a fully masked row
-    averages every value in both)."""
-    B, T, H, E = q_BxTxHxE.shape
-    K = k_BxTxKxE.shape[2]
-    G = H // K
-    pad = -T % block
-    idx_T = jnp.arange(T + pad)
-    if pad:  # padded keys and queries are segment 0: masked out, then cut off
-        q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
-                                           for a in (q_BxTxHxE, k_BxTxKxE, v_BxTxKxE))
-        segment_ids_BxT = jnp.pad(segment_ids_BxT, ((0, 0), (0, pad)))
-    n = (T + pad) // block
-
-    def blocks(a):  # [B, n*C, ...] -> [n, B, C, ...]
-        return jnp.moveaxis(a.reshape(B, n, block, *a.shape[2:]), 1, 0)
-
-    q_blocks = blocks(q_BxTxHxE.reshape(B, T + pad, K, G, E))
-    kv_blocks = (blocks(k_BxTxKxE), blocks(v_BxTxKxE), blocks(segment_ids_BxT), idx_T.reshape(n, block))
-    scale = 1.0 / math.sqrt(E)
-
-    def query_block(_, xs):
-        q_BxCxKxGxE, seg_q_BxC, idx_q_C = xs
-
-        def key_block(carry, ys):
-            m_BxKxGxC, l_BxKxGxC, acc_BxKxGxCxE = carry
-            k_BxCxKxE, v_BxCxKxE, seg_k_BxC, idx_k_C = ys
-            s = jnp.einsum("bqkge,bske->bkgqs", q_BxCxKxGxE, k_BxCxKxE, preferred_element_type=jnp.float32) * scale
-            mask_BxCxC = (
-                (idx_q_C[:, None] >= idx_k_C[None, :])[None]
-                & (seg_q_BxC[:, :, None] == seg_k_BxC[:, None, :])
-                & (seg_q_BxC != 0)[:, :, None]
-            )
-            # Keys past T (block padding) rank below masked ones, so a fully masked query averages
-            # the T real values, as in `attention`.
-            masked_C = jnp.where(idx_k_C < T, _MASKED, 3 * _MASKED)
-            s = jnp.where(mask_BxCxC[:, None, None], s, masked_C)
-            m_new = jnp.maximum(m_BxKxGxC, jnp.max(s, axis=-1))
-            p = jnp.exp(s - m_new[..., None])
-            correction = jnp.exp(m_BxKxGxC - m_new)
-            l_new = l_BxKxGxC * correction + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bkgqs,bske->bkgqe", p.astype(v_BxCxKxE.dtype), v_BxCxKxE,
-                            preferred_element_type=jnp.float32)
-            return (m_new, l_new, acc_BxKxGxCxE * correction[..., None] + pv), None
-
-        init = (jnp.full((B, K, G, block), _MASKED, jnp.float32), jnp.zeros((B, K, G, block), jnp.float32),
-                jnp.zeros((B, K, G, block, E), jnp.float32))
-        body = jax.checkpoint(key_block, prevent_cse=False)
-        (_, l, acc), _ = jax.lax.scan(body, init, kv_blocks)
-        out_BxKxGxCxE = acc / l[..., None]
-        return None, jnp.transpose(out_BxKxGxCxE, (0, 3, 1, 2, 4)).reshape(B, block, H * E)
-
-    _, out_nxBxCxD = jax.lax.scan(jax.checkpoint(query_block, prevent_cse=False), None,
-                                  (q_blocks, blocks(segment_ids_BxT), idx_T.reshape(n, block)))
-    out_BxTxD = jnp.moveaxis(out_nxBxCxD, 0, 1).reshape(B, T + pad, H * E)[:, :T]
-    return out_BxTxD.astype(v_BxTxKxE.dtype)
-
-
-def attention_with_cache(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, old_mask_BxTxS, k_BxTxKxE, v_BxTxKxE, new_mask_BxTxT):
-    """Attention over cached slots and the new tokens jointly, without concatenating the cache."""
-    B, T, H, E = q_BxTxHxE.shape
-    K = k_BxSxKxE.shape[2]
-    q = q_BxTxHxE.reshape(B, T, K, H // K, E)
-    old = jnp.einsum("btkge,bske->bkgts", q, k_BxSxKxE, preferred_element_type=jnp.float32) / math.sqrt(E)
-    new = jnp.einsum("btkge,bske->bkgts", q, k_BxTxKxE, preferred_element_type=jnp.float32) / math.sqrt(E)
-    old = jnp.where(old_mask_BxTxS[:, None, None], old, _MASKED)
-    new = jnp.where(new_mask_BxTxT[:, None, None], new, _MASKED)
-    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v_BxSxKxE.dtype)
-    S = k_BxSxKxE.shape[1]
-    out = jnp.einsum("bkgts,bske->btkge", probs[..., :S], v_BxSxKxE) + jnp.einsum(
-        "bkgts,bske->btkge", probs[..., S:], v_BxTxKxE
-    )
-    return out.reshape(B, T, H * E)
-
-
-def _linear(x, w, dtype):
-    # As one 2-D matmul over the flattened leading dims: differentiated, the weight gradient is
-    # then a plain [in, N] x [N, out] matmul. Through "...i,io->...o" on [B, T, in] it contracts
-    # two dims at once, which XLA:CPU runs off its fast matmul path (2x slower for SmolLM2's MLP).
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), w.astype(dtype))
-    return y.reshape(*x.shape[:-1], w.shape[-1])
-
-
-# ----------------------------------------------------------------------------- forward
-
-
-def _layer(p, cfg: ModelConfig, x_BxTxD, positions_BxT, inv_freq, new_mask_BxTxT, cached, old_mask_BxTxS, dtype,
-           segment_ids_BxT=None, attention_block=0):
-    """One decoder block; returns the new hidden states and this call's keys and values."""
-    B, T, _ = x_BxTxD.shape
-    h = rms_norm(x_BxTxD, p["attn_norm"], cfg.rms_norm_eps)
-    q = _linear(h, p["wq"], dtype)
-    k = _linear(h, p["wk"], dtype)
-    v = _linear(h, p["wv"], dtype)
-    if cfg.qkv_bias:
-        q, k, v = q + p["bq"].astype(dtype), k + p["bk"].astype(dtype), v + p["bv"].astype(dtype)
-    q_BxTxHxE = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
-    k_BxTxKxE = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    v_BxTxKxE = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.qk_norm:
-        q_BxTxHxE = rms_norm(q_BxTxHxE, p["q_norm"], cfg.rms_norm_eps)
-        k_BxTxKxE = rms_norm(k_BxTxKxE, p["k_norm"], cfg.rms_norm_eps)
-    q_BxTxHxE = apply_rope(q_BxTxHxE, positions_BxT, inv_freq)
-    k_BxTxKxE = apply_rope(k_BxTxKxE, positions_BxT, inv_freq)
-    if cached is None:
-        if attention_block:
-            attn = blockwise_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_ids_BxT, attention_block)
-        else:
-            attn = attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, new_mask_BxTxT)
-    else:
-        k_old, v_old = cached
-        # Round the new keys through the cache dtype so a bf16 cache gives the same result now and later.
-        k_new = k_BxTxKxE.astype(k_old.dtype).astype(dtype)
-        v_new = v_BxTxKxE.astype(v_old.dtype).astype(dtype)
-        attn = attention_with_cache(
-            q_BxTxHxE, k_old.astype(dtype), v_old.astype(dtype), old_mask_BxTxS, k_new, v_new, new_mask_BxTxT
-        )
-    x_BxTxD = x_BxTxD + _linear(attn, p["wo"], dtype)
-    h = rms_norm(x_BxTxD, p["mlp_norm"], cfg.rms_norm_eps)
-    gated = jax.nn.silu(_linear(h, p["w_gate"], dtype)) * _linear(h, p["w_up"], dtype)
-    return x_BxTxD + _linear(gated, p["w_down"], dtype), k_BxTxKxE, v_BxTxKxE
 
 
 # Rematerialisation of the layer scan (training): which of a block's intermediates the backward
@@ -276,42 +104,78 @@ def remat_policy(name: str):
     return None if name == "none" else getattr(jax.checkpoint_policies, REMAT_POLICIES[name])
 
 
-def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cached, old_mask_BxTxS, dtype, remat="none",
-                attention_block=0, activation_sharding=None):
-    """All blocks: hidden [B,T,D] before the final norm, new keys and values per layer."""
-    T = tokens_BxT.shape[1]
+# ----------------------------------------------------------------------------- forward
+
+
+def _attend_fn(cfg: ModelConfig, dtype, positions_BxT, segment_ids_BxT, seq_mask_BxTxT, attention_block, cached,
+               old_mask_BxTxS, old_positions_BxS, window):
+    """How this call's blocks attend: over the sequence (dense or blockwise) or against the cache.
+    Returns the attention output and the (keys, values) each layer hands back for caching."""
+    divisor = cfg.attention_divisor
+    new_mask_BxTxT = seq_mask_BxTxT
+    if window is not None and seq_mask_BxTxT is not None:
+        new_mask_BxTxT = seq_mask_BxTxT & within_window(positions_BxT, positions_BxT, window)
+
+    def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE):
+        if cached is None:
+            if attention_block:
+                out = blockwise_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_ids_BxT, attention_block, divisor,
+                                          window)
+            else:
+                out = attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, new_mask_BxTxT, divisor)
+            return out, (k_BxTxKxE, v_BxTxKxE)
+        k_old, v_old = cached
+        old_mask = old_mask_BxTxS
+        if window is not None:
+            old_mask = old_mask & within_window(positions_BxT, old_positions_BxS, window)
+        # Round the new keys through the cache dtype so a bf16 cache gives the same result now and later.
+        k_new = k_BxTxKxE.astype(k_old.dtype).astype(dtype)
+        v_new = v_BxTxKxE.astype(v_old.dtype).astype(dtype)
+        out = attention_with_cache(q_BxTxHxE, k_old.astype(dtype), v_old.astype(dtype), old_mask, k_new, v_new,
+                                   new_mask_BxTxT, divisor)
+        return out, (k_BxTxKxE, v_BxTxKxE)
+
+    return attend
+
+
+def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache, old_mask_BxTxS, dtype, remat="none",
+                attention_block=0, activation_sharding=None, taps=False, mlp_edit=None):
+    """All blocks: hidden [B,T,D] before the final norm, new keys and values per layer, and (with
+    `taps`) each layer's MLP hidden [L, B, T, F] and output [L, B, T, D]."""
+    variants = layer_variants(cfg)
     inv_freq = rope_inv_freq(cfg)
-    idx = jnp.arange(T)
     # Among the T new tokens: causal, same segment, real tokens only (blockwise attention builds
     # its tiles of this mask itself).
-    new_mask_BxTxT = None if attention_block else (
-        (idx[:, None] >= idx[None, :])[None]
-        & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
-        & (segment_ids_BxT != 0)[:, :, None]
-    )
-    x_BxTxD = params["embed"].astype(dtype)[tokens_BxT]
+    seq_mask_BxTxT = None if (attention_block and cache is None) else sequence_mask(segment_ids_BxT)
+    cached = None if cache is None else (cache["k"], cache["v"])
+    old_positions_BxS = None if cache is None or variants is None else cache["positions"]
+    x_BxTxD = embed(params, cfg, tokens_BxT, dtype)
     if activation_sharding is not None:
         # Pin the residual stream to the batch sharding: left to propagation, it takes the
         # embedding's layout (hidden over fsdp, rows replicated), so every device would keep every
         # row's activations for the backward pass.
         x_BxTxD = jax.lax.with_sharding_constraint(x_BxTxD, activation_sharding)
-    layer = functools.partial(
-        _layer, cfg=cfg, positions_BxT=positions_BxT, inv_freq=inv_freq, new_mask_BxTxT=new_mask_BxTxT,
-        old_mask_BxTxS=old_mask_BxTxS, dtype=dtype, segment_ids_BxT=segment_ids_BxT, attention_block=attention_block,
-    )
+    edit_layer, delta_BxTxD = mlp_edit if mlp_edit is not None else (None, None)
+
     def scan_body(x, inputs):
-        p, layer_cache = inputs
-        x, k, v = layer(p, x_BxTxD=x, cached=layer_cache)
+        p, layer_cache, variant, layer = inputs
+        attend = _attend_fn(cfg, dtype, positions_BxT, segment_ids_BxT, seq_mask_BxTxT, attention_block, layer_cache,
+                            old_mask_BxTxS, old_positions_BxS, None if variant is None else variant["window"])
+        delta = None if delta_BxTxD is None else jnp.where(layer == edit_layer, delta_BxTxD, 0)
+        x, (k, v), mlp_in = block(p, cfg, x, positions_BxT, inv_freq if variant is None else variant["inv_freq"],
+                                  attend, dtype=dtype, mlp_delta_BxTxD=delta)
         if activation_sharding is not None:
             x = jax.lax.with_sharding_constraint(x, activation_sharding)
-        return x, (k, v)
+        return x, ((k, v), (mlp_in, x) if taps else None)
 
     if remat != "none":
         # prevent_cse=False: inside a scan the recomputation cannot be merged away anyway.
         scan_body = jax.checkpoint(scan_body, policy=remat_policy(remat), prevent_cse=False)
 
-    x_BxTxD, (new_k, new_v) = jax.lax.scan(scan_body, x_BxTxD, (params["layers"], cached))
-    return x_BxTxD, new_k, new_v
+    layer_ids = None if mlp_edit is None else jnp.arange(cfg.num_layers)
+    x_BxTxD, ((new_k, new_v), tapped) = jax.lax.scan(scan_body, x_BxTxD,
+                                                    (params["layers"], cached, variants, layer_ids))
+    return x_BxTxD, new_k, new_v, tapped
 
 
 def forward(
@@ -337,23 +201,31 @@ def forward(
     [B, T, D]) pins the residual stream's layout between blocks.
     """
     if cache is None:
-        x_BxTxD, _, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype, remat,
-                                    attention_block, activation_sharding)
-        return rms_norm(x_BxTxD, params["final_norm"], cfg.rms_norm_eps), None
+        x_BxTxD, _, _, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype,
+                                       remat, attention_block, activation_sharding)
+        return norm(x_BxTxD, params["final_norm"], cfg), None
     is_real_BxT = segment_ids_BxT != 0
     # Cached slots all precede the new tokens: a real query sees every valid one.
     old_mask_BxTxS = is_real_BxT[:, :, None] & cache["valid"][:, None, :]
-    x_BxTxD, new_k, new_v = _run_layers(
-        params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, (cache["k"], cache["v"]), old_mask_BxTxS, dtype
-    )
+    x_BxTxD, new_k, new_v, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache,
+                                           old_mask_BxTxS, dtype)
     end = cache["end"]
     # The cache is only read inside the layers and written here once, in place.
-    return rms_norm(x_BxTxD, params["final_norm"], cfg.rms_norm_eps), {
-        "k": _write_slots(cache["k"], new_k, end),
-        "v": _write_slots(cache["v"], new_v, end),
-        "valid": jax.lax.dynamic_update_slice(cache["valid"], is_real_BxT, (0, end)),
-        "end": end + tokens_BxT.shape[1],
-    }
+    return norm(x_BxTxD, params["final_norm"], cfg), _filled(cache, new_k, new_v, is_real_BxT, positions_BxT, end)
+
+
+def forward_with_taps(params: Params, cfg: ModelConfig, tokens_BxT, segment_ids_BxT, *, mlp_edit=None,
+                      dtype=jnp.float32):
+    """Logits [B, T, V] of right-padded or packed rows and, per layer, the MLP's hidden (the down
+    projection's input) `mlp_in` [L, B, T, F] and the residual stream after the layer
+    `resid_out` [L, B, T, D]. `mlp_edit=(layer, delta_BxTxD)` adds `delta` to that layer's MLP
+    output (what the MLP adds to the residual stream)."""
+    x_BxTxD, _, _, (mlp_in, resid_out) = _run_layers(
+        params, cfg, tokens_BxT, padded_positions(segment_ids_BxT), segment_ids_BxT, None, None, dtype, taps=True,
+        mlp_edit=mlp_edit,
+    )
+    logits = lm_logits(params, cfg, norm(x_BxTxD, params["final_norm"], cfg), dtype=dtype)
+    return logits, {"mlp_in": mlp_in, "resid_out": resid_out}
 
 
 def prefill(
@@ -368,16 +240,25 @@ def prefill(
     cache_dtype=None,
 ) -> tuple[jax.Array, Cache]:
     """Forward a (right-padded) batch of prompts and return a cache of `slots` slots holding them."""
-    x_BxTxD, new_k, new_v = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype)
+    x_BxTxD, new_k, new_v, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype)
     B, T = tokens_BxT.shape
     cache = init_cache(cfg, B, slots, cache_dtype or dtype)
     zero = jnp.zeros((), jnp.int32)
-    return rms_norm(x_BxTxD, params["final_norm"], cfg.rms_norm_eps), {
-        "k": _write_slots(cache["k"], new_k, zero),
-        "v": _write_slots(cache["v"], new_v, zero),
-        "valid": jax.lax.dynamic_update_slice(cache["valid"], segment_ids_BxT != 0, (0, 0)),
-        "end": jnp.asarray(T, jnp.int32),
+    return norm(x_BxTxD, params["final_norm"], cfg), _filled(cache, new_k, new_v, segment_ids_BxT != 0,
+                                                             positions_BxT, zero)
+
+
+def _filled(cache: Cache, new_k, new_v, is_real_BxT, positions_BxT, end) -> Cache:
+    """The cache with T new tokens written at slots [end, end + T)."""
+    out = {
+        "k": _write_slots(cache["k"], new_k, end),
+        "v": _write_slots(cache["v"], new_v, end),
+        "valid": jax.lax.dynamic_update_slice(cache["valid"], is_real_BxT, (0, end)),
+        "end": end + is_real_BxT.shape[1],
     }
+    if "positions" in cache:
+        out["positions"] = jax.lax.dynamic_update_slice(cache["positions"], positions_BxT.astype(jnp.int32), (0, end))
+    return out
 
 
 def _write_slots(cache_kv, new_kv, end):
@@ -387,20 +268,27 @@ def _write_slots(cache_kv, new_kv, end):
 def lm_logits(params: Params, cfg: ModelConfig, hidden_xD: jax.Array, *, dtype=jnp.float32) -> jax.Array:
     """Vocabulary logits (f32) for any leading shape of hidden states."""
     if cfg.tie_word_embeddings:
-        return jnp.einsum("...d,vd->...v", hidden_xD.astype(dtype), params["embed"].astype(dtype),
-                          preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", hidden_xD.astype(dtype), params["lm_head"].astype(dtype),
-                      preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,vd->...v", hidden_xD.astype(dtype), params["embed"].astype(dtype),
+                            preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("...d,dv->...v", hidden_xD.astype(dtype), params["lm_head"].astype(dtype),
+                            preferred_element_type=jnp.float32)
+    if cfg.final_logit_softcap:
+        logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    return logits
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> Cache:
     shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
-    return {
+    cache = {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),
         "valid": jnp.zeros((batch, slots), bool),
         "end": jnp.zeros((), jnp.int32),
     }
+    if cfg.has_sliding_layers:
+        cache["positions"] = jnp.zeros((batch, slots), jnp.int32)
+    return cache
 
 
 def padded_positions(segment_ids_BxT: jax.Array) -> jax.Array:

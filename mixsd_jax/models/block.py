@@ -1,0 +1,148 @@
+"""One decoder block, shared by training, prefill and the decode engine.
+
+What differs between those callers is only how a block attends (dense over the sequence, blockwise
+for long rows, against a KV cache, or the engine's live-length walk over a shared cache), so the
+block takes that as a function: `attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE) -> (out_BxTxHE, kv)`,
+where `kv` is whatever the caller wants back per layer (the keys and values to cache). Everything
+else — norms, projections, q/k bias and norms, RoPE, the MLP — is written once, here.
+
+Dimension letters: B batch, T tokens, D hidden, H query heads, K kv heads, E head dim, F ffn.
+Linear weights are stored [in, out].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from mixsd_jax.models.config import ModelConfig, SLIDING
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # As transformers' Llama: normalise in f32, cast back, then scale.
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The model's RMSNorm. Gemma stores its weights as an offset from 1 and scales in f32 before
+    casting back (transformers' Gemma3RMSNorm); the offset is applied here, not at load, so weights
+    round-trip unchanged and a bf16 copy keeps the small offsets' precision."""
+    if not cfg.norm_offset:
+        return rms_norm(x, weight, cfg.rms_norm_eps)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    return (x32 * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+
+
+def _inv_freq(theta: float, head_dim: int) -> jax.Array:
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """RoPE frequencies of the full-attention layers (every layer, for most models)."""
+    inv_freq = _inv_freq(cfg.rope_theta, cfg.head_dim)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.rope_type == "linear":
+        return inv_freq / s.factor
+    # llama3: long wavelengths slowed by `factor`, short kept, a smooth blend in between.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, blended, scaled)
+
+
+def layer_variants(cfg: ModelConfig) -> dict | None:
+    """Per-layer RoPE frequencies [L, E/2] and attention windows [L] of a model with sliding-window
+    layers (scanned with the layer weights), or None when every layer is the same."""
+    from mixsd_jax.models.attention import NO_WINDOW
+
+    if not cfg.has_sliding_layers:
+        return None
+    sliding = jnp.asarray([t == SLIDING for t in cfg.layer_types])
+    local, full = _inv_freq(cfg.local_rope_theta, cfg.head_dim), rope_inv_freq(cfg)
+    return {
+        "inv_freq": jnp.where(sliding[:, None], local[None], full[None]),
+        "window": jnp.where(sliding, cfg.sliding_window, NO_WINDOW).astype(jnp.int32),
+    }
+
+
+def apply_rope(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    # Half-split rotation (transformers' rotate_half), angles in f32.
+    angles_BxTxE2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(angles_BxTxE2)[:, :, None, :]
+    sin = jnp.sin(angles_BxTxE2)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxTxNxE.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxE.dtype)
+
+
+def linear(x, w, dtype):
+    # As one 2-D matmul over the flattened leading dims: differentiated, the weight gradient is
+    # then a plain [in, N] x [N, out] matmul. Through "...i,io->...o" on [B, T, in] it contracts
+    # two dims at once, which XLA:CPU runs off its fast matmul path (2x slower for SmolLM2's MLP).
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), w.astype(dtype))
+    return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
+def embed(params, cfg: ModelConfig, tokens, dtype) -> jax.Array:
+    x = params["embed"].astype(dtype)[tokens]
+    if cfg.scale_embeddings:  # in the compute dtype, as transformers' Gemma3TextScaledWordEmbedding
+        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
+    return x
+
+
+def qkv(p, cfg: ModelConfig, h_BxTxD, positions_BxT, inv_freq, dtype):
+    """Queries [B, T, H, E], keys and values [B, T, K, E] of normed hidden states, RoPE applied."""
+    B, T, _ = h_BxTxD.shape
+    q, k, v = linear(h_BxTxD, p["wq"], dtype), linear(h_BxTxD, p["wk"], dtype), linear(h_BxTxD, p["wv"], dtype)
+    if cfg.qkv_bias:
+        q, k, v = q + p["bq"].astype(dtype), k + p["bk"].astype(dtype), v + p["bv"].astype(dtype)
+    q_BxTxHxE = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k_BxTxKxE = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v_BxTxKxE = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q_BxTxHxE = norm(q_BxTxHxE, p["q_norm"], cfg)
+        k_BxTxKxE = norm(k_BxTxKxE, p["k_norm"], cfg)
+    return apply_rope(q_BxTxHxE, positions_BxT, inv_freq), apply_rope(k_BxTxKxE, positions_BxT, inv_freq), v_BxTxKxE
+
+
+def mlp_hidden(p, cfg: ModelConfig, h_BxTxD, dtype) -> jax.Array:
+    """act(gate) * up [B, T, F]: the input of the down projection (MEMIT's "keys")."""
+    gate = linear(h_BxTxD, p["w_gate"], dtype)
+    act = jax.nn.silu(gate) if cfg.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
+    return act * linear(h_BxTxD, p["w_up"], dtype)
+
+
+def block(p, cfg: ModelConfig, x_BxTxD, positions_BxT, inv_freq, attend: Callable, *, dtype,
+          mlp_delta_BxTxD=None):
+    """One decoder block: (new hidden [B, T, D], attend's kv, the MLP's hidden [B, T, F]).
+
+    `mlp_delta_BxTxD`, if given, is added to the MLP's output (after Gemma's post-MLP norm: what
+    the MLP adds to the residual stream)."""
+    h = norm(x_BxTxD, p["attn_norm"], cfg)
+    q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = qkv(p, cfg, h, positions_BxT, inv_freq, dtype)
+    attn_BxTxHE, kv = attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE)
+    out = linear(attn_BxTxHE, p["wo"], dtype)
+    if cfg.sandwich_norms:
+        out = norm(out, p["post_attn_norm"], cfg)
+    x_BxTxD = x_BxTxD + out
+    mlp_in_BxTxF = mlp_hidden(p, cfg, norm(x_BxTxD, p["mlp_norm"], cfg), dtype)
+    out = linear(mlp_in_BxTxF, p["w_down"], dtype)
+    if cfg.sandwich_norms:
+        out = norm(out, p["post_mlp_norm"], cfg)
+    if mlp_delta_BxTxD is not None:
+        out = out + mlp_delta_BxTxD.astype(out.dtype)
+    return x_BxTxD + out, kv, mlp_in_BxTxF
