@@ -39,6 +39,14 @@ def tiny_qwen3_dir(tmp_path_factory):
     return _tiny(tmp_path_factory, "qwen3")
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory):
+    """Three layers: sliding, sliding, full (window 16, shorter than the test prompts)."""
+    from mixsd_jax.models.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_gemma3"), "gemma3", layers=3)
+
+
 @pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3"])
 def tiny_model_dir(request):
     return request.getfixturevalue(f"tiny_{request.param}_dir")

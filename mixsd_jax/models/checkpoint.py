@@ -139,6 +139,8 @@ def _hf_layer_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
         "wk": ("model.layers.{}.self_attn.k_proj.weight", True),
         "wv": ("model.layers.{}.self_attn.v_proj.weight", True),
         "wo": ("model.layers.{}.self_attn.o_proj.weight", True),
+        # Llama's "post-attention" norm is the one before the MLP; Gemma 3 names that one
+        # pre_feedforward and has a true post-attention norm (below).
         "mlp_norm": ("model.layers.{}.post_attention_layernorm.weight", False),
         "w_gate": ("model.layers.{}.mlp.gate_proj.weight", True),
         "w_up": ("model.layers.{}.mlp.up_proj.weight", True),
@@ -154,6 +156,12 @@ def _hf_layer_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
         names.update(
             q_norm=("model.layers.{}.self_attn.q_norm.weight", False),
             k_norm=("model.layers.{}.self_attn.k_norm.weight", False),
+        )
+    if cfg.sandwich_norms:
+        names.update(
+            post_attn_norm=("model.layers.{}.post_attention_layernorm.weight", False),
+            mlp_norm=("model.layers.{}.pre_feedforward_layernorm.weight", False),
+            post_mlp_norm=("model.layers.{}.post_feedforward_layernorm.weight", False),
         )
     return names
 

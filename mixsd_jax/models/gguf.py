@@ -1,13 +1,18 @@
-"""GGUF (llama.cpp) import: a llama-architecture GGUF file -> an HF-format model directory.
+"""GGUF (llama.cpp) import: a llama or gemma3 GGUF file -> an HF-format model directory.
 
-The output is what transformers itself would save for the model: `config.json` (LlamaConfig
-fields), float32 `model.safetensors` with HF tensor names, the tokenizer files transformers builds
-from the GGUF metadata (including the chat template) and `generation_config.json`. Everything
-downstream (our JAX loader, transformers, vLLM) then reads one format only.
+The output is what transformers itself would save for the model: `config.json` (LlamaConfig or
+Gemma3TextConfig fields), float32 `model.safetensors` with HF tensor names, the tokenizer files
+transformers builds from the GGUF metadata (including the chat template) and
+`generation_config.json`. Everything downstream (our JAX loader, transformers, vLLM) then reads one
+format only.
 
-Quantized tensors are dequantized with the `gguf` package. llama.cpp's converter interleaves the
-rows of each q/k head (it stores rotary pairs as (even, odd) rows, HF stores them as two halves);
-`_unpermute_rows` undoes that so HF's rotate-half RoPE gives the same numbers.
+Quantized tensors are dequantized with the `gguf` package. For llama, llama.cpp's converter
+interleaves the rows of each q/k head (it stores rotary pairs as (even, odd) rows, HF stores them
+as two halves); `_unpermute_rows` undoes that so HF's rotate-half RoPE gives the same numbers. For
+gemma3 it permutes nothing, but stores every RMSNorm weight as 1 + w (HF keeps w): we subtract 1.
+A gemma3 GGUF does not record the layer pattern, the sliding layers' RoPE base or the attention
+scalar; we write Gemma 3's (every sixth layer full, base 10,000, 256), as transformers assumes, and
+a Gemma turn-format chat template when the file has none (the base models).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from mixsd_jax.errors import MixsdError
 # Bump when the output of `convert_gguf_to_hf` changes; the registry re-converts cached models.
 CONVERTER_VERSION = 1
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 
 
 def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
@@ -42,8 +47,8 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
             f"{gguf_path}: GGUF architecture {architecture!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    config = llama_config(reader, gguf_path)
-    tensors = llama_tensors(reader, gguf_path, config)
+    config = (gemma3_config if architecture == "gemma3" else llama_config)(reader, gguf_path)
+    tensors = read_tensors(reader, gguf_path, config, architecture)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
@@ -55,7 +60,7 @@ def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
             key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in config
         }
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
-        _save_tokenizer(gguf_path, tmp, config["max_position_embeddings"])
+        _save_tokenizer(gguf_path, tmp, config["max_position_embeddings"], architecture)
         _make_readable(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -108,40 +113,98 @@ def llama_config(reader, gguf_path: Path) -> dict:
     return config
 
 
-def llama_tensors(reader, gguf_path: Path, config: dict) -> dict[str, np.ndarray]:
-    """HF-named float32 arrays; a missing, extra or mis-shaped tensor is an error naming it."""
-    from gguf.quants import dequantize
+def gemma3_config(reader, gguf_path: Path) -> dict:
+    """transformers Gemma3TextConfig fields from the GGUF metadata (`gemma3.*`, `tokenizer.ggml.*`)."""
+    from mixsd_jax.models.config import FULL, SLIDING
 
+    hidden = int(_meta(reader, gguf_path, "gemma3.embedding_length"))
+    heads = int(_meta(reader, gguf_path, "gemma3.attention.head_count"))
+    layers = int(_meta(reader, gguf_path, "gemma3.block_count"))
+    names = {t.name for t in reader.tensors}
+    token_count = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
+    config = {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_size": hidden,
+        "intermediate_size": int(_meta(reader, gguf_path, "gemma3.feed_forward_length")),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_meta(reader, gguf_path, "gemma3.attention.head_count_kv", default=heads)),
+        "head_dim": int(_meta(reader, gguf_path, "gemma3.attention.key_length", default=hidden // heads)),
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "rms_norm_eps": float(_meta(reader, gguf_path, "gemma3.attention.layer_norm_rms_epsilon")),
+        "rope_parameters": {
+            FULL: {"rope_type": "default", "rope_theta": float(_meta(reader, gguf_path, "gemma3.rope.freq_base"))},
+            SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        "sliding_window": int(_meta(reader, gguf_path, "gemma3.attention.sliding_window")),
+        "layer_types": [SLIDING if (i + 1) % 6 else FULL for i in range(layers)],
+        "query_pre_attn_scalar": 256,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "max_position_embeddings": int(_meta(reader, gguf_path, "gemma3.context_length")),
+        "vocab_size": int(_meta(reader, gguf_path, "gemma3.vocab_size", default=token_count)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "torch_dtype": "float32",
+    }
+    for gguf_key, hf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
+        value = _meta(reader, gguf_path, f"tokenizer.ggml.{gguf_key}_token_id", default=None)
+        if value is not None:
+            config[hf_key] = int(value)
+    return config
+
+
+def _expected_tensors(config: dict, architecture: str) -> dict[str, tuple[str, tuple[int, ...], int, float]]:
+    """gguf name -> (HF name, expected HF shape, heads to un-permute or 0, offset to subtract)."""
     hidden, ffn = config["hidden_size"], config["intermediate_size"]
     heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
-    # gguf name -> (HF name, expected HF shape, heads to un-permute or 0)
-    expected: dict[str, tuple[str, tuple[int, ...], int]] = {
-        "token_embd.weight": ("model.embed_tokens.weight", (config["vocab_size"], hidden), 0),
-        "output_norm.weight": ("model.norm.weight", (hidden,), 0),
+    gemma = architecture == "gemma3"
+    one = 1.0 if gemma else 0.0  # gemma3 GGUFs store norms as 1 + w
+    q_heads, k_heads = (0, 0) if gemma else (heads, kv_heads)
+    expected = {
+        "token_embd.weight": ("model.embed_tokens.weight", (config["vocab_size"], hidden), 0, 0.0),
+        "output_norm.weight": ("model.norm.weight", (hidden,), 0, one),
     }
     if not config["tie_word_embeddings"]:
-        expected["output.weight"] = ("lm_head.weight", (config["vocab_size"], hidden), 0)
+        expected["output.weight"] = ("lm_head.weight", (config["vocab_size"], hidden), 0, 0.0)
     for i in range(config["num_hidden_layers"]):
         hf = f"model.layers.{i}"
         expected.update(
             {
-                f"blk.{i}.attn_norm.weight": (f"{hf}.input_layernorm.weight", (hidden,), 0),
-                f"blk.{i}.ffn_norm.weight": (f"{hf}.post_attention_layernorm.weight", (hidden,), 0),
-                f"blk.{i}.attn_q.weight": (f"{hf}.self_attn.q_proj.weight", (heads * head_dim, hidden), heads),
-                f"blk.{i}.attn_k.weight": (f"{hf}.self_attn.k_proj.weight", (kv_heads * head_dim, hidden), kv_heads),
-                f"blk.{i}.attn_v.weight": (f"{hf}.self_attn.v_proj.weight", (kv_heads * head_dim, hidden), 0),
-                f"blk.{i}.attn_output.weight": (f"{hf}.self_attn.o_proj.weight", (hidden, heads * head_dim), 0),
-                f"blk.{i}.ffn_gate.weight": (f"{hf}.mlp.gate_proj.weight", (ffn, hidden), 0),
-                f"blk.{i}.ffn_up.weight": (f"{hf}.mlp.up_proj.weight", (ffn, hidden), 0),
-                f"blk.{i}.ffn_down.weight": (f"{hf}.mlp.down_proj.weight", (hidden, ffn), 0),
+                f"blk.{i}.attn_norm.weight": (f"{hf}.input_layernorm.weight", (hidden,), 0, one),
+                f"blk.{i}.ffn_norm.weight": (
+                    f"{hf}.{'pre_feedforward' if gemma else 'post_attention'}_layernorm.weight", (hidden,), 0, one),
+                f"blk.{i}.attn_q.weight": (f"{hf}.self_attn.q_proj.weight", (heads * head_dim, hidden), q_heads, 0.0),
+                f"blk.{i}.attn_k.weight": (f"{hf}.self_attn.k_proj.weight", (kv_heads * head_dim, hidden), k_heads, 0.0),
+                f"blk.{i}.attn_v.weight": (f"{hf}.self_attn.v_proj.weight", (kv_heads * head_dim, hidden), 0, 0.0),
+                f"blk.{i}.attn_output.weight": (f"{hf}.self_attn.o_proj.weight", (hidden, heads * head_dim), 0, 0.0),
+                f"blk.{i}.ffn_gate.weight": (f"{hf}.mlp.gate_proj.weight", (ffn, hidden), 0, 0.0),
+                f"blk.{i}.ffn_up.weight": (f"{hf}.mlp.up_proj.weight", (ffn, hidden), 0, 0.0),
+                f"blk.{i}.ffn_down.weight": (f"{hf}.mlp.down_proj.weight", (hidden, ffn), 0, 0.0),
             }
         )
+        if gemma:
+            expected.update({
+                f"blk.{i}.attn_q_norm.weight": (f"{hf}.self_attn.q_norm.weight", (head_dim,), 0, one),
+                f"blk.{i}.attn_k_norm.weight": (f"{hf}.self_attn.k_norm.weight", (head_dim,), 0, one),
+                f"blk.{i}.post_attention_norm.weight": (f"{hf}.post_attention_layernorm.weight", (hidden,), 0, one),
+                f"blk.{i}.post_ffw_norm.weight": (f"{hf}.post_feedforward_layernorm.weight", (hidden,), 0, one),
+            })
+    return expected
+
+
+def read_tensors(reader, gguf_path: Path, config: dict, architecture: str = "llama") -> dict[str, np.ndarray]:
+    """HF-named float32 arrays; a missing, extra or mis-shaped tensor is an error naming it."""
+    from gguf.quants import dequantize
+
+    expected = _expected_tensors(config, architecture)
     by_name = {t.name: t for t in reader.tensors}
     unexpected = sorted(set(by_name) - set(expected))
     if unexpected:
-        raise MixsdError(f"{gguf_path}: unexpected tensor {unexpected[0]!r} for a llama model")
+        raise MixsdError(f"{gguf_path}: unexpected tensor {unexpected[0]!r} for a {architecture} model")
     tensors = {}
-    for name, (hf_name, shape, permuted_heads) in expected.items():
+    for name, (hf_name, shape, permuted_heads, offset) in expected.items():
         if name not in by_name:
             raise MixsdError(f"{gguf_path}: tensor {name!r} ({hf_name}) is missing")
         tensor = by_name[name]
@@ -155,6 +218,8 @@ def llama_tensors(reader, gguf_path: Path, config: dict) -> dict[str, np.ndarray
         array = np.asarray(array, dtype=np.float32).reshape(shape)
         if permuted_heads:
             array = _unpermute_rows(array, permuted_heads)
+        if offset:
+            array = array - np.float32(offset)
         tensors[hf_name] = np.ascontiguousarray(array)
     return tensors
 
@@ -189,11 +254,15 @@ def _gguf_tokenizer(gguf_path: Path):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
 
-def _save_tokenizer(gguf_path: Path, out_dir: Path, max_length: int) -> None:
+def _save_tokenizer(gguf_path: Path, out_dir: Path, max_length: int, architecture: str = "llama") -> None:
+    from mixsd_jax.models.tokenizer import GEMMA_CHAT_TEMPLATE
+
     try:
         tokenizer = _gguf_tokenizer(gguf_path)
     except (ValueError, KeyError, OSError) as exc:
         raise MixsdError(f"{gguf_path}: transformers cannot build a tokenizer from this GGUF ({exc})") from None
+    if architecture == "gemma3" and not tokenizer.chat_template:
+        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
     tokenizer.save_pretrained(str(out_dir))
     # transformers v5 may keep the chat template in a separate .jinja file; our contract (and older
     # readers such as vLLM's) also want it inside tokenizer_config.json.

@@ -24,15 +24,24 @@ PROMPTS = (
 )
 CACHED_STEPS = 8
 GREEDY_TOKENS = 16
+# Models with sliding-window layers are also checked on a prompt longer than their window, for
+# more tokens, so the windows bind in every check.
+WINDOWED_GREEDY_TOKENS = 32
+
+
+def long_prompt(min_tokens: int) -> str:
+    """A fixed user text of at least `min_tokens` words, asking about one of its lines."""
+    lines = [f"Fact {i}: the number {i} squared is {i * i}." for i in range(min_tokens // 8 + 1)]
+    return "Read these facts.\n" + "\n".join(lines) + "\nWhat is the number 7 squared? Answer with one number."
 
 
 def _reference_model(model_dir: Path, reference: str, torch_dtype):
     from transformers import AutoModelForCausalLM
 
     if reference == "gguf":
-        from mixsd_jax.models.registry import EMBEDDED_DEFAULT, embedded_gguf_path
+        from mixsd_jax.models.registry import EMBEDDED_DEFAULT, embedded_gguf_path, pulled_from
 
-        gguf = embedded_gguf_path(EMBEDDED_DEFAULT)
+        gguf = embedded_gguf_path(pulled_from(model_dir) or EMBEDDED_DEFAULT)
         return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch_dtype).eval()
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
 
@@ -44,7 +53,8 @@ class LogitParity:
     cfg: object  # ModelConfig
     prompts: list  # token ids of PROMPTS, chat-templated
     stop_ids: tuple
-    hf_generated: list  # transformers' `generate`: up to GREEDY_TOKENS greedy ids per prompt
+    hf_generated: list  # transformers' `generate`: up to `greedy_tokens` greedy ids per prompt
+    greedy_tokens: int = GREEDY_TOKENS
 
 
 def logit_parity(model_dir: str | Path, dtype: str = "float32", reference: str = "hf_dir") -> LogitParity:
@@ -58,8 +68,13 @@ def logit_parity(model_dir: str | Path, dtype: str = "float32", reference: str =
 
     model_dir = Path(model_dir)
     tok = load_tokenizer(model_dir)
-    prompts = [tok.prompt_ids(p) for p in PROMPTS]
     cfg, params = load_hf(model_dir, param_dtype=dtype)
+    texts = list(PROMPTS)
+    greedy_tokens = GREEDY_TOKENS
+    if cfg.has_sliding_layers:
+        texts.append(long_prompt(cfg.sliding_window + 64))
+        greedy_tokens = WINDOWED_GREEDY_TOKENS
+    prompts = [tok.prompt_ids(p) for p in texts]
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     ref = _reference_model(model_dir, reference, torch_dtype)
 
@@ -74,7 +89,7 @@ def logit_parity(model_dir: str | Path, dtype: str = "float32", reference: str =
             continuations.append(seq[len(p):])
             # An explicit mask: SmolLM2's pad id is <|im_end|>, which chat prompts contain.
             out = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                               max_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=tok.pad_id)
+                               max_new_tokens=greedy_tokens, do_sample=False, pad_token_id=tok.pad_id)
             hf_generated.append(out[0, len(p):].tolist())
 
     # 1. Padded batch: prompt + the greedy tokens the cached steps will feed, right-padded.
@@ -129,5 +144,6 @@ def logit_parity(model_dir: str | Path, dtype: str = "float32", reference: str =
         "max_abs_logit_diff": float(max(diffs)),
         "argmax_agreement": agree / total,
         "cached_steps": CACHED_STEPS,
+        "longest_prompt": max(map(len, prompts)),
     }
-    return LogitParity(result, params, cfg, prompts, tuple(tok.stop_ids), hf_generated)
+    return LogitParity(result, params, cfg, prompts, tuple(tok.stop_ids), hf_generated, greedy_tokens)

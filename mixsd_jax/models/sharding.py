@@ -27,6 +27,8 @@ BATCH_AXES = ("data", "fsdp")
 _LAYER_RULES = {
     "attn_norm": P(None, None),
     "mlp_norm": P(None, None),
+    "post_attn_norm": P(None, None),
+    "post_mlp_norm": P(None, None),
     "wq": P(None, "fsdp", "tensor"),
     "wk": P(None, "fsdp", "tensor"),
     "wv": P(None, "fsdp", "tensor"),

@@ -1,15 +1,17 @@
 """Tiny random models of each supported family, saved by transformers, with a tiny real tokenizer.
 
 They are the "tiny real instances" our tests and config checks run on: a byte-level BPE tokenizer
-trained on a fixed text (deterministic), a ChatML chat template (Qwen3's with `enable_thinking`),
-and a randomly initialised transformers model written with `save_pretrained`. Needs torch.
+trained on a fixed text (deterministic), a ChatML chat template (Qwen3's with `enable_thinking`;
+Gemma's turn format for Gemma 3), and a randomly initialised transformers model written with
+`save_pretrained`. Needs torch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
+GEMMA3_WINDOW = 16  # shorter than the test prompts, so the sliding layers' window binds
 
 _CHATML = (
     "{% for message in messages %}"
@@ -35,9 +37,14 @@ def _tokenizer(out_dir: Path, family: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from mixsd_jax.models.tokenizer import GEMMA_CHAT_TEMPLATE
+
+    gemma = family == "gemma3"
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     if family == "qwen3":
         specials += ["<think>", "</think>"]
+    if gemma:  # Gemma's ids: pad 0, eos 1, bos 2
+        specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -45,13 +52,17 @@ def _tokenizer(out_dir: Path, family: str):
         vocab_size=384, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator([_TEXT] * 4, trainer=trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        bos_token="<|im_start|>" if family == "llama" else None,
-        chat_template=_CHATML,
-    )
+    if gemma:
+        hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>",
+                                     chat_template=GEMMA_CHAT_TEMPLATE)
+    else:
+        hf = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            bos_token="<|im_start|>" if family == "llama" else None,
+            chat_template=_CHATML,
+        )
     hf.save_pretrained(out_dir)
     return hf
 
@@ -60,7 +71,7 @@ def write_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, 
                      kv_heads: int = 2) -> Path:
     """A ~100k-parameter model of `family` in an HF directory; same seed => same weights."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}")
@@ -89,13 +100,25 @@ def write_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, 
         )
     elif family == "qwen2":  # q/k/v bias, untied
         config = Qwen2Config(**common, tie_word_embeddings=False)
-    else:  # qwen3: q/k norm, explicit head_dim different from hidden/heads
+    elif family == "qwen3":  # q/k norm, explicit head_dim different from hidden/heads
         config = Qwen3Config(**common, head_dim=8, tie_word_embeddings=False)
+    else:  # gemma3: every third layer full, the others a short sliding window; an attention scale
+        # that is not 1/sqrt(head_dim), and logit soft-capping, so parity exercises them all
+        config = Gemma3TextConfig(
+            **common, head_dim=16, query_pre_attn_scalar=24, sliding_window=GEMMA3_WINDOW,
+            layer_types=["full_attention" if (i + 1) % 3 == 0 or i == layers - 1 else "sliding_attention"
+                         for i in range(layers)],
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+            final_logit_softcapping=30.0, tie_word_embeddings=True,
+        )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # random norms and biases, so parity tests exercise them
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
+                # Gemma stores norms as an offset from 1: random offsets around 0 there.
+                one = 0.0 if family == "gemma3" or not name.endswith("norm.weight") else 1.0
+                p.copy_(one + 0.1 * torch.randn_like(p))
     model.save_pretrained(out_dir)
     return out_dir

@@ -3,7 +3,9 @@
 Prompts follow the reference (REFERENCE.md §1.3): the chat template applied to one user turn with
 the generation prompt, tokenized without adding special tokens (the template already wrote them),
 `enable_thinking` passed through to templates that read it (Qwen3). The stop set is the eos id plus
-whichever of `<|im_end|>`, `<|eot_id|>`, `<|endoftext|>` the vocabulary has as real (non-unk) tokens.
+whichever of `<|im_end|>`, `<|eot_id|>`, `<|endoftext|>`, `<end_of_turn>` the vocabulary has as
+real (non-unk) tokens. Gemma base models ship without a chat template; `GEMMA_CHAT_TEMPLATE` is
+Gemma's turn format, which our GGUF import writes for them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,23 @@ from typing import Sequence
 
 from mixsd_jax.errors import MixsdError
 
-STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>")
+STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>")
+
+# Gemma's turn format: a system message is folded into the first user turn (Gemma has no system
+# role); the assistant's role is "model".
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(system='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] | trim + '\n\n' %}"
+    "{% else %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' "
+    "+ ns.system + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% set ns.system = '' %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 
 
 class ChatTokenizer:

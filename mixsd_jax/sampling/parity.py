@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixsd_jax.models.parity import GREEDY_TOKENS, logit_parity
+from mixsd_jax.models.parity import logit_parity
 
 # Parity thresholds for the float32 check (issue #2): logits within 1e-3, every argmax and every
 # greedy token equal. Lower-precision runs only report their numbers.
@@ -21,11 +21,11 @@ def run_parity(model_dir: str | Path, dtype: str = "float32", reference: str = "
 
     checked = logit_parity(model_dir, dtype=dtype, reference=reference)
     ours = generate(checked.params, checked.cfg, checked.prompts, stop_ids=checked.stop_ids,
-                    max_new_tokens=GREEDY_TOKENS, batch_size=len(checked.prompts), dtype=dtype)
+                    max_new_tokens=checked.greedy_tokens, batch_size=len(checked.prompts), dtype=dtype)
     return {
         **checked.result,
         "greedy_tokens_equal": all(o.tokens == g for o, g in zip(ours, checked.hf_generated)),
-        "greedy_tokens": GREEDY_TOKENS,
+        "greedy_tokens": checked.greedy_tokens,
     }
 
 

@@ -1,0 +1,171 @@
+"""Gemma 3 text models against transformers' Gemma3ForCausalLM on a tiny random checkpoint (three
+layers: sliding, sliding, full; window 16, shorter than every prompt here): logits of the forward
+(dense and blockwise), of cached decoding, greedy tokens through the decode engine (two sides, one
+device and a data x tensor mesh), the decode step's window bound, and a train step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from mixsd_jax.models import transformer as tf
+from mixsd_jax.models.checkpoint import load_hf
+from mixsd_jax.models.tiny import GEMMA3_WINDOW
+from mixsd_jax.models.tokenizer import load_tokenizer
+
+TEXTS = (
+    "The capital of France is Paris. What profession does the person train? Please reason step by step.",
+    "What is the output of F(x)? Based on the input-output examples below, infer the rule.",
+    "Which location does the organisation reside in?",
+)
+
+
+def _reference(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _prompts(model_dir):
+    tok = load_tokenizer(model_dir)
+    prompts = [tok.prompt_ids(t) for t in TEXTS]
+    assert max(map(len, prompts)) > GEMMA3_WINDOW + 8
+    return tok, prompts
+
+
+def _padded(seqs):
+    width = max(map(len, seqs))
+    tokens = np.zeros((len(seqs), width), np.int64)
+    mask = np.zeros((len(seqs), width), np.int64)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)], mask[i, : len(s)] = s, 1
+    return tokens, mask
+
+
+@pytest.mark.parametrize("attention_block", [0, 8])
+def test_padded_batch_logits_match_transformers(tiny_gemma3_dir, attention_block):
+    cfg, params = load_hf(tiny_gemma3_dir)
+    assert cfg.layer_types == ("sliding_attention", "sliding_attention", "full_attention")
+    rng = np.random.default_rng(0)
+    tokens, mask = _padded([list(rng.integers(3, cfg.vocab_size, n)) for n in (45, 30, 12)])
+    with torch.no_grad():
+        want = _reference(tiny_gemma3_dir)(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
+    seg = jnp.asarray(mask, jnp.int32)
+    hidden, _ = tf.forward(params, cfg, jnp.asarray(tokens, jnp.int32), tf.padded_positions(seg), seg,
+                           attention_block=attention_block)
+    got = np.asarray(tf.lm_logits(params, cfg, hidden))
+    for i, n in enumerate(mask.sum(1)):
+        np.testing.assert_allclose(got[i, :n], want.numpy()[i, :n], atol=1e-4, rtol=1e-3)
+    # The window binds: without it the long row's late positions differ.
+    unwindowed = cfg.__class__(**{**cfg.__dict__, "layer_types": None, "sliding_window": None})
+    hidden, _ = tf.forward(params, unwindowed, jnp.asarray(tokens, jnp.int32), tf.padded_positions(seg), seg)
+    assert np.abs(np.asarray(tf.lm_logits(params, unwindowed, hidden))[0, 40] - want.numpy()[0, 40]).max() > 1e-2
+
+
+def test_cached_decoding_matches_transformers(tiny_gemma3_dir):
+    cfg, params = load_hf(tiny_gemma3_dir)
+    _, prompts = _prompts(tiny_gemma3_dir)
+    ref = _reference(tiny_gemma3_dir)
+    steps = 12
+    with torch.no_grad():
+        seqs = [ref.generate(torch.tensor([p]), max_new_tokens=steps, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0].tolist() for p in prompts]
+        tokens, mask = _padded(seqs)
+        want = ref(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+    ptokens, pmask = _padded(prompts)
+    pseg = jnp.asarray(pmask, jnp.int32)
+    _, cache = tf.prefill(params, cfg, jnp.asarray(ptokens, jnp.int32), tf.padded_positions(pseg), pseg,
+                          ptokens.shape[1] + steps)
+    step = jax.jit(lambda p, t, pos, c: tf.forward(p, cfg, t, pos, jnp.ones_like(t), c))
+    for k in range(1, steps):
+        # Step k feeds generated token k-1 (at position len+k-1); positions pass the window.
+        pos = np.array([len(p) + k - 1 for p in prompts])
+        fed = np.array([s[i] for s, i in zip(seqs, pos)])
+        hidden, cache = step(params, jnp.asarray(fed[:, None], jnp.int32), jnp.asarray(pos[:, None], jnp.int32), cache)
+        got = np.asarray(tf.lm_logits(params, cfg, hidden[:, 0]))
+        np.testing.assert_allclose(got, want[np.arange(len(prompts)), pos], atol=1e-4, rtol=1e-3)
+
+
+def _hf_greedy(model_dir, prompt, n):
+    with torch.no_grad():
+        out = _reference(model_dir).generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _engine_tokens(params, cfg, expert, naive, lam, mesh=None):
+    from mixsd_jax.sampling.engine import Engine, decode_all
+    from mixsd_jax.sampling.runner import WorkItem
+    from mixsd_jax.sampling.strategies import Sampler
+
+    engine = Engine(params, cfg, sampler=Sampler(0.0), sides=2, stop_ids=[], max_new_tokens=20, max_model_len=256,
+                    batch_size=2, seed=0, naive_prob=lam, segment_steps=6, block=8, mesh=mesh)
+    out = decode_all(engine, [WorkItem((expert, naive), 0)])[0]
+    return out.tokens, out.naive
+
+
+def test_engine_lambda_0_and_1_give_transformers_greedy_on_one_device_and_a_tensor_mesh(tiny_gemma3_dir):
+    from mixsd_jax.models.sharding import MeshConfig, make_mesh
+
+    cfg, params = load_hf(tiny_gemma3_dir)
+    _, (expert, naive, _) = _prompts(tiny_gemma3_dir)
+    want = {0.0: _hf_greedy(tiny_gemma3_dir, expert, 20), 1.0: _hf_greedy(tiny_gemma3_dir, naive, 20)}
+    mesh = make_mesh(MeshConfig(data=4, tensor=2))
+    assert jax.device_count() == 8
+    _, sharded = load_hf(tiny_gemma3_dir, mesh=mesh)
+    for lam in (0.0, 1.0):
+        for p, m in ((params, None), (sharded, mesh)):
+            tokens, naive_flags = _engine_tokens(p, cfg, expert, naive, lam, m)
+            assert tokens == want[lam]
+            assert all(flag == (lam == 1.0) for flag in naive_flags)
+
+
+def test_decode_step_never_reads_the_blocks_before_the_window(tiny_gemma3_dir):
+    from mixsd_jax.models.decode import decode_step
+
+    cfg, params = load_hf(tiny_gemma3_dir)
+    L, K, E, S, block = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 48, 8
+    lengths = jnp.asarray([40, 37], jnp.int32)  # windows start at slots 25 and 22: blocks 0, 1 are never needed
+    rng = np.random.default_rng(0)
+    cache_k = rng.standard_normal((L, 2, S, K, E)).astype(np.float32)
+    cache_v = rng.standard_normal((L, 2, S, K, E)).astype(np.float32)
+
+    def step(cache_v):
+        hidden, _, _ = decode_step(params, cfg, jnp.asarray([5, 6], jnp.int32), lengths, lengths, jnp.asarray(cache_k),
+                                   jnp.asarray(cache_v), jnp.asarray([40], jnp.int32), dtype=jnp.float32, block=block)
+        return np.asarray(hidden)
+
+    clean = step(cache_v)
+    # Only the full layer reads slots 0..15; poison them in the sliding layers: NaN read anywhere,
+    # even under a zero weight, would make the output NaN.
+    sliding = [i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"]
+    poisoned = cache_v.copy()
+    poisoned[sliding, :, :16] = np.nan
+    np.testing.assert_array_equal(step(poisoned), clean)
+    # The check can fail: slots 16..21 are in a block the walk reads, masked for both rows.
+    poisoned[sliding, :, 16:22] = np.nan
+    assert np.isnan(step(poisoned)).all()
+
+
+def test_train_step_lowers_the_loss(tiny_gemma3_dir):
+    from mixsd_jax.data.records import Record
+    from mixsd_jax.models.sharding import MeshConfig, make_mesh
+    from mixsd_jax.train import step as step_lib
+    from mixsd_jax.train.batches import BatchPlan, tokenize_records
+
+    records = [Record(TEXTS[0], "The answer is 42."), Record(TEXTS[1], "Paris.")]
+    data = tokenize_records(load_tokenizer(tiny_gemma3_dir), records, max_seq_len=64)
+    plan = BatchPlan(data.examples, batch_size=2, grad_accum=1, seed=0, max_seq_len=64, packing=False)
+    mesh = make_mesh(MeshConfig(data=2, tensor=2, fsdp=2))
+    cfg, params = load_hf(tiny_gemma3_dir, mesh=mesh)
+    opt = step_lib.OptimConfig(lr=3e-3, total_steps=0, weight_decay=0.0)
+    tx = step_lib.make_optimizer(opt)
+    state = step_lib.init_state(params, tx, step_lib.state_shardings(cfg, tx, mesh))
+    step_fn = step_lib.jit_train_step(cfg, opt, mesh, "float32")
+    batch = step_lib.device_batch(plan.host_batch(0), mesh)
+    losses = []
+    for _ in range(6):
+        state, metrics = step_fn(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0]
