@@ -169,3 +169,30 @@ def test_train_step_lowers_the_loss(tiny_gemma3_dir):
         state, metrics = step_fn(state, batch)
         losses.append(float(metrics["loss"]))
     assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0]
+
+
+def test_config_reads_v4_fields_and_exports_what_transformers_loads(tiny_gemma3_dir, tmp_path):
+    from mixsd_jax.models.checkpoint import export_hf
+    from mixsd_jax.models.config import ModelConfig
+    from mixsd_jax.models.known_shapes import known_model_config
+
+    # transformers v4 / the Hub's config.json: rope_theta + rope_local_base_freq, a pattern, no layer_types.
+    v4 = ModelConfig.from_hf_dict({
+        "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640, "intermediate_size": 2048,
+        "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "sliding_window": 512,
+        "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "sliding_window_pattern": 6,
+    })
+    assert v4 == known_model_config("gemma3-270m").__class__(**{**known_model_config("gemma3-270m").__dict__,
+                                                                 "max_position_embeddings": 4096})
+    assert [i for i, t in enumerate(v4.layer_types) if t == "full_attention"] == [5, 11, 17]
+    assert (v4.rope_theta, v4.local_rope_theta, v4.tie_word_embeddings) == (1e6, 1e4, True)
+
+    cfg, params = load_hf(tiny_gemma3_dir)
+    out = export_hf(params, cfg, tmp_path / "export", tokenizer_dir=tiny_gemma3_dir)
+    assert ModelConfig.from_hf_dir(out) == cfg
+    tokens = torch.tensor([list(range(3, 40))])
+    with torch.no_grad():
+        a = _reference(out)(input_ids=tokens).logits
+        b = _reference(tiny_gemma3_dir)(input_ids=tokens).logits
+    assert torch.equal(a, b)

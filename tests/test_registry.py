@@ -189,3 +189,45 @@ def test_embedded_default_is_pulled_once(smollm2_dir):
     gguf_path = registry.embedded_gguf_path(registry.EMBEDDED_DEFAULT)
     assert gguf_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf_path.stat().st_size > 90e6
     assert registry.pulled_from(smollm2_dir) == registry.EMBEDDED_DEFAULT
+
+
+def _dist(root: Path, dist: str, files: dict[str, bytes]) -> None:
+    """`dist` 0.0.1 installed into the site folder `root` with `files`."""
+    info = root / f"{dist.replace('-', '_')}-0.0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.0.1\n")
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+
+
+def test_a_gguf_split_over_wheels_is_assembled_from_installed_and_downloaded_parts(tmp_path, tiny_gguf, cache,
+                                                                                   monkeypatch):
+    import hashlib
+
+    data = tiny_gguf.read_bytes()
+    half = len(data) // 2
+    site = tmp_path / "site"
+    _dist(site, "mixsd-part-a", {"mixsd_part_a/data/tiny.gguf.part00": data[:half]})
+    index = tmp_path / "index"
+    index.mkdir()
+    with zipfile.ZipFile(index / "mixsd_part_b-0.0.1-py3-none-any.whl", "w") as zf:  # only downloadable
+        zf.writestr("mixsd_part_b/data/tiny.gguf.part01", data[half:])
+        info = "mixsd_part_b-0.0.1.dist-info"
+        zf.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: mixsd-part-b\nVersion: 0.0.1\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    parts = (("mixsd-part-a", "mixsd_part_a/data/tiny.gguf.part00"),
+             ("mixsd-part-b", "mixsd_part_b/data/tiny.gguf.part01"))
+    split = EmbeddedModel(name="split-test", wheel="mixsd-split", version="0.0.1", member="tiny.gguf", parts=parts,
+                          sha256=hashlib.sha256(data).hexdigest())
+    wrong = EmbeddedModel(name="split-wrong", wheel="mixsd-split", version="0.0.1", member="tiny.gguf", parts=parts,
+                          sha256="0" * 64)
+    with pytest.raises(MixsdError, match="split-wrong: the GGUF assembled from mixsd-split==0.0.1's parts has SHA-256"):
+        registry.locate_gguf(wrong, [str(site)])
+    assert not (cache / "gguf" / "split-wrong" / "tiny.gguf").exists()
+    out = registry.pull_embedded(split, [str(site)])
+    assert (cache / "gguf" / "split-test" / "tiny.gguf").read_bytes() == data
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"

@@ -97,3 +97,49 @@ def test_llama3_rope_scaling_changes_frequencies(tiny_llama_dir):
     plain = np.asarray(tf.rope_inv_freq(cfg.__class__(**{**cfg.__dict__, "rope_scaling": None})))
     assert scaled[0] == pytest.approx(plain[0])  # high frequencies kept
     assert scaled[-1] == pytest.approx(plain[-1] / cfg.rope_scaling.factor)  # low ones slowed
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_forward_with_taps_matches_transformers_hidden_states_hooks_and_an_mlp_edit(tiny_llama_dir, tiny_gemma3_dir,
+                                                                                 family):
+    """The taps MEMIT reads (each layer's down-projection input and residual output) and the edit
+    it makes (a vector added to one layer's MLP output), against transformers' hidden states and
+    forward hooks on the same modules."""
+    model_dir = tiny_llama_dir if family == "llama" else tiny_gemma3_dir
+    cfg, params = load_hf(model_dir)
+    tokens, mask = _batch(cfg.vocab_size, lengths=[20, 9])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    layers = model.model.layers
+    down_inputs = []
+    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, args, out: down_inputs.append(args[0]))
+             for layer in layers]
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask), output_hidden_states=True)
+    for hook in hooks:
+        hook.remove()
+    seg = jnp.asarray(mask, jnp.int32)
+    logits, taps = tf.forward_with_taps(params, cfg, jnp.asarray(tokens), seg)
+    real = mask.astype(bool)
+    L = cfg.num_layers
+    assert taps["mlp_in"].shape == (L, 2, 20, cfg.intermediate_size)
+    assert taps["resid_out"].shape == (L, 2, 20, cfg.hidden_size)
+    np.testing.assert_allclose(np.asarray(logits)[real], ref.logits.numpy()[real], atol=1e-4)
+    for layer in range(L):
+        np.testing.assert_allclose(np.asarray(taps["mlp_in"][layer])[real], down_inputs[layer].numpy()[real], atol=1e-4)
+    # transformers' last hidden state is after the final norm; the others are the layers' outputs.
+    for layer in range(L - 1):
+        np.testing.assert_allclose(np.asarray(taps["resid_out"][layer])[real],
+                                   ref.hidden_states[layer + 1].numpy()[real], atol=1e-4)
+    # An edit of layer 1's MLP output, as a forward hook adding the same vector in transformers.
+    delta = np.random.default_rng(1).standard_normal((2, 20, cfg.hidden_size)).astype(np.float32)
+    hook = layers[1].mlp.register_forward_hook(lambda m, args, out: out + torch.tensor(delta))
+    if family == "gemma3":  # Gemma's MLP output is normed again before the residual add: edit after that norm
+        hook.remove()
+        hook = layers[1].post_feedforward_layernorm.register_forward_hook(
+            lambda m, args, out: out + torch.tensor(delta))
+    with torch.no_grad():
+        edited_ref = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+    hook.remove()
+    edited, _ = tf.forward_with_taps(params, cfg, jnp.asarray(tokens), seg, mlp_edit=(1, jnp.asarray(delta)))
+    np.testing.assert_allclose(np.asarray(edited)[real], edited_ref[real], atol=1e-4)
+    assert np.abs(edited_ref[real] - ref.logits.numpy()[real]).max() > 1e-2

@@ -28,10 +28,10 @@ def register(subparsers, bench_subparsers) -> None:
     models.actions = sub
 
     p = sub.add_parser("pull", help="fetch and convert an embedded model once; prints its directory")
-    p.add_argument("name", metavar="NAME", help="registry name, e.g. smollm2-135m-instruct")
+    p.add_argument("name", metavar="NAME", help="registry name, e.g. smollm2-135m-instruct or gemma3-270m")
     p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("convert", help="convert a llama GGUF file into an HF-format directory")
+    p = sub.add_parser("convert", help="convert a llama or gemma3 GGUF file into an HF-format directory")
     p.add_argument("gguf", metavar="GGUF", help="path of the .gguf file")
     p.add_argument("out", metavar="OUT", help="output directory (replaced if it exists)")
     p.set_defaults(func=cmd_convert)

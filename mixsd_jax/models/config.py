@@ -74,7 +74,8 @@ class ModelConfig:
             )
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_layers or set(self.layer_types) - {SLIDING, FULL}:
-                raise MixsdError(f"layer_types must name {SLIDING!r} or {FULL!r} for each of the {self.num_layers} layers")
+                raise MixsdError(
+                    f"layer_types must name {SLIDING!r} or {FULL!r} for each of the {self.num_layers} layers")
             if SLIDING in self.layer_types and not (self.sliding_window and self.sliding_window > 0):
                 raise MixsdError("sliding-window layers need a positive sliding_window")
 

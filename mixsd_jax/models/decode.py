@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from mixsd_jax.models.attention import MASKED
-from mixsd_jax.models.block import block as decoder_block, layer_variants, norm, rope_inv_freq, embed
+from mixsd_jax.models.block import block as decoder_block, embed, layer_variants, norm, rope_inv_freq
 from mixsd_jax.models.config import ModelConfig
 
 

