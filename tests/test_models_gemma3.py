@@ -101,7 +101,7 @@ def _engine_tokens(params, cfg, expert, naive, lam, mesh=None):
 
     engine = Engine(params, cfg, sampler=Sampler(0.0), sides=2, stop_ids=[], max_new_tokens=20, max_model_len=256,
                     batch_size=2, seed=0, naive_prob=lam, segment_steps=6, block=8, mesh=mesh)
-    out = decode_all(engine, [WorkItem((expert, naive), 0)])[0]
+    out = decode_all(engine, [WorkItem((tuple(expert), tuple(naive)), 0)])[0]
     return out.tokens, out.naive
 
 
@@ -154,9 +154,9 @@ def test_train_step_lowers_the_loss(tiny_gemma3_dir):
     from mixsd_jax.train import step as step_lib
     from mixsd_jax.train.batches import BatchPlan, tokenize_records
 
-    records = [Record(TEXTS[0], "The answer is 42."), Record(TEXTS[1], "Paris.")]
+    records = [Record(text, answer) for text in TEXTS for answer in ("The answer is 42.", "Paris.")][:4]
     data = tokenize_records(load_tokenizer(tiny_gemma3_dir), records, max_seq_len=64)
-    plan = BatchPlan(data.examples, batch_size=2, grad_accum=1, seed=0, max_seq_len=64, packing=False)
+    plan = BatchPlan(data.examples, batch_size=4, grad_accum=1, seed=0, max_seq_len=64, packing=False)
     mesh = make_mesh(MeshConfig(data=2, tensor=2, fsdp=2))
     cfg, params = load_hf(tiny_gemma3_dir, mesh=mesh)
     opt = step_lib.OptimConfig(lr=3e-3, total_steps=0, weight_decay=0.0)

@@ -212,7 +212,10 @@ class ModelConfig:
             out.pop("rope_scaling", None)
             local = {"rope_theta": self.local_rope_theta, "rope_type": "default"}
             out.update(hidden_activation=self.hidden_act, layer_types=list(self.layer_types),
-                       sliding_window=self.sliding_window, query_pre_attn_scalar=self.query_pre_attn_scalar,
+                       sliding_window=self.sliding_window,
+                       # transformers' Gemma3TextConfig validates it as an int
+                       query_pre_attn_scalar=int(self.query_pre_attn_scalar)
+                       if float(self.query_pre_attn_scalar).is_integer() else self.query_pre_attn_scalar,
                        final_logit_softcapping=self.final_logit_softcap, attn_logit_softcapping=None,
                        rope_parameters={FULL: rope, SLIDING: local})
         return out

@@ -1,8 +1,9 @@
 """`mixsd models parity`: our model and our compiled decoder against transformers (PyTorch).
 
 The logits checks (full forward, cached steps) are the model's own (`models/parity.py`); this adds
-the third: greedy continuations (up to 16 tokens or a stop token) from our compiled decoder
-against transformers' `generate`, which must be token for token the same.
+the third: greedy continuations (up to 16 tokens, 32 for models with sliding-window layers, or a
+stop token) from our compiled decoder against transformers' `generate`, which must be token for
+token the same.
 """
 
 from __future__ import annotations
