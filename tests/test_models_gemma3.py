@@ -196,3 +196,19 @@ def test_config_reads_v4_fields_and_exports_what_transformers_loads(tiny_gemma3_
         a = _reference(out)(input_ids=tokens).logits
         b = _reference(tiny_gemma3_dir)(input_ids=tokens).logits
     assert torch.equal(a, b)
+
+
+def test_known_shapes_give_the_published_parameter_counts():
+    """Gemma 3's sizes by their names: 270M (268M with the 262k embedding), 1B, and the text
+    towers of 4B, 12B and 27B (3.88B, 11.77B, 27.0B: the checkpoints' totals less the vision tower)."""
+    import math
+
+    from mixsd_jax.models.known_shapes import known_model_config
+
+    def billions(name):
+        shapes = tf.param_shapes(known_model_config(name))
+        return sum(math.prod(s) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))) / 1e9
+
+    counts = [billions(n) for n in ("google/gemma-3-270m", "gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b")]
+    np.testing.assert_allclose(counts, [0.268, 1.000, 3.880, 11.766, 27.009], atol=0.002)
+    assert known_model_config("gemma3-27b").attention_divisor == math.sqrt(168)

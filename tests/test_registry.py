@@ -168,7 +168,7 @@ def test_resolve_paper_models_from_models_dir(tmp_path, monkeypatch):
 
 
 def test_unknown_names_are_named():
-    unknown = r"model 'gpt-17': no such directory and not a known model name \(known: smollm2-135m-instruct, qwen3"
+    unknown = r"model 'gpt-17': no such directory and not a known model name \(known: smollm2-135m-instruct, gemma3-270m, qwen3"
     with pytest.raises(MixsdError, match=unknown):
         registry.resolve_model("gpt-17")
     with pytest.raises(MixsdError, match=r"model 'qwen3-1\.7b' \(Qwen/Qwen3-1\.7B\) cannot be pulled"):
