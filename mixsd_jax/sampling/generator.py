@@ -279,27 +279,26 @@ def _run_queue(cfg, model_dir, tokenizer, prompts, gt_answers, verifier, max_ret
 
     from mixsd_jax.models.checkpoint import load_hf
     from mixsd_jax.models.sharding import make_mesh
-    from mixsd_jax.sampling.engine import Engine
-    from mixsd_jax.sampling.runner import WorkItem
+    from mixsd_jax.sampling.engine import Engine, EngineSpec
     from mixsd_jax.sampling.strategies import Sampler
+    from mixsd_jax.sampling.work import WorkItem
 
     mesh = make_mesh(cfg.mesh)
     stats["devices"] = mesh.devices.size
     model_cfg, params = load_hf(model_dir, cfg.param_dtype, mesh=mesh)
-    engine = Engine(
-        params,
+    engine = Engine(params, EngineSpec(
         model_cfg,
-        sampler=Sampler(cfg.temperature, cfg.topk),
+        Sampler(cfg.temperature, cfg.topk),
         sides=2,
-        stop_ids=tokenizer.stop_ids,
         max_new_tokens=cfg.max_new_tokens,
         max_model_len=cfg.max_model_len,
         batch_size=cfg.batch_size,
+        stop_ids=tuple(tokenizer.stop_ids),
         seed=cfg.seed,
+        naive_prob=cfg.lambda_mix,
         dtype=cfg.dtype,
         mesh=mesh,
-        naive_prob=cfg.lambda_mix,
-    )
+    ))
     counts = {"accepted": 0, "finished": 0, "retrying": 0}
     bar = tqdm(total=len(queue), desc="mixsd generate", unit="rec", disable=not progress or not multihost.is_primary())
 
