@@ -1,7 +1,6 @@
 """The decode engine: greedy tokens and log-probabilities against transformers, the mixing rule's
 properties (λ = 0 / 1, the naive fraction, independence of batch, slots and devices), the stop
-rules, and byte identity with pinned outputs (tests/fixtures/engine, written by the fixed-batch
-decoder this package used to carry, see make_fixtures.py)."""
+rules, and byte identity with pinned outputs (tests/fixtures/engine, see make_fixtures.py)."""
 
 import json
 from pathlib import Path
@@ -77,9 +76,10 @@ def test_generator_files_equal_the_pinned_files(tiny_llama_dir, tmp_path, temper
 
 
 def _mix_engine(params, cfg, *, mesh=None, max_new_tokens=24, stop_ids=None, batch_size=4):
+    stop_ids = (PINNED["stop_id"],) if stop_ids is None else stop_ids
     return Engine(params, EngineSpec(cfg, Sampler(0.6, 16), sides=2, max_new_tokens=max_new_tokens, max_model_len=30,
-                                     batch_size=batch_size, stop_ids=(PINNED["stop_id"],) if stop_ids is None else stop_ids,
-                                     seed=9, naive_prob=0.3, segment_steps=6, block=8, mesh=mesh))
+                                     batch_size=batch_size, stop_ids=stop_ids, seed=9, naive_prob=0.3, segment_steps=6,
+                                     block=8, mesh=mesh))
 
 
 def _pinned_items():
@@ -105,7 +105,8 @@ def test_cache_follows_the_live_length_not_max_new_tokens(tiny_llama_dir):
     stop = sorted({c.tokens[-1] for c in stopped})
     # Same records, a stop set that ends them within 12 tokens: N = 12 and N = 1500 do the same work.
     short, long = (Engine(params, EngineSpec(cfg, Sampler(0.0), sides=1, max_new_tokens=n, max_model_len=2048,
-                                             batch_size=4, stop_ids=stop, segment_steps=4, block=8)) for n in (12, 1500))
+                                             batch_size=4, stop_ids=stop, segment_steps=4, block=8))
+                   for n in (12, 1500))
     items = [WorkItem((p,), i) for i, p in enumerate(prompts)]
     a, b = decode_all(short, items), decode_all(long, items)
     assert [c.tokens for c in a] == [c.tokens for c in b]

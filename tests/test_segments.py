@@ -28,7 +28,7 @@ def test_traced_settings_share_one_compiled_segment(tiny_llama_dir):
     assert a == b and hash(a) == hash(b) and a.stop_ids == (3, 9)
     assert _spec(cfg, max_new_tokens=13) != a and _spec(cfg, sides=1) != a
     items = [WorkItem(((5, 6, 7), (8, 9)), 0)]
-    outs = [decode_all(Engine(params, spec), items)[0] for spec in (_spec(cfg, naive_prob=0.0), _spec(cfg, naive_prob=1.0))]
+    outs = [decode_all(Engine(params, _spec(cfg, naive_prob=lam)), items)[0] for lam in (0.0, 1.0)]
     compiled = segments.decode_segment._cache_size()
     decode_all(Engine(params, _spec(cfg, naive_prob=0.5, seed=4)), items)
     assert segments.decode_segment._cache_size() == compiled

@@ -123,8 +123,8 @@ class Engine:
         ids = np.array([(it.record_index, it.gen_index, it.attempt) for it in take] + [(0, 0, 0)] * pad, np.uint32)
         for item, b in zip(take, free):
             slots[b] = _Slot(item, max(map(len, item.prompts)))
-        return segments.insert(state, tuple(sides), self._put(slot_ids), self._put(ids), self._put(np.int32(self.spec.seed)),
-                               spec=self.spec)
+        return segments.insert(state, tuple(sides), self._put(slot_ids), self._put(ids),
+                               self._put(np.int32(self.spec.seed)), spec=self.spec)
 
     def _collect(self, out: segments.SegmentOut, slots: list) -> list[tuple[WorkItem, Completion]]:
         finished = []

@@ -149,7 +149,8 @@ def _constrain(state: DecodeState, spec: EngineSpec) -> DecodeState:
 
     def constrain(name):
         x = getattr(state, name)
-        return jax.lax.with_sharding_constraint(x, NamedSharding(spec.mesh, fit_spec(_LAYOUT[name], x.shape, spec.mesh)))
+        sharding = NamedSharding(spec.mesh, fit_spec(_LAYOUT[name], x.shape, spec.mesh))
+        return jax.lax.with_sharding_constraint(x, sharding)
 
     return DecodeState(**{name: constrain(name) for name in _LAYOUT})
 
@@ -177,8 +178,8 @@ def grow(state: DecodeState, *, spec: EngineSpec, capacity: int) -> DecodeState:
     """The same state with caches of `capacity` slots (the live slots copied, the new ones zero)."""
     extra = capacity - state.cache_k.shape[2]
     pad = ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))
-    return _constrain(dataclasses.replace(state, cache_k=jnp.pad(state.cache_k, pad), cache_v=jnp.pad(state.cache_v, pad)),
-                      spec)
+    grown = dataclasses.replace(state, cache_k=jnp.pad(state.cache_k, pad), cache_v=jnp.pad(state.cache_v, pad))
+    return _constrain(grown, spec)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
