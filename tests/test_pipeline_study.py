@@ -158,6 +158,14 @@ def test_report_and_plots(resumed):
         assert (out_dir / "scaling" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert not list((out_dir / "scaling").glob(".*"))  # no temporary file left behind
     assert output.rstrip().splitlines()[-1] == f"report: {out_dir / 'scaling' / 'report.md'}"
+    # `--only scaling`: the same report again from the model folders, running nothing
+    before = (out_dir / "scaling" / "scaling.json").read_text()
+    proc = subprocess.run([sys.executable, "-m", "mixsd_jax.cli", "pipeline", "--config",
+                           str(out_dir.parent / "study.yaml"), "--only", "scaling"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "running" not in proc.stdout and proc.stdout.rstrip().splitlines()[-1] == output.rstrip().splitlines()[-1]
+    assert (out_dir / "scaling" / "scaling.json").read_text() == before
 
 
 def _study_yaml(tmp_path, small_dir, big_dir, models=None) -> Path:
@@ -184,6 +192,8 @@ def test_dry_run_lists_every_model_and_only_runs_one(tiny_llama_dir, big_llama_d
     assert proc.stdout.count("train_mixsd_l0p3_s2") == 2 and proc.stdout.count(" corpus ") == 1
     only = build_study(load_experiment(path), only=BIG)
     assert list(only.plans) == [BIG] and [e.name for e in only.entries] == [SMALL, BIG]
+    corpus = build_study(load_experiment(path), only="corpus")  # the shared corpus alone, before slices start
+    assert corpus.plans == {} and corpus.corpus.stages == study.corpus.stages
 
 
 @pytest.mark.parametrize("models, message", [

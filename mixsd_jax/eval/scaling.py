@@ -211,7 +211,8 @@ def render_report(name: str, data: dict, plots: Sequence[str]) -> str:
         lines = [f"- {d['label']}: {LABELS[d['metric']]} {_cell(d['mixsd'])} against SFT {_cell(d['sft'])} "
                  f"({'better' if d['mixsd_better'] else 'worse'} for MixSD)" for d in outside]
         parts.append(f"\n### {model['name']} ({_params(model['parameters'])} parameters)\n\n"
-                     + ("\n".join(lines) if lines else f"None of the {len(mine)} comparisons is outside its intervals."))
+                     + ("\n".join(lines) if lines else f"None of the {len(mine)} comparisons is outside its "
+                                                         "intervals."))
     parts.append("\n## Plots\n")
     parts += [f"![{p}]({p})" for p in plots]
     return "\n".join(parts) + "\n"

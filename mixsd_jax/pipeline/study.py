@@ -10,7 +10,8 @@ Layout under `out_dir`:
 Each model's stages are skipped, resumed or redone as in any pipeline, so a study killed during
 its second model reruns nothing of the first. `only` runs the corpus and one model, then rewrites
 the report from every model's results found on disk: slices that each run one model of the same
-config share one report.
+config share one report (`only="corpus"` builds the shared corpus alone, before they start;
+`--only scaling` rewrites the report alone, see pipeline/commands.py).
 
 An entry is a registry name or HF directory, or a mapping with `model`, an optional `name` (its
 folder; default: the last part of `model`) and per-model sections (OVERRIDABLE) merged over the
@@ -35,6 +36,8 @@ OVERRIDABLE = ("mesh", "generation", "train", "opsd", "eval", "selection")
 RESERVED_NAMES = ("corpus", "scaling", "stages")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 STUDY_MODEL_FILE = "study_model.json"
+CORPUS_ONLY = "corpus"  # `--only corpus`: build the shared corpus before slices start their models
+REPORT_ONLY = "scaling"  # `--only scaling`: rewrite the scaling report from the model folders, run nothing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +76,8 @@ def model_entries(cfg: ExperimentConfig) -> list[ModelEntry]:
             raise MixsdError(f"config key '{where}.model': required (a registry name or an HF-format directory)")
         name = fields.pop("name", None) or Path(model.rstrip("/")).name
         if not isinstance(name, str) or not _NAME.match(name) or name in RESERVED_NAMES:
-            raise MixsdError(f"config key '{where}.name': {name!r} cannot name a folder under out_dir (letters, digits, "
-                             f"'.', '_', '-'; not {', '.join(RESERVED_NAMES)})")
+            raise MixsdError(f"config key '{where}.name': {name!r} cannot name a folder under out_dir "
+                             f"(letters, digits, '.', '_', '-'; not {', '.join(RESERVED_NAMES)})")
         for key, value in fields.items():
             if key not in OVERRIDABLE:
                 raise MixsdError(f"config key '{where}.{key}': not a per-model setting (a model may set "
@@ -139,17 +142,21 @@ def build_study(cfg: ExperimentConfig, only: str | None = None) -> Study:
     if not entries:
         raise MixsdError("config key 'models': empty (list the models of the study, or set 'model' alone)")
     names = [e.name for e in entries]
-    if only is not None and only not in names:
-        raise MixsdError(f"--only {only!r}: not a model of this study (models: {', '.join(names)})")
+    if only is not None and only not in (*names, CORPUS_ONLY):
+        raise MixsdError(f"--only {only!r}: not a model of this study (models: {', '.join(names)}; or "
+                         f"{CORPUS_ONLY!r}: the shared corpus alone; {REPORT_ONLY!r}: the scaling report alone)")
     configs = {e.name: model_config(cfg, e) for e in entries}
     out = Path(cfg.out_dir).expanduser().absolute()
     plans = {}
     for entry in entries:
-        if only in (None, entry.name):
+        # `--only corpus` still plans the first model: its plan holds the corpus stage
+        if only in (None, entry.name) or (only == CORPUS_ONLY and not plans):
             plans[entry.name] = _for_model(entry, lambda: build_plan(configs[entry.name], corpus_root=out / "corpus"))
     first = next(iter(plans.values()))
     corpus = Plan(config=cfg, exp_dir=out, model_dir=first.model_dir, stages=first.stages[:1],
                   report=out / "scaling" / "report.md")
+    if only == CORPUS_ONLY:
+        plans = {}
     return Study(config=cfg, out_dir=out, entries=tuple(entries), corpus=corpus,
                  plans={name: dataclasses.replace(plan, stages=plan.stages[1:]) for name, plan in plans.items()})
 
@@ -215,21 +222,23 @@ def run_study(study: Study, *, log: Callable[[str], None] = print) -> dict[str, 
             atomic_write_json(plan.exp_dir / STUDY_MODEL_FILE, study_model(plan, entries[name]))
         run_plan(plan, log=log)
     paths: dict[str, Path] = {}
-    if multihost.is_primary():
-        paths = write_study_report(study)
+    if multihost.is_primary() and study.plans:
+        paths = write_study_report(study.config)
     multihost.barrier("study report")
     return paths
 
 
-def write_study_report(study: Study) -> dict[str, Path]:
-    """The scaling report over every model of the study whose folder holds results (any process may
-    have run them: the report reads only files)."""
+def write_study_report(cfg: ExperimentConfig) -> dict[str, Path]:
+    """The scaling report over every model of the study whose folder holds results (any process, any
+    slice may have run them: the report reads only files, and needs no model on this machine)."""
     from mixsd_jax.eval.scaling import write_scaling_report
 
-    models = [model_outputs(study.out_dir / entry.name) for entry in study.entries]
-    missing = [entry.name for entry, m in zip(study.entries, models) if m is None or m["results"] is None]
-    return write_scaling_report(study.config.name, [m for m in models if m is not None and m["results"] is not None],
-                                study.report_dir, missing=missing)
+    entries = model_entries(cfg)
+    out = Path(cfg.out_dir).expanduser().absolute()
+    models = [model_outputs(out / entry.name) for entry in entries]
+    missing = [entry.name for entry, m in zip(entries, models) if m is None or m["results"] is None]
+    return write_scaling_report(cfg.name, [m for m in models if m is not None and m["results"] is not None],
+                                out / "scaling", missing=missing)
 
 
 def model_outputs(exp_dir: Path) -> dict | None:
