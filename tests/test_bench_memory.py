@@ -118,3 +118,17 @@ def test_known_shapes_match_the_published_sizes():
     total = sum(math.prod(s) for s in jax.tree.leaves(llama, is_leaf=lambda x: isinstance(x, tuple)))
     np.testing.assert_allclose(total / 1e9, 1.24, atol=0.005)
     assert known_model_config("not-a-paper-model") is None
+
+
+def test_a_study_config_plans_the_model_it_is_told(tmp_path):
+    """A scaling study's `model=NAME` picks that entry with its own sections (the 8B's decode mesh)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "paper" / "scaling_qwen3_kgfact_small.yaml"
+    big = memory.load_plan_config(str(path), ["model=qwen3-8b"])
+    small = memory.load_plan_config(str(path), ["model=qwen3-0.6b"])
+    assert (big["model"], big["generation"]["batch_size"], big["generation_mesh"].tensor) == ("qwen3-8b", 8, 8)
+    assert (small["model"], small["generation"]["batch_size"], small["generation_mesh"].tensor) == ("qwen3-0.6b", 64, 1)
+    assert big["train"].batch_size == small["train"].batch_size == 20
+    with pytest.raises(MixsdError, match="not a model of this study"):
+        memory.load_plan_config(str(path), [])  # the default model is none of the study's

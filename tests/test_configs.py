@@ -132,7 +132,7 @@ def test_scaling_config_builds_its_study(path, request, tmp_path):
         assert len([n for n in names if n.startswith("train_")]) == 9  # (SFT + 2 λ) × 3 seeds
         assert len([n for n in names if n.startswith("generate_")]) == 6
         assert plan.exp_dir == study.out_dir / name
-        assert plan.stage("eval").settings.corpus_dir.startswith(str(study.out_dir / "corpus"))
+        assert plan.stage("train_sft_s1").settings.data.startswith(str(study.out_dir / "corpus" / ""))
         if path.stem == "scaling_cpu":
             continue
         train, gen = plan.stage("train_sft_s1").settings, plan.stage("generate_mixsd_l0p3_s1").settings

@@ -126,6 +126,17 @@ def model_config(cfg: ExperimentConfig, entry: ModelEntry) -> ExperimentConfig:
     return _for_model(entry, lambda: config_lib.from_dict(ExperimentConfig, data))
 
 
+def chosen_model_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The single-model experiment of the entry that `model=NAME` names (a tool that plans one model,
+    e.g. `mixsd bench memory`, given a study config)."""
+    entries = model_entries(cfg)
+    for entry in entries:
+        if cfg.model in (entry.name, entry.model):
+            return model_config(cfg, entry)
+    raise MixsdError(f"config key 'model': {cfg.model!r} is not a model of this study; pick one with model=NAME "
+                     f"({', '.join(e.name for e in entries)})")
+
+
 def _for_model(entry: ModelEntry, build: Callable):
     """Runs `build`; a config error names the model it is about."""
     try:
