@@ -108,7 +108,7 @@ def summarize(rows: Sequence[dict]) -> dict[str, dict[str, dict]]:
     for methods in out.values():
         for method, block in methods.items():
             group = block.pop("rows")
-            block["label"] = group[0]["label"].split(" seed ")[0]
+            block["label"] = group[0]["label"]
             block["parameters"] = group[0]["parameters"]
             block["chosen_steps"] = [r["chosen_step"] for r in group]
             for key, _, _ in METRICS:
@@ -182,10 +182,9 @@ def render_report(name: str, data: dict, plots: Sequence[str]) -> str:
     parts.append("\nEach cell: mean and 95% interval. With several seeds the interval is the t-interval across "
                  "seeded runs (eval/seeds.py); with one run it is that run's item interval (Wilson for rates, "
                  "bootstrap for ratios and NLL). `retention` is the tuned/base score ratio (mean over benchmarks).")
-    methods = list(dict.fromkeys(r["method"] for r in data["rows"]))
-    for method in methods:
-        present = [key for key, _, _ in METRICS if any(key in methods_[method] for methods_ in summary.values()
-                                                       if method in methods_)]
+    for method in dict.fromkeys(r["method"] for r in data["rows"]):
+        blocks = [per_model[method] for per_model in summary.values() if method in per_model]
+        present = [key for key, _, _ in METRICS if any(key in block for block in blocks)]
         rows = []
         for model in models:
             block = summary.get(model["name"], {}).get(method)
@@ -195,7 +194,7 @@ def render_report(name: str, data: dict, plots: Sequence[str]) -> str:
             rows.append([model["name"], _params(model["parameters"])]
                         + [_cell(block.get(key), 4 if key == "kl" else 3) for key in present]
                         + ([] if method == "base" else [steps]))
-        label = next(iter(s[method]["label"] for s in summary.values() if method in s))
+        label = blocks[0]["label"]
         header = ["model", "parameters"] + [LABELS[k] for k in present] + ([] if method == "base" else ["chosen step"])
         parts.append(f"\n## {label} (`{method}`)\n\n" + _table(header, rows))
     parts.append("\n## SFT against MixSD at each size\n\nA difference counts when the two 95% intervals do not "
