@@ -95,12 +95,12 @@ def _hf_greedy(model_dir, prompt, n):
 
 
 def _engine_tokens(params, cfg, expert, naive, lam, mesh=None):
-    from mixsd_jax.sampling.engine import Engine, decode_all
-    from mixsd_jax.sampling.runner import WorkItem
+    from mixsd_jax.sampling.engine import Engine, EngineSpec, decode_all
     from mixsd_jax.sampling.strategies import Sampler
+    from mixsd_jax.sampling.work import WorkItem
 
-    engine = Engine(params, cfg, sampler=Sampler(0.0), sides=2, stop_ids=[], max_new_tokens=20, max_model_len=256,
-                    batch_size=2, seed=0, naive_prob=lam, segment_steps=6, block=8, mesh=mesh)
+    engine = Engine(params, EngineSpec(cfg, Sampler(0.0), sides=2, max_new_tokens=20, max_model_len=256, batch_size=2,
+                                       stop_ids=(), seed=0, naive_prob=lam, segment_steps=6, block=8, mesh=mesh))
     out = decode_all(engine, [WorkItem((tuple(expert), tuple(naive)), 0)])[0]
     return out.tokens, out.naive
 
