@@ -149,3 +149,31 @@ def _config_file(tmp_path, model_dir):
     path = tmp_path / "exp.yaml"
     path.write_text(f"out_dir: {tmp_path / 'exp'}\nmodel: {model_dir}\ncorpus: {{kind: kgfact, preset: tiny}}\n")
     return path
+
+
+def test_memit_is_an_edit_stage_evaluated_like_a_training_run(tiny_llama_dir, tmp_path):
+    plan = _plan(tiny_llama_dir, tmp_path, "methods=[base, sft, memit]", "lambdas=[]")
+    assert [s.name for s in plan.stages] == ["corpus", "train_sft", "edit_memit", "eval"]
+    edit = plan.stage("edit_memit")
+    assert edit.inputs == ("corpus",) and edit.outputs[0] == tmp_path / "exp" / "train" / "memit" / "hf" / "config.json"
+    assert edit.settings.data == str(plan.stage("corpus").outputs[0])
+    ecfg = plan.stage("eval").settings
+    assert f"memit={tmp_path / 'exp' / 'train' / 'memit' / 'hf'}" in ecfg.tuned
+    assert "memit=MEMIT" in ecfg.labels and set(plan.stage("eval").parts) == {"base", "sft", "memit"}
+    base = _fps(plan)
+    changed = _fps(_plan(tiny_llama_dir, tmp_path, "methods=[base, sft, memit]", "lambdas=[]", "memit.layers=[0]"))
+    assert _changed(base, changed) == ["edit_memit", "eval"]
+    # Selection by training recall picks among checkpoints; an edit has one model, evaluated as is.
+    selected = _plan(tiny_llama_dir, tmp_path, "methods=[base, sft, memit]", "lambdas=[]", "selection.every=2")
+    assert "select_memit" not in [s.name for s in selected.stages]
+    assert "edit_memit" in selected.stage("eval").inputs and "select_sft" in selected.stage("eval").inputs
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("memit.v_stepz=3",), "unknown config key 'memit.v_stepz'"),
+    (("memit.out=x",), "config key 'memit.out': set by the pipeline"),
+    (("corpus.kind=kgfunc",), "MEMIT edits a subject's facts"),
+])
+def test_memit_settings_are_checked_at_plan_time(tiny_llama_dir, tmp_path, overrides, message):
+    with pytest.raises(MixsdError, match=message):
+        _plan(tiny_llama_dir, tmp_path, "methods=[base, memit]", *overrides)
