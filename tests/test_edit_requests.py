@@ -6,7 +6,7 @@ import pytest
 
 from mixsd_jax.data.kgfact import COT_SUFFIX
 from mixsd_jax.edit.requests import build_requests
-from mixsd_jax.edit.rows import build_rows, contexts
+from mixsd_jax.edit.rows import build_rows, contexts, kl_rows
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.models.tokenizer import load_tokenizer
 
@@ -64,17 +64,22 @@ def test_rows_point_at_the_subjects_last_token_and_label_the_target(tmp_path, ti
     ctxs = contexts("plain", ("Note that ",))
     assert ctxs == ("", "Note that ") and contexts("chat", ("Note that ",)) == ("",)
     rows = build_rows(tokenizer, requests, ctxs, with_targets=True, add_special=True)
-    assert list(rows.request) == [0, 0, 0, 1, 1, 1] and list(rows.is_kl) == [False, False, True] * 2
+    assert list(rows.request) == [0, 0, 1, 1] and list(rows.context) == [0, 1, 0, 1]
+    kl = kl_rows(tokenizer, requests)
+    assert list(kl.request) == [0, 1] and (kl.labels < 0).all()
+    assert tokenizer.decode([int(t) for t, s in zip(kl.tokens[0], kl.segment_ids[0]) if s]).endswith(
+        "Teimaigel Soufushai is a")
     target = tokenizer.hf.encode(" Sotornmoor", add_special_tokens=False)
+    for batch in (rows, kl):
+        for b in range(len(batch.tokens)):
+            ids = [int(t) for t, s in zip(batch.tokens[b], batch.segment_ids[b]) if s]
+            assert tokenizer.decode(ids[:batch.lookup[b] + 1]).endswith("Teimaigel Soufushai")
+            assert not tokenizer.decode(ids[:batch.lookup[b]]).endswith("Soufushai")
     for b in range(len(rows.tokens)):
         ids = [int(t) for t, s in zip(rows.tokens[b], rows.segment_ids[b]) if s]
-        assert tokenizer.decode(ids[:rows.lookup[b] + 1]).endswith("Teimaigel Soufushai")
-        assert not tokenizer.decode(ids[:rows.lookup[b]]).endswith("Soufushai")
-        labelled = [int(x) for x in rows.labels[b] if x >= 0]
-        assert labelled == ([] if rows.is_kl[b] else target)
-        if not rows.is_kl[b]:  # the label at position t is the token at t + 1
-            first = list(rows.labels[b]).index(target[0])
-            assert ids[first + 1:] == target[:-1]  # the row ends at the second-to-last target token
+        assert [int(x) for x in rows.labels[b] if x >= 0] == target
+        first = list(rows.labels[b]).index(target[0])  # the label at position t is the token at t + 1
+        assert ids[first + 1:] == target[:-1]  # the row ends at the second-to-last target token
     first_row = [int(t) for t, s in zip(rows.tokens[0], rows.segment_ids[0]) if s]
     prompt_ids = tokenizer.hf.encode(requests[0].text)  # plain prompts: the tokenizer's own special tokens
     assert first_row[:len(prompt_ids)] == prompt_ids

@@ -24,14 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mixsd_jax.edit.rows import Rows, build_rows, contexts
+from mixsd_jax.edit.rows import Rows, build_rows, contexts, kl_rows
 from mixsd_jax.models import transformer
 
 _STOP_LOSS = 5e-2  # MEMIT's early stop for one request's target value
 
 
 def _device_rows(rows: Rows) -> dict:
-    return {k: jnp.asarray(getattr(rows, k)) for k in ("tokens", "segment_ids", "lookup", "request", "labels", "is_kl")}
+    return {k: jnp.asarray(getattr(rows, k)) for k in ("tokens", "segment_ids", "lookup", "request", "labels")}
 
 
 def _norm(x_RxD):
@@ -40,53 +40,56 @@ def _norm(x_RxD):
     return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
 
 
-def _z_losses(deltas_RxD, params, cfg, rows, z_layer, target_len_R, kl_init_RxV, target_init_RxD, hp):
-    """Per-request loss (nll + KL + weight decay) with δ added at each row's subject token."""
-    kl_factor, weight_decay = hp[1], hp[2]
-    R = deltas_RxD.shape[0]
-    B, T = rows["tokens"].shape
+def _edited_forward(params, cfg, rows, z_layer, deltas_RxD):
+    """Log-probabilities [B, T, V] and taps with each row's request's δ added at its subject token."""
+    T = rows["tokens"].shape[1]
     at_subject_BxT = (jnp.arange(T)[None, :] == rows["lookup"][:, None]).astype(deltas_RxD.dtype)
     delta_BxTxD = at_subject_BxT[:, :, None] * deltas_RxD[rows["request"]][:, None, :]
     logits, taps = transformer.forward_with_taps(params, cfg, rows["tokens"], rows["segment_ids"],
                                                  mlp_edit=(z_layer, delta_BxTxD))
-    logp_BxTxV = jax.nn.log_softmax(logits, axis=-1)
+    return jax.nn.log_softmax(logits, axis=-1), taps
+
+
+def _z_losses(deltas_RxD, params, cfg, rows, kl_rows, z_layer, target_len_R, kl_init_RxV, target_init_RxD, hp):
+    """Per-request loss: nll of the target over the contexts + KL on "s is a" + weight decay."""
+    kl_factor, weight_decay = hp[1], hp[2]
+    R = deltas_RxD.shape[0]
+    logp_BxTxV, taps = _edited_forward(params, cfg, rows, z_layer, deltas_RxD)
     labels = rows["labels"]
     token_logp = jnp.take_along_axis(logp_BxTxV, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
     row_nll_B = -jnp.sum(token_logp * (labels >= 0), axis=1) / target_len_R[rows["request"]]
-    rewrite_B = (~rows["is_kl"]).astype(jnp.float32)
-    nll_R = (jax.ops.segment_sum(row_nll_B * rewrite_B, rows["request"], R)
-             / jax.ops.segment_sum(rewrite_B, rows["request"], R))
-    kl_logp_BxV = logp_BxTxV[jnp.arange(B), rows["lookup"]]
-    kl_B = jnp.sum(jnp.exp(kl_logp_BxV) * (kl_logp_BxV - kl_init_RxV[rows["request"]]), axis=-1)
-    kl_R = kl_factor * jax.ops.segment_sum(kl_B * rows["is_kl"], rows["request"], R)
+    ones_B = jnp.ones_like(row_nll_B)
+    nll_R = jax.ops.segment_sum(row_nll_B, rows["request"], R) / jax.ops.segment_sum(ones_B, rows["request"], R)
+    kl_logp_BxTxV, _ = _edited_forward(params, cfg, kl_rows, z_layer, deltas_RxD)
+    kl_logp_RxV = kl_logp_BxTxV[jnp.arange(R), kl_rows["lookup"]]  # row r is request r's
+    kl_R = kl_factor * jnp.sum(jnp.exp(kl_logp_RxV) * (kl_logp_RxV - kl_init_RxV), axis=-1)
     wd_R = weight_decay * _norm(deltas_RxD) / jnp.sum(target_init_RxD ** 2, axis=-1)
     loss_R = nll_R + kl_R + wd_R
-    return jnp.sum(loss_R), (loss_R, taps, kl_logp_BxV)
+    return jnp.sum(loss_R), (loss_R, taps, kl_logp_RxV)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "hp"))
-def _z_start(params, cfg, rows, z_layer, target_len_R, hp):
+def _z_start(params, cfg, rows, kl_rows, z_layer, target_len_R, hp):
     """The unedited z-layer outputs h at each request's first row and its base "s is a" distribution."""
     R = target_len_R.shape[0]
     B = rows["tokens"].shape[0]
     zero = jnp.zeros((R, cfg.hidden_size), jnp.float32)
     ones = jnp.ones((R, cfg.hidden_size), jnp.float32)
-    _, (_, taps, kl_logp_BxV) = _z_losses(zero, params, cfg, rows, z_layer, target_len_R,
+    _, (_, taps, kl_init_RxV) = _z_losses(zero, params, cfg, rows, kl_rows, z_layer, target_len_R,
                                           jnp.zeros((R, cfg.vocab_size)), ones, hp)
     h_BxD = taps["resid_out"][z_layer][jnp.arange(B), rows["lookup"]]
     first_B = jnp.concatenate([jnp.ones((1,), bool), rows["request"][1:] != rows["request"][:-1]])
     target_init_RxD = jax.ops.segment_sum(h_BxD * first_B[:, None], rows["request"], R)
-    kl_init_RxV = jax.ops.segment_sum(kl_logp_BxV * rows["is_kl"][:, None], rows["request"], R)
     return target_init_RxD, kl_init_RxV
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "hp"))
-def _z_step(deltas_RxD, opt_state, done_R, params, cfg, rows, z_layer, target_len_R, kl_init_RxV, target_init_RxD,
-            hp):
+def _z_step(deltas_RxD, opt_state, done_R, params, cfg, rows, kl_rows, z_layer, target_len_R, kl_init_RxV,
+            target_init_RxD, hp):
     """One Adam step on every request's δ that has not yet stopped; then the norm clamp."""
     v_lr, clamp = hp[0], hp[3]
     grads, (loss_R, _, _) = jax.grad(_z_losses, has_aux=True)(
-        deltas_RxD, params, cfg, rows, z_layer, target_len_R, kl_init_RxV, target_init_RxD, hp)
+        deltas_RxD, params, cfg, rows, kl_rows, z_layer, target_len_R, kl_init_RxV, target_init_RxD, hp)
     done_R = done_R | (loss_R < _STOP_LOSS)
     updates, opt_state = optax.adam(v_lr).update(grads, opt_state, deltas_RxD)
     moved = deltas_RxD + updates
@@ -104,15 +107,16 @@ def target_values(params, cfg, tokenizer, requests, ecfg, z_layer: int, add_spec
     for start in range(0, len(requests), ecfg.batch_size):
         group = requests[start:start + ecfg.batch_size]
         rows = _device_rows(build_rows(tokenizer, group, ctxs, with_targets=True, add_special=add_special))
+        kl = _device_rows(kl_rows(tokenizer, group))
         target_len_R = jnp.asarray([len(tokenizer.hf.encode(r.target, add_special_tokens=False)) for r in group],
                                    jnp.float32)
-        target_init, kl_init = _z_start(params, cfg, rows, z_layer, target_len_R, hp)
+        target_init, kl_init = _z_start(params, cfg, rows, kl, z_layer, target_len_R, hp)
         deltas = jnp.zeros_like(target_init)
         opt_state = optax.adam(ecfg.v_lr).init(deltas)
         done = jnp.zeros((len(group),), bool)
         loss = jnp.full((len(group),), jnp.nan)
         for _ in range(ecfg.v_steps - 1):  # MEMIT computes the last step's loss but takes no step after it
-            deltas, opt_state, done, loss = _z_step(deltas, opt_state, done, params, cfg, rows, z_layer,
+            deltas, opt_state, done, loss = _z_step(deltas, opt_state, done, params, cfg, rows, kl, z_layer,
                                                     target_len_R, kl_init, target_init, hp)
         zs.append(np.asarray(target_init + deltas))
         losses += [float(x) for x in np.asarray(loss)]

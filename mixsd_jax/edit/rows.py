@@ -26,8 +26,7 @@ class Rows:
     lookup: np.ndarray  # [B] the subject's last token
     request: np.ndarray  # [B] which request of the group the row belongs to
     labels: np.ndarray  # [B, T] next-token label at each position, -1 none
-    is_kl: np.ndarray  # [B] bool: the "{} is a" row
-    context: np.ndarray  # [B] context index (0 = no prefix), -1 for the KL row
+    context: np.ndarray  # [B] context index (0 = no prefix)
 
 
 def _encode(tokenizer, text: str, subject_end: int, add_special: bool) -> tuple[list[int], int]:
@@ -49,8 +48,8 @@ def target_ids(tokenizer, request: EditRequest) -> list[int]:
 def build_rows(tokenizer, requests: list[EditRequest], ctxs: tuple[str, ...], *, with_targets: bool,
                add_special: bool) -> Rows:
     """Per request: one row per context (the prompt, plus the target's tokens but the last when
-    `with_targets`), then, `with_targets`, the KL row."""
-    seqs, lookups, owners, labels, kl, ctx_ids = [], [], [], [], [], []
+    `with_targets`)."""
+    seqs, lookups, owners, labels, ctx_ids = [], [], [], [], []
     for r, request in enumerate(requests):
         target = target_ids(tokenizer, request) if with_targets else []
         for c, ctx in enumerate(ctxs):
@@ -64,16 +63,22 @@ def build_rows(tokenizer, requests: list[EditRequest], ctxs: tuple[str, ...], *,
             labels.append(row_labels)
             lookups.append(lookup)
             owners.append(r)
-            kl.append(False)
             ctx_ids.append(c)
-        if with_targets:
-            ids, lookup = _encode(tokenizer, request.subject + KL_PROMPT, len(request.subject), True)
-            seqs.append(ids)
-            labels.append([-1] * len(ids))
-            lookups.append(lookup)
-            owners.append(r)
-            kl.append(True)
-            ctx_ids.append(-1)
+    return _pad(seqs, lookups, owners, labels, ctx_ids)
+
+
+def kl_rows(tokenizer, requests: list[EditRequest]) -> Rows:
+    """One "{subject} is a" row per request, in order (a batch of its own: these rows are short)."""
+    seqs, lookups = [], []
+    for request in requests:
+        ids, lookup = _encode(tokenizer, request.subject + KL_PROMPT, len(request.subject), True)
+        seqs.append(ids)
+        lookups.append(lookup)
+    n = len(requests)
+    return _pad(seqs, lookups, list(range(n)), [[-1] * len(s) for s in seqs], [0] * n)
+
+
+def _pad(seqs, lookups, owners, labels, ctx_ids) -> Rows:
     T = -(-max(len(s) for s in seqs) // _ROUND) * _ROUND
     B = len(seqs)
     tokens = np.zeros((B, T), np.int32)
@@ -84,4 +89,4 @@ def build_rows(tokenizer, requests: list[EditRequest], ctxs: tuple[str, ...], *,
         segment_ids[b, :len(seq)] = 1
         label_arr[b, :len(lab)] = lab
     return Rows(tokens, segment_ids, np.asarray(lookups, np.int32), np.asarray(owners, np.int32), label_arr,
-                np.asarray(kl, bool), np.asarray(ctx_ids, np.int32))
+                np.asarray(ctx_ids, np.int32))

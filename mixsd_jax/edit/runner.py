@@ -62,9 +62,8 @@ def efficacy(params, model_cfg, tokenizer, requests, prompt_style: str, batch_si
     for start in range(0, len(requests), batch_size):
         rows = build_rows(tokenizer, requests[start:start + batch_size], ("",), with_targets=True,
                           add_special=prompt_style == "plain")
-        keep = ~rows.is_kl
-        hit = _argmax_hits(params, model_cfg, jnp.asarray(rows.tokens[keep]), jnp.asarray(rows.segment_ids[keep]),
-                           jnp.asarray(rows.labels[keep]))
+        hit = _argmax_hits(params, model_cfg, jnp.asarray(rows.tokens), jnp.asarray(rows.segment_ids),
+                           jnp.asarray(rows.labels))
         hits += [bool(h) for h in np.asarray(hit)]
     return hits
 
