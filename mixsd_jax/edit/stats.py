@@ -100,7 +100,9 @@ def _moment_sums(params, cfg, layers: tuple[int, ...], tokens_BxT, segment_ids_B
     keys_NxBxTxF = taps["mlp_in"][jnp.asarray(layers)]
     real = (segment_ids_BxT != 0).astype(jnp.float32)
     keys = keys_NxBxTxF.astype(jnp.float32) * real[None, :, :, None]
-    return jnp.einsum("nbtf,nbtg->nfg", keys, keys, preferred_element_type=jnp.float32)
+    # One contracted dim (tokens flattened): XLA:CPU leaves its fast matmul path for two.
+    keys_NxKxF = keys.reshape(keys.shape[0], -1, keys.shape[-1])
+    return jnp.einsum("nkf,nkg->nfg", keys_NxKxF, keys_NxKxF, preferred_element_type=jnp.float32)
 
 
 def second_moments(params, cfg, tokenizer, model_dir, layers: tuple[int, ...], stats_tokens: int, seq_len: int,
