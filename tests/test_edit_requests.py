@@ -83,3 +83,16 @@ def test_rows_point_at_the_subjects_last_token_and_label_the_target(tmp_path, ti
     first_row = [int(t) for t, s in zip(rows.tokens[0], rows.segment_ids[0]) if s]
     prompt_ids = tokenizer.hf.encode(requests[0].text)  # plain prompts: the tokenizer's own special tokens
     assert first_row[:len(prompt_ids)] == prompt_ids
+
+
+def test_every_record_of_our_mquake_conversion_is_an_edit_request(tmp_path):
+    """The reference's MQuAKE files have no subject (its MEMIT runner fails with a KeyError); ours do."""
+    from pathlib import Path
+
+    from mixsd_jax.data.mquake import convert_mquake
+
+    convert_mquake(Path(__file__).parent / "fixtures" / "mquake_tiny.json", tmp_path, max_facts=1000)
+    train = tmp_path / "atomic_sft" / "train_messages.jsonl"
+    requests = build_requests(train, "plain")
+    assert len(requests) == len(train.read_text().splitlines()) > 0
+    assert all(r.prompt.count("{}") == 1 and r.target.startswith(" ") for r in requests)
