@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "mixsd_jax.train.commands",
     "mixsd_jax.eval.commands",
     "mixsd_jax.pipeline.commands",
+    "mixsd_jax.bench.plan_commands",
 )
 
 

@@ -1,4 +1,4 @@
-"""Imports go only downward: ground floor <- models <- data <- sampling <- train, eval <- pipeline <- cli.
+"""Imports go only downward: ground floor <- models <- data <- sampling <- train, eval <- pipeline <- bench <- cli.
 
 The same order is written out in README's Development section.
 
@@ -23,8 +23,9 @@ FLOORS = {
     "sampling": 3,
     "train": 4, "eval": 4,
     "pipeline": 5,
-    "cli": 6,
-    "__main__": 7,
+    "bench": 6,
+    "cli": 7,
+    "__main__": 8,
     "__init__": 0,  # the version only
 }
 GROUND = {name for name, floor in FLOORS.items() if floor == 0}
