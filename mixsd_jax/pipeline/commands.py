@@ -41,7 +41,7 @@ def _run(cfg, dry_run: bool) -> int:
     from mixsd_jax.pipeline.plan import build_plan
     from mixsd_jax.pipeline.runner import describe, report_text, run_plan
 
-    plan = build_plan(cfg)
+    plan = build_plan(cfg, dry_run=dry_run)
     if dry_run:
         print(describe(plan))
         return 0

@@ -167,9 +167,29 @@ def _section(cls, cfg: ExperimentConfig, section: str, owned_values: dict, extra
     return config_lib.from_dict(cls, data, prefix=f"{section}.")
 
 
-def build_plan(cfg: ExperimentConfig) -> Plan:
-    """Validates the model, methods, λ list and every stage section; returns the stages to run."""
-    from mixsd_jax.models.registry import resolve_model
+def _model_identity(model: str, dry_run: bool) -> tuple[Path, str]:
+    """(model directory, fingerprint). A dry run plans a paper model before its download (its
+    published config fields stand in for config.json: every stage then reads as not done)."""
+    import json
+    import os
+
+    from mixsd_jax.models.known_shapes import HF_CONFIGS
+    from mixsd_jax.models.registry import PAPER_MODELS, resolve_model
+
+    try:
+        model_dir = resolve_model(model)
+    except MixsdError:
+        name = {hf_id: n for n, hf_id in PAPER_MODELS.items()}.get(str(model), str(model))
+        if not dry_run or name not in HF_CONFIGS:
+            raise
+        model_dir = Path(os.environ.get("MIXSD_MODELS_DIR", "models")) / name
+        return model_dir, _hash(str(model), "known shapes", json.dumps(HF_CONFIGS[name], sort_keys=True))
+    return model_dir, _hash(str(model), _file_hash(model_dir / "config.json"))
+
+
+def build_plan(cfg: ExperimentConfig, dry_run: bool = False) -> Plan:
+    """Validates the model, methods, λ list and every stage section; returns the stages to run.
+    `dry_run`: a paper model that is not on this machine is planned from its known shapes."""
     from mixsd_jax.sampling.generator import GenerateConfig, Paths
     from mixsd_jax.train.config import TrainConfig, not_fingerprinted
 
@@ -196,8 +216,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
                        extra=_opsd_keys(cfg) if method_run(cfg, name) == "opsd" else None)
         for name, _, _ in trained_runs(cfg)
     }
-    model_dir = resolve_model(cfg.model)
-    model_fp = _hash(str(cfg.model), _file_hash(model_dir / "config.json"))
+    model_dir, model_fp = _model_identity(cfg.model, dry_run)
 
     stages = [corpus_stage]
     # SFT trains on the ground truth; OPSD rolls out on its prompts, the ground truth for the teacher.
