@@ -28,6 +28,7 @@ def register(sub, bench) -> None:
     m.add_argument("--fit", action="store_true",
                    help="search mesh factorizations, micro batches, remat and batch sizes for the fastest plan "
                    "whose every kernel fits with 10%% headroom; print it and its key=value overrides")
+    m.add_argument("--fit-budget", type=int, default=12, help="most candidates compiled per stage by --fit")
     m.add_argument("--eval-prompt-len", type=int, default=1024, help="prompt bucket of the eval decode kernels")
     m.add_argument("--eval-row-len", type=int, default=2048, help="row bucket of the eval scoring kernels")
     m.add_argument("--eval-window", type=int, default=64, help="scored positions per row of the eval scoring kernel")
