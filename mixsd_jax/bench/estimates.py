@@ -1,7 +1,7 @@
 """Loop-scaled cost figures of the train step and of one decode step: estimates, not measurements.
 
 Each is XLA:TPU's cost model (bench.cost.scaled_by_layers: the kernel compiled with 0 and 1
-layers, extrapolated to L layers and repeated over the micro batches) turned into a time by the
+layers and no other loop, extrapolated to L layers and repeated over the micro batches) turned into a time by the
 chip's peaks (bench.chips). They are checked against the analytic count: `flops_analytic` = 6 x
 matmul parameters x tokens + causal attention (train.step.flops_per_token), per device.
 """
@@ -19,7 +19,9 @@ def train_estimates(model_cfg, train, mesh, target) -> dict:
     from mixsd_jax.train.step import flops_per_token
 
     A, M, T = train.grad_accum, train.micro_batch, train.max_seq_len
-    one_micro = dataclasses.replace(train, grad_accum=1, batch_size=M)
+    # No loop but the layer scan: one micro batch, dense attention and one LM-head chunk (the
+    # blockwise attention computes every block, masked ones too, so its matmuls are the dense ones).
+    one_micro = dataclasses.replace(train, grad_accum=1, batch_size=M, attention_block=0, loss_chunk=0)
 
     def lower(layers):
         return kernels_lib.train_step(dataclasses.replace(model_cfg, num_layers=layers), one_micro, mesh)["train_step"]
