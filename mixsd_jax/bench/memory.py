@@ -130,6 +130,11 @@ class Target:
     topology: str | None
     chip: object | None  # bench.chips.Chip; None on the CPU (no roofline)
     hbm_bytes: int
+    fill: int = 0  # devices a mesh's -1 axis spans (default: all of them)
+
+    @property
+    def fill_devices(self) -> int:
+        return self.fill or len(self.devices)
 
 
 def tpu_target(topology: str, chip_bytes: str | None) -> Target:
@@ -153,7 +158,7 @@ def plan_lines(plan: dict, target: Target, *, kernels=KERNELS, eval_prompt_len: 
 
     def mesh_of(key):
         mesh_cfg = plan[key]
-        return make_mesh(mesh_cfg, devices=target.devices[: mesh_devices(mesh_cfg, len(target.devices))])
+        return make_mesh(mesh_cfg, devices=target.devices[: mesh_devices(mesh_cfg, target.fill_devices)])
 
     common = {"model": str(plan["model"]), "backend": target.backend, "topology": target.topology,
               "chip": target.chip.name if target.chip else None}
@@ -230,8 +235,7 @@ def target_for(args, argv: list[str], plan: dict) -> Target:
     ensure_cpu_devices(max(mesh_devices(m, args.devices) for m in meshes), argv)
     import jax
 
-    devices = tuple(jax.devices())[: args.devices] if len(jax.devices()) > args.devices else tuple(jax.devices())
-    return Target(devices, "cpu", None, None, parse_bytes(args.chip_bytes or "16GiB"))
+    return Target(tuple(jax.devices()), "cpu", None, None, parse_bytes(args.chip_bytes or "16GiB"), fill=args.devices)
 
 
 def parse_kernels(text: str | None) -> tuple:
