@@ -187,15 +187,17 @@ def _model_identity(model: str, dry_run: bool) -> tuple[Path, str]:
     return model_dir, _hash(str(model), _file_hash(model_dir / "config.json"))
 
 
-def build_plan(cfg: ExperimentConfig, dry_run: bool = False) -> Plan:
+def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None, dry_run: bool = False) -> Plan:
     """Validates the model, methods, λ list and every stage section; returns the stages to run.
-    `dry_run`: a paper model that is not on this machine is planned from its known shapes."""
+    `corpus_root`: where a built corpus lives when it is shared with other plans (a scaling study);
+    default `<out_dir>/corpus`. `dry_run`: a paper model that is not on this machine is planned
+    from its known shapes."""
     from mixsd_jax.sampling.generator import GenerateConfig, Paths
     from mixsd_jax.train.config import TrainConfig, not_fingerprinted
 
     EvalConfig, evaluate = _eval_api()
     exp = Path(cfg.out_dir).expanduser().absolute()
-    corpus_stage, corpus_dir, train_file = _corpus_stage(cfg, exp)
+    corpus_stage, corpus_dir, train_file = _corpus_stage(cfg, exp, corpus_root)
     # Sections first (cheap, catches typos), then the model (may convert the embedded default).
     generate_cfgs = {
         name: _section(GenerateConfig, cfg, "generation", {
@@ -343,14 +345,14 @@ def _eval_api():
     return EvalConfig, evaluate
 
 
-def _corpus_stage(cfg: ExperimentConfig, exp: Path) -> tuple[Stage, Path, Path]:
+def _corpus_stage(cfg: ExperimentConfig, exp: Path, shared_root: Path | None = None) -> tuple[Stage, Path, Path]:
     corpus = cfg.corpus
     if corpus.kind == "directory":
         root = Path(corpus.source).expanduser().absolute()
         if not root.is_dir():
             raise MixsdError(f"config key 'corpus.source': {root} is not a directory")
     else:
-        root = exp / "corpus"
+        root = shared_root or exp / "corpus"
     relative = corpus.train_file or TRAIN_FILES.get(_layout_kind(cfg))
     if relative is None:
         raise MixsdError(f"config key 'corpus.train_file': required for corpus kind {corpus.kind!r} "
