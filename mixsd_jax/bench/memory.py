@@ -56,7 +56,10 @@ def ensure_cpu_devices(n: int, argv: list[str]) -> None:
     """Return when this process has >= n CPU devices; otherwise re-execute the command with n
     simulated ones (XLA reads the flag once, at backend start-up, so it cannot be set later)."""
     import jax
+    from jax._src import xla_bridge
 
+    if not xla_bridge.backends_are_initialized():  # a CPU plan: libtpu (the [tpu] extra) need not start
+        jax.config.update("jax_platforms", "cpu")
     if jax.default_backend() == "cpu" and jax.device_count() >= n:
         return
     if os.environ.get(_REEXEC_ENV) == str(n):
