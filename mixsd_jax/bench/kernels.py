@@ -106,7 +106,8 @@ def engine_spec(model_cfg, mesh, shapes: DecodeShapes, dtype: str, topk: int):
     from mixsd_jax.sampling.strategies import Sampler
 
     return segments.EngineSpec(model_cfg, Sampler(1.0, topk), shapes.sides, shapes.max_new_tokens,
-                               shapes.max_model_len, dtype, mesh, shapes.segment_steps, shapes.block)
+                               shapes.max_model_len, batch_size=shapes.batch, dtype=dtype, mesh=mesh,
+                               segment_steps=shapes.segment_steps, block=shapes.block)
 
 
 def engine(model_cfg, mesh, shapes: DecodeShapes, *, dtype: str, param_dtype: str, topk: int = 64,
@@ -119,7 +120,7 @@ def engine(model_cfg, mesh, shapes: DecodeShapes, *, dtype: str, param_dtype: st
 
     from mixsd_jax.models.sharding import batch_sharding, replicated
     from mixsd_jax.sampling import segments
-    from mixsd_jax.sampling.runner import bucket_length
+    from mixsd_jax.sampling.work import bucket_length
 
     spec = engine_spec(model_cfg, mesh, shapes, dtype, topk)
     B, rep = shapes.batch, replicated(mesh)
