@@ -123,6 +123,10 @@ def engine(model_cfg, mesh, shapes: DecodeShapes, *, dtype: str, param_dtype: st
     from mixsd_jax.sampling.work import bucket_length
 
     spec = engine_spec(model_cfg, mesh, shapes, dtype, topk)
+    need = min(shapes.max_model_len, shapes.prompt_len + shapes.max_new_tokens) + shapes.segment_steps + 1
+    if segments.capacity_for(spec, need, shapes.prompt_len) != shapes.capacity:  # the engine's rule changed
+        raise AssertionError(f"DecodeShapes.capacity {shapes.capacity} is not the engine's "
+                             f"{segments.capacity_for(spec, need, shapes.prompt_len)}")
     B, rep = shapes.batch, replicated(mesh)
     params = abstract_params(model_cfg, mesh, param_dtype)
     state = _state_at(spec, B, shapes.capacity)
