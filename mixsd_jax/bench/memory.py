@@ -253,16 +253,16 @@ def parse_kernels(text: str | None) -> tuple:
     return kernels
 
 
-def run(args, argv: list[str]) -> int:
+def prepare(args, argv: list[str]):
+    """(plan, target, kernels) of the command line; re-executes for simulated CPU devices if needed."""
     if args.config is None:
         raise MixsdError("bench memory: --config FILE is required (an experiment or a train config)")
     kernels = parse_kernels(args.kernels)
     plan = load_plan_config(args.config, args.overrides)
-    target = target_for(args, argv, plan)
-    if args.fit:
-        from mixsd_jax.bench.fit import run_fit
+    return plan, target_for(args, argv, plan), kernels
 
-        return run_fit(plan, target, kernels, args)
+
+def run(args, plan: dict, target: Target, kernels) -> int:
     for line in plan_lines(plan, target, kernels=kernels, eval_prompt_len=args.eval_prompt_len,
                            eval_row_len=args.eval_row_len, eval_window=args.eval_window,
                            estimates=not args.no_estimates):

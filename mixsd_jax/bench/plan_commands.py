@@ -37,6 +37,11 @@ def register(sub, bench) -> None:
 
 
 def _bench_memory(args: argparse.Namespace) -> int:
-    from mixsd_jax.bench.memory import run
+    from mixsd_jax.bench import memory
 
-    return run(args, sys.argv[1:])
+    plan, target, kernels = memory.prepare(args, sys.argv[1:])
+    if args.fit:
+        from mixsd_jax.bench.fit import run_fit
+
+        return run_fit(plan, target, kernels, args)
+    return memory.run(args, plan, target, kernels)
