@@ -18,7 +18,6 @@ from mixsd_jax.pipeline.selection import SelectionConfig
 from mixsd_jax.multihost import DistributedConfig
 
 METHODS = ("base", "sft", "opsd", "mixsd")
-CORPUS_KINDS = ("kgfact", "kgfunc", "simpleqa", "mquake", "released", "directory")
 
 
 @dataclasses.dataclass(frozen=True)

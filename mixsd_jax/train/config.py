@@ -24,8 +24,6 @@ EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
 
 METHODS = ("sft", "opsd")
 
-DTYPES = ("float32", "bfloat16")
-
 # Keys that do not change the trained parameters: excluded from the resume fingerprint.
 NOT_FINGERPRINTED = (
     "steps",
