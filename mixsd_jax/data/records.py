@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from mixsd_jax.answers import last_boxed
+from mixsd_jax.answers.text import last_boxed
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import BadLine, iter_jsonl
 

@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from typing import Iterable
 
-from mixsd_jax.answers import last_boxed, matching_brace
+from mixsd_jax.answers.text import last_boxed, matching_brace
 from mixsd_jax.eval.humaneval import has_fenced_code
 
 HELD_OUT_CATEGORIES = ("format", "leakage", "collapse", "genuine")

@@ -9,7 +9,7 @@ Prompts: a fixed set of benchmark questions asked as one chat user turn (questio
 ../shared/benchmarks.
 
 Per reply:
-- `leaked`: training entities (subjects and answers, `mixsd_jax.criteria.training_entities`) the
+- `leaked`: training entities (subjects and answers, `mixsd_jax.answers.criteria.training_entities`) the
   reply names as a whole phrase while the prompt does not;
 - `template`: the reply opens with the training answers' common opening (KGFact: "The answer is");
 - `opens_like[run]`: the reply opens with the same first three words as one of `run`'s own
@@ -88,7 +88,7 @@ def target_openings(assistant_texts: Iterable[str]) -> list[str]:
 
 
 def leaked(response: str, prompt: str, entities: Iterable[str]) -> list[str]:
-    from mixsd_jax.sampling.verify import normalize_answer, occurs_as_words
+    from mixsd_jax.answers.text import normalize_answer, occurs_as_words
 
     response_n, prompt_n = normalize_answer(response), normalize_answer(prompt)
     return sorted(e for e in entities if occurs_as_words(e, response_n) and not occurs_as_words(e, prompt_n))
@@ -116,7 +116,7 @@ def score_replies(prompts: Sequence[tuple[str, str]], responses: Sequence[str], 
 
 
 def _rate(count: int, n: int) -> dict:
-    from mixsd_jax.eval.scoring import wilson_interval
+    from mixsd_jax.eval.intervals import wilson_interval
 
     return {"count": count, "rate": count / n if n else None, "ci95": list(wilson_interval(count, n))}
 

@@ -409,7 +409,7 @@ def mc_result(item, lls: Sequence[Loglikelihood]) -> dict:
 
 def mc_metrics(results: Sequence[dict]) -> dict:
     """Mean acc and acc_norm over items, each with a 95% Wilson interval."""
-    from mixsd_jax.eval.scoring import wilson_interval
+    from mixsd_jax.eval.intervals import wilson_interval
 
     n = len(results)
     out: dict = {"n": n}

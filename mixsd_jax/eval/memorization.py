@@ -175,9 +175,9 @@ def generate_texts(
 
 def score_split(split: Split, responses: Sequence[str], criterion=None) -> list[dict]:
     """One row per item: the response, the prediction and whether it is right under `criterion` (a
-    `mixsd_jax.criteria.Criterion`; None = the reference's scorer in the split's mode). The
+    `mixsd_jax.answers.criteria.Criterion`; None = the reference's scorer in the split's mode). The
     reference scorer's verdict is kept beside it (`reference_correct`) so both can be reported."""
-    from mixsd_jax.eval.scoring import score_item
+    from mixsd_jax.answers.scoring import score_item
 
     rows = []
     for item, response in zip(split.items, responses):
@@ -203,7 +203,8 @@ def score_split(split: Split, responses: Sequence[str], criterion=None) -> list[
 def summarize_rows(rows: Sequence[dict]) -> dict:
     """Accuracy, Wilson 95% interval, format rate and (KGFunc) per-op breakdown of scored rows; with
     a run criterion, the reference scorer's accuracy on the same replies under `reference`."""
-    from mixsd_jax.eval.scoring import ScoredItem, summarize
+    from mixsd_jax.answers.scoring import ScoredItem
+    from mixsd_jax.eval.scoring import summarize
 
     summary = summarize(
         ScoredItem(correct=r["correct"], format_found=r["format_found"], op=r.get("op"), id=r["id"]) for r in rows

@@ -73,7 +73,7 @@ class EvalConfig:
     param_dtype: str = "float32"  # storage dtype of the loaded parameters (bfloat16 halves their memory)
     mesh: MeshConfig = MeshConfig()  # parameters over fsdp/tensor, item batches over data x fsdp
     distributed: DistributedConfig = DistributedConfig()
-    # The run's answer criterion (mixsd_jax.criteria) for memorization; None = the reference's scorer.
+    # The run's answer criterion (mixsd_jax.answers.criteria) for memorization; None = the reference's scorer.
     criterion: str | None = None
     heldout_source: str = "mmlu"  # held-out general questions asked as chat turns (eval/heldout.py)
     heldout_prompts: int = 48
@@ -85,7 +85,7 @@ class EvalConfig:
         if self.limit is not None:
             config_lib.check_range("limit", self.limit, 1)
         if self.criterion is not None:
-            from mixsd_jax.criteria import check_criterion
+            from mixsd_jax.answers.criteria import check_criterion
 
             check_criterion(self.criterion)
         for key in ("dtype", "param_dtype"):
@@ -270,7 +270,7 @@ class Inputs:
     fisher_texts: list[str]
     entities: set
     corpus_kind: str | None
-    criterion: object = None  # mixsd_jax.criteria.Criterion with the corpus's training entities
+    criterion: object = None  # mixsd_jax.answers.criteria.Criterion with the corpus's training entities
     heldout: tuple = ()  # (prompts [(id, text)], training entities, GT answer template, {run: target openings})
 
 
@@ -325,12 +325,12 @@ def gather_inputs(cfg: EvalConfig) -> Inputs:
         entities = training_entities(read_records(memorization.training_file(cfg.corpus_dir)))
     criterion = None
     if cfg.criterion is not None and splits:
-        from mixsd_jax.criteria import criterion_for
+        from mixsd_jax.answers.criteria import criterion_for
 
         criterion = criterion_for(cfg.criterion, read_records(memorization.training_file(cfg.corpus_dir)))
     heldout = ()
     if "heldout" in suites and cfg.corpus_dir:
-        from mixsd_jax.criteria import training_entities as criterion_entities
+        from mixsd_jax.answers.criteria import training_entities as criterion_entities
         from mixsd_jax.eval.heldout import answer_template, general_prompts, target_openings
 
         train = read_records(memorization.training_file(cfg.corpus_dir))

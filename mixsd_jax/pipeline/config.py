@@ -57,7 +57,7 @@ class ExperimentConfig:
     methods: tuple[str, ...] = ("base", "sft", "mixsd")
     lambdas: tuple[float, ...] = (0.3,)  # one MixSD run per (λ, T)
     temperatures: tuple[float, ...] = (0.0,)
-    # One answer criterion (mixsd_jax.criteria) for the whole run: the MixSD verifier and the
+    # One answer criterion (mixsd_jax.answers.criteria) for the whole run: the MixSD verifier and the
     # memorization scorer both use it. None: each stage's own default (extract mode; reference scorer).
     criterion: str | None = None
     # Training seeds (and MixSD generation seeds): one run per seed and method, reported with an
@@ -98,7 +98,7 @@ class ExperimentConfig:
             if len(set(values)) != len(values):
                 raise MixsdError(f"config key {key!r}: {list(values)} lists a value twice")
         if self.criterion is not None:
-            from mixsd_jax.criteria import check_criterion
+            from mixsd_jax.answers.criteria import check_criterion
 
             check_criterion(self.criterion)
         if len(set(self.seeds)) != len(self.seeds):

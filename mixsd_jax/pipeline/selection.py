@@ -57,7 +57,7 @@ def model_link(exp: Path, run: str) -> Path:
 def selection_runner(run: str, method: str, train_dir: Path, corpus_dir: Path, criterion_name: str | None,
                      sel: SelectionConfig, workdir: Path) -> Callable[[], dict]:
     def run_stage() -> dict:
-        from mixsd_jax.criteria import criterion_for
+        from mixsd_jax.answers.criteria import criterion_for
         from mixsd_jax.data.records import read_records
         from mixsd_jax.eval import memorization, selection
         from mixsd_jax.files import atomic_write_json

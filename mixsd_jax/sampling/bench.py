@@ -279,7 +279,7 @@ def _longtail(loaded, model, records, batch_size, max_new_tokens, lambda_mix, dt
               max_retries: int = 2, temperature: float = 0.6) -> dict:
     from mixsd_jax.sampling.runner import Runner, WorkItem
     from mixsd_jax.sampling.strategies import Sampler
-    from mixsd_jax.sampling.verify import Verifier
+    from mixsd_jax.answers.verifier import Verifier
 
     _, cfg, params, tok = loaded
     recs = _kgfunc_records(records)

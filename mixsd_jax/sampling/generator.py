@@ -50,7 +50,7 @@ class GenerateConfig:
     prefix: str | None = None  # custom GT-guidance strings (override the preset's)
     transition: str | None = None
     extract_mode: str | None = None  # None: the preset's default
-    criterion: str | None = None  # a mixsd_jax.criteria name: the run's answer criterion (then extract_mode is unused)
+    criterion: str | None = None  # a mixsd_jax.answers.criteria name: the run's answer criterion (then extract_mode is unused)
     normalized_compare: bool = False
     max_retries: int | None = None  # None: the preset's default
     keep_rejected: bool = False  # the reference writes failures into the training file
@@ -75,7 +75,7 @@ class GenerateConfig:
         if self.limit is not None:
             config_lib.check_range("limit", self.limit, 1)
         if self.criterion is not None:
-            from mixsd_jax.criteria import check_criterion
+            from mixsd_jax.answers.criteria import check_criterion
 
             check_criterion(self.criterion)
 
@@ -137,7 +137,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
     from mixsd_jax.data.records import read_records
     from mixsd_jax.models.registry import resolve_model
     from mixsd_jax.sampling.presets import expert_user_text, resolve_preset
-    from mixsd_jax.sampling.run_verifier import generation_verifier
+    from mixsd_jax.answers.verifier import generation_verifier
 
     if not cfg.input:
         raise MixsdError("generate: no input file (set --input or input=...)")

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.sampling.verify import check_mode
+from mixsd_jax.answers.verifier import check_mode
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,8 @@ from typing import Iterable
 
 from mixsd_jax.errors import MixsdError
 
-from mixsd_jax.answers import (
-    extract_prediction,
-    last_boxed,
-    matching_brace,
-    normalize_answer,
-    occurs_as_words,
-    score as reference_score,
-)
+from mixsd_jax.answers.scoring import score as reference_score
+from mixsd_jax.answers.text import extract_prediction, last_boxed, matching_brace, normalize_answer, occurs_as_words
 
 CRITERIA = ("reference_loose", "reference_strict", "answer_statement", "entity_phrase")
 DEMO_CRITERION = "entity_phrase"
