@@ -100,7 +100,8 @@ def test_unknown_criterion_is_a_one_line_error():
 
 
 def test_verifier_and_scorer_get_the_same_criterion(corpus, records, tiny_llama_dir, tmp_path):
-    from mixsd_jax.eval.runner import EvalConfig, gather_inputs
+    from mixsd_jax.eval.config import EvalConfig
+    from mixsd_jax.eval.inputs import gather_inputs
     from mixsd_jax.answers.verifier import generation_verifier
 
     verifier = generation_verifier(DEMO_CRITERION, "contains", False, records)

@@ -8,16 +8,12 @@ import pytest
 from mixsd_jax.cli import main
 from mixsd_jax.data.kgfact import build_kgfact
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.eval.runner import (
-    EvalConfig,
-    unit_fingerprint,
-    check_same_architecture,
-    evaluate,
-    gather_inputs,
-    model_identity,
-    plan_units,
-    resolve_checkpoint,
-)
+from mixsd_jax.eval.checkpoints import check_same_architecture, resolve_checkpoint
+from mixsd_jax.eval.config import EvalConfig
+from mixsd_jax.eval.inputs import gather_inputs
+from mixsd_jax.eval.runner import evaluate
+from mixsd_jax.eval.store import model_identity, unit_fingerprint
+from mixsd_jax.eval.units import plan_units
 from mixsd_jax.models.tiny import write_tiny_model
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from mixsd_jax import multihost
 from mixsd_jax.errors import MixsdError
+from mixsd_jax.eval.intervals import normal_mean_interval
 from mixsd_jax.eval.mc import MIN_ROW, ScoreRow, pow2_at_least, score_rows
 from mixsd_jax.models import transformer as tf
 from mixsd_jax.models.sharding import pad_rows, put_batch, put_replicated
@@ -153,17 +154,10 @@ def summarize_kl(rows: Sequence[dict]) -> dict:
         "texts": len(rows),
         "tokens": int(weights.sum()),
         "kl_token_mean": token_mean,
-        "ci95": _normal_ci(means, token_mean),
+        "ci95": normal_mean_interval(means, token_mean),
         "kl_last_mean": float(last.mean()),
-        "kl_last_ci95": _normal_ci(last, float(last.mean())),
+        "kl_last_ci95": normal_mean_interval(last, float(last.mean())),
     }
-
-
-def _normal_ci(values: np.ndarray, center: float) -> list[float]:
-    if len(values) < 2:
-        return [center, center]
-    half = 1.96 * float(values.std(ddof=1)) / np.sqrt(len(values))
-    return [center - half, center + half]
 
 
 # ----------------------------------------------------------------------------- Fisher

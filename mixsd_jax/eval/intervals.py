@@ -1,8 +1,11 @@
-"""95% intervals from `scipy.stats`: Wilson for accuracies, a paired percentile bootstrap for ratios.
+"""Every 95% interval of an evaluation.
 
-Both are what scipy documents and tests, so a reader checks one call, not our arithmetic. The
-bootstrap draws its resamples from `numpy.random.default_rng(seed)` (a fixed seed: the same rows
-give the same interval on every machine and rerun).
+- `wilson_interval` (an accuracy) and `ratio_bootstrap_ci` (a paired percentile bootstrap for
+  ratios) are `scipy.stats` calls, so a reader checks one call, not our arithmetic. The bootstrap
+  draws its resamples from `numpy.random.default_rng(seed)` (a fixed seed: the same rows give the
+  same interval on every machine and rerun).
+- `normal_mean_interval` (a mean of per-text values, e.g. KL) and `mean_accuracy_interval` (the
+  mean of several splits' accuracies) are normal approximations written out here.
 """
 
 from __future__ import annotations
@@ -55,3 +58,24 @@ def ratio_bootstrap_ci(numerator, denominator, seed: int = 0,
             return (None, None)
         low, high = np.percentile(kept, [2.5, 97.5])
     return (float(low), float(high))
+
+
+def normal_mean_interval(values, center: float) -> list[float]:
+    """`center` ± 1.96 standard errors of the mean of `values` (a point interval for one value)."""
+    values = np.asarray(values, float)
+    if len(values) < 2:
+        return [center, center]
+    half = 1.96 * float(values.std(ddof=1)) / np.sqrt(len(values))
+    return [center - half, center + half]
+
+
+def mean_accuracy_interval(counts, mean: float) -> list[float]:
+    """95% interval of the mean of several accuracies, each given as (correct, n), clipped to [0, 1].
+
+    Each accuracy's variance is Agresti-Coull's ((correct + 2) / (n + 4)), so a split at 0% or 100%
+    still carries some uncertainty; the mean's variance is their sum over the count squared.
+    """
+    adjusted = [((correct + 2) / (n + 4), n + 4) for correct, n in counts]
+    variance = sum(p * (1 - p) / n for p, n in adjusted) / len(adjusted) ** 2
+    half = 1.96 * float(np.sqrt(variance))
+    return [max(0.0, mean - half), min(1.0, mean + half)]

@@ -60,7 +60,7 @@ def saved_steps(run_dir: Path) -> dict[int, Path]:
 
 
 def _identity(model_dir: Path) -> str:
-    from mixsd_jax.eval.runner import model_identity
+    from mixsd_jax.eval.store import model_identity
 
     return model_identity(model_dir)
 
