@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "mixsd_jax.train.commands",
     "mixsd_jax.eval.commands",
     "mixsd_jax.pipeline.commands",
+    "mixsd_jax.bench.commands",
 )
 
 

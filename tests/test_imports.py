@@ -1,4 +1,4 @@
-"""Imports go only downward: ground floor <- models <- data <- sampling <- train, eval <- pipeline <- cli.
+"""Imports go only downward: ground floor <- models <- data <- sampling <- train, eval <- pipeline <- bench <- cli.
 
 The same order is written out in README's Development section.
 
@@ -23,8 +23,9 @@ FLOORS = {
     "sampling": 3,
     "train": 4, "eval": 4,
     "pipeline": 5,
-    "cli": 6,
-    "__main__": 7,
+    "bench": 6,
+    "cli": 7,
+    "__main__": 8,
     "__init__": 0,  # the version only
 }
 GROUND = {name for name, floor in FLOORS.items() if floor == 0}
@@ -82,3 +83,11 @@ def test_the_check_sees_an_upward_import(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from mixsd_jax.sampling.runner import generate\n", encoding="utf-8")
     assert _imports(source) == [(2, "mixsd_jax.sampling.runner")]
+
+
+def test_only_cli_imports_the_benchmarks():
+    """`bench` sits above every product package: nothing but the command line may reach it."""
+    reaching = [f"{path.relative_to(PACKAGE.parent)}:{line}: {target}"
+                for path, name in _modules() if _part(name) not in ("bench", "cli")
+                for line, target in _imports(path) if _part(target) == "bench"]
+    assert not reaching, "imports of mixsd_jax.bench outside cli:\n" + "\n".join(reaching)

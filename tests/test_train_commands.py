@@ -1,4 +1,4 @@
-"""`mixsd train` and `mixsd bench train` from the command line."""
+"""`mixsd train` from the command line."""
 
 import json
 
@@ -31,13 +31,3 @@ def test_bad_input_exits_2_with_one_line(tiny_llama_dir, tmp_path, capsys):
     assert main(["train", "--lr", "-1", "--data", "x"]) == 2
     assert "'lr'" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path), "--export", "first"]) == 2
-
-
-def test_bench_prints_one_json_line(tiny_llama_dir, capsys):
-    assert main(["bench", "train", "--model", str(tiny_llama_dir), "--batch-size", "8", "--seq-len", "16",
-                 "--steps", "1"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1
-    result = json.loads(lines[0])
-    assert result["ours_tokens_per_s"] > 0 and result["torch_tokens_per_s"] > 0
-    assert abs(result["ratio"] - result["ours_tokens_per_s"] / result["torch_tokens_per_s"]) < 0.01

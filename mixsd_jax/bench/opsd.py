@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from mixsd_jax import machine
+from mixsd_jax.bench import machine
 
 
 def bench_opsd(

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from mixsd_jax import machine
+from mixsd_jax.bench import machine
 
 # Dense bf16 peak used for MFU when none is given: the H200 figure measured on our GPU machine.
 DEFAULT_PEAK_TFLOPS = {"gpu": 790.0}

@@ -10,12 +10,12 @@ Workloads (each prints one JSON line; ratios as median with `_min`/`_max` over t
   mix_over_hf (throughput ratios: > 1 means ours is faster).
 - `capacity`: 16 records decoded with max_new_tokens 64 and 8192, a stop set that ends every
   record within 48 tokens (mostly after 24), so both do the same steps. Key: capacity_ratio (time 8192 / time 64).
-- `longtail`: KGFunc records (answers of very different lengths) with retries, the new engine
-  against the fixed-batch path it replaced (sampling/runner.Runner, batches run to their slowest
-  record, retries wait for the next batch), same outputs checked. Key: longtail_speedup.
+- `longtail`: KGFunc records (answers of very different lengths) with retries, the engine against
+  the fixed-batch decoder (`sampling.runner.Runner`: batches run to their slowest record, retries
+  wait for the next batch), same outputs checked. Key: longtail_speedup.
 
 Timings exclude compilation (a warm-up round runs first). Every JSON line carries the load before
-and after, the cores, and `busy` when the load before was above half the cores (mixsd_jax/machine.py).
+and after, the cores, and `busy` when the load before was above half the cores (bench/machine.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections import deque
 
-from mixsd_jax import machine
+from mixsd_jax.bench import machine
 
 
 def _stats(name: str, values: list[float]) -> dict:
@@ -305,7 +305,7 @@ def _longtail(loaded, model, records, batch_size, max_new_tokens, lambda_mix, dt
         final = finals["new"] = {}
         engine.run(items, lambda item, c: verdict(item, c, final))
 
-    def run_old():  # the fixed-batch generator loop this engine replaced
+    def run_old():  # the fixed-batch decoder: a batch waits for its slowest record, retries for the next batch
         final = finals["old"] = {}
         queue = deque(items)
         while queue:

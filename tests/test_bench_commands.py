@@ -1,0 +1,27 @@
+"""`mixsd bench train` and `mixsd bench opsd` on a tiny model: one JSON line each, with real timings."""
+
+import json
+
+from mixsd_jax.cli import main
+
+
+def test_bench_prints_one_json_line(tiny_llama_dir, capsys):
+    assert main(["bench", "train", "--model", str(tiny_llama_dir), "--batch-size", "8", "--seq-len", "16",
+                 "--steps", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["ours_tokens_per_s"] > 0 and result["torch_tokens_per_s"] > 0
+    assert abs(result["ratio"] - result["ours_tokens_per_s"] / result["torch_tokens_per_s"]) < 0.01
+
+
+def test_bench_opsd_times_real_opsd_steps(tiny_llama_dir, capsys):
+    assert main(["bench", "opsd", "--model", str(tiny_llama_dir), "--batch-size", "8", "--steps", "1",
+                 "--rollouts", "1", "--max-new-tokens", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["bench"] == "train_opsd" and result["steps"] == 1
+    assert result["rollout_tokens_per_s"] > 0 and result["update_tokens_per_s"] > 0
+    assert 0 < result["rollout_share_of_step"] < 1
+    assert {"load_avg_before", "load_avg", "cores"} <= set(result)
