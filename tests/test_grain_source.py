@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mixsd_jax.data.grain_source import TfdsRecordSource, batch_iterator, batches_per_epoch, epoch_order, record_source
-from mixsd_jax.data.kgfunc import TRAIN_DIR, build_kgfunc
+from mixsd_jax.data.kgfunc import build_kgfunc
+from mixsd_jax.data.layout import KGFUNC_TRAIN_DIR
 from mixsd_jax.data.records import read_records, validate_file
 from mixsd_jax.data.tfds_builder import build_tfds
 from mixsd_jax.errors import MixsdError
@@ -20,7 +21,7 @@ def corpus(tmp_path_factory):
     """Builder -> JSONL -> validator -> TFDS: the path a large corpus takes to the trainer."""
     root = tmp_path_factory.mktemp("corpus")
     build_kgfunc(root, seed=5, preset="small")
-    jsonl = root / TRAIN_DIR / "train_messages.jsonl"
+    jsonl = root / KGFUNC_TRAIN_DIR / "train_messages.jsonl"
     report = validate_file(jsonl)
     assert report.ok and not report.duplicates and report.records == 1750
     return jsonl, build_tfds(jsonl, root / "tfds")

@@ -56,21 +56,23 @@ def _interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
 
 def _kgfact_records(n: int):
     from mixsd_jax.data.kgfact import build_kgfact
+    from mixsd_jax.data.layout import KGFACT_TRAIN
     from mixsd_jax.data.records import read_records
 
     with tempfile.TemporaryDirectory() as tmp:
         build_kgfact(tmp, preset="small", seed=0)
-        records = read_records(f"{tmp}/atomic_sft/train_messages.jsonl")
+        records = read_records(f"{tmp}/{KGFACT_TRAIN}")
     return [records[i % len(records)] for i in range(n)]
 
 
 def _kgfunc_records(n: int):
-    from mixsd_jax.data.kgfunc import TRAIN_DIR, build_kgfunc
+    from mixsd_jax.data.kgfunc import build_kgfunc
+    from mixsd_jax.data.layout import KGFUNC_TRAIN
     from mixsd_jax.data.records import read_records
 
     with tempfile.TemporaryDirectory() as tmp:
         build_kgfunc(tmp, preset="small", seed=0)
-        records = read_records(f"{tmp}/{TRAIN_DIR}/train_messages.jsonl")
+        records = read_records(f"{tmp}/{KGFUNC_TRAIN}")
     step = max(1, len(records) // n)  # spread over the operations
     return [records[(i * step) % len(records)] for i in range(n)]
 

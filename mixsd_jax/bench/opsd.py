@@ -48,10 +48,11 @@ def bench_opsd(
     model_dir = resolve_model(model)
     with tempfile.TemporaryDirectory() as tmp:
         if data is None:
-            from mixsd_jax.data.kgfact import TRAIN_FILE, build_kgfact
+            from mixsd_jax.data.kgfact import build_kgfact
+            from mixsd_jax.data.layout import KGFACT_TRAIN
 
             build_kgfact(tmp, preset="tiny", seed=0)
-            data = os.path.join(tmp, TRAIN_FILE)
+            data = os.path.join(tmp, KGFACT_TRAIN)
         cfg = load_train_config(None, [
             f"model={model_dir}", f"data={data}", "method=opsd", f"batch_size={batch_size}",
             f"max_seq_len={max_seq_len}", f"compute_dtype={compute_dtype}", f"opsd.num_rollouts={num_rollouts}",

@@ -13,16 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from mixsd_jax.data import layout
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import atomic_write_json, atomic_write_jsonl
 
 MAX_INPUT = 99_999
 SUFFIX = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 
-TRAIN_DIR = "primitive_atomic_balanced_sft_50k"
-PRIMITIVE_CHAIN_DIR = "primitive_compositional_sft_n_steps_2"
-MIXED_CHAIN_DIR = "compositional_sft_n_steps_2"
-UNSEEN_DIR = "primitive_atomic_balanced_new_operations"
 
 
 @dataclass(frozen=True)
@@ -360,20 +357,20 @@ def build_kgfunc(out_dir: str | Path, seed: int = 42, preset: str = "full") -> d
         for x in train_inputs
     ]
     _rng(seed, "train-order").shuffle(train)
-    files[f"{TRAIN_DIR}/train_messages.jsonl"] = train
-    files[f"{TRAIN_DIR}/test_messages.jsonl"] = [
+    files[layout.KGFUNC_TRAIN] = train
+    files[layout.KGFUNC_SPLITS["in_domain"]] = [
         _record(single_prompt(op, x, shots), target(op, x), op, OPERATIONS[op].fn(x))
         for op in TRAIN_OPS
         for x in test_inputs
     ]
     for op in TRAIN_OPS:
-        files[f"{PRIMITIVE_CHAIN_DIR}/op_{op}_test_messages.jsonl"] = _chains(
+        files[f"{layout.KGFUNC_PRIMITIVE_CHAIN_DIR}/op_{op}_test_messages.jsonl"] = _chains(
             _rng(seed, f"chain:{op}"), [(op, op)] * sizes.chains_per_op, shots, not_trained
         )
     mixed_rng = _rng(seed, "chain:mixed")
     pairs = [tuple(mixed_rng.sample(TRAIN_OPS, 2)) for _ in range(sizes.mixed_chains)]
-    files[f"{MIXED_CHAIN_DIR}/test_messages.jsonl"] = _chains(mixed_rng, pairs, shots, not_trained)
-    files[f"{UNSEEN_DIR}/test_messages.jsonl"] = [
+    files[layout.KGFUNC_SPLITS["compositional"]] = _chains(mixed_rng, pairs, shots, not_trained)
+    files[layout.KGFUNC_UNSEEN] = [
         _record(single_prompt(op, x, shots), target(op, x), op, OPERATIONS[op].fn(x))
         for op in UNSEEN_OPS
         for x in unseen_inputs

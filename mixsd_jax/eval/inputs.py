@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from mixsd_jax.data import layout
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.eval.checkpoints import Checkpoint, checkpoints
 from mixsd_jax.eval.config import EvalConfig, split_named
@@ -33,7 +34,7 @@ def gather_inputs(cfg: EvalConfig) -> Inputs:
 
     suites = cfg.suite_set()
     explicit = set() if "all" in cfg.suites else suites
-    kind = memorization.corpus_kind(cfg.corpus_dir) if cfg.corpus_dir else None
+    kind = layout.corpus_kind(cfg.corpus_dir) if cfg.corpus_dir else None
     if "memorization" in explicit and cfg.corpus_dir is None:
         raise MixsdError("suite 'memorization' needs a corpus directory (corpus_dir / --corpus)")
     splits = memorization.load_splits(cfg.corpus_dir, cfg.limit, cfg.seed) if "memorization" in suites and kind else {}
@@ -49,24 +50,24 @@ def gather_inputs(cfg: EvalConfig) -> Inputs:
     if "errors" in suites and kind == "kgfact":
         from mixsd_jax.eval.error_analysis import training_entities
 
-        entities = training_entities(read_records(memorization.training_file(cfg.corpus_dir)))
+        entities = training_entities(read_records(layout.training_file(cfg.corpus_dir)))
     criterion = None
     if cfg.criterion is not None and splits:
         from mixsd_jax.answers.criteria import criterion_for
 
-        criterion = criterion_for(cfg.criterion, read_records(memorization.training_file(cfg.corpus_dir)))
+        criterion = criterion_for(cfg.criterion, read_records(layout.training_file(cfg.corpus_dir)))
     return Inputs(found, splits, benchmarks, digests, train_files, kl_texts, fisher_texts, entities, kind,
                   criterion, _heldout(cfg, explicit))
 
 
 def _benchmarks(cfg: EvalConfig, kind: str | None) -> tuple[dict, dict]:
     """The held-out benchmarks' items and files digests (KL's held-out prompts are their items too)."""
-    from mixsd_jax.eval import memorization, retention
+    from mixsd_jax.eval import retention
 
     suites = cfg.suite_set()
     names = list(cfg.benchmarks)
     # KGFunc's unseen operations join the benchmarks when the corpus has them (asked for, they must exist).
-    if kind == "kgfunc" and (Path(cfg.corpus_dir) / memorization.KGFUNC_UNSEEN).is_file():
+    if kind == "kgfunc" and (Path(cfg.corpus_dir) / layout.KGFUNC_UNSEEN).is_file():
         names += [] if "kgfunc_unseen" in names else ["kgfunc_unseen"]
     benchmarks, digests = {}, {}
     if suites & {"retention", "kl"}:
@@ -82,12 +83,11 @@ def _benchmarks(cfg: EvalConfig, kind: str | None) -> tuple[dict, dict]:
 def _train_files(cfg: EvalConfig, explicit: set[str]) -> dict:
     """name -> (path, records) of the training files whose targets the NLL suite scores."""
     from mixsd_jax.data.records import read_records
-    from mixsd_jax.eval import memorization
 
     suites = cfg.suite_set()
     entries = [split_named(e, "train_files") for e in cfg.train_files]
     if not entries and cfg.corpus_dir and "nll" in suites:
-        entries = [("gt", str(memorization.training_file(cfg.corpus_dir)))]
+        entries = [("gt", str(layout.training_file(cfg.corpus_dir)))]
     if "nll" in explicit and not entries:
         raise MixsdError("suite 'nll' needs training files (train_files NAME=PATH, or a corpus_dir)")
     train_files = {}
@@ -103,7 +103,6 @@ def _train_files(cfg: EvalConfig, explicit: set[str]) -> dict:
 def _heldout(cfg: EvalConfig, explicit: set[str]) -> tuple:
     """(prompts, training entities, GT answer template, {run: target openings}) for the heldout suite."""
     from mixsd_jax.data.records import read_records
-    from mixsd_jax.eval import memorization
 
     if "heldout" not in cfg.suite_set() or not cfg.corpus_dir:
         if "heldout" in explicit:
@@ -112,7 +111,7 @@ def _heldout(cfg: EvalConfig, explicit: set[str]) -> tuple:
     from mixsd_jax.answers.criteria import training_entities as criterion_entities
     from mixsd_jax.eval.heldout import answer_template, general_prompts, target_openings
 
-    train = read_records(memorization.training_file(cfg.corpus_dir))
+    train = read_records(layout.training_file(cfg.corpus_dir))
     openings = {name: target_openings(r.assistant for r in read_records(path))
                 for name, path in (split_named(e, "train_files") for e in cfg.train_files)}
     return (general_prompts(cfg.heldout_source, data_root=cfg.data_root, limit=cfg.heldout_prompts, seed=cfg.seed),

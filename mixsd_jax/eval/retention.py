@@ -165,7 +165,7 @@ def mean_retention(ratios: dict[str, dict]) -> float | None:
 def data_files(name: str, data_root: str | None, corpus_dir: str | None) -> list[Path]:
     """The files a benchmark reads (for resume fingerprints)."""
     if name == "kgfunc_unseen":
-        from mixsd_jax.eval.memorization import KGFUNC_UNSEEN
+        from mixsd_jax.data.layout import KGFUNC_UNSEEN
 
         return [Path(corpus_dir or ".") / KGFUNC_UNSEEN]
     from mixsd_jax.eval.benchmarks import benchmark_dir

@@ -13,6 +13,7 @@ from typing import Literal
 
 from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
+from mixsd_jax.models.registry import EMBEDDED_DEFAULT
 from mixsd_jax.models.sharding import MeshConfig
 from mixsd_jax.pipeline.selection import SelectionConfig
 from mixsd_jax.multihost import DistributedConfig
@@ -52,7 +53,7 @@ class CorpusConfig:
 class ExperimentConfig:
     name: str = "experiment"
     out_dir: str = "experiments/experiment"
-    model: str = "smollm2-135m-instruct"  # registry name or HF-format directory
+    model: str = EMBEDDED_DEFAULT  # registry name or HF-format directory
     corpus: CorpusConfig = CorpusConfig()
     methods: tuple[str, ...] = ("base", "sft", "mixsd")
     lambdas: tuple[float, ...] = (0.3,)  # one MixSD run per (λ, T)

@@ -58,15 +58,16 @@ def selection_runner(run: str, method: str, train_dir: Path, corpus_dir: Path, c
                      sel: SelectionConfig, workdir: Path) -> Callable[[], dict]:
     def run_stage() -> dict:
         from mixsd_jax.answers.criteria import criterion_for
+        from mixsd_jax.data import layout
         from mixsd_jax.data.records import read_records
         from mixsd_jax.eval import memorization, selection
         from mixsd_jax.files import atomic_write_json
         from mixsd_jax.multihost import barrier, is_primary
 
-        kind = memorization.corpus_kind(corpus_dir)
+        kind = layout.corpus_kind(corpus_dir)
         split = memorization.load_splits(corpus_dir, sel.limit, names=[TRAIN_SPLIT[kind]])[TRAIN_SPLIT[kind]]
         name = criterion_name or f"reference_{split.mode}"
-        criterion = criterion_for(name, read_records(memorization.training_file(corpus_dir)))
+        criterion = criterion_for(name, read_records(layout.training_file(corpus_dir)))
         steps = selection.saved_steps(train_dir)
         if not steps:
             raise MixsdError(f"{train_dir}/exports: no saved steps to select from (selection.every needs "

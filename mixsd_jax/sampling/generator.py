@@ -81,7 +81,7 @@ class GenerateConfig:
 
 
 # Settings that change *how fast*, never *what*, is generated: left out of the resume fingerprint.
-_NOT_IN_FINGERPRINT = ("out_dir", "batch_size", "mesh", "distributed")
+NOT_IN_FINGERPRINT = ("out_dir", "batch_size", "mesh", "distributed")
 
 
 def _fmt(x: float) -> str:
@@ -125,7 +125,7 @@ class Paths:
 def run_fingerprint(cfg: GenerateConfig, model_dir: Path) -> str:
     """Config (minus speed-only keys) + input bytes + model config: what determines the output."""
     parts = {
-        "config": config_lib.fingerprint(cfg, exclude=_NOT_IN_FINGERPRINT),
+        "config": config_lib.fingerprint(cfg, exclude=NOT_IN_FINGERPRINT),
         "input": sha256_file(Path(cfg.input)),
         "model_config": sha256_file(model_dir / "config.json"),
     }

@@ -17,10 +17,9 @@ from typing import Literal
 from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.multihost import DistributedConfig
+from mixsd_jax.models.registry import EMBEDDED_DEFAULT
 from mixsd_jax.models.sharding import MeshConfig
 from mixsd_jax.models.transformer import REMAT_POLICIES
-
-EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
 
 METHODS = ("sft", "opsd")
 
@@ -83,7 +82,7 @@ class OpsdConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     data: str = ""  # messages / alpaca JSONL (ground truth for SFT, mixed targets for MixSD)
-    model: str = EMBEDDED_DEFAULT_MODEL  # registry name or HF-format directory
+    model: str = EMBEDDED_DEFAULT  # registry name or HF-format directory
     out: str = "runs/train"
     # sft: masked NLL on the records' assistant turns (SFT on ground truth, or MixSD on mixed
     # targets); opsd: on-policy self-distillation on their prompts (the `opsd` section).

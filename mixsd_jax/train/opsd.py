@@ -190,9 +190,9 @@ def prepare_prompts(cfg, tokenizer, records, source: str):
 
 
 def _bucket(n: int, cap: int, multiple: int = 1) -> int:
-    from mixsd_jax.train.batches import bucket_length
+    from mixsd_jax.train.batches import batch_width
 
-    width = bucket_length(max(n, 1), cap)
+    width = batch_width(max(n, 1), cap)
     return -(-width // multiple) * multiple if width > multiple else width
 
 
