@@ -1,5 +1,5 @@
 """Every shipped config loads and builds its pipeline plan (on tiny stand-in models), and the
-paper configs carry the reference's sweep and training recipe (REFERENCE.md §3.2)."""
+paper configs carry the reference's sweep and training recipe (docs/reference.md, SFT recipe)."""
 
 from pathlib import Path
 

@@ -18,7 +18,7 @@ from mixsd_jax.data.records import LineProblem, Problem, iter_json_lines, line_f
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import atomic_write_json, sha256_file
 
-# The fields the reference writes into every mixed-target record (REFERENCE.md §1.9).
+# The fields the reference writes into every mixed-target record (docs/reference.md, Output files).
 MIX_META_FIELDS = (
     "lambda",
     "temperature",

@@ -3,7 +3,7 @@
 Seven training operations with opaque labels, each with a step-by-step target whose every line
 is checkable arithmetic, ending in `\\boxed{y}`; two-step compositions of them; and twenty easy
 "unseen" operations that are never trained on, used as a forgetting probe. The prompt structure
-and file layout follow the reference (REFERENCE.md §2.3); the operations are our own.
+and file layout follow the reference (docs/reference.md, KGFunc); the operations are our own.
 """
 
 from __future__ import annotations

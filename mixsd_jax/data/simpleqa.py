@@ -1,6 +1,6 @@
 """SimpleQA CSV (columns metadata, problem, answer) -> messages JSONL with boxed short answers.
 
-As the reference (REFERENCE.md §2.4): every row becomes a training record (no held-out split,
+As the reference (docs/reference.md, SimpleQA): every row becomes a training record (no held-out split,
 memorisation is measured on the train set), shuffled with the seed; the subject is the topic from
 the metadata, which is a Python literal (parsed with `ast.literal_eval`, never `eval`).
 """

@@ -1,5 +1,6 @@
 """Why a tuned model forgot (or did not): the forgetting analyses of the paper, which the authors
-describe but did not publish code for (REFERENCE.md §4.5), plus the §4.4 error buckets.
+describe but did not publish code for (docs/reference.md, Forgetting), plus the error-analysis
+buckets (docs/reference.md, Error analysis).
 
 - Target NLL: per-token negative log-likelihood of a training file's targets under the *base*
   model's naive conditional p(y | x) (prompt = the chat-rendered user turn, no fact), tokenized as
@@ -258,7 +259,7 @@ def fisher_displacement(fisher, base_params, tuned_params) -> dict:
 
 
 def error_categories(heldout: dict[str, Sequence[dict]], train_rows: Sequence[dict], entities: set[str]) -> dict:
-    """§4.4 buckets of wrong answers: per held-out benchmark and overall, and on the training set."""
+    """Error-analysis buckets of wrong answers: per held-out benchmark and overall, and on the training set."""
     from mixsd_jax.eval.error_analysis import (
         HELD_OUT_CATEGORIES,
         TRAIN_CATEGORIES,
@@ -278,7 +279,7 @@ def error_categories(heldout: dict[str, Sequence[dict]], train_rows: Sequence[di
         ]
         every += categories
         per_benchmark[name] = count_categories(categories, HELD_OUT_CATEGORIES)
-    # Training-set correctness is §4.4's own (boxed answer equals the gold), not the loose recall score.
+    # Training-set correctness is the error analysis's own (boxed answer equals the gold), not the loose recall score.
     train = [classify_train_error(r["response"], r["gold"], entities)
              for r in train_rows if not train_answer_correct(r["response"], r["gold"])]
     return {

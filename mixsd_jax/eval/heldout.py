@@ -1,6 +1,6 @@
 """Generative forgetting on held-out general prompts: does a tuned model leak injected facts into
-unrelated answers, or collapse into the answer template it was trained on? (REFERENCE.md §4.4's
-leakage and collapse, measured on every reply rather than only on wrong ones, because a 135M
+unrelated answers, or collapse into the answer template it was trained on? (docs/reference.md,
+Error analysis: leakage and collapse, measured on every reply rather than only on wrong ones, because a 135M
 model gets few held-out answers right and the base model's rate is the comparison.)
 
 Prompts: a fixed set of benchmark questions asked as one chat user turn (question and its options),
@@ -16,7 +16,7 @@ Per reply:
   training targets (a MixSD model's targets have their own style, e.g. "1. The first step …",
   which the ground-truth template does not catch); every checkpoint's replies, the base's
   included, are checked against every run's openings, so each rate has the base's beside it;
-- `collapsed`: §4.4's rule (with `\\boxed{}` spans and "the answer is" lines removed, at most 80
+- `collapsed`: the error analysis's rule (with `\\boxed{}` spans and "the answer is" lines removed, at most 80
   characters and 4 newlines remain); lenient when `max_new_tokens` is small, so read it beside
   the base model's rate.
 Rates carry 95% Wilson intervals. The base model leaks nothing by construction (the entities are

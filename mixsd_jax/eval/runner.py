@@ -8,7 +8,8 @@ Suites (`EvalConfig.suites`):
   the corpus's GT training file).
 - `kl`: KL(base || tuned) on held-out prompts (the benchmarks' items), per tuned checkpoint.
 - `fisher`: Fisher-weighted parameter displacement from the base, per tuned checkpoint.
-- `errors`: §4.4 buckets of the wrong answers the memorization/retention suites produced.
+- `errors`: error-analysis buckets (docs/reference.md, Error analysis) of the wrong answers the
+  memorization/retention suites produced.
 - `heldout`: leakage of training entities / collapse into the trained answer template in greedy
   replies to held-out general questions (`eval/heldout.py`), as rates with 95% intervals.
 - `all`: every suite whose inputs are configured.

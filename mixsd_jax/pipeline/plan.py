@@ -23,9 +23,9 @@ from mixsd_jax.data.layout import TRAIN_FILES
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.pipeline.config import ExperimentConfig
 
-# Generation prompt preset per corpus kind (REFERENCE.md §1.2).
+# Generation prompt preset per corpus kind (docs/reference.md, Prompts).
 GENERATION_PRESETS = {"kgfact": "knowledge", "mquake": "knowledge", "kgfunc": "math_operations", "simpleqa": "simpleqa"}
-# OPSD's teacher prompt (the GT-text strings) per corpus kind (REFERENCE.md §3.4).
+# OPSD's teacher prompt (the GT-text strings) per corpus kind (docs/reference.md, OPSD).
 OPSD_PROMPTS = {"kgfact": "knowledge_base_answer", "mquake": "knowledge_base_answer", "kgfunc": "math_operations",
                 "simpleqa": "simpleqa"}
 # Keys the pipeline sets itself in each stage section.

@@ -1,6 +1,6 @@
 """`TrainConfig`: everything a training run depends on, validated once at the edge.
 
-Defaults follow the reference recipe (REFERENCE.md §3.2): AdamW lr 1e-5, weight decay 0.01,
+Defaults follow the reference recipe (docs/reference.md, SFT recipe): AdamW lr 1e-5, weight decay 0.01,
 betas 0.9/0.95, eps 1e-8, global-norm clip 1.0, global batch 16, constant LR.
 
 Resume compatibility: `resume_fingerprint(cfg)` hashes every key that changes what a step
@@ -45,7 +45,7 @@ NOT_FINGERPRINTED = (
 
 @dataclasses.dataclass(frozen=True)
 class OpsdConfig:
-    """On-policy self-distillation (REFERENCE.md §3.4): per step, `batch_size` prompts get
+    """On-policy self-distillation (docs/reference.md, OPSD): per step, `batch_size` prompts get
     `num_rollouts` responses each from the current parameters; the loss is the divergence between
     the teacher (the same model with the ground truth in its user turn) and the student on those
     response tokens, over the teacher's top-`topk` tokens. Defaults are the reference's settings

@@ -1,4 +1,4 @@
-"""OPSD (on-policy self-distillation, REFERENCE.md §3.4) as a loss and a batch source of the
+"""OPSD (on-policy self-distillation, docs/reference.md, OPSD) as a loss and a batch source of the
 one training loop.
 
 Per step k: the step's prompts (the same seed-determined order as SFT's records) get
