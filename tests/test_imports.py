@@ -79,7 +79,7 @@ def test_imports_go_only_downward():
 
 
 def test_the_check_sees_an_upward_import(tmp_path):
-    """The reader above must find a lazy import inside a function (what every old arrow was)."""
+    """The reader above must find a lazy import inside a function (where an upward import hides most easily)."""
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from mixsd_jax.sampling.runner import generate\n", encoding="utf-8")
     assert _imports(source) == [(2, "mixsd_jax.sampling.runner")]

@@ -291,7 +291,7 @@ def _longtail(loaded, model, records, batch_size, max_new_tokens, lambda_mix, dt
     common = dict(stop_ids=tok.stop_ids, max_new_tokens=max_new_tokens, max_model_len=1 << 20,
                   batch_size=batch_size, dtype=dtype, naive_prob=lambda_mix, sides=2, mesh=mesh)
     engine = _engine(params, cfg, temperature=temperature, block=block, **common)
-    old = Runner(params, cfg, sampler=Sampler(temperature), seed=0, **common)
+    fixed = Runner(params, cfg, sampler=Sampler(temperature), seed=0, **common)
     items = [WorkItem((expert[i], naive[i]), i) for i in range(records)]
 
     def verdict(item, c, final):
@@ -307,15 +307,15 @@ def _longtail(loaded, model, records, batch_size, max_new_tokens, lambda_mix, dt
         final = finals["new"] = {}
         engine.run(items, lambda item, c: verdict(item, c, final))
 
-    def run_old():  # the fixed-batch decoder: a batch waits for its slowest record, retries for the next batch
+    def run_fixed():  # the fixed-batch decoder: a batch waits for its slowest record, retries for the next batch
         final = finals["old"] = {}
         queue = deque(items)
         while queue:
-            batch = [queue.popleft() for _ in range(min(old.batch_size, len(queue)))]
-            for item, c in zip(batch, old.run(batch)):
+            batch = [queue.popleft() for _ in range(min(fixed.batch_size, len(queue)))]
+            for item, c in zip(batch, fixed.run(batch)):
                 queue.extend(verdict(item, c, final))
 
-    times = _interleaved({"old": run_old, "new": run_new}, repeats)
+    times = _interleaved({"old": run_fixed, "new": run_new}, repeats)
     lengths = sorted(len(t) for _, t in finals["new"].values())
     return {
         "workload": "longtail", "model": model, "records": records, "batch_size": batch_size,

@@ -30,7 +30,7 @@ from mixsd_jax import multihost
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.eval.intervals import normal_mean_interval
 from mixsd_jax.eval.mc import MIN_ROW, ScoreRow, pow2_at_least, score_rows
-from mixsd_jax.models import transformer as tf
+from mixsd_jax.models import transformer
 from mixsd_jax.models.sharding import pad_rows, put_batch, put_replicated
 
 NLL_BINS = np.linspace(0.0, 16.0, 65)
@@ -106,11 +106,11 @@ def common_rows(rows_by_name: dict[str, list[dict]]) -> dict[str, list[dict]]:
 def kl_per_position(base_params, tuned_params, tokens_BxT, segment_ids_BxT, *, cfg, dtype: str):
     """KL(p_base || p_tuned) of the next-token distribution at every position [B, T]."""
     compute = jnp.dtype(dtype)
-    positions = tf.padded_positions(segment_ids_BxT)
+    positions = transformer.padded_positions(segment_ids_BxT)
 
     def logprobs(params):
-        hidden, _ = tf.forward(params, cfg, tokens_BxT, positions, segment_ids_BxT, dtype=compute)
-        return jax.nn.log_softmax(tf.lm_logits(params, cfg, hidden, dtype=compute), axis=-1)
+        hidden, _ = transformer.forward(params, cfg, tokens_BxT, positions, segment_ids_BxT, dtype=compute)
+        return jax.nn.log_softmax(transformer.lm_logits(params, cfg, hidden, dtype=compute), axis=-1)
 
     base, tuned = logprobs(base_params), logprobs(tuned_params)
     return jnp.sum(jnp.exp(base) * (base - tuned), axis=-1)
@@ -168,12 +168,12 @@ def summarize_kl(rows: Sequence[dict]) -> dict:
 def _squared_grad(params, tokens_1xT, segment_ids_1xT, *, cfg, dtype: str):
     """Squared gradient of the mean token log-likelihood of one sequence."""
     compute = jnp.dtype(dtype)
-    positions = tf.padded_positions(segment_ids_1xT)
+    positions = transformer.padded_positions(segment_ids_1xT)
     mask = (segment_ids_1xT[:, 1:] != 0).astype(jnp.float32)
 
     def mean_loglik(p):
-        hidden, _ = tf.forward(p, cfg, tokens_1xT, positions, segment_ids_1xT, dtype=compute)
-        logprobs = jax.nn.log_softmax(tf.lm_logits(p, cfg, hidden[:, :-1], dtype=compute), axis=-1)
+        hidden, _ = transformer.forward(p, cfg, tokens_1xT, positions, segment_ids_1xT, dtype=compute)
+        logprobs = jax.nn.log_softmax(transformer.lm_logits(p, cfg, hidden[:, :-1], dtype=compute), axis=-1)
         target = jnp.take_along_axis(logprobs, tokens_1xT[:, 1:, None], axis=-1)[..., 0]
         return jnp.sum(target * mask) / jnp.maximum(mask.sum(), 1.0)
 
