@@ -25,3 +25,15 @@ def test_bench_opsd_times_real_opsd_steps(tiny_llama_dir, capsys):
     assert result["rollout_tokens_per_s"] > 0 and result["update_tokens_per_s"] > 0
     assert 0 < result["rollout_share_of_step"] < 1
     assert {"load_avg_before", "load_avg", "cores"} <= set(result)
+
+
+def test_bench_opsd_recall_measures_before_and_after_training(tiny_llama_dir, tmp_path, capsys):
+    assert main(["bench", "opsd-recall", "--model", str(tiny_llama_dir), "--facts", "8", "--steps", "2",
+                 "--max-new-tokens", "4", "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["facts"] == 8 and len(result["divergence_per_step"]) == 2
+    for side in ("before", "after"):
+        assert len(result[side]["replies"]) == 8 and result[side]["gt_nll_per_token"] > 0
+    # A tiny random model knows none of the facts before training.
+    assert result["before"]["recall"] == 0.0
+    assert result["after"]["gt_nll_per_token"] != result["before"]["gt_nll_per_token"]

@@ -1,4 +1,4 @@
-"""`mixsd bench generate|train|opsd`: each prints one JSON line with the machine's load and cores."""
+"""`mixsd bench generate|train|opsd|opsd-recall`: each prints one JSON line with the machine's load and cores."""
 
 from __future__ import annotations
 
@@ -48,6 +48,15 @@ def register(sub, bench) -> None:
     o.add_argument("--rollouts", type=int, default=2, help="rollouts per prompt")
     o.add_argument("--max-new-tokens", type=int, default=32, help="rollout length limit")
     o.set_defaults(func=_opsd)
+
+    r = bench.add_parser("opsd-recall", help="OPSD on a few KGFact facts: recall and GT NLL before and after")
+    r.add_argument("--model", default=EMBEDDED_DEFAULT, help="HF-format directory or registry name")
+    r.add_argument("--facts", type=int, default=4, help="training facts (one batch)")
+    r.add_argument("--steps", type=int, default=16)
+    r.add_argument("--lr", type=float, default=2e-4)
+    r.add_argument("--max-new-tokens", type=int, default=32, help="rollout length")
+    r.add_argument("--out", default="/tmp/opsd_recall", help="work folder (the corpus and the training run)")
+    r.set_defaults(func=_opsd_recall)
 
 
 def _model_and_steps(parser: argparse.ArgumentParser, *, steps: int, help_steps: str) -> None:
@@ -109,4 +118,12 @@ def _opsd(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, max_seq_len=max(args.seq_len, 256), steps=args.steps,
         compute_dtype=args.compute_dtype, random_init=args.random_init,
     )))
+    return 0
+
+
+def _opsd_recall(args: argparse.Namespace) -> int:
+    from mixsd_jax.bench.opsd_recall import opsd_recall
+
+    print(json.dumps(opsd_recall(args.model, facts=args.facts, steps=args.steps, lr=args.lr,
+                                 max_new_tokens=args.max_new_tokens, out=args.out)))
     return 0

@@ -20,7 +20,6 @@ from pathlib import Path
 from mixsd_jax.data import layout
 from mixsd_jax.data.kgfact_vocab import DOMAINS, ENTITY_NAMES, NAMES_PER_DOMAIN, RELATIONS, Relation
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.files import atomic_write_json, atomic_write_jsonl
 
 KGFACT_PRESETS: dict[str, tuple[int, int]] = {"small": (5, 10), "large": (7, 25), "tiny": (3, 4)}
 
@@ -248,19 +247,15 @@ def build_kgfact(
         for (a, b), context in zip(context_paths, path_contexts)
     ]
 
-    out_dir = Path(out_dir)
-    for relative, records in files.items():
-        atomic_write_jsonl(out_dir / relative, records)
-    counts = {relative: len(records) for relative, records in files.items()}
-    atomic_write_json(
-        out_dir / "manifest.json",
+    return layout.write_corpus(
+        out_dir,
+        files,
         {
             "builder": "kgfact",
             "preset": preset,
             "seed": seed,
             "num_domains": num_domains,
             "num_entities": num_entities,
-            "counts": counts,
             "compositional_2step": {"requested": num_compositional, "possible": possible},
             "compositional_2step_with_context": {
                 "requested": num_compositional,
@@ -272,7 +267,6 @@ def build_kgfact(
             },
         },
     )
-    return counts
 
 
 def compositional_question(first: Fact, second: Fact) -> str:

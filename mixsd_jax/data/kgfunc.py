@@ -15,7 +15,6 @@ from typing import Callable
 
 from mixsd_jax.data import layout
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.files import atomic_write_json, atomic_write_jsonl
 
 MAX_INPUT = 99_999
 SUFFIX = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -376,22 +375,14 @@ def build_kgfunc(out_dir: str | Path, seed: int = 42, preset: str = "full") -> d
         for x in unseen_inputs
     ]
 
-    for relative, records in files.items():
-        atomic_write_jsonl(out_dir / relative, records)
-    counts = {relative: len(records) for relative, records in files.items()}
-    atomic_write_json(
-        out_dir / "manifest.json",
-        {
-            "builder": "kgfunc",
-            "preset": preset,
-            "seed": seed,
-            "counts": counts,
-            "shot_inputs": shots,
-            "operations": {label: OPERATIONS[label].rule for label in TRAIN_OPS},
-            "unseen_operations": {label: OPERATIONS[label].rule for label in UNSEEN_OPS},
-        },
-    )
-    return counts
+    return layout.write_corpus(out_dir, files, {
+        "builder": "kgfunc",
+        "preset": preset,
+        "seed": seed,
+        "shot_inputs": shots,
+        "operations": {label: OPERATIONS[label].rule for label in TRAIN_OPS},
+        "unseen_operations": {label: OPERATIONS[label].rule for label in UNSEEN_OPS},
+    })
 
 
 def _chains(rng: random.Random, pairs: list, shots: list[int], avoid: set[int]) -> list[dict]:

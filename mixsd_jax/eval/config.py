@@ -13,14 +13,13 @@ from mixsd_jax.multihost import DistributedConfig
 SUITES = ("memorization", "retention", "nll", "kl", "fisher", "errors", "heldout")
 DEFAULT_BENCHMARKS = ("hellaswag", "piqa", "winogrande", "mmlu", "lambada", "gsm8k")
 BASE = "base"
-KL_MAX_BATCH = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     base: str = EMBEDDED_DEFAULT  # registry name or HF-format directory
     tuned: tuple[str, ...] = ()  # "NAME=PATH": an HF dir, or a training run dir (its hf/ export or latest checkpoint)
-    suites: tuple[str, ...] = ("retention",)  # see the module docstring; "all" = every configured suite
+    suites: tuple[str, ...] = ("retention",)  # listed in eval/runner.py's docstring; "all" = every configured suite
     corpus_dir: str | None = None  # a built corpus (KGFact/MQuAKE/KGFunc) for memorization
     train_files: tuple[str, ...] = ()  # "NAME=PATH" training files for the NLL analysis
     benchmarks: tuple[str, ...] = DEFAULT_BENCHMARKS
