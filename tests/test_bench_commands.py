@@ -1,8 +1,13 @@
-"""`mixsd bench train` and `mixsd bench opsd` on a tiny model: one JSON line each, with real timings."""
+"""`mixsd bench data|train|opsd|opsd-recall`: one JSON line each, with real timings."""
 
 import json
+from pathlib import Path
+
+import pytest
 
 from mixsd_jax.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def test_bench_prints_one_json_line(tiny_llama_dir, capsys):
@@ -37,3 +42,11 @@ def test_bench_opsd_recall_measures_before_and_after_training(tiny_llama_dir, tm
     # A tiny random model knows none of the facts before training.
     assert result["before"]["recall"] == 0.0
     assert result["after"]["gt_nll_per_token"] != result["before"]["gt_nll_per_token"]
+
+
+def test_bench_data_prints_one_json_line(tmp_path, capsys):
+    pytest.importorskip("grain")
+    jsonl = FIXTURES / "released_mixsd" / "kgfact_small" / "atomic_sft" / "train_messages.jsonl"
+    assert main(["bench", "data", str(jsonl), "--batch-size", "1", "--steps", "5"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bench"] == "data" and result["records"] == 5

@@ -5,7 +5,14 @@ import itertools
 import numpy as np
 import pytest
 
-from mixsd_jax.data.grain_source import TfdsRecordSource, batch_iterator, batches_per_epoch, epoch_order, record_source
+from mixsd_jax.data.grain_source import (
+    TfdsRecordSource,
+    batch_iterator,
+    batches_per_epoch,
+    epoch_order,
+    record_source,
+    training_records,
+)
 from mixsd_jax.data.kgfunc import build_kgfunc
 from mixsd_jax.data.layout import KGFUNC_TRAIN_DIR
 from mixsd_jax.data.records import read_records, validate_file
@@ -90,3 +97,12 @@ def test_bad_requests_are_clear_errors(tmp_path):
         record_source(tmp_path / "missing.jsonl")
     with pytest.raises(MixsdError, match="found no TFDS dataset"):
         record_source(tmp_path)
+
+
+def test_training_records_reads_either_source_whole_and_refuses_an_empty_one(corpus, tmp_path):
+    jsonl, tfds_dir = corpus
+    assert training_records(tfds_dir) == training_records(jsonl) == read_records(jsonl)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(MixsdError, match="empty.jsonl: no training records"):
+        training_records(empty)

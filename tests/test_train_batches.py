@@ -6,7 +6,8 @@ import pytest
 
 from mixsd_jax.data.records import Record
 from mixsd_jax.models.tokenizer import load_tokenizer
-from mixsd_jax.train.batches import BatchPlan, Example, batch_width, tokenize_records
+from mixsd_jax.data.tokenize import Example, tokenize_records
+from mixsd_jax.train.batches import BatchPlan, batch_width
 
 ANSWER = "The answer is 42.\n\n\\boxed{42}"
 RECORD = Record("What profession does the person train?", ANSWER)

@@ -1,4 +1,5 @@
-"""`mixsd bench generate|train|opsd|opsd-recall`: each prints one JSON line with the machine's load and cores."""
+"""`mixsd bench data|generate|train|opsd|opsd-recall`: each prints one JSON line (with the machine's load
+and cores where it times a model)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ from mixsd_jax.models.registry import EMBEDDED_DEFAULT
 
 
 def register(sub, bench) -> None:
+    d = bench.add_parser("data", help="batch stream throughput over a JSONL file or TFDS dir")
+    d.add_argument("source")
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--steps", type=int, default=200)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_data)
+
     b = bench.add_parser("generate", help="decode engine vs its peers, repeated A/B pairs (one JSON line)")
     b.add_argument("--model", default=EMBEDDED_DEFAULT, help="HF-format directory or registry name")
     b.add_argument("--workload", choices=["default", "capacity", "longtail", "blocks"], default="default",
@@ -67,6 +75,13 @@ def _model_and_steps(parser: argparse.ArgumentParser, *, steps: int, help_steps:
     parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--random-init", action="store_true",
                         help="random weights from the model directory's config.json (no weight files needed)")
+
+
+def _data(args: argparse.Namespace) -> int:
+    from mixsd_jax.bench.data import bench_data
+
+    print(json.dumps(bench_data(args.source, args.batch_size, args.steps, args.seed)))
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:

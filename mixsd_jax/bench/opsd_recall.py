@@ -69,7 +69,8 @@ def _measure(params, cfg, tokenizer, records) -> dict:
 
     from mixsd_jax.data.records import gold_answer
     from mixsd_jax.eval.memorization import generate_texts
-    from mixsd_jax.train.batches import BatchPlan, tokenize_records
+    from mixsd_jax.data.tokenize import tokenize_records
+    from mixsd_jax.train.batches import BatchPlan
     from mixsd_jax.train.step import micro_batch_sums
 
     n = len(records)

@@ -22,14 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from mixsd_jax.data.grain_source import epoch_order
-from mixsd_jax.data.tokenize import (  # noqa: F401  (re-exported: training code knows them from here)
-    Example,
-    TokenizedData,
-    completion_text,
-    conversation,
-    encode_example,
-    tokenize_records,
-)
+from mixsd_jax.data.tokenize import Example
 from mixsd_jax.errors import MixsdError
 
 MIN_BUCKET = 16

@@ -168,7 +168,7 @@ def prepare_prompts(cfg, tokenizer, records, source: str):
     """Student prompts and GT texts of the records, plus a TokenizedData of prompt examples for
     the shared BatchPlan (its `.length` is what packing or ordering would read). A prompt that
     leaves no room for a response and a cut GT text under max_seq_len is dropped (and counted)."""
-    from mixsd_jax.train.batches import Example, TokenizedData, conversation
+    from mixsd_jax.data.tokenize import Example, TokenizedData, conversation
 
     prompt_style = teacher_lib.get_teacher_prompt(cfg.opsd.prompt)
     end_ids = teacher_lib.end_of_user_ids(tokenizer)
@@ -285,15 +285,12 @@ class RolloutBatches:
 
 def prepare(cfg, tokenizer):
     """(TokenizedData of prompts, BatchPlan over them, the prompts) of `cfg.data`."""
-    from mixsd_jax.data.grain_source import record_source
+    from mixsd_jax.data.grain_source import training_records
     from mixsd_jax.train.batches import BatchPlan
 
     if not cfg.data:
         raise MixsdError("config key 'data': required (a messages/alpaca JSONL file with ground-truth answers)")
-    source = record_source(cfg.data)
-    records = source if isinstance(source, list) else source.__getitems__(list(range(len(source))))
-    if not records:
-        raise MixsdError(f"{cfg.data}: no training records (the file is empty)")
+    records = training_records(cfg.data)
     prompts, data = prepare_prompts(cfg, tokenizer, records, str(cfg.data))
     if not prompts:
         raise MixsdError(
