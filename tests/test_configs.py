@@ -1,5 +1,5 @@
 """Every shipped config loads and builds its pipeline plan (on tiny stand-in models), and the
-paper configs carry the reference's sweep and training recipe (docs/reference.md, SFT recipe)."""
+paper configs carry the reference's sweep and training recipe (docs/reference.md, SFT and MixSD)."""
 
 from pathlib import Path
 

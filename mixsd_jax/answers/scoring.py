@@ -1,4 +1,4 @@
-"""The reference's in-domain scorer of one reply (docs/reference.md, Memorisation): right or wrong.
+"""The reference's in-domain scorer of one reply (docs/reference.md, Memorisation scorer): right or wrong.
 
 A prediction is the last brace-matched `\\boxed{}`, else the last `<answer>...</answer>`, else the
 last number, else the whole text. Both sides are normalised (LaTeX wrappers, `$`, outer braces,

@@ -1,6 +1,6 @@
 """The MixSD rule verifier: extract an answer from a generated text and compare it with the GT's.
 
-Modes (docs/reference.md, Answer check, plus `contains`):
+Modes (docs/reference.md, Verifier and retries, plus `contains`):
 - `boxed`: content of the LAST `\\boxed{` (brace-matched), stripped; None when absent or when that
   last one is unbalanced. Only the braced form `\\boxed{...}` counts, not `\\boxed 5`.
 - `last_number`: the last integer/decimal with optional minus. Unlike the reference, a

@@ -18,7 +18,7 @@ from mixsd_jax.data.records import LineProblem, line_format, parse_inference, pa
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import atomic_write_json, sha256_file
 
-# The fields the reference writes into every mixed-target record (docs/reference.md, Output files).
+# The fields the reference writes into every mixed-target record (docs/reference.md, Files).
 MIX_META_FIELDS = (
     "lambda",
     "temperature",

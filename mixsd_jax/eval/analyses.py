@@ -1,5 +1,5 @@
 """Why a tuned model forgot (or did not): the forgetting analyses of the paper, which the authors
-describe but did not publish code for (docs/reference.md, Forgetting), plus the error-analysis
+describe but did not publish code for (docs/reference.md, Forgetting analyses), plus the error-analysis
 buckets (docs/reference.md, Error analysis).
 
 - Target NLL: per-token negative log-likelihood of a training file's targets under the *base*

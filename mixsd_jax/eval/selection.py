@@ -1,4 +1,4 @@
-"""Checkpoint selection over a training run's saved steps, by training recall (docs/reference.md, Selection).
+"""Checkpoint selection over a training run's saved steps, by training recall (docs/reference.md, Checkpoint selection).
 
 The reference reports MixSD's (and OPSD's) last checkpoint and SFT's "converged" one: the first
 index i (1 <= i <= n-2) where training accuracy sets a new running maximum and the next value is

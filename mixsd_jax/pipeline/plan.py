@@ -23,7 +23,7 @@ from mixsd_jax.data.layout import TRAIN_FILES
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.pipeline.config import ExperimentConfig
 
-# Generation prompt preset per corpus kind (docs/reference.md, Prompts).
+# Generation prompt preset per corpus kind (docs/reference.md, The two prompts).
 GENERATION_PRESETS = {"kgfact": "knowledge", "mquake": "knowledge", "kgfunc": "math_operations", "simpleqa": "simpleqa"}
 # OPSD's teacher prompt (the GT-text strings) per corpus kind (docs/reference.md, OPSD).
 OPSD_PROMPTS = {"kgfact": "knowledge_base_answer", "mquake": "knowledge_base_answer", "kgfunc": "math_operations",

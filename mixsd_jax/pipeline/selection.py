@@ -2,7 +2,7 @@
 
 With `selection.every: k` the pipeline saves and exports every k steps of every training run
 (`train/<run>/exports/step_N`, HF format), then this stage measures recall on the training facts
-at each saved step (the run's answer criterion), applies `selection.rule` (docs/reference.md, Selection:
+at each saved step (the run's answer criterion), applies `selection.rule` (docs/reference.md, Checkpoint selection:
 SFT's first peak, MixSD's last, or one rule for all), and points `select/<run>/model` (a relative
 symlink) at the chosen export, which is what the eval stage evaluates. `select/<run>/selection.json`
 holds the curve, the rule and the step chosen.

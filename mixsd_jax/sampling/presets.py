@@ -1,4 +1,4 @@
-"""GT-guidance strings that turn the user turn x into the expert's x+ (docs/reference.md, Prompts).
+"""GT-guidance strings that turn the user turn x into the expert's x+ (docs/reference.md, The two prompts).
 
 The expert user text is `x + prefix + "\\n" + strip(y*) + transition`: the expert sees the whole GT
 assistant message, then is asked to answer again. The strings below are the reference wrappers'

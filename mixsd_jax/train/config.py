@@ -1,6 +1,6 @@
 """`TrainConfig`: everything a training run depends on, validated once at the edge.
 
-Defaults follow the reference recipe (docs/reference.md, SFT recipe): AdamW lr 1e-5, weight decay 0.01,
+Defaults follow the reference recipe (docs/reference.md, SFT and MixSD): AdamW lr 1e-5, weight decay 0.01,
 betas 0.9/0.95, eps 1e-8, global-norm clip 1.0, global batch 16, constant LR.
 
 Resume compatibility: `resume_fingerprint(cfg)` hashes every key that changes what a step
