@@ -4,8 +4,8 @@ memorization scorer of a run (so the targets that pass and the replies that scor
 - `reference_loose` / `reference_strict`: the reference's scorer (docs/reference.md, Memorisation
   scorer, `answers.scoring`): the prediction is the last `\\boxed{}`, else `<answer>`, else the last
   number, else the whole text; normalised equality (numbers within 1e-6), and for loose also the
-  gold inside the prediction. On a small
-  model's plain-text replies "the last number" is often a list index (`2.` of `1. ... 2. ...`).
+  gold inside the prediction. On a small model's plain-text replies "the last number" is often a
+  list index (`2.` of `1. ... 2. ...`).
 - `answer_statement`: the predictions are the reply's `\\boxed{}` contents and its "the answer is X"
   statements; credited when there is at least one, every one of them names the gold as a whole
   phrase, and none names a different training entity. A reply that states nothing is wrong.
