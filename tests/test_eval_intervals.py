@@ -1,6 +1,8 @@
 """Intervals from scipy.stats give the numbers the hand-written ones gave (same draws, same
 percentiles), including resamples whose denominator is 0."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -56,3 +58,13 @@ def test_mean_accuracy_interval_keeps_uncertainty_at_zero_and_full_marks():
     assert mean_accuracy_interval([(0, 10), (10, 10)], 0.5) == pytest.approx([0.5 - half, 0.5 + half])
     low, high = mean_accuracy_interval([(0, 10)], 0.0)
     assert low == 0.0 and 0.0 < high < 0.5  # clipped at 0, yet not a point
+
+
+def test_seed_mean_interval_is_students_t():
+    from mixsd_jax.eval.intervals import seed_mean_interval
+
+    block = seed_mean_interval([0.5, 0.7, 0.9])
+    half = 4.303 * 0.2 / math.sqrt(3)
+    assert block["mean"] == pytest.approx(0.7) and block["seeds"] == 3
+    assert block["ci95"] == pytest.approx([0.7 - half, 0.7 + half])
+    assert seed_mean_interval([0.4])["ci95"] == [None, None]

@@ -6,11 +6,14 @@
   same interval on every machine and rerun).
 - `normal_mean_interval` (a mean of per-text values, e.g. KL) and `mean_accuracy_interval` (the
   mean of several splits' accuracies) are normal approximations written out here.
+- `seed_mean_interval`: a Student-t interval over a method's seeded runs (`eval/seeds.py`).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+from typing import Sequence
 
 import numpy as np
 from scipy import stats
@@ -79,3 +82,29 @@ def mean_accuracy_interval(counts, mean: float) -> list[float]:
     variance = sum(p * (1 - p) / n for p, n in adjusted) / len(adjusted) ** 2
     half = 1.96 * float(np.sqrt(variance))
     return [max(0.0, mean - half), min(1.0, mean + half)]
+
+
+# Two-sided 95% Student-t quantiles by degrees of freedom (beyond the table: the normal's 1.96).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t_quantile(df: int) -> float:
+    if df in _T975:
+        return _T975[df]
+    known = [d for d in _T975 if d <= df]
+    return _T975[max(known)] if df <= 30 else 1.96
+
+
+def seed_mean_interval(values: Sequence[float]) -> dict:
+    """Mean and 95% t-interval of per-seed values (no interval from a single seed)."""
+    values = [float(v) for v in values if v is not None]
+    k = len(values)
+    if k == 0:
+        return {"mean": None, "ci95": [None, None], "seeds": 0, "values": []}
+    mean = sum(values) / k
+    if k == 1:
+        return {"mean": mean, "ci95": [None, None], "seeds": 1, "values": values}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1))
+    half = t_quantile(k - 1) * sd / math.sqrt(k)
+    return {"mean": mean, "ci95": [mean - half, mean + half], "seeds": k, "values": values}
