@@ -15,7 +15,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.models.config import ModelConfig
 from mixsd_jax.models.transformer import param_shapes
@@ -119,10 +118,6 @@ def _chain(group: list) -> list:
         x, y, *rest = d.coords
         return (*reversed(rest), y, x if (y + sum(rest)) % 2 == 0 else -x, getattr(d, "core_on_chip", 0))
     return sorted(group, key=key)
-
-
-def mesh_from_dict(data: dict | None) -> Mesh:
-    return make_mesh(config_lib.from_dict(MeshConfig, data or {}, prefix="mesh."))
 
 
 def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
