@@ -177,3 +177,20 @@ def test_memit_is_an_edit_stage_evaluated_like_a_training_run(tiny_llama_dir, tm
 def test_memit_settings_are_checked_at_plan_time(tiny_llama_dir, tmp_path, overrides, message):
     with pytest.raises(MixsdError, match=message):
         _plan(tiny_llama_dir, tmp_path, "methods=[base, memit]", *overrides)
+
+
+@pytest.mark.parametrize("config", ["kgfact_small_qwen3_8b", "simpleqa_llama3p2_1b"])
+def test_a_paper_config_dry_runs_without_its_weights(config, tmp_path, monkeypatch, capsys):
+    """A user plans before downloading: the paper model's known shapes stand in for its directory."""
+    from pathlib import Path
+
+    from mixsd_jax.cli import main
+
+    monkeypatch.setenv("MIXSD_MODELS_DIR", str(tmp_path / "models"))  # empty: no model here
+    path = Path(__file__).parent.parent / "configs" / "paper" / f"{config}.yaml"
+    assert main(["pipeline", "--config", str(path), f"out_dir={tmp_path / 'exp'}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "train_sft" in out and "pending" in out
+    assert not (tmp_path / "exp").exists()
+    with pytest.raises(MixsdError, match="is not on this machine"):  # a real run still needs the model
+        build_plan(load_experiment(str(path), [f"out_dir={tmp_path / 'exp'}"]))

@@ -20,19 +20,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mixsd_jax import config as config_lib
+from mixsd_jax.data.layout import TRAIN_FILES
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.pipeline.config import ExperimentConfig
 
-# Standard training file of each corpus kind, relative to the corpus root.
-TRAIN_FILES = {
-    "kgfact": "atomic_sft/train_messages.jsonl",
-    "mquake": "atomic_sft/train_messages.jsonl",
-    "simpleqa": "atomic_sft/train_messages.jsonl",
-    "kgfunc": "primitive_atomic_balanced_sft_50k/train_messages.jsonl",
-}
-# Generation prompt preset per corpus kind (REFERENCE.md §1.2).
+# Generation prompt preset per corpus kind (docs/reference.md, The two prompts).
 GENERATION_PRESETS = {"kgfact": "knowledge", "mquake": "knowledge", "kgfunc": "math_operations", "simpleqa": "simpleqa"}
-# OPSD's teacher prompt (the GT-text strings) per corpus kind (REFERENCE.md §3.4).
+# OPSD's teacher prompt (the GT-text strings) per corpus kind (docs/reference.md, OPSD).
 OPSD_PROMPTS = {"kgfact": "knowledge_base_answer", "mquake": "knowledge_base_answer", "kgfunc": "math_operations",
                 "simpleqa": "simpleqa"}
 # Keys the pipeline sets itself in each stage section.
@@ -172,12 +166,32 @@ def _section(cls, cfg: ExperimentConfig, section: str, owned_values: dict, extra
     return config_lib.from_dict(cls, data, prefix=f"{section}.")
 
 
-def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None) -> Plan:
+def _model_identity(model: str, dry_run: bool) -> tuple[Path, str]:
+    """(model directory, fingerprint). A dry run plans a paper model before its download (its
+    published config fields stand in for config.json: every stage then reads as not done)."""
+    import json
+    import os
+
+    from mixsd_jax.models.known_shapes import HF_CONFIGS
+    from mixsd_jax.models.registry import PAPER_MODELS, resolve_model
+
+    try:
+        model_dir = resolve_model(model)
+    except MixsdError:
+        name = {hf_id: n for n, hf_id in PAPER_MODELS.items()}.get(str(model), str(model))
+        if not dry_run or name not in HF_CONFIGS:
+            raise
+        model_dir = Path(os.environ.get("MIXSD_MODELS_DIR", "models")) / name
+        return model_dir, _hash(str(model), "known shapes", json.dumps(HF_CONFIGS[name], sort_keys=True))
+    return model_dir, _hash(str(model), _file_hash(model_dir / "config.json"))
+
+
+def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None, dry_run: bool = False) -> Plan:
     """Validates the model, methods, λ list and every stage section; returns the stages to run.
     `corpus_root`: where a built corpus lives when it is shared with other plans (a scaling study);
-    default `<out_dir>/corpus`."""
-    from mixsd_jax.models.registry import resolve_model
-    from mixsd_jax.sampling.generator import GenerateConfig, Paths
+    default `<out_dir>/corpus`. `dry_run`: a paper model that is not on this machine is planned
+    from its known shapes."""
+    from mixsd_jax.sampling.generator import NOT_IN_FINGERPRINT, GenerateConfig, Paths
     from mixsd_jax.train.config import TrainConfig, not_fingerprinted
 
     EvalConfig, evaluate = _eval_api()
@@ -204,16 +218,15 @@ def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None) -> Plan:
         for name, _, _ in trained_runs(cfg) if method_run(cfg, name) not in EDIT_METHODS
     }
     edit_cfgs = _edit_configs(cfg, exp, train_file)
-    model_dir = resolve_model(cfg.model)
-    model_fp = _hash(str(cfg.model), _file_hash(model_dir / "config.json"))
+    model_dir, model_fp = _model_identity(cfg.model, dry_run)
 
     stages = [corpus_stage]
     # SFT trains on the ground truth; OPSD rolls out on its prompts, the ground truth for the teacher.
     data_for: dict[str, tuple[Path, str]] = {name: (train_file, corpus_stage.fingerprint) for name in ("sft", "opsd")}
     for name, gcfg in generate_cfgs.items():
         output = Paths.for_config(gcfg).final
-        fp = _hash("generate", config_lib.fingerprint(gcfg, exclude=("input", "out_dir", "batch_size", "mesh",
-                                                                     "distributed")),
+        # The input's bytes are in the corpus stage's fingerprint; the rest change only the speed.
+        fp = _hash("generate", config_lib.fingerprint(gcfg, exclude=("input", *NOT_IN_FINGERPRINT)),
                    corpus_stage.fingerprint, model_fp)
         stages.append(Stage(
             name=f"generate_{name}", fingerprint=fp, reset=fp, workdir=Path(gcfg.out_dir),
@@ -468,7 +481,7 @@ def _view_splits(cfg: ExperimentConfig, eval_cls) -> tuple[str, ...]:
         raise MixsdError(f"config key 'eval.splits': expected a non-empty list of split names, got {splits!r}")
     if cfg.corpus.kind not in ("kgfact", "mquake", "kgfunc"):
         raise MixsdError(f"config key 'eval.splits': only for kgfact, mquake and kgfunc corpora, not {cfg.corpus.kind!r}")
-    from mixsd_jax.eval.memorization import KGFACT_SPLITS, KGFUNC_SPLITS
+    from mixsd_jax.data.layout import KGFACT_SPLITS, KGFUNC_SPLITS
 
     table = KGFUNC_SPLITS if cfg.corpus.kind == "kgfunc" else KGFACT_SPLITS
     for i, name in enumerate(splits):
@@ -482,7 +495,7 @@ def _corpus_view(corpus_dir: Path, view: Path, splits: tuple[str, ...]) -> None:
     evaluator runs just those memorization splits."""
     import shutil
 
-    from mixsd_jax.eval.memorization import KGFACT_SPLITS, KGFUNC_SPLITS, corpus_kind, training_file
+    from mixsd_jax.data.layout import KGFACT_SPLITS, KGFUNC_SPLITS, corpus_kind, training_file
 
     table = KGFUNC_SPLITS if corpus_kind(corpus_dir) == "kgfunc" else KGFACT_SPLITS
     if view.exists():
