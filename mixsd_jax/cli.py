@@ -7,7 +7,6 @@ import importlib
 import re
 import sys
 
-from mixsd_jax.config import add_config_args  # noqa: F401  (its home is the config layer; kept for old imports)
 from mixsd_jax.errors import MixsdError
 
 # Each module defines `register(subparsers, bench_subparsers)` and sets `func` on its parsers.
@@ -16,8 +15,11 @@ COMMAND_MODULES = (
     "mixsd_jax.data.commands",
     "mixsd_jax.sampling.commands",
     "mixsd_jax.train.commands",
+    "mixsd_jax.edit.commands",
     "mixsd_jax.eval.commands",
     "mixsd_jax.pipeline.commands",
+    "mixsd_jax.bench.commands",
+    "mixsd_jax.bench.plan_commands",
 )
 
 

@@ -30,7 +30,6 @@ _ST_DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
     "F64": np.dtype(np.float64),
 }
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -236,10 +235,6 @@ def _expected_hf_names(cfg: ModelConfig) -> set[str]:
     if cfg.tie_word_embeddings:
         names.add("lm_head.weight")  # some tied checkpoints still store it; it is ignored
     return names
-
-
-def count_params(params: Params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 # ----------------------------------------------------------------------------- export

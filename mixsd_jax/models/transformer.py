@@ -216,12 +216,12 @@ def forward(
 
 def forward_with_taps(params: Params, cfg: ModelConfig, tokens_BxT, segment_ids_BxT, *, mlp_edit=None,
                       dtype=jnp.float32):
-    """Logits [B, T, V] of right-padded or packed rows and, per layer, the MLP's hidden (the down
-    projection's input) `mlp_in` [L, B, T, F] and the residual stream after the layer
-    `resid_out` [L, B, T, D]. `mlp_edit=(layer, delta_BxTxD)` adds `delta` to that layer's MLP
-    output (what the MLP adds to the residual stream)."""
+    """Logits [B, T, V] of right-padded or packed rows (positions restart at each segment) and, per
+    layer, the MLP's hidden (the down projection's input) `mlp_in` [L, B, T, F] and the residual
+    stream after the layer `resid_out` [L, B, T, D]. `mlp_edit=(layer, delta_BxTxD)` adds `delta`
+    to that layer's MLP output (what the MLP adds to the residual stream); `layer` may be traced."""
     x_BxTxD, _, _, (mlp_in, resid_out) = _run_layers(
-        params, cfg, tokens_BxT, padded_positions(segment_ids_BxT), segment_ids_BxT, None, None, dtype, taps=True,
+        params, cfg, tokens_BxT, segment_positions(segment_ids_BxT), segment_ids_BxT, None, None, dtype, taps=True,
         mlp_edit=mlp_edit,
     )
     logits = lm_logits(params, cfg, norm(x_BxTxD, params["final_norm"], cfg), dtype=dtype)
@@ -289,6 +289,16 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> C
     if cfg.has_sliding_layers:
         cache["positions"] = jnp.zeros((batch, slots), jnp.int32)
     return cache
+
+
+def segment_positions(segment_ids_BxT: jax.Array) -> jax.Array:
+    """Positions 0.. within each segment of a packed row; pads get 0."""
+    T = segment_ids_BxT.shape[1]
+    idx_T = jnp.arange(T)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids_BxT[:, :1], bool),
+                              segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+    start_BxT = jax.lax.cummax(jnp.where(starts, idx_T, 0), axis=1)
+    return (idx_T - start_BxT) * (segment_ids_BxT != 0)
 
 
 def padded_positions(segment_ids_BxT: jax.Array) -> jax.Array:

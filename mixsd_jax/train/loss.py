@@ -35,7 +35,7 @@ def head_weight(params, cfg: ModelConfig, dtype) -> tuple[jax.Array, str]:
 
 def _logits(spec, hidden_MxTxD, weight):
     # Flattened to [M*T, D] first: the head's weight gradient is then one plain matmul, where a
-    # contraction over both M and T leaves XLA:CPU's fast matmul path (see models.transformer._linear).
+    # contraction over both M and T leaves XLA:CPU's fast matmul path (see models.block.linear).
     M, T, D = hidden_MxTxD.shape
     logits_NxV = jnp.einsum(spec, hidden_MxTxD.reshape(M * T, D), weight, preferred_element_type=jnp.float32)
     return logits_NxV.reshape(M, T, -1)
