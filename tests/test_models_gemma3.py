@@ -152,7 +152,8 @@ def test_train_step_lowers_the_loss(tiny_gemma3_dir):
     from mixsd_jax.data.records import Record
     from mixsd_jax.models.sharding import MeshConfig, make_mesh
     from mixsd_jax.train import step as step_lib
-    from mixsd_jax.train.batches import BatchPlan, tokenize_records
+    from mixsd_jax.data.tokenize import tokenize_records
+    from mixsd_jax.train.batches import BatchPlan
 
     records = [Record(text, answer) for text in TEXTS for answer in ("The answer is 42.", "Paris.")][:4]
     data = tokenize_records(load_tokenizer(tiny_gemma3_dir), records, max_seq_len=64)
