@@ -17,7 +17,7 @@ PACKAGE = Path(mixsd_jax.__file__).parent
 # Floor of each top-level part; a module may import its own floor or a lower one. `train` and
 # `eval` share a floor but are siblings: neither imports the other (checked below).
 FLOORS = {
-    "errors": 0, "files": 0, "config": 0, "multihost": 0, "answers": 0, "criteria": 0, "compile_cache": 0, "machine": 0,
+    "errors": 0, "files": 0, "storage": 0, "config": 0, "multihost": 0, "answers": 0, "criteria": 0, "compile_cache": 0, "machine": 0,
     "models": 1,
     "data": 2,
     "sampling": 3,
