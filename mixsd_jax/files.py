@@ -45,7 +45,7 @@ def iter_jsonl(path: str | Path, *, bad: str = "raise") -> Iterator[tuple[int, A
     try:
         found = path.is_file()
     except OSError as exc:  # a bucket that does not exist, an unreachable endpoint
-        raise MixsdError(f"{path}: cannot read ({storage._first_line(exc)})") from None
+        raise MixsdError(f"{path}: cannot read ({storage.first_line(exc)})") from None
     if not found:
         raise MixsdError(f"{path}: file not found")
     try:

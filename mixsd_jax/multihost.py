@@ -194,3 +194,22 @@ def fetch(tree):
     from jax.experimental import multihost_utils
 
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def broadcast_json(value, name: str = "broadcast"):
+    """Process 0's JSON-able `value` on every process (the others' `value` is ignored): small
+    results and stage status go host to host, not through a file another host may not see."""
+    import json
+
+    import jax
+
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value if is_primary() else None).encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    buffer = np.zeros(size, np.uint8)
+    if is_primary():
+        buffer[:] = data
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes().decode())

@@ -77,7 +77,7 @@ def check_reachable(p: PathLike, key: str) -> None:
     try:
         path(f"{scheme}://{bucket}").exists()
     except Exception as exc:  # noqa: BLE001 - any client error is the same user-facing problem
-        raise MixsdError(f"config key '{key}': {text} is not reachable ({_first_line(exc)})") from None
+        raise MixsdError(f"config key '{key}': {text} is not reachable ({first_line(exc)})") from None
 
 
 def _check_gcs_bucket(bucket: str, key: str, text: str) -> None:
@@ -90,7 +90,7 @@ def _check_gcs_bucket(bucket: str, key: str, text: str) -> None:
         try:
             exists = path(f"gs://{bucket}").exists()
         except Exception as exc:  # noqa: BLE001
-            raise MixsdError(f"config key '{key}': {text} is not reachable ({_first_line(exc)})") from None
+            raise MixsdError(f"config key '{key}': {text} is not reachable ({first_line(exc)})") from None
         if not exists:
             raise MixsdError(f"config key '{key}': {text}: bucket gs://{bucket} does not exist")
         return
@@ -104,10 +104,10 @@ def _check_gcs_bucket(bucket: str, key: str, text: str) -> None:
         raise MixsdError(f"config key '{key}': {text}: storage answered HTTP {exc.code}") from None
     except (OSError, ValueError) as exc:
         raise MixsdError(f"config key '{key}': {text}: storage endpoint {base} (STORAGE_EMULATOR_HOST) "
-                         f"is not reachable ({_first_line(exc)})") from None
+                         f"is not reachable ({first_line(exc)})") from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.models.config import ModelConfig
 from mixsd_jax.models.transformer import Params, param_shapes
@@ -92,9 +93,13 @@ class LazyTensor:
 
 
 def _open_safetensors(path: Path) -> dict[str, LazyTensor]:
-    """Name -> LazyTensor (only the header is read here)."""
+    """Name -> LazyTensor (only the header is read here); a file in a bucket by ranged reads."""
     from safetensors import SafetensorError, safe_open
 
+    if storage.is_url(path):
+        from mixsd_jax.models.remote_safetensors import open_ranged
+
+        return {name: LazyTensor(piece, path, name) for name, piece in open_ranged(path).items()}
     try:
         handle = safe_open(str(path), framework="numpy")
         return {name: LazyTensor(handle.get_slice(name), path, name) for name in handle.keys()}
@@ -111,7 +116,7 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
 
 def read_hf_tensors(model_dir: str | Path) -> dict[str, LazyTensor]:
-    model_dir = Path(model_dir)
+    model_dir = storage.path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -186,7 +191,7 @@ def load_hf(
     """Config and parameters of an HF-format directory, placed by the model's sharding rules."""
     from mixsd_jax.models.sharding import param_shardings
 
-    model_dir = Path(model_dir)
+    model_dir = storage.path(model_dir)
     cfg = ModelConfig.from_hf_dir(model_dir)
     tensors = read_hf_tensors(model_dir)
     dtype = np.dtype(jnp.dtype(param_dtype))

@@ -11,6 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -126,7 +127,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dir(cls, model_dir: str | Path) -> "ModelConfig":
-        path = Path(model_dir) / "config.json"
+        path = storage.path(model_dir) / "config.json"
         if not path.is_file():
             raise MixsdError(f"{model_dir}: not an HF model directory (no config.json)")
         try:
