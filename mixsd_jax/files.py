@@ -129,13 +129,14 @@ class JsonlAppender:
 
     Locally: appended to one file and flushed per record. On a bucket, where nothing appends: the
     records go to `<path>/000000.jsonl`, `000001.jsonl`, … one object per flush, a flush at most
-    every `flush_every_s` seconds and at close; a resumed stream starts at the next number.
+    every `flush_every_s` seconds (MIXSD_FLUSH_SECONDS, default 5: an upload per record would cost
+    more than the record) and at close; a resumed stream starts at the next number.
     """
 
-    def __init__(self, path: str | Path, flush_every_s: float = 5.0):
+    def __init__(self, path: str | Path, flush_every_s: float | None = None):
         self.path = storage.path(path)
         self._url = storage.is_url(self.path)
-        self._flush_every_s = flush_every_s
+        self._flush_every_s = float(os.environ.get("MIXSD_FLUSH_SECONDS", 5)) if flush_every_s is None else flush_every_s
         if self._url:
             self._buffer: list[str] = []
             self._next = len(_chunks(self.path))

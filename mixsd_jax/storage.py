@@ -13,6 +13,7 @@ and a folder is committed by a marker object written after its contents (`commit
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Union
 
@@ -24,6 +25,18 @@ PathLike = Union[str, os.PathLike]
 COMMIT_MARKER = ".mixsd_complete"  # written last into a folder built in place on a bucket
 
 
+@dataclasses.dataclass(frozen=True)
+class StorageConfig:
+    """Where a multi-process run's hosts meet: the run directory, and the compilation cache."""
+
+    # A local out_dir that every host mounts (NFS, Filestore); without it a multi-process run
+    # wants a bucket URL, since each host's own disk is seen by that host alone.
+    shared_local: bool = False
+    # XLA's persistent compilation cache; None: `<out_dir>/.jax_cache` when out_dir is a URL (so
+    # every host reuses what one compiled), else the user cache on this machine.
+    compile_cache_dir: str | None = None
+
+
 def is_url(p: PathLike) -> bool:
     return "://" in str(p)
 
@@ -32,9 +45,19 @@ def path(p: PathLike) -> epath.Path:
     """The one path type: a URL as given; a local path with `~` expanded, made absolute."""
     if is_url(p):
         configure_environment()
+        _no_listing_cache()
         text = str(p)
         return epath.Path(text.rstrip("/") if not text.endswith("://") else text)
     return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(p))))
+
+
+def _no_listing_cache() -> None:
+    """gcsfs keeps each folder listing it read and answers `exists()` from it: an object another
+    host wrote after that stays invisible. Hosts meet through the bucket, so every look asks it."""
+    import fsspec.config
+
+    for protocol in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
 
 
 def join(base: PathLike, *parts: str) -> epath.Path:
@@ -113,8 +136,9 @@ def first_line(exc: BaseException) -> str:
 
 def check_out_dir(out_dir: PathLike, key: str, processes: int, shared_local: bool) -> None:
     """A run of several processes must write one directory every host sees: a URL, or a local path
-    the user says is shared (NFS, Filestore). A relative local path is each host's own folder."""
-    if processes <= 1 or is_url(out_dir) or shared_local:
+    the user says is shared (NFS, Filestore). A relative local path is each host's own folder (an
+    absolute one is taken as a mount the hosts share)."""
+    if processes <= 1 or is_url(out_dir) or shared_local or os.path.isabs(os.path.expanduser(str(out_dir))):
         return
     raise MixsdError(
         f"config key '{key}': {out_dir} is on this host's disk, but the run has {processes} processes that share "

@@ -135,3 +135,27 @@ def test_a_mesh_that_does_not_match_the_devices_is_a_one_line_error(tiny_llama_d
     assert main(["generate", *_overrides(tiny_llama_dir, records, tmp_path), "mesh.data=3", "mesh.tensor=4"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "mesh: data*fsdp*tensor = 12 but there are 8 devices" in err, err
+
+
+def test_killed_two_process_run_on_a_bucket_resumes_to_the_local_bytes(tiny_llama_dir, records, one_device, tmp_path,
+                                                                       gcs_bucket, monkeypatch):
+    """Both processes write nothing but the bucket (each in its own working directory); killed
+    mid-generation, the chunked stream resumes with one process to the bytes of a local run."""
+    from mixsd_jax import storage
+
+    monkeypatch.setenv("MIXSD_FLUSH_SECONDS", "0")  # one chunk object per finished record
+    out = f"{gcs_bucket}/gen"
+    partial = Paths.for_config(GenerateConfig(input=str(records), out_dir=out, model=str(tiny_llama_dir),
+                                              lambda_mix=0.3, temperature=1.0)).partial
+
+    def mid_generation() -> bool:
+        return partial.exists() and len(list(partial.iterdir())) >= 2
+
+    mh.kill_when(["generate", *_overrides(tiny_llama_dir, records, out)], mid_generation)
+    chunks = sorted(p.name for p in partial.iterdir())
+    assert 2 <= len(chunks) < len(WORDS) * 2 and chunks[0] == "000000.jsonl", chunks
+    paths = _in_process(tiny_llama_dir, records, out, mesh_data=1)
+    assert _files(paths) == one_device
+    assert not partial.exists() and sorted(p.name for p in storage.path(out).iterdir()) == sorted(
+        [paths.final.name, paths.rejected.name, paths.summary.name])
+    assert not list(mh.ROOT.glob("gs:*")) and not list(tmp_path.rglob("gs:*"))

@@ -16,6 +16,7 @@ from mixsd_jax.errors import MixsdError
 from mixsd_jax.models.sharding import MeshConfig
 from mixsd_jax.pipeline.selection import SelectionConfig
 from mixsd_jax.multihost import DistributedConfig
+from mixsd_jax.storage import StorageConfig
 
 METHODS = ("base", "sft", "opsd", "mixsd")
 CORPUS_KINDS = ("kgfact", "kgfunc", "simpleqa", "mquake", "released", "directory")
@@ -74,6 +75,7 @@ class ExperimentConfig:
     # Checkpoint selection by training recall (pipeline/selection.py); every=0: report the last step.
     selection: SelectionConfig = SelectionConfig()
     distributed: DistributedConfig = DistributedConfig()  # multi-host start-up, shared by every stage
+    storage: StorageConfig = StorageConfig()  # a shared local out_dir, the compilation cache
 
     def __post_init__(self):
         if not self.name.strip():

@@ -160,7 +160,7 @@ def _section(cls, cfg: ExperimentConfig, section: str, owned_values: dict, extra
     for key in OWNED_KEYS[section]:
         if key in data:
             raise MixsdError(f"config key '{section}.{key}': set by the pipeline for each run; remove it")
-    for shared in ("mesh", "distributed"):  # one mesh and one multi-host setup for every stage
+    for shared in ("mesh", "distributed", "storage"):  # one mesh and one multi-host setup for every stage
         if shared in names and shared not in data:
             data[shared] = config_lib.to_dict(getattr(cfg, shared))
     data.update({k: v for k, v in owned_values.items() if k in names})
@@ -205,7 +205,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     for name, gcfg in generate_cfgs.items():
         output = Paths.for_config(gcfg).final
         fp = _hash("generate", config_lib.fingerprint(gcfg, exclude=("input", "out_dir", "batch_size", "mesh",
-                                                                     "distributed")),
+                                                                     "distributed", "storage")),
                    corpus_stage.fingerprint, model_fp)
         stages.append(Stage(
             name=f"generate_{name}", fingerprint=fp, reset=fp, workdir=Path(gcfg.out_dir),
@@ -256,7 +256,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
         raise MixsdError(f"config key 'eval.suites': the memorization suite needs a KGFact, MQuAKE or KGFunc corpus, "
                          f"not {cfg.corpus.kind!r} (drop it, e.g. suites=[retention, nll])")
     # The mesh and hosts change how fast, not what: not in the fingerprint (process ids differ per host).
-    settings = _hash("eval", config_lib.fingerprint(ecfg, exclude=(*OWNED_KEYS["eval"], "mesh", "distributed")),
+    settings = _hash("eval", config_lib.fingerprint(ecfg, exclude=(*OWNED_KEYS["eval"], "mesh", "distributed", "storage")),
                      corpus_stage.fingerprint, view_splits, *([cfg.criterion] if cfg.criterion else []))
     parts = {BASE: model_fp, **{name: fp for name, (_, fp) in evaluated.items()}}
     stages.append(Stage(

@@ -35,6 +35,7 @@ from mixsd_jax.files import (JsonlAppender, atomic_write_json, atomic_write_json
 from mixsd_jax.models.registry import EMBEDDED_DEFAULT
 from mixsd_jax.models.sharding import MeshConfig
 from mixsd_jax.multihost import DistributedConfig
+from mixsd_jax.storage import StorageConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,7 @@ class GenerateConfig:
     param_dtype: str = "float32"
     mesh: MeshConfig = MeshConfig()
     distributed: DistributedConfig = DistributedConfig()
+    storage: StorageConfig = StorageConfig()
 
     def __post_init__(self):
         config_lib.check_range("lambda_mix", self.lambda_mix, 0.0, 1.0)
@@ -84,7 +86,7 @@ class GenerateConfig:
 # Settings that change *how fast*, never *what*, is generated: left out of the resume fingerprint;
 # and `input`, a path, which the fingerprint holds as its content's hash instead (the same
 # experiment in another folder or on another host resumes the same partial).
-_NOT_IN_FINGERPRINT = ("input", "out_dir", "batch_size", "mesh", "distributed")
+_NOT_IN_FINGERPRINT = ("input", "out_dir", "batch_size", "mesh", "distributed", "storage")
 
 
 def _fmt(x: float) -> str:
@@ -145,6 +147,8 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
     if not cfg.input:
         raise MixsdError("generate: no input file (set --input or input=...)")
     multihost.maybe_initialize(cfg.distributed)
+    storage.check_out_dir(cfg.out_dir, "out_dir", multihost.process_count(), cfg.storage.shared_local)
+    storage.check_reachable(cfg.out_dir, "out_dir")
     paths = Paths.for_config(cfg)
     model_dir = resolve_model(cfg.model)
     fingerprint = run_fingerprint(cfg, model_dir)
