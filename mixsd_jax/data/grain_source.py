@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from mixsd_jax.data.records import Record, read_records
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 
 
@@ -50,7 +51,7 @@ class TfdsRecordSource:
 def record_source(path: str | Path, *, allow_empty_assistant: bool = False) -> Sequence[Record]:
     """A JSONL file (read and validated into memory) or a TFDS dataset directory (the versioned
     directory holding dataset_info.json, or a folder with exactly one such directory below it)."""
-    path = Path(path)
+    path = storage.path(path)  # TFDS reads a bucket URL itself (str of an epath keeps it)
     if path.is_file():
         return read_records(path, allow_empty_assistant=allow_empty_assistant)
     if not path.is_dir():
