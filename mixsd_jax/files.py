@@ -86,7 +86,10 @@ def _json_line(raw: bytes, number: int) -> dict | BadLine | None:
 
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with storage.path(path).open("rb") as f:
+    path = storage.path(path)
+    if not path.is_file():
+        raise MixsdError(f"{path}: file not found")
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -159,3 +159,25 @@ def test_killed_two_process_run_on_a_bucket_resumes_to_the_local_bytes(tiny_llam
     assert not partial.exists() and sorted(p.name for p in storage.path(out).iterdir()) == sorted(
         [paths.final.name, paths.rejected.name, paths.summary.name])
     assert not list(mh.ROOT.glob("gs:*")) and not list(tmp_path.rglob("gs:*"))
+
+
+def test_one_process_fails_and_both_stop_with_its_error(tiny_llama_dir, records, tmp_path, gcs_bucket):
+    """Process 1 has no input in its own working directory (hosts share no disk); process 0 does
+    and goes on into a collective with it. Both stop within 60 s, both naming process 1's error."""
+    import shutil
+    import time
+
+    hosts = mh.own_host(tmp_path)
+    shutil.copy(records, hosts(0)[0] / "train.jsonl")
+    args = ["generate", *_overrides(tiny_llama_dir, "train.jsonl", f"{gcs_bucket}/gen")]
+    procs = mh.start(args, hosts=hosts)
+    started = time.monotonic()
+    try:
+        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    finally:
+        mh.stop(procs)
+    assert time.monotonic() - started < 90  # start-up (imports, joining) plus the bounded stop
+    missing = str(hosts(1)[0] / "train.jsonl")
+    assert procs[1].returncode == 2 and f"error: {missing}: file not found" in outputs[1], outputs[1][-2000:]
+    assert procs[0].returncode != 0, outputs[0][-2000:]
+    assert f"error: process 1 failed: {missing}: file not found" in outputs[0], outputs[0][-2000:]

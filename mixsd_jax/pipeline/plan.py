@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mixsd_jax import config as config_lib
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.pipeline.config import ExperimentConfig
 
@@ -81,11 +82,9 @@ def _hash(*parts: Any) -> str:
 
 
 def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    from mixsd_jax.files import sha256_file
+
+    return sha256_file(path)[:16]
 
 
 def _num(x: float) -> str:
@@ -174,7 +173,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
     from mixsd_jax.train.config import TrainConfig, not_fingerprinted
 
     EvalConfig, evaluate = _eval_api()
-    exp = Path(cfg.out_dir).expanduser().absolute()
+    exp = storage.path(cfg.out_dir)
     corpus_stage, corpus_dir, train_file = _corpus_stage(cfg, exp)
     # Sections first (cheap, catches typos), then the model (may convert the embedded default).
     generate_cfgs = {
@@ -208,7 +207,7 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
                                                                      "distributed", "storage")),
                    corpus_stage.fingerprint, model_fp)
         stages.append(Stage(
-            name=f"generate_{name}", fingerprint=fp, reset=fp, workdir=Path(gcfg.out_dir),
+            name=f"generate_{name}", fingerprint=fp, reset=fp, workdir=storage.path(gcfg.out_dir),
             outputs=(output,), inputs=(corpus_stage.name,), run=_generate_runner(gcfg),
             description=f"MixSD targets λ={gcfg.lambda_mix:g} T={gcfg.temperature:g} → {output}", settings=gcfg,
         ))
@@ -227,8 +226,9 @@ def build_plan(cfg: ExperimentConfig) -> Plan:
         reset = _hash("train-reset", config_lib.fingerprint(tcfg, exclude=("data", *skip)), data_fp, model_fp, *every)
         source = corpus_stage.name if lam is None else f"generate_{name}"
         stages.append(Stage(
-            name=f"train_{name}", fingerprint=fp, reset=reset, workdir=Path(tcfg.out),
-            outputs=(Path(tcfg.out) / "hf" / "config.json", Path(tcfg.out) / "summary.json"),
+            name=f"train_{name}", fingerprint=fp, reset=reset, workdir=storage.path(tcfg.out),
+            outputs=(storage.path(tcfg.out) / "hf" / storage.COMMIT_MARKER if storage.is_url(tcfg.out)
+                     else storage.path(tcfg.out) / "hf" / "config.json", storage.path(tcfg.out) / "summary.json"),
             inputs=(source,), run=_train_runner(tcfg),
             description=f"train {name} on {data}", settings=tcfg,
         ))
@@ -305,7 +305,7 @@ def _layout_kind(cfg: ExperimentConfig) -> str:
     corpus = cfg.corpus
     if corpus.kind not in ("directory", "released"):
         return corpus.kind
-    root = Path(corpus.source).expanduser()
+    root = storage.path(corpus.source)
     for kind in ("kgfunc", "kgfact"):
         if (root / TRAIN_FILES[kind]).is_file():
             return kind
@@ -327,7 +327,7 @@ def _eval_api():
 def _corpus_stage(cfg: ExperimentConfig, exp: Path) -> tuple[Stage, Path, Path]:
     corpus = cfg.corpus
     if corpus.kind == "directory":
-        root = Path(corpus.source).expanduser().absolute()
+        root = storage.path(corpus.source)
         if not root.is_dir():
             raise MixsdError(f"config key 'corpus.source': {root} is not a directory")
     else:
@@ -339,7 +339,7 @@ def _corpus_stage(cfg: ExperimentConfig, exp: Path) -> tuple[Stage, Path, Path]:
     train_file = root / relative
     settings = config_lib.to_dict(corpus)
     if corpus.kind in ("directory", "released", "simpleqa", "mquake"):
-        source = Path(corpus.source) if corpus.source else None
+        source = storage.path(corpus.source) if corpus.source else None
         if corpus.kind == "simpleqa" and source is None:
             from mixsd_jax.data.commands import SIMPLEQA_CSV
 
@@ -427,19 +427,16 @@ def _view_splits(cfg: ExperimentConfig, eval_cls) -> tuple[str, ...]:
 def _corpus_view(corpus_dir: Path, view: Path, splits: tuple[str, ...]) -> None:
     """A copy of the corpus holding only the chosen test splits (and the training file), so the
     evaluator runs just those memorization splits."""
-    import shutil
-
     from mixsd_jax.eval.memorization import KGFACT_SPLITS, KGFUNC_SPLITS, corpus_kind, training_file
 
     table = KGFUNC_SPLITS if corpus_kind(corpus_dir) == "kgfunc" else KGFACT_SPLITS
-    if view.exists():
-        shutil.rmtree(view)
-    train = training_file(corpus_dir)
+    storage.remove(view)
+    train = storage.path(training_file(corpus_dir))
     files = [train, *(f for name in splits for f in sorted(corpus_dir.glob(table[name])))]
     for source in files:
-        target = view / source.relative_to(corpus_dir)
+        target = view / str(source)[len(str(corpus_dir)):].lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+        target.write_bytes(source.read_bytes())
 
 
 def _eval_runner(ecfg, evaluate, corpus_dir: Path, view_splits: tuple[str, ...]) -> Callable[[], dict]:
@@ -448,7 +445,7 @@ def _eval_runner(ecfg, evaluate, corpus_dir: Path, view_splits: tuple[str, ...])
             from mixsd_jax import multihost
 
             if multihost.is_primary():  # one writer; the others wait until the copy is complete
-                _corpus_view(corpus_dir, Path(ecfg.corpus_dir), view_splits)
+                _corpus_view(corpus_dir, storage.path(ecfg.corpus_dir), view_splits)
             multihost.barrier("pipeline corpus view")
         return evaluate(ecfg, progress=True)
 

@@ -14,13 +14,12 @@ before the next stage reads them.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 from mixsd_jax import config as config_lib
-from mixsd_jax import multihost
+from mixsd_jax import multihost, storage
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import atomic_write_json
 from mixsd_jax.pipeline.plan import Plan, Stage
@@ -133,10 +132,10 @@ def _clean_stale(plan: Plan, stage: Stage, record: dict | None, log) -> None:
 def _remove(plan: Plan, path: Path, log) -> None:
     if not path.exists():
         return
-    if plan.exp_dir not in path.absolute().parents:
+    if not str(path).startswith(str(plan.exp_dir).rstrip("/") + "/"):
         raise MixsdError(f"pipeline: refusing to delete {path}, which is outside the experiment folder {plan.exp_dir}")
     log(f"  removing outputs from other settings: {path}")
-    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    storage.remove(path)
 
 
 def report_text(plan: Plan) -> str:
@@ -179,7 +178,7 @@ def training_lines(plan: Plan) -> list[str]:
             continue
         train = json.loads(summary.read_text())
         line = f"{stage.name[len('train_'):]}: trained {train['steps']} steps on {train['records']} records"
-        generated = Path(train["data"]).with_suffix(".summary.json")
+        generated = storage.path(train["data"]).with_suffix(".summary.json")
         if generated.is_file():
             gen = json.loads(generated.read_text())
             line += f" ({gen['accepted']} of {gen['generations']} MixSD targets passed the verifier)"
