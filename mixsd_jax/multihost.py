@@ -146,6 +146,7 @@ def report_failure(message: str, wait_s: float = 10.0) -> None:
 
 
 def _start_failure_watch() -> None:
+    import atexit
     import sys
     import threading
 
@@ -154,14 +155,15 @@ def _start_failure_watch() -> None:
     if jax.process_count() == 1:
         return
     client, me = _client(), jax.process_index()
+    stop = threading.Event()
 
     def watch() -> None:
-        while True:
+        # Short non-blocking looks: a thread blocked inside the runtime's RPC when the interpreter
+        # exits would abort the process (the atexit hook below stops and joins this one first).
+        while not stop.wait(0.5):
             try:
-                value = client.blocking_key_value_get(FAILURE_KEY, 60_000)
-            except Exception:  # noqa: BLE001 - no failure yet (timeout), or the coordinator is gone
-                if not jax.distributed.is_initialized():
-                    return
+                value = client.key_value_try_get(FAILURE_KEY)
+            except Exception:  # noqa: BLE001 - no failure posted (or the coordinator is gone)
                 continue
             host, _, message = value.partition("\t")
             if host == str(me):
@@ -172,7 +174,14 @@ def _start_failure_watch() -> None:
             finally:
                 os._exit(1)
 
-    threading.Thread(target=watch, name="mixsd-failure-watch", daemon=True).start()
+    thread = threading.Thread(target=watch, name="mixsd-failure-watch", daemon=True)
+    thread.start()
+
+    def stop_watching() -> None:
+        stop.set()
+        thread.join(timeout=5)
+
+    atexit.register(stop_watching)
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:

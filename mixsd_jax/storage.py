@@ -156,6 +156,46 @@ def is_committed(folder: PathLike) -> bool:
     return commit_marker(folder).exists() if is_url(folder) else folder.exists()
 
 
+def content_hash(p: PathLike) -> str:
+    """sha256 of a file's bytes. A bucket object's MD5, which the store computed at upload, stands
+    in for it (no download); a local file's hash is remembered in the user cache under its path,
+    size and modification time, so a big model is read once per machine."""
+    import hashlib
+    import json
+
+    p = path(p)
+    if is_url(p):
+        import fsspec
+
+        scheme = str(p).split("://", 1)[0]
+        info = fsspec.filesystem(scheme).info(str(p))
+        for key in ("md5Hash", "ETag", "etag"):
+            if info.get(key):
+                return f"{key}:{info[key]}"
+        return _sha256(p)
+    stat = os.stat(p)
+    key = hashlib.sha256(json.dumps([str(p), stat.st_size, stat.st_mtime_ns]).encode()).hexdigest()[:32]
+    from mixsd_jax.files import cache_dir
+
+    memo = cache_dir() / "hashes" / key
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = _sha256(p)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(digest)
+    return digest
+
+
+def _sha256(p) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path(p).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def remove(p: PathLike) -> None:
     p = path(p)
     if p.is_dir():

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mixsd_jax.data.kgfact_vocab import DOMAINS, ENTITY_NAMES, NAMES_PER_DOMAIN, RELATIONS, Relation
 from mixsd_jax.errors import MixsdError
+from mixsd_jax import storage
 from mixsd_jax.files import atomic_write_json, atomic_write_jsonl
 
 KGFACT_PRESETS: dict[str, tuple[int, int]] = {"small": (5, 10), "large": (7, 25), "tiny": (3, 4)}
@@ -253,7 +254,7 @@ def build_kgfact(
         for (a, b), context in zip(context_paths, path_contexts)
     ]
 
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     for relative, records in files.items():
         atomic_write_jsonl(out_dir / relative, records)
     counts = {relative: len(records) for relative, records in files.items()}

@@ -17,6 +17,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence
 
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 
 KGFACT_SPLITS = {
@@ -57,7 +58,7 @@ class Split:
 
 def corpus_kind(corpus_dir: str | Path) -> str:
     """`kgfact` (also MQuAKE, same layout) or `kgfunc`, from the directory layout."""
-    root = Path(corpus_dir)
+    root = storage.path(corpus_dir)
     if not root.is_dir():
         raise MixsdError(f"{root}: corpus directory not found")
     if (root / "atomic_sft").is_dir():
@@ -72,7 +73,7 @@ def corpus_kind(corpus_dir: str | Path) -> str:
 def training_file(corpus_dir: str | Path) -> Path:
     """The GT training file of a corpus (for the error analysis's entity list and NLL defaults)."""
     kind = corpus_kind(corpus_dir)
-    return Path(corpus_dir) / (KGFACT_TRAIN if kind == "kgfact" else KGFUNC_TRAIN)
+    return storage.path(corpus_dir) / (KGFACT_TRAIN if kind == "kgfact" else KGFUNC_TRAIN)
 
 
 def read_items(path: Path, id_prefix: str, with_ops: bool) -> list[MemItem]:
@@ -94,7 +95,7 @@ def load_splits(
     """Every test split the corpus has (or just `names`), each a deterministic `limit`-item subset."""
     from mixsd_jax.eval.benchmarks import subset_indices
 
-    root = Path(corpus_dir)
+    root = storage.path(corpus_dir)
     kind = corpus_kind(root)
     table = KGFACT_SPLITS if kind == "kgfact" else KGFUNC_SPLITS
     unknown = [n for n in names or () if n not in table]
@@ -127,7 +128,7 @@ def load_unseen(corpus_dir: str | Path, limit: int | None = None, seed: int = 0)
     """KGFunc's unseen-operations probe (never trained on): a forgetting measure, scored strict."""
     from mixsd_jax.eval.benchmarks import subset_indices
 
-    path = Path(corpus_dir) / KGFUNC_UNSEEN
+    path = storage.path(corpus_dir) / KGFUNC_UNSEEN
     if corpus_kind(corpus_dir) != "kgfunc" or not path.is_file():
         raise MixsdError(f"{path}: KGFunc unseen-operations file not found (kgfunc_unseen needs a KGFunc corpus)")
     items = read_items(path, "kgfunc_unseen", with_ops=True)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from mixsd_jax import config as config_lib
-from mixsd_jax import multihost
+from mixsd_jax import multihost, storage
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import atomic_write_json, atomic_write_jsonl, iter_jsonl
 from mixsd_jax.models.registry import EMBEDDED_DEFAULT
@@ -148,7 +148,7 @@ class Checkpoint:
 
 def resolve_checkpoint(path: str, export: bool = True) -> Path:
     """An HF dir as is; a training run dir → its `hf/` export, else its latest Orbax checkpoint exported."""
-    p = Path(path).expanduser()
+    p = storage.path(path)
     if (p / "config.json").is_file():
         return p
     if (p / "hf" / "config.json").is_file():
@@ -197,11 +197,12 @@ def _checkpoints(cfg: EvalConfig) -> list[Checkpoint]:
 
 
 def model_identity(model_dir: Path) -> str:
-    """Config bytes plus the weight files' names, sizes and modification times (cheap for big models)."""
+    """Config bytes plus the weight files' names and content hashes: the same model is the same
+    identity on every host and in every folder (storage.content_hash keeps big files cheap)."""
+    model_dir = storage.path(model_dir)
     h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")):
-        stat = f.stat()
-        h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for f in sorted(model_dir.glob("*.safetensors"), key=lambda f: f.name):
+        h.update(f"{f.name}:{storage.content_hash(f)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -209,7 +210,7 @@ def _files_digest(paths) -> str:
     h = hashlib.sha256()
     for p in sorted(str(p) for p in paths):
         h.update(p.encode())
-        h.update(Path(p).read_bytes())
+        h.update(storage.path(p).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -290,7 +291,7 @@ def gather_inputs(cfg: EvalConfig) -> Inputs:
 
     names = list(cfg.benchmarks)
     # KGFunc's unseen operations join the benchmarks when the corpus has them (asked for, they must exist).
-    if kind == "kgfunc" and (Path(cfg.corpus_dir) / memorization.KGFUNC_UNSEEN).is_file():
+    if kind == "kgfunc" and (storage.path(cfg.corpus_dir) / memorization.KGFUNC_UNSEEN).is_file():
         names += [] if "kgfunc_unseen" in names else ["kgfunc_unseen"]
     benchmarks, digests = {}, {}
     if suites & {"retention", "kl"}:  # KL's held-out prompts are the benchmarks' items
@@ -497,7 +498,9 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     multihost.maybe_initialize(cfg.distributed)
     mesh = make_mesh(cfg.mesh)
     primary = multihost.is_primary()
-    out_dir = Path(cfg.out_dir)
+    storage.check_out_dir(cfg.out_dir, "out_dir", multihost.process_count(), cfg.storage.shared_local)
+    storage.check_reachable(cfg.out_dir, "out_dir")
+    out_dir = storage.path(cfg.out_dir)
     inputs = gather_inputs(cfg)
     units = plan_units(cfg, inputs)
     store = UnitStore(out_dir)

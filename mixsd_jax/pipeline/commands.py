@@ -66,7 +66,7 @@ def _run(cfg, dry_run: bool) -> int:
     if dry_run:
         print(describe(plan))
         return 0
-    compile_cache.enable()
+    compile_cache.enable(cfg.storage, cfg.out_dir)
     run_plan(plan)
     print(report_text(plan))
     return 0

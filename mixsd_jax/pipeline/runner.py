@@ -4,8 +4,9 @@ A stage is skipped when `<exp>/stages/<name>.json` says it finished with the sam
 its outputs exist. A stage is marked `running` (with its fingerprint) before it starts, so a
 killed pipeline resumes the stage with the same settings instead of wiping it.
 
-Multi-host: every process runs the same plan (they must agree on each stage's status, read from the
-shared experiment folder). Process 0 alone writes `experiment.json`, the stage records, removes
+Multi-host: every process runs the same plan; process 0 reads each stage's status from the run
+directory (the one thing hosts share: a bucket URL, or a local folder they all mount) and
+broadcasts it. Process 0 alone writes `experiment.json`, the stage records, removes
 stale outputs and builds the corpus; the stages' own tools follow the same rule for their files
 (generate, train, eval). A barrier after each stage makes its outputs visible to every process
 before the next stage reads them.
@@ -62,6 +63,8 @@ def describe(plan: Plan) -> str:
 def run_plan(plan: Plan, *, log: Callable[[str], None] = print) -> dict:
     """Runs every stage that is not done; returns {stage name: summary or None when skipped}."""
     _join_hosts(plan)
+    storage.check_out_dir(plan.config.out_dir, "out_dir", multihost.process_count(), plan.config.storage.shared_local)
+    storage.check_reachable(plan.config.out_dir, "out_dir")
     primary = multihost.is_primary()
     if not primary:
         log = _quiet
@@ -71,8 +74,9 @@ def run_plan(plan: Plan, *, log: Callable[[str], None] = print) -> dict:
     results: dict = {}
     total = len(plan.stages)
     for i, stage in enumerate(plan.stages, 1):
-        status = stage_status(plan, stage)
-        multihost.agree(f"pipeline stage {stage.name}", status)
+        # Process 0 reads the stage's record and tells the others: the run directory is the only
+        # thing hosts share, and one reader cannot disagree with itself.
+        status = multihost.broadcast_json(stage_status(plan, stage) if primary else None, f"status {stage.name}")
         if status == "done":
             log(f"[{i}/{total}] {stage.name}: done earlier with the same settings, skipped")
             results[stage.name] = None
@@ -91,7 +95,8 @@ def run_plan(plan: Plan, *, log: Callable[[str], None] = print) -> dict:
         else:
             summary = stage.run()
         multihost.barrier(f"pipeline {stage.name} done")
-        missing = [str(p) for p in stage.outputs if not p.exists()]
+        missing = multihost.broadcast_json([str(p) for p in stage.outputs if not p.exists()] if primary else None,
+                                           f"outputs {stage.name}")
         if missing:
             raise MixsdError(f"stage {stage.name}: finished but did not write {missing[0]}")
         seconds = round(time.time() - started, 2)

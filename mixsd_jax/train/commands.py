@@ -91,7 +91,7 @@ def cmd_train(args) -> int:
 
     from mixsd_jax.train.loop import train
 
-    compile_cache.enable()
+    compile_cache.enable(cfg.storage, cfg.out)
     summary = train(cfg, progress=not args.no_progress)
     print(
         f"trained {summary['steps_this_run']} steps (to step {summary['steps']}), final loss "
