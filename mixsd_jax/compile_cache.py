@@ -37,6 +37,7 @@ def enable(storage_cfg=None, out_dir: str | None = None) -> None:
     if "://" in location:
         from mixsd_jax import storage
 
-        storage.check_reachable(location, "storage.compile_cache_dir")
+        explicit = storage_cfg is not None and storage_cfg.compile_cache_dir
+        storage.check_reachable(location, "storage.compile_cache_dir" if explicit else "out_dir")
     jax.config.update("jax_compilation_cache_dir", location)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)

@@ -184,6 +184,21 @@ def _start_failure_watch() -> None:
     atexit.register(stop_watching)
 
 
+def join_writing_to(cfg: DistributedConfig | None, out_dir: str, key: str, shared_local: bool) -> bool:
+    """`maybe_initialize`, for a command writing `out_dir`: a directory the hosts cannot all see
+    (a relative local path with several processes) or a bucket that cannot be reached is a
+    one-line error naming `key`, checked before joining when the process count is configured (no
+    host then waits for the others) and again once JAX knows it (auto-detected clusters)."""
+    from mixsd_jax import storage
+
+    planned = (resolve(cfg) or {}).get("num_processes") or 1
+    storage.check_out_dir(out_dir, key, planned, shared_local)
+    joined = maybe_initialize(cfg)
+    storage.check_out_dir(out_dir, key, process_count(), shared_local)
+    storage.check_reachable(out_dir, key)
+    return joined
+
+
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + timeout_s

@@ -148,3 +148,19 @@ def test_ranged_reads_cut_blocks_like_safetensors(tiny_llama_dir, gcs_bucket):
             blocks = [(slice(None),), (slice(1, 3),), (slice(0, 4, 2),), (2,)]
             for idx in blocks + ([(slice(0, 4, 2), slice(1, 3))] if whole.ndim > 1 else []):
                 np.testing.assert_array_equal(ranged[name][idx], whole[idx])
+
+
+def test_export_of_fsdp8_sharded_parameters_writes_the_unsharded_bytes(tiny_qwen3_dir, tmp_path):
+    """The export cuts stacked parameters one layer at a time out of the sharded state: the files
+    are those of an export from whole arrays, sharded safetensors and index included."""
+    from mixsd_jax.models.sharding import MeshConfig, make_mesh
+
+    cfg, whole = load_hf(tiny_qwen3_dir)
+    _, sharded = load_hf(tiny_qwen3_dir, mesh=make_mesh(MeshConfig(fsdp=8)))
+    assert len(sharded["layers"]["w_gate"].sharding.device_set) == 8
+    a = export_hf(whole, cfg, tmp_path / "whole", shard_bytes=20_000)
+    b = export_hf(sharded, cfg, tmp_path / "sharded", shard_bytes=20_000)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir()) and "model.safetensors.index.json" in names
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name

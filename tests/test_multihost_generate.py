@@ -181,3 +181,32 @@ def test_one_process_fails_and_both_stop_with_its_error(tiny_llama_dir, records,
     assert procs[1].returncode == 2 and f"error: {missing}: file not found" in outputs[1], outputs[1][-2000:]
     assert procs[0].returncode != 0, outputs[0][-2000:]
     assert f"error: process 1 failed: {missing}: file not found" in outputs[0], outputs[0][-2000:]
+
+
+def test_a_relative_out_dir_with_two_processes_is_an_error_before_joining(tiny_llama_dir, records, tmp_path):
+    procs = mh.start(["generate", *_overrides(tiny_llama_dir, records, "outputs/gen")], hosts=mh.own_host(tmp_path))
+    try:
+        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    finally:
+        mh.stop(procs)
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 2, output[-2000:]
+        assert "error: config key 'out_dir': outputs/gen is on this host's disk, but the run has 2 processes" in output
+    assert not list(tmp_path.rglob("outputs"))  # nothing written
+
+
+@pytest.mark.parametrize("where, message", [
+    ("gs://no-such-bucket/gen", r"config key 'out_dir': gs://no-such-bucket/gen: bucket gs://no-such-bucket does not exist"),
+    ("unreachable", r"config key 'out_dir': gs://.*STORAGE_EMULATOR_HOST\) is not reachable"),
+])
+def test_a_bucket_that_cannot_be_written_is_one_line(tiny_llama_dir, records, gcs_bucket, monkeypatch, capsys, where,
+                                                     message):
+    import re
+
+    out = where
+    if where == "unreachable":
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+        out = f"{gcs_bucket}/gen"
+    assert main(["generate", *_overrides(tiny_llama_dir, records, out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err

@@ -495,11 +495,9 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     from mixsd_jax.models.sharding import make_mesh
 
     started = time.time()
-    multihost.maybe_initialize(cfg.distributed)
+    multihost.join_writing_to(cfg.distributed, cfg.out_dir, "out_dir", cfg.storage.shared_local)
     mesh = make_mesh(cfg.mesh)
     primary = multihost.is_primary()
-    storage.check_out_dir(cfg.out_dir, "out_dir", multihost.process_count(), cfg.storage.shared_local)
-    storage.check_reachable(cfg.out_dir, "out_dir")
     out_dir = storage.path(cfg.out_dir)
     inputs = gather_inputs(cfg)
     units = plan_units(cfg, inputs)

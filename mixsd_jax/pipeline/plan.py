@@ -282,17 +282,21 @@ def _selection_stages(cfg: ExperimentConfig, exp: Path, runs, corpus_dir: Path, 
     if _layout_kind(cfg) not in selection.TRAIN_SPLIT:
         raise MixsdError(f"config key 'selection.every': selecting by training recall needs a KGFact, MQuAKE or "
                          f"KGFunc corpus, not {cfg.corpus.kind!r}")
+    # Decoded as the eval stage decodes: its mesh (else the run's) and its dtypes.
+    decode = {"mesh": cfg.eval.get("mesh", config_lib.to_dict(cfg.mesh)),
+              "param_dtype": cfg.eval.get("param_dtype", "float32"), "dtype": cfg.eval.get("dtype", "float32")}
     out = {}
     for name, lam, _ in runs:
         workdir = exp / "select" / name
-        fp = _hash("select", config_lib.to_dict(cfg.selection), cfg.criterion, train_fps[name])
+        fp = _hash("select", config_lib.to_dict(cfg.selection), cfg.criterion, train_fps[name],
+                   decode["param_dtype"], decode["dtype"])
         method = "mixsd" if lam is not None else method_run(cfg, name)  # the reference: SFT first peak, MixSD/OPSD last
         stages.append(Stage(
             name=f"select_{name}", fingerprint=fp, reset=fp, workdir=workdir,
             outputs=(workdir / "selection.json", selection.model_link(exp, name) / "config.json"),
             inputs=(f"train_{name}",),
             run=selection.selection_runner(name, method, exp / "train" / name, corpus_dir, cfg.criterion,
-                                           cfg.selection, workdir),
+                                           cfg.selection, workdir, decode),
             description=f"pick {name}'s checkpoint by training recall (rule {cfg.selection.rule})",
             settings=cfg.selection,
         ))

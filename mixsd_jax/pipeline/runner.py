@@ -63,8 +63,6 @@ def describe(plan: Plan) -> str:
 def run_plan(plan: Plan, *, log: Callable[[str], None] = print) -> dict:
     """Runs every stage that is not done; returns {stage name: summary or None when skipped}."""
     _join_hosts(plan)
-    storage.check_out_dir(plan.config.out_dir, "out_dir", multihost.process_count(), plan.config.storage.shared_local)
-    storage.check_reachable(plan.config.out_dir, "out_dir")
     primary = multihost.is_primary()
     if not primary:
         log = _quiet
@@ -111,9 +109,10 @@ def run_plan(plan: Plan, *, log: Callable[[str], None] = print) -> dict:
 def _join_hosts(plan: Plan) -> None:
     """On a multi-host slice every process joins before the first stage touches a device (the
     trainer's `distributed` section or the MIXSD_* environment); single-process otherwise."""
+    cfg = plan.config
     if all(stage_status(plan, s) == "done" for s in plan.stages):
         return
-    multihost.maybe_initialize(plan.config.distributed)
+    multihost.join_writing_to(cfg.distributed, cfg.out_dir, "out_dir", cfg.storage.shared_local)
 
 
 def _quiet(_: str) -> None:

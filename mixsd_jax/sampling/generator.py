@@ -146,9 +146,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
 
     if not cfg.input:
         raise MixsdError("generate: no input file (set --input or input=...)")
-    multihost.maybe_initialize(cfg.distributed)
-    storage.check_out_dir(cfg.out_dir, "out_dir", multihost.process_count(), cfg.storage.shared_local)
-    storage.check_reachable(cfg.out_dir, "out_dir")
+    multihost.join_writing_to(cfg.distributed, cfg.out_dir, "out_dir", cfg.storage.shared_local)
     paths = Paths.for_config(cfg)
     model_dir = resolve_model(cfg.model)
     fingerprint = run_fingerprint(cfg, model_dir)

@@ -72,7 +72,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
 
     `on_step(step, metrics)` is called on every process after each step with host floats.
     """
-    distributed.maybe_initialize(cfg.distributed)
+    distributed.join_writing_to(cfg.distributed, cfg.out, "out", cfg.storage.shared_local)
 
     import jax
 
@@ -87,8 +87,6 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
     started = time.time()
     primary = jax.process_index() == 0
     out = storage.path(cfg.out)
-    storage.check_out_dir(cfg.out, "out", jax.process_count(), cfg.storage.shared_local)
-    storage.check_reachable(cfg.out, "out")
     model_dir = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_dir)
     if cfg.method == "opsd":  # prompts only: the targets are rolled out during training
