@@ -157,9 +157,10 @@ def is_committed(folder: PathLike) -> bool:
 
 
 def content_hash(p: PathLike) -> str:
-    """sha256 of a file's bytes. A bucket object's MD5, which the store computed at upload, stands
-    in for it (no download); a local file's hash is remembered in the user cache under its path,
-    size and modification time, so a big model is read once per machine."""
+    """The MD5 of a file's bytes (base64, as GCS reports it): a GCS object's is read from its
+    metadata, which the store computed at upload (no download); a local file's is computed once
+    and remembered in the user cache under its path, size and modification time. The same bytes
+    have the same hash in a bucket and on a disk."""
     import hashlib
     import json
 
@@ -168,32 +169,29 @@ def content_hash(p: PathLike) -> str:
         import fsspec
 
         scheme = str(p).split("://", 1)[0]
-        info = fsspec.filesystem(scheme).info(str(p))
-        for key in ("md5Hash", "ETag", "etag"):
-            if info.get(key):
-                return f"{key}:{info[key]}"
-        return _sha256(p)
+        md5 = fsspec.filesystem(scheme).info(str(p)).get("md5Hash") if scheme in ("gs", "gcs") else None
+        return md5 or _md5(p)
     stat = os.stat(p)
-    key = hashlib.sha256(json.dumps([str(p), stat.st_size, stat.st_mtime_ns]).encode()).hexdigest()[:32]
-    from mixsd_jax.files import cache_dir
+    key = hashlib.sha256(json.dumps(["md5", str(p), stat.st_size, stat.st_mtime_ns]).encode()).hexdigest()[:32]
+    from mixsd_jax.files import atomic_write_text, cache_dir
 
     memo = cache_dir() / "hashes" / key
     if memo.is_file():
         return memo.read_text().strip()
-    digest = _sha256(p)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(digest)
+    digest = _md5(p)
+    atomic_write_text(memo, digest)
     return digest
 
 
-def _sha256(p) -> str:
+def _md5(p) -> str:
+    import base64
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.md5()
     with path(p).open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-    return h.hexdigest()
+    return base64.b64encode(h.digest()).decode()
 
 
 def remove(p: PathLike) -> None:
