@@ -58,7 +58,9 @@ def record_source(path: str | Path, *, allow_empty_assistant: bool = False) -> S
         raise MixsdError(f"{path}: no such file or directory")
     if (path / "dataset_info.json").is_file():
         return TfdsRecordSource(path)
-    found = sorted(p.parent for p in path.glob("**/dataset_info.json"))
+    # TFDS writes <data_dir>/<name>/<version>/dataset_info.json: three levels at most (and a bucket
+    # lists no recursive patterns).
+    found = sorted(p.parent for depth in range(1, 4) for p in path.glob("/".join(["*"] * depth) + "/dataset_info.json"))
     if len(found) != 1:
         what = "no TFDS dataset" if not found else f"{len(found)} TFDS datasets ({', '.join(map(str, found))})"
         raise MixsdError(f"{path}: expected a JSONL file or one TFDS dataset directory, found {what}")

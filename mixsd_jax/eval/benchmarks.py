@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +226,7 @@ def _read_mmlu_csv(path: Path) -> list[tuple[int, list[str]]]:
     """(line number, [question, A, B, C, D, letter]) per CSV row (no header)."""
     rows = []
     try:
-        with _require_file(path).open("r", newline="", encoding="utf-8") as f:
+        with _require_file(path).open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as f:
             reader = csv.reader(f)
             for row in reader:
                 where = f"{path}:{reader.line_num}"
