@@ -194,6 +194,18 @@ def _md5(p) -> str:
     return base64.b64encode(h.digest()).decode()
 
 
+def files_under(folder: PathLike) -> list[epath.Path]:
+    """Every file below `folder`, sorted (what `rglob("*")` gives locally; buckets have no `**`)."""
+    out, pending = [], [path(folder)]
+    while pending:
+        for child in pending.pop().iterdir():
+            if child.is_dir():
+                pending.append(child)
+            else:
+                out.append(child)
+    return sorted(out)
+
+
 def remove(p: PathLike) -> None:
     p = path(p)
     if p.is_dir():

@@ -172,4 +172,4 @@ def data_files(name: str, data_root: str | None, corpus_dir: str | None) -> list
     from mixsd_jax.eval.benchmarks import benchmark_dir
 
     folder = benchmark_dir(name, data_root)
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
+    return [p for p in storage.files_under(folder) if p.name != "README.md"]

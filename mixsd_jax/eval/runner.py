@@ -207,9 +207,10 @@ def model_identity(model_dir: Path) -> str:
 
 
 def _files_digest(paths) -> str:
+    """Names and bytes, not places: hosts with the data (or the package) elsewhere agree."""
     h = hashlib.sha256()
     for p in sorted(str(p) for p in paths):
-        h.update(p.encode())
+        h.update(storage.path(p).name.encode())
         h.update(storage.path(p).read_bytes())
     return h.hexdigest()[:16]
 
