@@ -208,9 +208,18 @@ def load_hf(
             return jnp.asarray(read(tuple(slice(None) for _ in shape)).astype(dtype))
         return jax.make_array_from_callback(shape, sharding, lambda idx: read(idx).astype(dtype))
 
+    # A bucket is read once per host (each tensor's rows for all local devices together); a local
+    # file is memory-mapped, so each device reads its own block from the page cache.
+    once = storage.is_url(model_dir) and mesh is not None
+    if once:
+        from mixsd_jax.models.remote_safetensors import place_reading_once
+
     params: dict[str, Any] = {}
     for ours, (hf_name, transpose) in _top_names(cfg).items():
         arr = _get(tensors, hf_name, shapes[ours], transpose, model_dir)
+        if once:
+            params[ours] = place_reading_once(shapes[ours], shardings[ours], arr, dtype, stacked=False)
+            continue
         params[ours] = place(shapes[ours], shardings[ours], lambda idx, a=arr: np.asarray(a[idx]))
 
     layers: dict[str, Any] = {}
@@ -222,7 +231,8 @@ def load_hf(
             layer_ids = range(cfg.num_layers)[idx[0]]
             return np.stack([np.asarray(per_layer[i][idx[1:]]) for i in layer_ids])
 
-        layers[ours] = place(shape, shardings["layers"][ours], read)
+        layers[ours] = (place_reading_once(shape, shardings["layers"][ours], per_layer, dtype, stacked=True) if once
+                        else place(shape, shardings["layers"][ours], read))
     params["layers"] = layers
     unused = set(tensors) - _expected_hf_names(cfg)
     unused = {n for n in unused if not n.endswith("rotary_emb.inv_freq")}

@@ -80,3 +80,38 @@ def open_ranged(path) -> dict[str, RangedSlice]:
             raise MixsdError(f"{path}: not a readable safetensors file (header is not JSON)") from None
     header.pop("__metadata__", None)
     return {name: RangedSlice(path, entry, 8 + size) for name, entry in header.items()}
+
+
+def place_reading_once(shape: tuple, sharding, source, dtype, stacked: bool):
+    """A global array on `sharding` whose blocks are cut from one read per tensor.
+
+    Each of this host's devices holds a block; read device by device (`make_array_from_callback`),
+    a tensor sharded along its columns would be fetched whole once per device. Here the host reads
+    the bounding box of its devices' blocks once (per layer, for a stacked parameter: `source` is
+    then the list of per-layer tensors) and cuts every device's block from it: a bucket is read
+    once per host, and host memory holds the host's blocks plus one layer.
+    """
+    import jax
+
+    bounds = {device: tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+              for device, index in sharding.addressable_devices_indices_map(shape).items()}
+    blocks = {box: np.empty([stop - start for start, stop in box], dtype) for box in set(bounds.values())}
+
+    def fill(boxes, tensor, offset: int, layer: int | None) -> None:
+        box = [(min(b[d][0] for b in boxes), max(b[d][1] for b in boxes)) for d in range(offset, len(shape))]
+        read = np.asarray(tensor[tuple(slice(lo, hi) for lo, hi in box)]).astype(dtype)
+        for b in boxes:
+            cut = read[tuple(slice(b[d][0] - box[d - offset][0], b[d][1] - box[d - offset][0])
+                             for d in range(offset, len(shape)))]
+            if layer is None:
+                blocks[b][...] = cut
+            else:
+                blocks[b][layer - b[0][0]] = cut
+
+    if stacked:
+        for layer in sorted({i for b in blocks for i in range(*b[0])}):
+            fill([b for b in blocks if b[0][0] <= layer < b[0][1]], source[layer], 1, layer)
+    else:
+        fill(list(blocks), source, 0, None)
+    arrays = [jax.device_put(blocks[box], device) for device, box in bounds.items()]
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
