@@ -98,7 +98,8 @@ def test_bad_input_is_one_line(experiment):
 
 def test_known_shapes_match_the_published_sizes():
     """Parameter counts of the paper's models from their known config fields against the HF model
-    cards' non-embedding counts (Qwen3-1.7B 1.4B, Qwen3-4B 3.6B, Qwen3-8B 6.95B) and Llama-3.2-1B's 1.24B."""
+    cards' non-embedding counts (Qwen3-0.6B 0.44B, Qwen3-1.7B 1.4B, Qwen3-4B 3.6B, Qwen3-8B 6.95B) and
+    Llama-3.2-1B's 1.24B."""
     from mixsd_jax.models.known_shapes import known_model_config
     from mixsd_jax.models.transformer import param_shapes
 
@@ -109,6 +110,7 @@ def test_known_shapes_match_the_published_sizes():
         shapes.pop("embed"), shapes.pop("lm_head", None)
         return sum(math.prod(s) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))) / 1e9
 
+    np.testing.assert_allclose(non_embedding("qwen3-0.6b"), 0.44, atol=0.01)
     np.testing.assert_allclose(non_embedding("qwen3-1.7b"), 1.4, atol=0.02)
     np.testing.assert_allclose(non_embedding("qwen3-4b-instruct-2507"), 3.6, atol=0.04)
     np.testing.assert_allclose(non_embedding("Qwen/Qwen3-8B"), 6.95, atol=0.01)
@@ -116,3 +118,17 @@ def test_known_shapes_match_the_published_sizes():
     total = sum(math.prod(s) for s in jax.tree.leaves(llama, is_leaf=lambda x: isinstance(x, tuple)))
     np.testing.assert_allclose(total / 1e9, 1.24, atol=0.005)
     assert known_model_config("not-a-paper-model") is None
+
+
+def test_a_study_config_plans_the_model_it_is_told(tmp_path):
+    """A scaling study's `model=NAME` picks that entry with its own sections (the 8B's decode mesh)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "paper" / "scaling_qwen3_kgfact_small.yaml"
+    big = memory.load_plan_config(str(path), ["model=qwen3-8b"])
+    small = memory.load_plan_config(str(path), ["model=qwen3-0.6b"])
+    assert (big["model"], big["generation"]["batch_size"], big["generation_mesh"].tensor) == ("qwen3-8b", 8, 8)
+    assert (small["model"], small["generation"]["batch_size"], small["generation_mesh"].tensor) == ("qwen3-0.6b", 64, 1)
+    assert big["train"].batch_size == small["train"].batch_size == 20
+    with pytest.raises(MixsdError, match="not a model of this study"):
+        memory.load_plan_config(str(path), [])  # the default model is none of the study's

@@ -13,6 +13,9 @@ _QWEN3 = {"model_type": "qwen3", "vocab_size": 151936, "head_dim": 128, "num_key
           "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False}
 
 HF_CONFIGS = {
+    "qwen3-0.6b": {**_QWEN3, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+                   "num_attention_heads": 16, "tie_word_embeddings": True, "rope_theta": 1000000,
+                   "max_position_embeddings": 40960},
     "qwen3-1.7b": {**_QWEN3, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
                    "num_attention_heads": 16, "tie_word_embeddings": True, "rope_theta": 1000000,
                    "max_position_embeddings": 40960},

@@ -61,6 +61,9 @@ PAPER_MODELS = {
     "qwen3-4b-instruct-2507": "Qwen/Qwen3-4B-Instruct-2507",
     "qwen3-8b": "Qwen/Qwen3-8B",
     "llama-3.2-1b-instruct": "meta-llama/Llama-3.2-1B-Instruct",
+    # The scaling studies' other sizes (configs/paper/scaling_*.yaml).
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "llama-3.2-3b-instruct": "meta-llama/Llama-3.2-3B-Instruct",
 }
 
 

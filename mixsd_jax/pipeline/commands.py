@@ -11,6 +11,9 @@ from mixsd_jax.config import add_config_args
 def register(sub, bench) -> None:
     p = sub.add_parser("pipeline", help="corpus → MixSD targets → training runs → evaluation → report, resumable")
     p.add_argument("--dry-run", action="store_true", help="print the stages and whether each is done; run nothing")
+    p.add_argument("--only", default=None, metavar="MODEL",
+                   help="a study config (`models:`): the shared corpus and this model only, then the scaling report; "
+                   "`--only corpus`: the shared corpus alone; `--only scaling`: the scaling report alone")
     add_config_args(p)
     p.set_defaults(func=_pipeline)
 
@@ -41,7 +44,41 @@ def _pipeline(args: argparse.Namespace) -> int:
 
     if args.config is None:
         raise MixsdError("pipeline: --config FILE is required (see configs/ for examples)")
-    return _run(load_experiment(args.config, args.overrides), args.dry_run)
+    cfg = load_experiment(args.config, args.overrides)
+    if cfg.models:
+        return _run_study(cfg, args.only, args.dry_run)
+    if args.only is not None:
+        raise MixsdError(f"--only {args.only!r}: {args.config} runs one model (no 'models' list)")
+    return _run(cfg, args.dry_run)
+
+
+def _run_study(cfg, only: str | None, dry_run: bool) -> int:
+    from mixsd_jax.pipeline.study import REPORT_ONLY, build_study, describe_study, run_study, write_study_report
+
+    if only == REPORT_ONLY:  # reads the model folders only: works where no model is installed
+        if dry_run:
+            print(f"would rewrite the scaling report under {cfg.out_dir}/scaling from the model folders")
+            return 0
+        return _print_study_paths(write_study_report(cfg))
+    study = build_study(cfg, only)
+    if dry_run:
+        print(describe_study(study))
+        return 0
+    compile_cache.enable()
+    paths = run_study(study)
+    for name, plan in study.plans.items():
+        print(f"{name}: report: {plan.report}")
+    return _print_study_paths(paths)
+
+
+def _print_study_paths(paths: dict) -> int:
+    for key, path in paths.items():
+        if key.startswith("plot_"):
+            print(f"plot: {path}")
+    if paths:
+        print(f"scaling table: {paths['scaling']}")
+        print(f"report: {paths['report']}")
+    return 0
 
 
 def _bench_memory(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ with the stage config's own checks, so a typo fails at load time, before any exp
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
@@ -55,6 +55,10 @@ class ExperimentConfig:
     name: str = "experiment"
     out_dir: str = "experiments/experiment"
     model: str = "smollm2-135m-instruct"  # registry name or HF-format directory
+    # A scaling study: one pipeline per entry (a model name/directory, or a mapping with `model`,
+    # optional `name` and per-model section overrides), sharing the corpus; replaces `model`.
+    # Entries are validated by pipeline/study.py, which knows which sections a model may override.
+    models: tuple[Any, ...] = ()
     corpus: CorpusConfig = CorpusConfig()
     methods: tuple[str, ...] = ("base", "sft", "mixsd")
     lambdas: tuple[float, ...] = (0.3,)  # one MixSD run per (λ, T)

@@ -273,6 +273,10 @@ def load_plan_config(path: str, overrides) -> dict:
         from mixsd_jax.pipeline.config import load_experiment
 
         exp = load_experiment(path, overrides)
+        if exp.models:  # a scaling study: the model `model=NAME` picks, with its own sections
+            from mixsd_jax.pipeline.study import chosen_model_config
+
+            exp = chosen_model_config(exp)
 
         def section_mesh(section: dict) -> MeshConfig:
             if "mesh" in section:

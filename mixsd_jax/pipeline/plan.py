@@ -166,15 +166,17 @@ def _section(cls, cfg: ExperimentConfig, section: str, owned_values: dict, extra
     return config_lib.from_dict(cls, data, prefix=f"{section}.")
 
 
-def build_plan(cfg: ExperimentConfig) -> Plan:
-    """Validates the model, methods, λ list and every stage section; returns the stages to run."""
+def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None) -> Plan:
+    """Validates the model, methods, λ list and every stage section; returns the stages to run.
+    `corpus_root`: where a built corpus lives when it is shared with other plans (a scaling study);
+    default `<out_dir>/corpus`."""
     from mixsd_jax.models.registry import resolve_model
     from mixsd_jax.sampling.generator import GenerateConfig, Paths
     from mixsd_jax.train.config import TrainConfig, not_fingerprinted
 
     EvalConfig, evaluate = _eval_api()
     exp = storage.path(cfg.out_dir)
-    corpus_stage, corpus_dir, train_file = _corpus_stage(cfg, exp)
+    corpus_stage, corpus_dir, train_file = _corpus_stage(cfg, exp, corpus_root)
     # Sections first (cheap, catches typos), then the model (may convert the embedded default).
     generate_cfgs = {
         name: _section(GenerateConfig, cfg, "generation", {
@@ -328,14 +330,14 @@ def _eval_api():
     return EvalConfig, evaluate
 
 
-def _corpus_stage(cfg: ExperimentConfig, exp: Path) -> tuple[Stage, Path, Path]:
+def _corpus_stage(cfg: ExperimentConfig, exp: Path, shared_root: Path | None = None) -> tuple[Stage, Path, Path]:
     corpus = cfg.corpus
     if corpus.kind == "directory":
         root = storage.path(corpus.source)
         if not root.is_dir():
             raise MixsdError(f"config key 'corpus.source': {root} is not a directory")
     else:
-        root = exp / "corpus"
+        root = shared_root or exp / "corpus"
     relative = corpus.train_file or TRAIN_FILES.get(_layout_kind(cfg))
     if relative is None:
         raise MixsdError(f"config key 'corpus.train_file': required for corpus kind {corpus.kind!r} "
