@@ -60,17 +60,6 @@ def _no_listing_cache() -> None:
         fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
 
 
-def join(base: PathLike, *parts: str) -> epath.Path:
-    return path(base).joinpath(*parts)
-
-
-def local(p: PathLike) -> "os.PathLike":
-    """A local path for a library that reads only the local disk; a URL is an error naming it."""
-    if is_url(p):
-        raise MixsdError(f"{p}: this file must be on a local disk (a URL is not supported here)")
-    return path(p)
-
-
 def configure_environment(environ=None) -> None:
     """`STORAGE_EMULATOR_HOST` alone points every client at a GCS emulator: gcsfs and Google's
     libraries read it; tensorstore (Orbax's array writer) has its own endpoint setting, set here
