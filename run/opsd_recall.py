@@ -31,7 +31,7 @@ def main() -> None:
     from mixsd_jax.models.checkpoint import load_hf
     from mixsd_jax.models.registry import EMBEDDED_DEFAULT, pull
     from mixsd_jax.models.tokenizer import load_tokenizer
-    from mixsd_jax.sampling.runner import generate
+    from mixsd_jax.sampling.engine import generate
     from mixsd_jax.train.batches import BatchPlan, tokenize_records
     from mixsd_jax.train.config import load_train_config
     from mixsd_jax.train.loop import train

@@ -6,9 +6,9 @@ from mixsd_jax.cli import main
 from mixsd_jax.models.checkpoint import load_hf
 from mixsd_jax.models.tokenizer import load_tokenizer
 from mixsd_jax.sampling import bench
-from mixsd_jax.sampling.engine import Engine, decode_all
-from mixsd_jax.sampling.runner import WorkItem
+from mixsd_jax.sampling.engine import Engine, EngineSpec, decode_all
 from mixsd_jax.sampling.strategies import Sampler
+from mixsd_jax.sampling.work import WorkItem
 
 
 def _ratio_keys(result, name):
@@ -27,7 +27,7 @@ def test_capacity_and_longtail_pairs_do_the_same_work(tiny_llama_dir, capsys):
 
     longtail = bench.bench_generate(str(tiny_llama_dir), "longtail", batch_size=2, max_new_tokens=12, records=4,
                                     repeats=1)
-    assert longtail["same_outputs"]  # the engine's files equal the fixed-batch path's, retries included
+    assert longtail["same_outputs"]  # continuous and fixed batches give the same files, retries included
     assert longtail["attempts"] == 4 * 3  # nothing passes on a random model: every record uses both retries
     _ratio_keys(longtail, "longtail_speedup")
 
@@ -40,8 +40,8 @@ def test_pytorch_two_cache_peer_is_the_same_mixsd_job(tiny_llama_dir):
     peer = bench._TorchPeer(tiny_llama_dir, tok.pad_id, "float32")
     items = [WorkItem((e, n), i) for i, (e, n) in enumerate(zip(expert, naive))]
     for lam in (0.0, 1.0):
-        engine = Engine(params, cfg, sampler=Sampler(0.0), sides=2, stop_ids=[], max_new_tokens=10,
-                        max_model_len=4096, batch_size=3, seed=0, naive_prob=lam)
+        engine = Engine(params, EngineSpec(cfg, Sampler(0.0), sides=2, max_new_tokens=10, max_model_len=4096,
+                                           batch_size=3, naive_prob=lam))
         ours = [c.tokens for c in decode_all(engine, items)]
         assert peer.mix(expert, naive, 10, lam).tolist() == ours
 

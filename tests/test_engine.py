@@ -1,15 +1,22 @@
-"""The continuous-batching decode engine against the fixed-batch path it replaced (pinned fixtures)."""
+"""The decode engine: greedy tokens and log-probabilities against transformers, the mixing rule's
+properties (λ = 0 / 1, the naive fraction, independence of batch, slots and devices), the stop
+rules, and byte identity with pinned outputs (tests/fixtures/engine, see make_fixtures.py)."""
 
 import json
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from mixsd_jax import config as config_lib
 from mixsd_jax.models.checkpoint import load_hf
-from mixsd_jax.sampling.engine import Engine, decode_all
-from mixsd_jax.sampling.runner import WorkItem, generate
+from mixsd_jax.models.sharding import MeshConfig, make_mesh
+from mixsd_jax.sampling.engine import Engine, EngineSpec, decode_all, generate
 from mixsd_jax.sampling.strategies import Sampler
+from mixsd_jax.sampling.work import WorkItem
 
 FIXTURES = Path(__file__).parent / "fixtures" / "engine"
 
@@ -35,7 +42,7 @@ def _same_completions(ours, pinned):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.6])
-def test_plain_decoding_equals_the_fixed_batch_path(tiny_llama_dir, temperature):
+def test_plain_decoding_equals_the_pinned_outputs(tiny_llama_dir, temperature):
     cfg, params = load_hf(tiny_llama_dir)
     outs = generate(params, cfg, MAKE.PROMPTS, stop_ids=[PINNED["stop_id"]], temperature=temperature,
                     **MAKE.PLAIN_SETTINGS)
@@ -44,19 +51,19 @@ def test_plain_decoding_equals_the_fixed_batch_path(tiny_llama_dir, temperature)
 
 @pytest.mark.parametrize("temperature", [0.0, 0.6])
 @pytest.mark.parametrize("batch_size, segment_steps", [(4, 16), (3, 5), (1, 7)])
-def test_mixing_equals_the_fixed_batch_path_for_any_slots_and_segments(tiny_llama_dir, temperature, batch_size,
+def test_mixing_equals_the_pinned_outputs_for_any_slots_and_segments(tiny_llama_dir, temperature, batch_size,
                                                                         segment_steps):
     cfg, params = load_hf(tiny_llama_dir)
     P = MAKE.PROMPTS
     items = [WorkItem((P[i % 8], P[(i + 3) % 8]), i // 2, gen_index=i % 2, attempt=i % 3) for i in range(10)]
-    engine = Engine(params, cfg, sampler=Sampler(temperature, 16), sides=2, stop_ids=[PINNED["stop_id"]],
-                    max_new_tokens=24, max_model_len=30, batch_size=batch_size, seed=9, naive_prob=0.3,
-                    segment_steps=segment_steps, block=8)
+    engine = Engine(params, EngineSpec(cfg, Sampler(temperature, 16), sides=2, max_new_tokens=24, max_model_len=30,
+                                       batch_size=batch_size, stop_ids=(PINNED["stop_id"],), seed=9, naive_prob=0.3,
+                                       segment_steps=segment_steps, block=8))
     _same_completions(decode_all(engine, items), PINNED["mix"][f"t{temperature}"])
 
 
 @pytest.mark.parametrize("temperature, lam", MAKE.GEN_CASES)
-def test_generator_files_equal_the_fixed_batch_path(tiny_llama_dir, tmp_path, temperature, lam):
+def test_generator_files_equal_the_pinned_files(tiny_llama_dir, tmp_path, temperature, lam):
     from mixsd_jax.sampling.generator import GenerateConfig, Paths, generate as mixsd_generate
 
     # Other slot count than the pinned run (4): continuous batching must not change a byte.
@@ -69,9 +76,10 @@ def test_generator_files_equal_the_fixed_batch_path(tiny_llama_dir, tmp_path, te
 
 
 def _mix_engine(params, cfg, *, mesh=None, max_new_tokens=24, stop_ids=None, batch_size=4):
-    return Engine(params, cfg, sampler=Sampler(0.6, 16), sides=2,
-                  stop_ids=[PINNED["stop_id"]] if stop_ids is None else stop_ids, max_new_tokens=max_new_tokens,
-                  max_model_len=30, batch_size=batch_size, seed=9, naive_prob=0.3, segment_steps=6, block=8, mesh=mesh)
+    stop_ids = (PINNED["stop_id"],) if stop_ids is None else stop_ids
+    return Engine(params, EngineSpec(cfg, Sampler(0.6, 16), sides=2, max_new_tokens=max_new_tokens, max_model_len=30,
+                                     batch_size=batch_size, stop_ids=stop_ids, seed=9, naive_prob=0.3, segment_steps=6,
+                                     block=8, mesh=mesh))
 
 
 def _pinned_items():
@@ -96,8 +104,9 @@ def test_cache_follows_the_live_length_not_max_new_tokens(tiny_llama_dir):
     stopped = generate(params, cfg, prompts, stop_ids=[], max_new_tokens=12)
     stop = sorted({c.tokens[-1] for c in stopped})
     # Same records, a stop set that ends them within 12 tokens: N = 12 and N = 1500 do the same work.
-    short, long = (Engine(params, cfg, sampler=Sampler(0.0), sides=1, stop_ids=stop, max_new_tokens=n,
-                          max_model_len=2048, batch_size=4, seed=0, segment_steps=4, block=8) for n in (12, 1500))
+    short, long = (Engine(params, EngineSpec(cfg, Sampler(0.0), sides=1, max_new_tokens=n, max_model_len=2048,
+                                             batch_size=4, stop_ids=stop, segment_steps=4, block=8))
+                   for n in (12, 1500))
     items = [WorkItem((p,), i) for i, p in enumerate(prompts)]
     a, b = decode_all(short, items), decode_all(long, items)
     assert [c.tokens for c in a] == [c.tokens for c in b]
@@ -113,9 +122,7 @@ multihost.maybe_initialize()
 import jax
 from mixsd_jax.models.checkpoint import load_hf
 from mixsd_jax.models.sharding import MeshConfig, make_mesh
-from mixsd_jax.sampling.engine import Engine, decode_all
-from mixsd_jax.sampling.runner import WorkItem
-from mixsd_jax.sampling.strategies import Sampler
+from mixsd_jax.sampling.engine import decode_all
 spec = importlib.util.spec_from_file_location("t", sys.argv[2])
 t = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(t)
@@ -169,3 +176,86 @@ def test_a_sequence_reaching_max_model_len_ends_with_max_model_len(tiny_llama_di
     for item, c in zip(_pinned_items()[:3], free):
         longest = max(map(len, item.prompts))
         assert c.finish_reason == "max_model_len" and len(c.tokens) == 30 - longest
+
+
+# ----------------------------------------------------------------------------- the mixing rule's properties
+
+PROMPTS = [(5, 6, 7, 8, 9), (10, 11), (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13), (40,), (7, 7, 7, 7)]
+
+
+def _mixing(params, cfg, *, batch_size, naive_prob, temperature=1.0, max_new_tokens=12, mesh=None, segment_steps=16):
+    return Engine(params, EngineSpec(cfg, Sampler(temperature, 16), sides=2, max_new_tokens=max_new_tokens,
+                                     max_model_len=4096, batch_size=batch_size, seed=7, naive_prob=naive_prob,
+                                     mesh=mesh, segment_steps=segment_steps))
+
+
+def test_greedy_decode_equals_transformers_generate(tiny_model_dir):
+    cfg, params = load_hf(tiny_model_dir)
+    ours = generate(params, cfg, PROMPTS, stop_ids=[], max_new_tokens=32, batch_size=4)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for prompt, completion in zip(PROMPTS, ours):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)
+        assert completion.tokens == ref[0, len(prompt):].tolist()
+        assert completion.finish_reason == "max_new_tokens"
+        # Per-token log-probabilities are the model's own.
+        with torch.no_grad():
+            logits = hf(ref).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+        expected = logits[torch.arange(32), ref[0, len(prompt):]].numpy()
+        np.testing.assert_allclose(completion.logprobs, expected, atol=1e-4)
+
+
+def test_stop_token_and_length_limits(tiny_llama_dir):
+    cfg, params = load_hf(tiny_llama_dir)
+    free = generate(params, cfg, [PROMPTS[0]], stop_ids=[], max_new_tokens=10)[0]
+    stop = free.tokens[3]
+    first = free.tokens.index(stop)
+    stopped = generate(params, cfg, [PROMPTS[0]], stop_ids=[stop], max_new_tokens=10)[0]
+    assert stopped.tokens == free.tokens[: first + 1] and stopped.finish_reason == "stop"
+    # max_model_len counts the prompt: 5 prompt tokens + n generated + 1 > 9  =>  stops after 4.
+    capped = generate(params, cfg, [PROMPTS[0]], stop_ids=[], max_new_tokens=10, max_model_len=9)[0]
+    assert capped.tokens == free.tokens[:4] and capped.finish_reason == "max_model_len"
+
+
+def test_lambda_0_is_expert_greedy_and_lambda_1_is_naive_greedy(tiny_qwen3_dir):
+    cfg, params = load_hf(tiny_qwen3_dir)
+    expert, naive = PROMPTS[2], PROMPTS[0]
+    expert_greedy = generate(params, cfg, [expert], stop_ids=[], max_new_tokens=12)[0].tokens
+    naive_greedy = generate(params, cfg, [naive], stop_ids=[], max_new_tokens=12)[0].tokens
+    for lam, want, naive_flags in [(0.0, expert_greedy, False), (1.0, naive_greedy, True)]:
+        engine = _mixing(params, cfg, batch_size=2, naive_prob=lam, temperature=0.0)
+        out = decode_all(engine, [WorkItem((expert, naive), 0)])[0]
+        assert out.tokens == want
+        assert all(flag == naive_flags for flag in out.naive)
+
+
+def test_naive_fraction_is_lambda_within_binomial_error(tiny_llama_dir):
+    cfg, params = load_hf(tiny_llama_dir)
+    lam, records, steps = 0.3, 32, 24
+    engine = _mixing(params, cfg, batch_size=records, naive_prob=lam, max_new_tokens=steps)
+    outs = decode_all(engine, [WorkItem((PROMPTS[i % 5], PROMPTS[(i + 1) % 5]), i) for i in range(records)])
+    picks = np.concatenate([o.naive for o in outs])
+    assert len(picks) == records * steps
+    sigma = np.sqrt(lam * (1 - lam) / len(picks))
+    assert abs(picks.mean() - lam) < 4 * sigma
+
+
+def _mixed(params, cfg, batch_size, mesh=None, segment_steps=16):
+    engine = _mixing(params, cfg, batch_size=batch_size, naive_prob=0.5, mesh=mesh, segment_steps=segment_steps)
+    items = [WorkItem((PROMPTS[i % 5], PROMPTS[(i + 2) % 5]), record_index=i, attempt=i % 2) for i in range(8)]
+    return [(o.tokens, o.naive, o.finish_reason) for o in decode_all(engine, items)]
+
+
+def test_output_independent_of_batch_size_slots_and_device_count(tiny_qwen2_dir):
+    cfg, params = load_hf(tiny_qwen2_dir)
+    reference = _mixed(params, cfg, 8)
+    assert _mixed(params, cfg, 1) == reference
+    assert _mixed(params, cfg, 3, segment_steps=5) == reference  # other slots, refills mid-run
+    mesh = make_mesh(MeshConfig(data=8))
+    _, sharded = load_hf(tiny_qwen2_dir, mesh=mesh)
+    assert jax.device_count() == 8
+    assert _mixed(sharded, cfg, 8, mesh=mesh) == reference
+    # Different attempts of the same record draw differently (retries are not replays at T>0).
+    items = [WorkItem((PROMPTS[0], PROMPTS[1]), 0, attempt=a) for a in (0, 1)]
+    a0, a1 = decode_all(_mixing(params, cfg, batch_size=2, naive_prob=0.5), items)
+    assert a0.tokens != a1.tokens

@@ -1,4 +1,5 @@
-"""Imports go only downward: ground floor <- models <- data <- sampling <- train, eval <- pipeline <- cli.
+"""Imports go only downward: ground floor <- models <- data <- sampling <- train, eval <- pipeline <- cli;
+and no two files of the package import each other, directly or around a circle.
 
 The same order is written out in README's Development section.
 
@@ -51,12 +52,47 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def _modules() -> list[tuple[Path, str]]:
+def _modules(package: Path = PACKAGE) -> list[tuple[Path, str]]:
     out = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        rel = path.relative_to(PACKAGE).with_suffix("")
-        out.append((path, ".".join(("mixsd_jax",) + rel.parts)))
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).with_suffix("")
+        out.append((path, ".".join((package.name,) + rel.parts)))
     return out
+
+
+def _file_imports(path: Path, prefix: str) -> set[str]:
+    """Every module of the package `prefix` this file imports; `from a.b import c` counts as a.b.c
+    where that is a module (c is then the file imported, not a name in a/b/__init__.py)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == prefix}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] == prefix:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def import_circles(package: Path) -> list[list[str]]:
+    """The file-level import circles of a package directory: each as the list of its modules, the
+    first repeated at the end. A package's `__init__` stands for the package's own name."""
+    files = {name.removesuffix(".__init__"): path for path, name in _modules(package)}
+    graph = {name: sorted(target for target in _file_imports(path, package.name) if target in files and target != name)
+             for name, path in files.items()}
+    circles, state = [], {}  # state: 1 = on the current path, 2 = done
+
+    def visit(name, path):
+        state[name] = 1
+        for target in graph[name]:
+            if state.get(target) == 1:
+                circles.append(path[path.index(target):] + [name, target] if target in path else [name, target])
+            elif target not in state:
+                visit(target, path + [name])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    return circles
 
 
 def test_every_part_has_a_floor():
@@ -80,5 +116,25 @@ def test_imports_go_only_downward():
 def test_the_check_sees_an_upward_import(tmp_path):
     """The reader above must find a lazy import inside a function (what every old arrow was)."""
     source = tmp_path / "m.py"
-    source.write_text("def f():\n    from mixsd_jax.sampling.runner import generate\n", encoding="utf-8")
-    assert _imports(source) == [(2, "mixsd_jax.sampling.runner")]
+    source.write_text("def f():\n    from mixsd_jax.sampling.engine import generate\n", encoding="utf-8")
+    assert _imports(source) == [(2, "mixsd_jax.sampling.engine")]
+
+
+def test_no_file_imports_itself_through_others():
+    circles = import_circles(PACKAGE)
+    assert not circles, "import circles:\n" + "\n".join(" -> ".join(c) for c in circles)
+
+
+def test_the_circle_check_sees_a_lazy_circle(tmp_path):
+    """A circle closed by an import inside a function (the kind that hides from a module's top)."""
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    for init in (package / "__init__.py", package / "sub" / "__init__.py"):
+        init.write_text("", encoding="utf-8")
+    (package / "sub" / "a.py").write_text("from pkg.sub import b\n", encoding="utf-8")
+    (package / "sub" / "b.py").write_text("import pkg.c\n", encoding="utf-8")
+    (package / "c.py").write_text("def f():\n    from pkg.sub.a import g\n", encoding="utf-8")
+    (package / "d.py").write_text("from pkg.sub import a\n", encoding="utf-8")  # into the circle, not on it
+    assert import_circles(package) == [["pkg.c", "pkg.sub.a", "pkg.sub.b", "pkg.c"]]
+    (package / "c.py").write_text("def f():\n    pass\n", encoding="utf-8")
+    assert import_circles(package) == []

@@ -11,8 +11,9 @@ import pytest
 from mixsd_jax.models.checkpoint import load_hf
 from mixsd_jax.models.sharding import MeshConfig, make_mesh
 from mixsd_jax.models.tiny import write_tiny_model
-from mixsd_jax.sampling.runner import Runner, WorkItem
+from mixsd_jax.sampling.engine import Engine, EngineSpec, decode_all
 from mixsd_jax.sampling.strategies import Sampler
+from mixsd_jax.sampling.work import WorkItem
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +27,10 @@ PROMPTS = [(5, 17, 33, 2, 9, 41), (7, 7, 12), (100, 3, 8, 8, 21, 60, 2, 5), (11,
 
 def _decode(model_dir, mesh):
     cfg, params = load_hf(model_dir, mesh=mesh)
-    runner = Runner(params, cfg, sampler=Sampler(0.0), sides=2, stop_ids=[], max_new_tokens=12, max_model_len=64,
-                    batch_size=4, seed=0, mesh=mesh, naive_prob=0.5)
+    engine = Engine(params, EngineSpec(cfg, Sampler(0.0), sides=2, max_new_tokens=12, max_model_len=64, batch_size=4,
+                                       naive_prob=0.5, mesh=mesh, block=8, segment_steps=5))
     items = [WorkItem((p, p[::-1]), i) for i, p in enumerate(PROMPTS)]
-    return runner, params, runner.run(items)
+    return engine, params, decode_all(engine, items)
 
 
 @pytest.mark.parametrize("axes", [{"data": 2, "tensor": 4}, {"data": 1, "tensor": 8}])
@@ -37,7 +38,7 @@ def test_tensor_parallel_decode_matches_one_device(mha_dir, axes):
     assert len(jax.devices()) == 8
     _, _, single = _decode(mha_dir, None)
     mesh = make_mesh(MeshConfig(**axes, fsdp=1))
-    runner, params, sharded = _decode(mha_dir, mesh)
+    engine, params, sharded = _decode(mha_dir, mesh)
     # The parameters really are split over `tensor` (heads and the FFN hidden dimension).
     assert params["layers"]["wq"].sharding.spec[2] == "tensor"
     assert params["layers"]["w_up"].sharding.spec[2] == "tensor"
@@ -45,22 +46,20 @@ def test_tensor_parallel_decode_matches_one_device(mha_dir, axes):
         assert a.tokens == b.tokens and a.naive == b.naive and a.finish_reason == b.finish_reason
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
     if axes["tensor"] == 4:  # the cache constraint splits the kv-head axis 4 ways ([L, R, S, KV, Dh])
-        text = _lowered_text(runner)
+        text = _lowered_text(engine)
         constraint = r'sharding_constraint[^\n]*\[\{\}, \{"data", "fsdp"\}, \{\}, \{"tensor"\}, \{\}\]>'
         assert len(re.findall(constraint, text)) == 2, "the K and V caches are not sharded over kv heads"
 
 
-def _lowered_text(runner: Runner) -> str:
-    from mixsd_jax.models.sharding import batch_sharding
-    from mixsd_jax.sampling import kernel
+def _lowered_text(engine: Engine) -> str:
+    """The decode segment's program: the state it returns keeps the cache split over kv heads."""
+    import jax.numpy as jnp
 
-    mesh = runner.mesh
-    rows = jax.ShapeDtypeStruct((runner.batch_size,), np.int32, sharding=batch_sharding(mesh, 1))
-    tokens = jax.ShapeDtypeStruct((runner.batch_size, 32), np.int32, sharding=batch_sharding(mesh, 2))
-    keys = jax.random.split(jax.random.key(0), runner.batch_size)
-    live = jax.ShapeDtypeStruct((runner.batch_size,), bool, sharding=batch_sharding(mesh, 1))
-    return kernel.decode.lower(runner.params, ((tokens, rows), (tokens, rows)), keys, live, runner.naive_prob,
-                               runner.stop_ids, spec=runner.spec).as_text()
+    from mixsd_jax.sampling import segments
+
+    state = segments.init_state(spec=engine.spec, batch=engine.batch_size, capacity=32)
+    return segments.decode_segment.lower(engine.params, state, engine.naive_prob, engine.stop_ids, jnp.int32(5),
+                                         spec=engine.spec).as_text()
 
 
 def test_bench_generate_runs_on_a_tensor_parallel_mesh(mha_dir, capsys):

@@ -12,14 +12,16 @@ from mixsd_jax.errors import MixsdError
 from mixsd_jax.models.sharding import MeshConfig, make_mesh
 from mixsd_jax.train.checkpoints import Checkpoints, check_compatible
 from mixsd_jax.train.config import TrainConfig, fingerprinted_dict, resume_fingerprint
+from mixsd_jax.train.step import TrainState
 
 
 def _state(mesh, value):
     sharded = NamedSharding(mesh, P("data", None))
-    return {
-        "params": {"w": jax.device_put(jnp.full((8, 3), value, jnp.float32), sharded)},
-        "step": jax.device_put(jnp.int32(value), NamedSharding(mesh, P())),
-    }
+    return TrainState(
+        params={"w": jax.device_put(jnp.full((8, 3), value, jnp.float32), sharded)},
+        opt_state={"mu": jax.device_put(jnp.full((8, 3), -value, jnp.float32), sharded)},
+        step=jax.device_put(jnp.int32(value), NamedSharding(mesh, P())),
+    )
 
 
 def _meta(cfg, step):
@@ -41,9 +43,11 @@ def test_save_interval_retention_and_sharded_restore(tmp_path):
     again = Checkpoints(tmp_path)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _state(mesh, 0))
     state, meta = again.restore(6, target)
-    np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.full((8, 3), 6.0))
-    assert int(state["step"]) == 6 and meta["step"] == 6
-    assert state["params"]["w"].sharding == target["params"]["w"].sharding
+    assert isinstance(state, TrainState)
+    np.testing.assert_array_equal(np.asarray(state.params["w"]), np.full((8, 3), 6.0))
+    np.testing.assert_array_equal(np.asarray(state.opt_state["mu"]), np.full((8, 3), -6.0))
+    assert int(state.step) == 6 and meta["step"] == 6
+    assert state.params["w"].sharding == target.params["w"].sharding
     assert again.read_meta(7)["fingerprint"] == resume_fingerprint(cfg)
     again.close()
 

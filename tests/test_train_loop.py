@@ -142,8 +142,8 @@ def test_memorizes_and_export_matches_in_transformers(tiny_llama_dir, corpus, tm
     ckpt.close()
     tokens = np.array([[5, 17, 42, 99, 7, 3, 250, 11]], np.int32)
     seg = np.ones_like(tokens)
-    hidden, _ = forward(jax.device_get(state["params"]), model_cfg, tokens, np.arange(8)[None], seg)
-    ours = np.asarray(lm_logits(jax.device_get(state["params"]), model_cfg, hidden))
+    hidden, _ = forward(jax.device_get(state.params), model_cfg, tokens, np.arange(8)[None], seg)
+    ours = np.asarray(lm_logits(jax.device_get(state.params), model_cfg, hidden))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = model(input_ids=torch.tensor(tokens.astype(np.int64))).logits.numpy()

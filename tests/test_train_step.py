@@ -52,7 +52,7 @@ def test_one_update_matches_torch_adamw_with_clipping(tiny_llama_dir):
     batch_np = _plan(tiny_llama_dir).host_batch(0)
     step_fn = step_lib.jit_train_step(cfg, opt, mesh, "float32")
     state, metrics = step_fn(state, step_lib.device_batch(batch_np, mesh))
-    ours = to_hf_tensors(state["params"], cfg)
+    ours = to_hf_tensors(state.params, cfg)
 
     from transformers import AutoModelForCausalLM
 
@@ -95,7 +95,7 @@ def test_accumulation_keeps_the_per_token_loss_and_update(tiny_llama_dir):
         state = _fresh_state(tiny_llama_dir, opt, mesh)
         step_fn = step_lib.jit_train_step(cfg, opt, mesh, "float32")
         state, metrics = step_fn(state, step_lib.device_batch(plan.host_batch(0), mesh))
-        results.append((float(metrics["loss"]), float(metrics["loss_tokens"]), jax.device_get(state["params"])))
+        results.append((float(metrics["loss"]), float(metrics["loss_tokens"]), jax.device_get(state.params)))
     counts = _plan(tiny_llama_dir, grad_accum=2).host_batch(0)["loss_mask"].sum(axis=(1, 2))
     assert counts[0] != counts[1]
     (loss1, tokens1, params1), (loss2, tokens2, params2) = results
@@ -153,10 +153,10 @@ def test_eight_devices_match_one(tiny_llama_dir):
         for step in range(3):
             state, metrics = step_fn(state, step_lib.device_batch(plan.host_batch(step), mesh))
             losses.append(float(metrics["loss"]))
-        runs[name] = (losses, jax.device_get(state["params"]))
+        runs[name] = (losses, jax.device_get(state.params))
         if name == "eight":
-            assert state["params"]["layers"]["w_up"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-            assert len(state["params"]["layers"]["w_up"].addressable_shards) == 8
+            assert state.params["layers"]["w_up"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+            assert len(state.params["layers"]["w_up"].addressable_shards) == 8
     np.testing.assert_allclose(runs["eight"][0], runs["one"][0], rtol=1e-5)
     # 5e-5 = 5% of the lr-sized Adam step after three steps: the sharded step sums in another order,
     # and Adam's g / sqrt(v) turns round-off on a near-zero gradient into a visible move.

@@ -154,7 +154,7 @@ def generate_texts(
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Greedy replies to single user turns (chat template, thinking off), decoded without specials."""
-    from mixsd_jax.sampling.runner import generate
+    from mixsd_jax.sampling.engine import generate
 
     if not user_texts:
         return []

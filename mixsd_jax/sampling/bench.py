@@ -10,9 +10,9 @@ Workloads (each prints one JSON line; ratios as median with `_min`/`_max` over t
   mix_over_hf (throughput ratios: > 1 means ours is faster).
 - `capacity`: 16 records decoded with max_new_tokens 64 and 8192, a stop set that ends every
   record within 48 tokens (mostly after 24), so both do the same steps. Key: capacity_ratio (time 8192 / time 64).
-- `longtail`: KGFunc records (answers of very different lengths) with retries, the new engine
-  against the fixed-batch path it replaced (sampling/runner.Runner, batches run to their slowest
-  record, retries wait for the next batch), same outputs checked. Key: longtail_speedup.
+- `longtail`: KGFunc records (answers of very different lengths) with retries, continuous batching
+  against fixed batches on the same engine (each batch of `batch_size` runs to its slowest record,
+  retries wait for the next batch), same outputs checked. Key: longtail_speedup.
 
 Timings exclude compilation (a warm-up round runs first). Every JSON line carries the load before
 and after, the cores, and `busy` when the load before was above half the cores (mixsd_jax/machine.py).
@@ -95,11 +95,14 @@ def _prompts(tok, records, preset_name: str):
 
 
 def _engine(params, cfg, **kw):
-    from mixsd_jax.sampling.engine import Engine
+    from mixsd_jax.sampling.engine import Engine, EngineSpec
     from mixsd_jax.sampling.strategies import Sampler
 
     temperature = kw.pop("temperature", 0.0)
-    return Engine(params, cfg, sampler=Sampler(temperature), seed=0, **kw)
+    if kw.get("block") is None:  # the engine's default for the backend
+        kw.pop("block", None)
+    kw["stop_ids"] = tuple(kw.get("stop_ids", ()))
+    return Engine(params, EngineSpec(cfg, Sampler(temperature), seed=0, **kw))
 
 
 def bench_generate(model: str, workload: str = "default", batch_size: int = 32, max_new_tokens: int = 64,
@@ -113,7 +116,7 @@ def bench_generate(model: str, workload: str = "default", batch_size: int = 32, 
     import jax
 
     from mixsd_jax.models.sharding import make_mesh
-    from mixsd_jax.sampling.engine import default_block
+    from mixsd_jax.sampling.segments import default_block
 
     load_before = machine.load()
     mesh = None if mesh_cfg is None else make_mesh(mesh_cfg)
@@ -144,7 +147,7 @@ def _mix_and_plain(params, cfg, expert, naive, max_new_tokens, lambda_mix, dtype
     adds the same two jobs stopped after their first decode segment ("mix_first", "plain_first":
     prefill and K steps), so that the difference times the remaining decode steps alone."""
     from mixsd_jax.sampling.engine import decode_all
-    from mixsd_jax.sampling.runner import WorkItem
+    from mixsd_jax.sampling.work import WorkItem
 
     common = dict(stop_ids=[], max_new_tokens=max_new_tokens, max_model_len=1 << 20, batch_size=len(naive),
                   dtype=dtype, mesh=mesh, block=block)
@@ -234,7 +237,7 @@ def _blocks(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeat
 
 def _capacity(loaded, model, records, lambda_mix, dtype, repeats, mesh, block, calibrate_steps: int = 48) -> dict:
     from mixsd_jax.sampling.engine import decode_all
-    from mixsd_jax.sampling.runner import WorkItem
+    from mixsd_jax.sampling.work import WorkItem
 
     _, cfg, params, tok = loaded
     expert, naive = _prompts(tok, _kgfact_records(records), "knowledge")
@@ -277,9 +280,9 @@ def _stop_set(free, last: int, first: int = 24) -> list[int]:
 
 def _longtail(loaded, model, records, batch_size, max_new_tokens, lambda_mix, dtype, repeats, mesh, block,
               max_retries: int = 2, temperature: float = 0.6) -> dict:
-    from mixsd_jax.sampling.runner import Runner, WorkItem
-    from mixsd_jax.sampling.strategies import Sampler
+    from mixsd_jax.sampling.engine import decode_all
     from mixsd_jax.sampling.verify import Verifier
+    from mixsd_jax.sampling.work import WorkItem
 
     _, cfg, params, tok = loaded
     recs = _kgfunc_records(records)
@@ -289,7 +292,6 @@ def _longtail(loaded, model, records, batch_size, max_new_tokens, lambda_mix, dt
     common = dict(stop_ids=tok.stop_ids, max_new_tokens=max_new_tokens, max_model_len=1 << 20,
                   batch_size=batch_size, dtype=dtype, naive_prob=lambda_mix, sides=2, mesh=mesh)
     engine = _engine(params, cfg, temperature=temperature, block=block, **common)
-    old = Runner(params, cfg, sampler=Sampler(temperature), seed=0, **common)
     items = [WorkItem((expert[i], naive[i]), i) for i in range(records)]
 
     def verdict(item, c, final):
@@ -305,12 +307,12 @@ def _longtail(loaded, model, records, batch_size, max_new_tokens, lambda_mix, dt
         final = finals["new"] = {}
         engine.run(items, lambda item, c: verdict(item, c, final))
 
-    def run_old():  # the fixed-batch generator loop this engine replaced
+    def run_old():  # fixed batches: each runs to its slowest record, retries wait for the next one
         final = finals["old"] = {}
         queue = deque(items)
         while queue:
-            batch = [queue.popleft() for _ in range(min(old.batch_size, len(queue)))]
-            for item, c in zip(batch, old.run(batch)):
+            batch = [queue.popleft() for _ in range(min(engine.batch_size, len(queue)))]
+            for item, c in zip(batch, decode_all(engine, batch)):
                 queue.extend(verdict(item, c, final))
 
     times = _interleaved({"old": run_old, "new": run_new}, repeats)

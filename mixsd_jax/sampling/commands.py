@@ -52,8 +52,8 @@ def register(sub, bench) -> None:
     b = bench.add_parser("generate", help="decode engine vs its peers, repeated A/B pairs (one JSON line)")
     b.add_argument("--model", default="smollm2-135m-instruct")
     b.add_argument("--workload", choices=["default", "capacity", "longtail", "blocks"], default="default",
-                   help="default: mix vs plain vs PyTorch; capacity: N=64 vs N=8192; longtail: vs the fixed-batch "
-                        "path; blocks: mix and plain under each --blocks size")
+                   help="default: mix vs plain vs PyTorch; capacity: N=64 vs N=8192; longtail: continuous vs "
+                        "fixed batches; blocks: mix and plain under each --blocks size")
     b.add_argument("--batch-size", type=int, default=None, help="slots (default: 32; capacity, longtail, blocks: 16)")
     b.add_argument("--records", type=int, default=None, help="records (capacity: 16; longtail: 32)")
     b.add_argument("--max-new-tokens", type=int, default=None, help="default: 64; longtail: 512")

@@ -1,6 +1,8 @@
 """The decode engine: continuous batching over a work queue (prefill -> insert -> generate, JetStream's shape).
 
-`batch_size` slots decode together in compiled segments of `segment_steps` steps. Between segments
+The engine is built from `params` and one `EngineSpec` (segments.py: model config, sampler, sides,
+limits, slots, λ, seed, stop ids, dtype, mesh). `batch_size` slots decode together in compiled
+segments of `segment_steps` steps. Between segments
 the host refills every free slot from the queue (fresh work or retries): the new prompts are
 prefilled in one call and written into those slots' rows of the long-lived cache, without waiting
 for the rest of the batch. The host work of finished attempts (the caller's `on_finish`: decode,
@@ -14,6 +16,8 @@ the live length, not `max_new_tokens`.
 
 Multi-process: every process runs this same loop on the same queue; inputs go to the mesh with
 `multihost.put_global` and results come back whole to each process with `multihost.fetch`.
+
+`generate` is plain decoding (one side) of a list of prompts, the evaluator's entry point.
 """
 
 from __future__ import annotations
@@ -22,18 +26,15 @@ import dataclasses
 from collections import deque
 from typing import Callable, Iterable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mixsd_jax import multihost
 from mixsd_jax.models.config import ModelConfig
-from mixsd_jax.models.sharding import pad_rows, put_batch
+from mixsd_jax.models.sharding import pad_rows, put_batch, put_replicated
 from mixsd_jax.sampling import segments
-from mixsd_jax.sampling.kernel import FINISH_NAMES
-from mixsd_jax.sampling.runner import Completion, WorkItem, bucket_length
+from mixsd_jax.sampling.segments import EngineSpec
 from mixsd_jax.sampling.strategies import Sampler
+from mixsd_jax.sampling.work import FINISH_NAMES, Completion, WorkItem, bucket_length
 
 OnFinish = Callable[[WorkItem, Completion], Iterable[WorkItem]]
 
@@ -47,58 +48,20 @@ class _Slot:
     naive: list = dataclasses.field(default_factory=list)
 
 
-def default_block() -> int:
-    """Cache slots per attention block: an accelerator pays per loop iteration (kernel launches), so
-    fewer, bigger blocks; a CPU pays for every slot it reads, so blocks closer to the live length."""
-    return 128 if jax.default_backend() == "cpu" else 512
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 class Engine:
-    def __init__(
-        self,
-        params,
-        cfg: ModelConfig,
-        *,
-        sampler: Sampler,
-        sides: int,
-        stop_ids: Sequence[int],
-        max_new_tokens: int,
-        max_model_len: int,
-        batch_size: int,
-        seed: int,
-        dtype: str = "float32",
-        mesh=None,
-        naive_prob: float = 0.0,
-        segment_steps: int = 16,
-        block: int | None = None,
-    ):
-        self.batch_size = pad_rows(batch_size, mesh)  # every batch shard gets whole slots
-        self.params, self.mesh, self.seed, self.sides = params, mesh, seed, sides
-        block = default_block() if block is None else block
-        self.spec = segments.EngineSpec(cfg, sampler, sides, max_new_tokens, max_model_len, dtype, mesh,
-                                        segment_steps, block)
-        self.stop_ids = self._put(np.asarray(sorted(set(stop_ids)) or [-1], np.int32))
-        self.naive_prob = self._put(np.float32(naive_prob))
+    """Decodes work items with `params` as `spec` says (see segments.EngineSpec)."""
+
+    def __init__(self, params, spec: EngineSpec):
+        self.params, self.spec, self.mesh = params, spec, spec.mesh
+        self.batch_size = spec.slots  # every batch shard gets whole slots
+        self.stop_ids = self._put(np.asarray(spec.stop_ids or (-1,), np.int32))
+        self.naive_prob = self._put(np.float32(spec.naive_prob))
         self.segments_run = 0
         self.capacity = 0  # cache slots per row of the last run (it follows the longest live row)
 
     def _put(self, x):
         """Small host inputs, replicated on the mesh (every process holds them whole)."""
-        if self.mesh is None:
-            return jnp.asarray(x)
-        return multihost.put_global(x, NamedSharding(self.mesh, P()))
-
-    def _capacity_for(self, need: int, longest_prompt: int) -> int:
-        """Slots per row: the next power-of-two number of blocks, but never more than any row can use."""
-        block, spec = self.spec.block, self.spec
-        # A row holds at most min(max_model_len, prompt + max_new_tokens) tokens (the stop rules).
-        ceiling = min(spec.max_model_len, longest_prompt + spec.max_new_tokens) + spec.segment_steps + 1
-        blocks = min(_pow2_at_least(-(-need // block)), -(-ceiling // block))
-        return block * max(blocks, -(-need // block))
+        return put_replicated(x, self.mesh)
 
     def run(self, items: Iterable[WorkItem], on_finish: OnFinish) -> None:
         """Decode every item, and every item `on_finish` returns (retries), until the queue is empty.
@@ -119,10 +82,10 @@ class Engine:
             longest_prompt = max([longest_prompt] + [max(map(len, it.prompts)) for it in take])
             if take or live:
                 if state is None:
-                    capacity = self._capacity_for(need, longest_prompt)
+                    capacity = segments.capacity_for(self.spec, need, longest_prompt)
                     state = segments.init_state(spec=self.spec, batch=B, capacity=capacity)
                 elif need > capacity:
-                    capacity = self._capacity_for(need, longest_prompt)
+                    capacity = segments.capacity_for(self.spec, need, longest_prompt)
                     state = segments.grow(state, spec=self.spec, capacity=capacity)
             if take:
                 state = self._insert(state, take, free[: len(take)], slots)
@@ -145,10 +108,10 @@ class Engine:
     def _insert(self, state, take: list[WorkItem], free: list[int], slots: list):
         # The prompts are prefilled split over the batch axes (whole rows per shard), not replicated:
         # each device prefills its share of the insert.
-        n = pad_rows(min(_pow2_at_least(len(take)), self.batch_size), self.mesh)
+        n = pad_rows(min(segments.pow2_at_least(len(take)), self.batch_size), self.mesh)
         pad = n - len(take)
         sides = []
-        for side in range(self.sides):
+        for side in range(self.spec.sides):
             rows = [it.prompts[side] for it in take] + [(0,)] * pad
             tokens = np.zeros((n, bucket_length(max(map(len, rows)))), np.int32)
             for i, r in enumerate(rows):
@@ -160,20 +123,20 @@ class Engine:
         ids = np.array([(it.record_index, it.gen_index, it.attempt) for it in take] + [(0, 0, 0)] * pad, np.uint32)
         for item, b in zip(take, free):
             slots[b] = _Slot(item, max(map(len, item.prompts)))
-        return segments.insert(state, tuple(sides), self._put(slot_ids), self._put(ids), self._put(np.int32(self.seed)),
-                               spec=self.spec)
+        return segments.insert(state, tuple(sides), self._put(slot_ids), self._put(ids),
+                               self._put(np.int32(self.spec.seed)), spec=self.spec)
 
-    def _collect(self, out: dict, slots: list) -> list[tuple[WorkItem, Completion]]:
+    def _collect(self, out: segments.SegmentOut, slots: list) -> list[tuple[WorkItem, Completion]]:
         finished = []
         for b, slot in enumerate(slots):
             if slot is None:
                 continue
-            n = int(out["step_B"][b]) - len(slot.tokens)
-            slot.tokens += out["tokens"][b, :n].tolist()
-            slot.logprobs += out["logprobs"][b, :n].tolist()
-            slot.naive += out["naive"][b, :n].tolist()
-            if out["done_B"][b]:
-                finish = FINISH_NAMES[int(out["finish_B"][b])]
+            n = int(out.step_B[b]) - len(slot.tokens)
+            slot.tokens += out.tokens_BxK[b, :n].tolist()
+            slot.logprobs += out.logprobs_BxK[b, :n].tolist()
+            slot.naive += out.naive_BxK[b, :n].tolist()
+            if out.done_B[b]:
+                finish = FINISH_NAMES[int(out.finish_B[b])]
                 finished.append((slot.item, Completion(slot.tokens, slot.logprobs, slot.naive, finish)))
                 slots[b] = None
         return finished
@@ -189,3 +152,52 @@ def decode_all(engine: Engine, items: Sequence[WorkItem]) -> list[Completion]:
 
     engine.run(items, keep)
     return [done[item] for item in items]
+
+
+def generate(
+    params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    *,
+    stop_ids: Sequence[int],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    topk: int = 64,
+    seed: int = 0,
+    max_model_len: int | None = None,
+    dtype: str = "float32",
+    mesh=None,
+    progress=None,
+) -> list[Completion]:
+    """Plain decoding of many prompts (the evaluator's entry point); results in input order.
+
+    Prompt i's key is fold_in(seed, i, 0, 0), so its tokens do not depend on the other prompts.
+    """
+    spec = EngineSpec(
+        cfg,
+        Sampler(temperature, topk),
+        sides=1,
+        # Not the prompts' own length limit: calls of the same size share one compiled program.
+        max_model_len=max_model_len or cfg.max_position_embeddings,
+        max_new_tokens=max_new_tokens,
+        # On a CPU a decode step costs about in proportion to its rows: no more slots than prompts.
+        batch_size=min(batch_size, len(prompts)),
+        stop_ids=tuple(stop_ids),
+        seed=seed,
+        dtype=dtype,
+        mesh=mesh,
+    )
+    # Similar lengths together: fewer prompt buckets per insert. Keys follow the input index.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    items = [WorkItem((tuple(prompts[i]),), i) for i in order]
+    results: list[Completion | None] = [None] * len(prompts)
+
+    def keep(item: WorkItem, completion: Completion):
+        results[item.record_index] = completion
+        if progress is not None:
+            progress(1)
+        return ()
+
+    Engine(params, spec).run(items, keep)
+    return results  # type: ignore[return-value]

@@ -137,11 +137,40 @@ def run_fingerprint(cfg: GenerateConfig, model_dir: Path) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _finished_summary(paths: Paths, fingerprint: str) -> dict | None:
+    """The summary of a finished run of these settings (None if unfinished); a finished run of other
+    settings is an error."""
+    finished = paths.final.exists() and paths.summary.exists()
+    multihost.agree(f"{paths.final}: finished", f"{fingerprint}:{finished}")
+    if not finished:
+        return None
+    summary = json.loads(paths.summary.read_text())
+    if summary.get("fingerprint") != fingerprint:
+        raise MixsdError(
+            f"{paths.final}: exists from different settings (fingerprint {summary.get('fingerprint')}, now"
+            f" {fingerprint}); use another out_dir or variant_tag, or delete it"
+        )
+    return {**summary, "skipped_existing": True}
+
+
+def _expert_naive_prompts(cfg: GenerateConfig, tokenizer, records, preset) -> list[tuple[tuple[int, ...], ...]]:
+    """Each record's (expert, naive) prompt ids: the expert's user turn carries the GT guidance."""
+    from mixsd_jax.sampling.presets import expert_user_text
+
+    return [
+        (
+            tuple(tokenizer.prompt_ids(expert_user_text(r.user, r.assistant, preset), enable_thinking=cfg.enable_thinking)),
+            tuple(tokenizer.prompt_ids(r.user, enable_thinking=cfg.enable_thinking)),
+        )
+        for r in records
+    ]
+
+
 def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
     """Run (or resume, or skip if finished) one MixSD generation; returns the summary dict."""
     from mixsd_jax.data.records import read_records
     from mixsd_jax.models.registry import resolve_model
-    from mixsd_jax.sampling.presets import expert_user_text, resolve_preset
+    from mixsd_jax.sampling.presets import resolve_preset
     from mixsd_jax.sampling.run_verifier import generation_verifier
 
     if not cfg.input:
@@ -150,16 +179,9 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
     paths = Paths.for_config(cfg)
     model_dir = resolve_model(cfg.model)
     fingerprint = run_fingerprint(cfg, model_dir)
-    finished = paths.final.exists() and paths.summary.exists()
-    multihost.agree(f"{paths.final}: finished", f"{fingerprint}:{finished}")
-    if finished:
-        summary = json.loads(paths.summary.read_text())
-        if summary.get("fingerprint") != fingerprint:
-            raise MixsdError(
-                f"{paths.final}: exists from different settings (fingerprint {summary.get('fingerprint')}, now"
-                f" {fingerprint}); use another out_dir or variant_tag, or delete it"
-            )
-        return {**summary, "skipped_existing": True}
+    finished = _finished_summary(paths, fingerprint)
+    if finished is not None:
+        return finished
 
     records = read_records(cfg.input)
     if cfg.limit is not None:
@@ -182,13 +204,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
 
     tokenizer = load_tokenizer(model_dir)
     gt_answers = [verifier.gt_answer(r.assistant, r.user) for r in records]
-    prompts = [
-        (
-            tuple(tokenizer.prompt_ids(expert_user_text(r.user, r.assistant, preset), enable_thinking=cfg.enable_thinking)),
-            tuple(tokenizer.prompt_ids(r.user, enable_thinking=cfg.enable_thinking)),
-        )
-        for r in records
-    ]
+    prompts = _expert_naive_prompts(cfg, tokenizer, records, preset)
 
     def result(index: int, gen: int, text: str, meta: dict) -> dict:
         record = records[index]
@@ -213,7 +229,6 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
         }
         return out
 
-    queue: deque = deque()
     if primary:
         paths.final.parent.mkdir(parents=True, exist_ok=True)
         if not paths.meta.exists():
@@ -221,16 +236,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
     stats = {"tokens": 0, "naive": 0, "kernel_s": 0.0, "batches": 0}
     started = time.time()
     with (JsonlAppender(paths.partial) if primary else _NoSink()) as sink:
-        for index in sorted(range(len(records)), key=lambda i: len(prompts[i][0])):
-            for gen in range(cfg.num_generations):
-                if (index, gen) in done:
-                    continue
-                if max(len(p) for p in prompts[index]) >= cfg.max_model_len:
-                    sink.write(result(index, gen, "", _meta(0, 0, "prompt_too_long", False, 0)))
-                elif gt_answers[index] is None:
-                    sink.write(result(index, gen, "", _meta(0, 0, "no_gt_answer", False, 0)))
-                else:
-                    queue.append((index, gen, 0))
+        queue = _first_attempts(cfg, done, prompts, gt_answers, sink, result)
         if queue:
             _run_queue(cfg, model_dir, tokenizer, prompts, gt_answers, verifier, max_retries, queue, sink, result,
                        stats, progress)
@@ -238,6 +244,23 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
         summary = _finalize(cfg, paths, len(records), stats, time.time() - started, fingerprint)
     multihost.barrier(f"generate finalized {paths.final}")
     return multihost.broadcast_json(summary if primary else None, f"generate summary {paths.final}")
+
+
+def _first_attempts(cfg: GenerateConfig, done: set, prompts, gt_answers, sink, result) -> deque:
+    """The (record, generation, attempt 0) queue of what is not done, shortest expert prompts first;
+    a prompt that cannot fit or a record without a gold answer is written at once as failed."""
+    queue: deque = deque()
+    for index in sorted(range(len(prompts)), key=lambda i: len(prompts[i][0])):
+        for gen in range(cfg.num_generations):
+            if (index, gen) in done:
+                continue
+            if max(len(p) for p in prompts[index]) >= cfg.max_model_len:
+                sink.write(result(index, gen, "", _meta(0, 0, "prompt_too_long", False, 0)))
+            elif gt_answers[index] is None:
+                sink.write(result(index, gen, "", _meta(0, 0, "no_gt_answer", False, 0)))
+            else:
+                queue.append((index, gen, 0))
+    return queue
 
 
 class _NoSink:
@@ -282,27 +305,26 @@ def _run_queue(cfg, model_dir, tokenizer, prompts, gt_answers, verifier, max_ret
 
     from mixsd_jax.models.checkpoint import load_hf
     from mixsd_jax.models.sharding import make_mesh
-    from mixsd_jax.sampling.engine import Engine
-    from mixsd_jax.sampling.runner import WorkItem
+    from mixsd_jax.sampling.engine import Engine, EngineSpec
     from mixsd_jax.sampling.strategies import Sampler
+    from mixsd_jax.sampling.work import WorkItem
 
     mesh = make_mesh(cfg.mesh)
     stats["devices"] = mesh.devices.size
     model_cfg, params = load_hf(model_dir, cfg.param_dtype, mesh=mesh)
-    engine = Engine(
-        params,
+    engine = Engine(params, EngineSpec(
         model_cfg,
-        sampler=Sampler(cfg.temperature, cfg.topk),
+        Sampler(cfg.temperature, cfg.topk),
         sides=2,
-        stop_ids=tokenizer.stop_ids,
         max_new_tokens=cfg.max_new_tokens,
         max_model_len=cfg.max_model_len,
         batch_size=cfg.batch_size,
+        stop_ids=tuple(tokenizer.stop_ids),
         seed=cfg.seed,
+        naive_prob=cfg.lambda_mix,
         dtype=cfg.dtype,
         mesh=mesh,
-        naive_prob=cfg.lambda_mix,
-    )
+    ))
     counts = {"accepted": 0, "finished": 0, "retrying": 0}
     bar = tqdm(total=len(queue), desc="mixsd generate", unit="rec", disable=not progress or not multihost.is_primary())
 

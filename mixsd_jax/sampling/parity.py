@@ -17,7 +17,7 @@ F32_MAX_ABS_LOGIT_DIFF = 1e-3
 
 
 def run_parity(model_dir: str | Path, dtype: str = "float32", reference: str = "hf_dir") -> dict:
-    from mixsd_jax.sampling.runner import generate
+    from mixsd_jax.sampling.engine import generate
 
     checked = logit_parity(model_dir, dtype=dtype, reference=reference)
     ours = generate(checked.params, checked.cfg, checked.prompts, stop_ids=checked.stop_ids,

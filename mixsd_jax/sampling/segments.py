@@ -1,19 +1,17 @@
-"""The decode engine's compiled pieces: prefill, insert into slots, decode a segment of K steps, grow.
+"""The decode engine's settings, its device state and its compiled pieces: prefill, insert into
+slots, decode a segment of K steps, grow the cache.
 
-Device state (a dict) for B slots and R = B * sides rows (row b * sides + side; side 0 = expert or
-the only prompt, side 1 = naive):
-  cache_k, cache_v [L, R, S, K, E]  row r's tokens in slots [0, lengths_R[r]), position = slot
-  lengths_R [R]                     tokens in each row's cache
-  last_RxD [R, D]                   final-norm hidden of each row's last token (the next logits' input)
-  keys_Bx2 [B, 2] uint32            the attempt's key (raw key data, so it can live in a plain array)
-  step_B, done_B, finish_B          tokens generated, stopped, FINISH_NAMES code
-  longest_B                         the record's longest prompt (the max_model_len rule counts it)
+The state (`DecodeState`) holds B slots and R = B * sides rows (row b * sides + side; side 0 =
+expert or the only prompt, side 1 = naive). The state and the segment's output are registered
+dataclasses (`jax.tree_util.register_dataclass`), not `flax.struct.dataclass`: a standard
+dataclass with one decorator does the job, and the project does not depend on Flax. None of their
+fields is static, so every field is a leaf.
 
-The per-step rule is the fixed-batch kernel's (kernel.py): step t of an attempt draws from
-fold_in(attempt key, t) — split into the side pick (0) and the token draw (1) — and picks the naive
-row with probability λ; the LM head runs on the chosen row only; the token extends every row of the
-record. Slot numbers and neighbours never enter a row's arithmetic, so an attempt's tokens are the
-same whichever slot and segment it runs in.
+The step rule (`_draw`): step t of an attempt draws from fold_in(attempt key, t), split into the
+side pick (0) and the token draw (1); the naive row is picked with probability λ; the LM head runs
+on the chosen row only; the token extends every row of the record. Slot numbers and neighbours
+never enter a row's arithmetic, so an attempt's tokens are the same whichever slot, segment, batch
+size or device count it runs with.
 """
 
 from __future__ import annotations
@@ -25,30 +23,113 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mixsd_jax.models import transformer as tf
+from mixsd_jax.errors import MixsdError
+from mixsd_jax.models import transformer
 from mixsd_jax.models.config import ModelConfig
 from mixsd_jax.models.decode import decode_step
-from mixsd_jax.models.sharding import BATCH_AXES, fit_spec
-from mixsd_jax.sampling.kernel import EXPERT, MAX_MODEL_LEN, MAX_NEW_TOKENS, NAIVE, RUNNING, STOP
+from mixsd_jax.models.sharding import BATCH_AXES, fit_spec, pad_rows
 from mixsd_jax.sampling.strategies import Sampler
+from mixsd_jax.sampling.work import EXPERT, MAX_MODEL_LEN, MAX_NEW_TOKENS, NAIVE, RUNNING, STOP
+
+
+def default_block() -> int:
+    """Cache slots per attention block: an accelerator pays per loop iteration (kernel launches), so
+    fewer, bigger blocks; a CPU pays for every slot it reads, so blocks closer to the live length."""
+    return 128 if jax.default_backend() == "cpu" else 512
+
+
+def _traced(**kw):
+    """A setting the compiled programs receive as an array argument: outside the spec's equality and
+    hash, which jit keys its compiled programs on."""
+    return dataclasses.field(compare=False, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineSpec:
-    """Static (hashable) settings: one compiled program per spec and shape."""
+    """Everything a decode engine is built from.
+
+    The compared fields are static: jit compiles one program per distinct value (with the shapes),
+    and the programs read them as Python constants. The `_traced` fields are not compared or hashed:
+    the engine hands the seed to `insert` and λ and the stop ids to `decode_segment` as device arrays,
+    so one compiled program serves every λ of a sweep, every seed and every tokenizer's stop set; the
+    compiled functions never read them from the spec. `batch_size` is left out for the same reason:
+    the state's shapes carry it. `max_new_tokens` and `max_model_len` stay static: they are fixed for a
+    run, and as constants they cost the step rule nothing.
+    """
 
     cfg: ModelConfig
     sampler: Sampler
     sides: int  # 1: plain decoding; 2: expert + naive mixing
     max_new_tokens: int
     max_model_len: int
+    batch_size: int = _traced()  # slots decoding together (rounded up to whole slots per batch shard)
+    stop_ids: tuple[int, ...] = _traced(default=())
+    seed: int = _traced(default=0)
+    naive_prob: float = _traced(default=0.0)  # λ: the probability of a naive token
     dtype: str = "float32"
     mesh: Mesh | None = None
     segment_steps: int = 16  # decode steps between host refills
-    block: int = 128  # cache slots per attention block
+    block: int = dataclasses.field(default_factory=default_block)  # cache slots per attention block
+
+    def __post_init__(self):
+        if self.sides not in (1, 2):
+            raise MixsdError(f"engine: sides must be 1 or 2, got {self.sides}")
+        for name in ("batch_size", "max_new_tokens", "max_model_len", "segment_steps", "block"):
+            if getattr(self, name) < 1:
+                raise MixsdError(f"engine: {name} must be >= 1, got {getattr(self, name)}")
+        object.__setattr__(self, "stop_ids", tuple(sorted({int(t) for t in self.stop_ids})))
+
+    @property
+    def slots(self) -> int:
+        """`batch_size` rounded up so every batch shard gets whole slots."""
+        return pad_rows(self.batch_size, self.mesh)
 
 
-# Layout of each state entry: the row/slot axis over the batch axes, the cache's kv heads over `tensor`.
+def pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def capacity_for(spec: EngineSpec, need: int, longest_prompt: int) -> int:
+    """Cache slots per row for rows that need `need` slots: the next power-of-two number of blocks,
+    but never more than any row can use (prompts up to `longest_prompt` tokens)."""
+    block = spec.block
+    # A row holds at most min(max_model_len, prompt + max_new_tokens) tokens (the stop rules).
+    ceiling = min(spec.max_model_len, longest_prompt + spec.max_new_tokens) + spec.segment_steps + 1
+    blocks = min(pow2_at_least(-(-need // block)), -(-ceiling // block))
+    return block * max(blocks, -(-need // block))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """The engine's device state for B slots and R = B * sides rows."""
+
+    cache_k: jax.Array  # [L, R, S, K, E] row r's tokens in slots [0, lengths_R[r]), position = slot
+    cache_v: jax.Array  # [L, R, S, K, E]
+    lengths_R: jax.Array  # tokens in each row's cache
+    last_RxD: jax.Array  # final-norm hidden of each row's last token (the next logits' input)
+    keys_Bx2: jax.Array  # uint32: the attempt's key (raw key data, so it can live in a plain array)
+    step_B: jax.Array  # tokens generated
+    done_B: jax.Array  # stopped (an empty slot is done)
+    finish_B: jax.Array  # why it stopped (work.FINISH_NAMES codes)
+    longest_B: jax.Array  # the record's longest prompt (the max_model_len rule counts it)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SegmentOut:
+    """What the host reads after a segment: each slot's tokens of this segment in columns [0, its
+    step count here), and copies of the slot counters (the state itself is donated onward)."""
+
+    tokens_BxK: jax.Array
+    logprobs_BxK: jax.Array
+    naive_BxK: jax.Array
+    step_B: jax.Array
+    done_B: jax.Array
+    finish_B: jax.Array
+
+
+# Layout of each state field: the row/slot axis over the batch axes, the cache's kv heads over `tensor`.
 _LAYOUT = {
     "cache_k": P(None, BATCH_AXES, None, "tensor", None),
     "cache_v": P(None, BATCH_AXES, None, "tensor", None),
@@ -62,69 +143,71 @@ _LAYOUT = {
 }
 
 
-def _constrain(state: dict, spec: EngineSpec) -> dict:
+def _constrain(state: DecodeState, spec: EngineSpec) -> DecodeState:
     if spec.mesh is None:
         return state
-    return {
-        name: jax.lax.with_sharding_constraint(x, NamedSharding(spec.mesh, fit_spec(_LAYOUT[name], x.shape, spec.mesh)))
-        for name, x in state.items()
-    }
+
+    def constrain(name):
+        x = getattr(state, name)
+        sharding = NamedSharding(spec.mesh, fit_spec(_LAYOUT[name], x.shape, spec.mesh))
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+    return DecodeState(**{name: constrain(name) for name in _LAYOUT})
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "batch", "capacity"))
-def init_state(*, spec: EngineSpec, batch: int, capacity: int) -> dict:
+def init_state(*, spec: EngineSpec, batch: int, capacity: int) -> DecodeState:
     """Every slot empty (done), caches of `capacity` slots."""
     cfg, R, dtype = spec.cfg, batch * spec.sides, jnp.dtype(spec.dtype)
     shape = (cfg.num_layers, R, capacity, cfg.num_kv_heads, cfg.head_dim)
-    return _constrain({
-        "cache_k": jnp.zeros(shape, dtype),
-        "cache_v": jnp.zeros(shape, dtype),
-        "lengths_R": jnp.zeros((R,), jnp.int32),
-        "last_RxD": jnp.zeros((R, cfg.hidden_size), dtype),
-        "keys_Bx2": jnp.zeros((batch, 2), jnp.uint32),
-        "step_B": jnp.zeros((batch,), jnp.int32),
-        "done_B": jnp.ones((batch,), bool),
-        "finish_B": jnp.zeros((batch,), jnp.int32),
-        "longest_B": jnp.zeros((batch,), jnp.int32),
-    }, spec)
+    return _constrain(DecodeState(
+        cache_k=jnp.zeros(shape, dtype),
+        cache_v=jnp.zeros(shape, dtype),
+        lengths_R=jnp.zeros((R,), jnp.int32),
+        last_RxD=jnp.zeros((R, cfg.hidden_size), dtype),
+        keys_Bx2=jnp.zeros((batch, 2), jnp.uint32),
+        step_B=jnp.zeros((batch,), jnp.int32),
+        done_B=jnp.ones((batch,), bool),
+        finish_B=jnp.zeros((batch,), jnp.int32),
+        longest_B=jnp.zeros((batch,), jnp.int32),
+    ), spec)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "capacity"))  # a bigger buffer: nothing to donate
-def grow(state: dict, *, spec: EngineSpec, capacity: int) -> dict:
+def grow(state: DecodeState, *, spec: EngineSpec, capacity: int) -> DecodeState:
     """The same state with caches of `capacity` slots (the live slots copied, the new ones zero)."""
-    extra = capacity - state["cache_k"].shape[2]
+    extra = capacity - state.cache_k.shape[2]
     pad = ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))
-    return _constrain({**state, "cache_k": jnp.pad(state["cache_k"], pad), "cache_v": jnp.pad(state["cache_v"], pad)},
-                      spec)
+    grown = dataclasses.replace(state, cache_k=jnp.pad(state.cache_k, pad), cache_v=jnp.pad(state.cache_v, pad))
+    return _constrain(grown, spec)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def prefill(params, tokens_NxP, lens_N, *, spec: EngineSpec):
     """Keys, values [L, N, P, K, E] and last hidden [N, D] of right-padded prompts."""
     seg_NxP = (jnp.arange(tokens_NxP.shape[1])[None, :] < lens_N[:, None]).astype(jnp.int32)
-    hidden_NxPxD, cache = tf.prefill(params, spec.cfg, tokens_NxP, tf.padded_positions(seg_NxP), seg_NxP,
-                                     tokens_NxP.shape[1], dtype=jnp.dtype(spec.dtype))
+    hidden_NxPxD, cache = transformer.prefill(params, spec.cfg, tokens_NxP, transformer.padded_positions(seg_NxP),
+                                              seg_NxP, tokens_NxP.shape[1], dtype=jnp.dtype(spec.dtype))
     last_NxD = jnp.take_along_axis(hidden_NxPxD, (lens_N - 1)[:, None, None], axis=1)[:, 0]
     return cache["k"], cache["v"], last_NxD
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnums=0)
-def insert(state: dict, sides: tuple, slots_N, ids_Nx3, seed, *, spec: EngineSpec) -> dict:
+def insert(state: DecodeState, sides: tuple, slots_N, ids_Nx3, seed, *, spec: EngineSpec) -> DecodeState:
     """Write prefilled prompts into slots `slots_N` (an entry >= B is padding: dropped) and reset them.
 
     `sides` holds one (k, v, last, lens) per side, written straight into the rows of the long-lived
     cache: no per-batch cache is built and no sides are stacked. `ids_Nx3` = (record, generation,
-    attempt); the attempt key is fold_in(key(seed), record, generation, attempt), as kernel.record_keys.
+    attempt); the attempt key is fold_in(key(seed), record, generation, attempt).
     """
-    state = dict(state)
+    cache_k, cache_v, lengths_R, last_RxD = state.cache_k, state.cache_v, state.lengths_R, state.last_RxD
     for side, (k_LxNxPxKxE, v_LxNxPxKxE, last_NxD, lens_N) in enumerate(sides):
         rows_N = slots_N * spec.sides + side
         cols_P = jnp.arange(k_LxNxPxKxE.shape[2])
-        for name, new in (("cache_k", k_LxNxPxKxE), ("cache_v", v_LxNxPxKxE)):
-            state[name] = state[name].at[:, rows_N[:, None], cols_P[None, :]].set(new.astype(state[name].dtype),
-                                                                                  mode="drop")
-        state["lengths_R"] = state["lengths_R"].at[rows_N].set(lens_N, mode="drop")
-        state["last_RxD"] = state["last_RxD"].at[rows_N].set(last_NxD.astype(state["last_RxD"].dtype), mode="drop")
+        cache_k = cache_k.at[:, rows_N[:, None], cols_P[None, :]].set(k_LxNxPxKxE.astype(cache_k.dtype), mode="drop")
+        cache_v = cache_v.at[:, rows_N[:, None], cols_P[None, :]].set(v_LxNxPxKxE.astype(cache_v.dtype), mode="drop")
+        lengths_R = lengths_R.at[rows_N].set(lens_N, mode="drop")
+        last_RxD = last_RxD.at[rows_N].set(last_NxD.astype(last_RxD.dtype), mode="drop")
 
     def key_of(ids):
         key = jax.random.key(seed)
@@ -133,91 +216,100 @@ def insert(state: dict, sides: tuple, slots_N, ids_Nx3, seed, *, spec: EngineSpe
         return jax.random.key_data(key)
 
     longest_N = jnp.max(jnp.stack([lens for *_, lens in sides]), axis=0)
-    state["keys_Bx2"] = state["keys_Bx2"].at[slots_N].set(jax.vmap(key_of)(ids_Nx3), mode="drop")
-    state["step_B"] = state["step_B"].at[slots_N].set(0, mode="drop")
-    state["done_B"] = state["done_B"].at[slots_N].set(False, mode="drop")
-    state["finish_B"] = state["finish_B"].at[slots_N].set(RUNNING, mode="drop")
-    state["longest_B"] = state["longest_B"].at[slots_N].set(longest_N, mode="drop")
-    return _constrain(state, spec)
+    return _constrain(DecodeState(
+        cache_k=cache_k,
+        cache_v=cache_v,
+        lengths_R=lengths_R,
+        last_RxD=last_RxD,
+        keys_Bx2=state.keys_Bx2.at[slots_N].set(jax.vmap(key_of)(ids_Nx3), mode="drop"),
+        step_B=state.step_B.at[slots_N].set(0, mode="drop"),
+        done_B=state.done_B.at[slots_N].set(False, mode="drop"),
+        finish_B=state.finish_B.at[slots_N].set(RUNNING, mode="drop"),
+        longest_B=state.longest_B.at[slots_N].set(longest_N, mode="drop"),
+    ), spec)
+
+
+def _draw(params, st: DecodeState, naive_prob, spec: EngineSpec):
+    """The mixing step rule: (token, its model log-probability, naive side picked) of every slot."""
+    B = st.step_B.shape[0]
+    fold = jax.vmap(jax.random.fold_in)
+    step_keys = fold(jax.random.wrap_key_data(st.keys_Bx2), st.step_B)
+    pick_keys = fold(step_keys, jnp.zeros((B,), jnp.int32))
+    draw_keys = fold(step_keys, jnp.ones((B,), jnp.int32))
+    last_BxSxD = st.last_RxD.reshape(B, spec.sides, -1)
+    if spec.sides == 1:
+        naive_B = jnp.zeros((B,), bool)
+        chosen_BxD = last_BxSxD[:, 0]
+    else:
+        naive_B = jax.vmap(jax.random.uniform)(pick_keys) < naive_prob
+        chosen_BxD = jnp.where(naive_B[:, None], last_BxSxD[:, NAIVE], last_BxSxD[:, EXPERT])
+    # The LM head runs on one row per record, not on both conditionals.
+    logits_BxV = transformer.lm_logits(params, spec.cfg, chosen_BxD, dtype=jnp.dtype(spec.dtype))
+    token_B, logprob_B = spec.sampler.next_tokens(logits_BxV, draw_keys)
+    return token_B, logprob_B, naive_B
+
+
+def _finish_codes(token_B, n_B, longest_B, stop_ids, spec: EngineSpec):
+    """Why a slot stops after its n-th token (RUNNING: it does not); max_model_len counts the
+    record's longest prompt."""
+    return jnp.where(
+        jnp.isin(token_B, stop_ids),
+        STOP,
+        jnp.where(n_B >= spec.max_new_tokens, MAX_NEW_TOKENS,
+                  jnp.where(longest_B + n_B + 1 > spec.max_model_len, MAX_MODEL_LEN, RUNNING)),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnums=1)
-def decode_segment(params, state: dict, naive_prob, stop_ids, refill_at, *, spec: EngineSpec):
+def decode_segment(params, state: DecodeState, naive_prob, stop_ids, refill_at, *, spec: EngineSpec):
     """Up to `segment_steps` decode steps: fewer when every slot has stopped, or once `refill_at`
     slots have stopped in this segment (the host has work waiting for them; pass B + 1 for never).
 
-    Returns (state, out): out["tokens"|"logprobs"|"naive"] [B, K] hold each slot's tokens of this
-    segment in columns [0, its step count here) — a slot runs from the segment's start until it
-    stops — and out["step_B"|"done_B"|"finish_B"] are copies the host reads while the state is
-    donated to the next segment.
+    Returns (state, SegmentOut): a slot runs from the segment's start until it stops.
     """
-    cfg, sides, N, K = spec.cfg, spec.sides, spec.max_new_tokens, spec.segment_steps
-    dtype = jnp.dtype(spec.dtype)
-    B = state["step_B"].shape[0]
-    S = state["cache_k"].shape[2]
-    fold = jax.vmap(jax.random.fold_in)
+    sides, K = spec.sides, spec.segment_steps
+    B = state.step_B.shape[0]
+    S = state.cache_k.shape[2]
 
     def body(carry):
-        k, st, out, freed = carry
-        keys_B = jax.random.wrap_key_data(st["keys_Bx2"])
-        step_keys = fold(keys_B, st["step_B"])
-        pick_keys = fold(step_keys, jnp.zeros((B,), jnp.int32))
-        draw_keys = fold(step_keys, jnp.ones((B,), jnp.int32))
-        last_BxSxD = st["last_RxD"].reshape(B, sides, -1)
-        if sides == 1:
-            naive_B = jnp.zeros((B,), bool)
-            chosen_BxD = last_BxSxD[:, 0]
-        else:
-            naive_B = jax.vmap(jax.random.uniform)(pick_keys) < naive_prob
-            chosen_BxD = jnp.where(naive_B[:, None], last_BxSxD[:, NAIVE], last_BxSxD[:, EXPERT])
-        logits_BxV = tf.lm_logits(params, cfg, chosen_BxD, dtype=dtype)
-        token_B, logprob_B = spec.sampler.next_tokens(logits_BxV, draw_keys)
-
-        active_B = ~st["done_B"]
-        n_B = st["step_B"] + 1
-        finish_now_B = jnp.where(
-            jnp.isin(token_B, stop_ids),
-            STOP,
-            jnp.where(n_B >= N, MAX_NEW_TOKENS,
-                      jnp.where(st["longest_B"] + n_B + 1 > spec.max_model_len, MAX_MODEL_LEN, RUNNING)),
-        )
-        out = {
-            "tokens": out["tokens"].at[:, k].set(jnp.where(active_B, token_B, 0)),
-            "logprobs": out["logprobs"].at[:, k].set(jnp.where(active_B, logprob_B, 0.0)),
-            "naive": out["naive"].at[:, k].set(active_B & naive_B),
-        }
+        k, st, (tokens_BxK, logprobs_BxK, naive_BxK), freed = carry
+        token_B, logprob_B, naive_B = _draw(params, st, naive_prob, spec)
+        active_B = ~st.done_B
+        n_B = st.step_B + 1
+        finish_now_B = _finish_codes(token_B, n_B, st.longest_B, stop_ids, spec)
+        out = (tokens_BxK.at[:, k].set(jnp.where(active_B, token_B, 0)),
+               logprobs_BxK.at[:, k].set(jnp.where(active_B, logprob_B, 0.0)),
+               naive_BxK.at[:, k].set(active_B & naive_B))
         stopping_B = active_B & (finish_now_B != RUNNING)
-        done_B = st["done_B"] | stopping_B
+        done_B = st.done_B | stopping_B
         running_R = jnp.repeat(~done_B, sides)
-        lengths_R = st["lengths_R"]
+        lengths_R = st.lengths_R
         # Only records still running feed their token; a stopped row's write is dropped (index S).
         hidden_RxD, cache_k, cache_v = decode_step(
-            params, cfg, jnp.repeat(token_B, sides), lengths_R, jnp.where(running_R, lengths_R, S),
-            st["cache_k"], st["cache_v"], jnp.max(jnp.where(running_R, lengths_R, 0).reshape(B, sides), axis=0),
-            dtype=dtype, block=spec.block,
+            params, spec.cfg, jnp.repeat(token_B, sides), lengths_R, jnp.where(running_R, lengths_R, S),
+            st.cache_k, st.cache_v, jnp.max(jnp.where(running_R, lengths_R, 0).reshape(B, sides), axis=0),
+            dtype=jnp.dtype(spec.dtype), block=spec.block,
         )
-        st = {
-            **st,
-            "cache_k": cache_k,
-            "cache_v": cache_v,
-            "lengths_R": jnp.where(running_R, lengths_R + 1, lengths_R),
-            "last_RxD": hidden_RxD.astype(st["last_RxD"].dtype),
-            "step_B": jnp.where(active_B, n_B, st["step_B"]),
-            "done_B": done_B,
-            "finish_B": jnp.where(stopping_B, finish_now_B, st["finish_B"]),
-        }
+        st = dataclasses.replace(
+            st,
+            cache_k=cache_k,
+            cache_v=cache_v,
+            lengths_R=jnp.where(running_R, lengths_R + 1, lengths_R),
+            last_RxD=hidden_RxD.astype(st.last_RxD.dtype),
+            step_B=jnp.where(active_B, n_B, st.step_B),
+            done_B=done_B,
+            finish_B=jnp.where(stopping_B, finish_now_B, st.finish_B),
+        )
         return k + 1, st, out, freed + jnp.sum(stopping_B, dtype=jnp.int32)
 
     def cond(carry):
         k, st, _, freed = carry
-        return (k < K) & ~jnp.all(st["done_B"]) & (freed < refill_at)
+        return (k < K) & ~jnp.all(st.done_B) & (freed < refill_at)
 
-    out = {
-        "tokens": jnp.zeros((B, K), jnp.int32),
-        "logprobs": jnp.zeros((B, K), jnp.float32),
-        "naive": jnp.zeros((B, K), bool),
-    }
+    out = (jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.float32), jnp.zeros((B, K), bool))
     zero = jnp.zeros((), jnp.int32)
-    _, state, out, _ = jax.lax.while_loop(cond, body, (zero, state, out, zero))
-    out.update(step_B=state["step_B"] + 0, done_B=state["done_B"] | False, finish_B=state["finish_B"] + 0)
+    _, state, (tokens_BxK, logprobs_BxK, naive_BxK), _ = jax.lax.while_loop(cond, body, (zero, state, out, zero))
+    # Copies: the host reads them while the state is donated to the next segment.
+    out = SegmentOut(tokens_BxK, logprobs_BxK, naive_BxK, step_B=state.step_B + 0, done_B=state.done_B | False,
+                     finish_B=state.finish_B + 0)
     return _constrain(state, spec), out

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run: the state (params + optimizer + step) and a JSON `meta`.
+"""Orbax checkpoints of a training run: the state (step.TrainState: params, optimizer, step) and a JSON `meta`.
 
 `meta` records the step (= data-iterator position: batch k is a pure function of the seed and k),
 the resume fingerprint and the full config, so a directory can be checked before anything is
@@ -43,8 +43,9 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
 
-    def restore(self, step: int, abstract_state) -> tuple[dict, dict]:
-        """(state placed as `abstract_state`'s shardings say, meta) of checkpoint `step`."""
+    def restore(self, step: int, abstract_state):
+        """(state, meta) of checkpoint `step`; the state has `abstract_state`'s pytree type (a
+        step.TrainState) and is placed as its shardings say."""
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),

@@ -185,11 +185,11 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
             meta = meta_for(done, tokens_before + tokens_run, values["loss"])
             saved = ckpt.save(done, state, meta, force=done == total_steps)
             if saved and cfg.export_every:
-                export_hf(state["params"], model_cfg, out / "exports" / f"step_{done}", tokenizer_dir=model_dir,
+                export_hf(state.params, model_cfg, out / "exports" / f"step_{done}", tokenizer_dir=model_dir,
                           dtype=cfg.export_dtype)
         hf_dir = out / "hf"
         if start < total_steps or not export_is_complete(hf_dir):  # while the last save is written
-            export_hf(state["params"], model_cfg, hf_dir, tokenizer_dir=model_dir, dtype=cfg.export_dtype)
+            export_hf(state.params, model_cfg, hf_dir, tokenizer_dir=model_dir, dtype=cfg.export_dtype)
         ckpt.wait()
     finally:
         if log is not None:

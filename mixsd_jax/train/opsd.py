@@ -3,7 +3,7 @@ one training loop.
 
 Per step k: the step's prompts (the same seed-determined order as SFT's records) get
 `num_rollouts` responses each from the *current* parameters, through the sampling package's
-decode engine (`Runner.run`); rollout r of prompt i uses the key fold_in(seed, i, r, k), so a
+decode engine (`sampling.engine`); rollout r of prompt i uses the key fold_in(seed, i, r, k), so a
 rollout does not depend on batch slots, devices or resumes. Each (prompt, response) becomes two
 rows: the student's (prompt + response) and the teacher's (the prompt with the ground truth in
 its user turn, `teacher.teacher_ids`, + the same response). The loss (`OpsdLoss`) is the top-k
@@ -210,27 +210,26 @@ class RolloutBatches:
         # The decode engine (continuous batching). Rollout (prompt, r) at step k draws from the key
         # fold_in(seed, record, r, k), whatever its slot, so the rollouts do not depend on
         # `rollout_batch_size` (test_rollouts_depend_only_on_...).
-        from mixsd_jax.sampling.engine import Engine, decode_all
-        from mixsd_jax.sampling.runner import WorkItem
+        from mixsd_jax.sampling.engine import Engine, EngineSpec, decode_all
         from mixsd_jax.sampling.strategies import Sampler
+        from mixsd_jax.sampling.work import WorkItem
 
         o = self.cfg.opsd
         rows = self.plan.batch_rows(step)
         work = [(self.prompts[row[0]], r) for row in rows if row for r in range(o.num_rollouts)]
         items = [WorkItem((p.ids,), record_index=p.record_index, gen_index=r, attempt=step) for p, r in work]
-        engine = Engine(
-            params,
+        engine = Engine(params, EngineSpec(
             self.model_cfg,
-            sampler=Sampler(o.temperature, o.rollout_topk or self.model_cfg.vocab_size),
+            Sampler(o.temperature, o.rollout_topk or self.model_cfg.vocab_size),
             sides=1,
-            stop_ids=self.tokenizer.stop_ids,
             max_new_tokens=o.max_new_tokens,
             max_model_len=rollout_limit(self.cfg, self.tokenizer),
             batch_size=min(o.rollout_batch_size, len(items)),
+            stop_ids=tuple(self.tokenizer.stop_ids),
             seed=self.cfg.seed,
             dtype=self.cfg.compute_dtype,
             mesh=self.mesh,
-        )
+        ))
         return [(prompt, list(done.tokens), done.finish_reason) for (prompt, _), done in zip(work, decode_all(engine, items))]
 
     def host_batch(self, step: int, params) -> dict[str, np.ndarray]:
@@ -322,6 +321,6 @@ def method(cfg, tokenizer, prompts, plan, model_dir, model_cfg, mesh, opt):
     batches = RolloutBatches(cfg, tokenizer, prompts, plan, model_cfg, mesh)
 
     def next_batch(step, state):
-        return step_lib.device_batch(batches.host_batch(step, state["params"]), mesh)
+        return step_lib.device_batch(batches.host_batch(step, state.params), mesh)
 
     return step_fn, next_batch, lambda: dict(batches.stats)

@@ -79,11 +79,11 @@ def bench_opsd(
     rows, load_before = [], machine.load()
     for step in range(steps + 1):
         started = time.perf_counter()
-        host = batches.host_batch(step, state["params"])
+        host = batches.host_batch(step, state.params)
         build_s = time.perf_counter() - started
         batch = step_lib.device_batch(host, mesh)
         started = time.perf_counter()
-        jax.block_until_ready(forward_fn(state["params"], teacher, batch))
+        jax.block_until_ready(forward_fn(state.params, teacher, batch))
         forward_s = time.perf_counter() - started
         started = time.perf_counter()
         state, metrics = step_fn(state, batch, teacher)

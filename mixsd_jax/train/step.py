@@ -1,7 +1,11 @@
 """The pure train step, the optimizer and the LR schedule.
 
-`state` is a dict pytree: `params` (master weights, `param_dtype`), `opt_state` (Optax AdamW) and
-`step` (int32 scalar, the number of updates applied = the data-iterator position).
+`TrainState` holds `params` (master weights, `param_dtype`), `opt_state` (Optax AdamW) and `step`
+(int32 scalar, the number of updates applied = the data-iterator position). It is a standard
+dataclass registered with `jax.tree_util.register_dataclass` rather than a `flax.struct.dataclass`:
+one decorator gives the same pytree, and the project does not depend on Flax. All three fields are
+leaves (nothing static), so the jitted step donates, shards and returns the whole state, and Orbax
+saves it under the field names (`params`, `opt_state`, `step`).
 
 A batch holds `grad_accum` micro batches stacked on a leading axis A: arrays [A, M, T] with
 `tokens` (inputs), `targets` (next tokens), `loss_mask` (1 on the target tokens that are
@@ -29,8 +33,18 @@ from mixsd_jax.train import loss as loss_lib
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
-State = dict[str, Any]
 Batch = dict[str, jax.Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """The training state; the same type holds its shardings (`state_shardings`) and its abstract
+    shapes (`abstract_state`)."""
+
+    params: Any
+    opt_state: Any
+    step: Any  # int32 scalar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +121,7 @@ def batch_shardings(mesh: Mesh, keys=BATCH_KEYS) -> dict[str, NamedSharding]:
     return {key: sharding for key in keys}
 
 
-def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> State:
+def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
     """Optimizer moments are sharded like their parameters; counters are replicated."""
     p_shardings = param_shardings(model_cfg, mesh)
     abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), _shape_tree(model_cfg))
@@ -120,7 +134,7 @@ def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, me
         transform_non_params=lambda _: replicated(mesh),
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
-    return {"params": p_shardings, "opt_state": opt_shardings, "step": replicated(mesh)}
+    return TrainState(params=p_shardings, opt_state=opt_shardings, step=replicated(mesh))
 
 
 def _shape_tree(model_cfg: ModelConfig):
@@ -131,20 +145,20 @@ def _shape_tree(model_cfg: ModelConfig):
     )
 
 
-def init_state(params, tx: optax.GradientTransformation, shardings: State) -> State:
+def init_state(params, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
     """A fresh state around loaded parameters (already placed by the model's sharding rules)."""
     init = jax.jit(
-        lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)},
+        lambda p: TrainState(params=p, opt_state=tx.init(p), step=jnp.zeros((), jnp.int32)),
         out_shardings=shardings,
     )
     return init(params)
 
 
-def abstract_state(model_cfg: ModelConfig, tx, shardings: State, param_dtype: str) -> State:
+def abstract_state(model_cfg: ModelConfig, tx, shardings: TrainState, param_dtype: str) -> TrainState:
     """Shapes, dtypes and target shardings of a state: what a checkpoint restores into."""
     dtype = jnp.dtype(param_dtype)
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), _shape_tree(model_cfg))
-    shapes = {"params": params, "opt_state": jax.eval_shape(tx.init, params), "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    shapes = TrainState(params=params, opt_state=jax.eval_shape(tx.init, params), step=jax.ShapeDtypeStruct((), jnp.int32))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
@@ -210,7 +224,7 @@ def micro_batch_sums(params, model_cfg: ModelConfig, micro: Batch, compute_dtype
 
 
 def train_step(
-    state: State,
+    state: TrainState,
     batch: Batch,
     *loss_args,
     model_cfg: ModelConfig,
@@ -219,11 +233,11 @@ def train_step(
     compute_dtype,
     loss_fn: Callable = micro_batch_sums,
     options: StepOptions = StepOptions(),
-) -> tuple[State, dict]:
+) -> tuple[TrainState, dict]:
     """One update. `loss_fn(params, model_cfg, micro, compute_dtype, options, *loss_args)` returns (sum of
     per-token losses, (token count, correct count)): the SFT NLL by default, OPSD's divergence
     (mixsd_jax.train.opsd.OpsdLoss, with the frozen teacher's parameters as `loss_args`)."""
-    params = state["params"]
+    params = state.params
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(carry, micro):
@@ -242,17 +256,17 @@ def train_step(
     grads_sum, nll_sum, tokens, correct = carry
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads_sum, params)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    updates, opt_state = tx.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
     metrics = {
         "loss": nll_sum / denom,
         "accuracy": correct / denom,
         "grad_norm": optax.tree.norm(grads),
-        "lr": schedule(state["step"]),
+        "lr": schedule(state.step),
         "loss_tokens": tokens,
         "tokens": jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32)),
     }
-    return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+    return TrainState(params=new_params, opt_state=opt_state, step=state.step + 1), metrics
 
 
 @functools.lru_cache(maxsize=8)
