@@ -95,6 +95,38 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def content_hash(p: str | Path) -> str:
+    """The MD5 of a file's bytes (base64, as GCS reports it): a GCS object's is read from its
+    metadata, which the store computed at upload (no download); a local file's is computed once
+    and remembered in the user cache under its path, size and modification time. The same bytes
+    have the same hash in a bucket and on a disk."""
+    p = storage.path(p)
+    if storage.is_url(p):
+        import fsspec
+
+        scheme = str(p).split("://", 1)[0]
+        md5 = fsspec.filesystem(scheme).info(str(p)).get("md5Hash") if scheme in ("gs", "gcs") else None
+        return md5 or _md5(p)
+    stat = os.stat(p)
+    key = hashlib.sha256(json.dumps(["md5", str(p), stat.st_size, stat.st_mtime_ns]).encode()).hexdigest()[:32]
+    memo = cache_dir() / "hashes" / key
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = _md5(p)
+    atomic_write_text(memo, digest)
+    return digest
+
+
+def _md5(p) -> str:
+    import base64
+
+    h = hashlib.md5()
+    with storage.path(p).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return base64.b64encode(h.digest()).decode()
+
+
 def dumps_line(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False) + "\n"
 

@@ -40,7 +40,7 @@ from typing import Callable
 from mixsd_jax import config as config_lib
 from mixsd_jax import multihost, storage
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.files import atomic_write_json, atomic_write_jsonl, iter_jsonl
+from mixsd_jax.files import atomic_write_json, atomic_write_jsonl, content_hash, iter_jsonl
 from mixsd_jax.models.registry import EMBEDDED_DEFAULT
 from mixsd_jax.models.sharding import MeshConfig
 from mixsd_jax.multihost import DistributedConfig
@@ -198,11 +198,11 @@ def _checkpoints(cfg: EvalConfig) -> list[Checkpoint]:
 
 def model_identity(model_dir: Path) -> str:
     """Config bytes plus the weight files' names and content hashes: the same model is the same
-    identity on every host and in every folder (storage.content_hash keeps big files cheap)."""
+    identity on every host and in every folder (files.content_hash keeps big files cheap)."""
     model_dir = storage.path(model_dir)
     h = hashlib.sha256((model_dir / "config.json").read_bytes())
     for f in sorted(model_dir.glob("*.safetensors"), key=lambda f: f.name):
-        h.update(f"{f.name}:{storage.content_hash(f)}".encode())
+        h.update(f"{f.name}:{content_hash(f)}".encode())
     return h.hexdigest()[:16]
 
 

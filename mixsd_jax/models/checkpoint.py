@@ -17,20 +17,15 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.models.config import ModelConfig
+from mixsd_jax.models.remote_safetensors import ST_DTYPES as _ST_DTYPES
+from mixsd_jax.models.remote_safetensors import open_ranged, place_reading_once
 from mixsd_jax.models.transformer import Params, param_shapes
 
-_ST_DTYPES = {
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F64": np.dtype(np.float64),
-}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 TOKENIZER_FILES = (
@@ -97,8 +92,6 @@ def _open_safetensors(path: Path) -> dict[str, LazyTensor]:
     from safetensors import SafetensorError, safe_open
 
     if storage.is_url(path):
-        from mixsd_jax.models.remote_safetensors import open_ranged
-
         return {name: LazyTensor(piece, path, name) for name, piece in open_ranged(path).items()}
     try:
         handle = safe_open(str(path), framework="numpy")
@@ -211,9 +204,6 @@ def load_hf(
     # A bucket is read once per host (each tensor's rows for all local devices together); a local
     # file is memory-mapped, so each device reads its own block from the page cache.
     once = storage.is_url(model_dir) and mesh is not None
-    if once:
-        from mixsd_jax.models.remote_safetensors import place_reading_once
-
     params: dict[str, Any] = {}
     for ours, (hf_name, transpose) in _top_names(cfg).items():
         arr = _get(tensors, hf_name, shapes[ours], transpose, model_dir)

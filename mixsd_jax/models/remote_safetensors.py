@@ -12,12 +12,20 @@ from __future__ import annotations
 import json
 import struct
 
+import ml_dtypes
 import numpy as np
 
 from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 
 _HEADER_LIMIT = 100 << 20  # safetensors' own bound on the header
+# safetensors dtype names -> numpy dtypes (the ones HF checkpoints of our model families use).
+ST_DTYPES = {
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F64": np.dtype(np.float64),
+}
 
 
 class RangedSlice:
@@ -37,9 +45,7 @@ class RangedSlice:
         return self._dtype
 
     def __getitem__(self, idx) -> np.ndarray:
-        from mixsd_jax.models.checkpoint import _ST_DTYPES
-
-        dtype = _ST_DTYPES[self._dtype]
+        dtype = ST_DTYPES[self._dtype]
         idx = idx if isinstance(idx, tuple) else (idx,)
         if not self._shape:
             return self._read(0, dtype.itemsize).view(dtype).reshape(())
