@@ -227,10 +227,6 @@ def _drop_torn_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def partial_exists(path: str | Path) -> bool:
-    return storage.path(path).exists()
-
-
 def remove_partial(path: str | Path) -> None:
     """Drop a stream once its final file is written (a local file, or a bucket's chunk folder)."""
     storage.remove(path)
