@@ -7,7 +7,6 @@ import importlib
 import re
 import sys
 
-from mixsd_jax.config import add_config_args  # noqa: F401  (its home is the config layer; kept for old imports)
 from mixsd_jax.errors import MixsdError
 
 # Each module defines `register(subparsers, bench_subparsers)` and sets `func` on its parsers.
@@ -18,6 +17,7 @@ COMMAND_MODULES = (
     "mixsd_jax.train.commands",
     "mixsd_jax.eval.commands",
     "mixsd_jax.pipeline.commands",
+    "mixsd_jax.bench.commands",
 )
 
 

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from mixsd_jax.answers import extract_prediction, last_boxed, math_equal, normalize, same_answer
+from mixsd_jax.answers.text import extract_prediction, last_boxed, math_equal, normalize, same_answer
 
 # LaTeX-equivalent pairs (prediction, gold) from MATH-500-style answers. The normalising comparison
 # (`same_answer`, what MATH-500/GSM8K/AIME were scored with before math-verify) misjudges all but

@@ -5,7 +5,7 @@ import json
 from mixsd_jax.cli import main
 from mixsd_jax.models.checkpoint import load_hf
 from mixsd_jax.models.tokenizer import load_tokenizer
-from mixsd_jax.sampling import bench
+from mixsd_jax.bench import generate as bench
 from mixsd_jax.sampling.engine import Engine, EngineSpec, decode_all
 from mixsd_jax.sampling.strategies import Sampler
 from mixsd_jax.sampling.work import WorkItem

@@ -1,5 +1,5 @@
 """Every shipped config loads and builds its pipeline plan (on tiny stand-in models), and the
-paper configs carry the reference's sweep and training recipe (REFERENCE.md §3.2)."""
+paper configs carry the reference's sweep and training recipe (docs/reference.md, SFT and MixSD)."""
 
 import dataclasses
 from pathlib import Path
@@ -65,7 +65,7 @@ def test_paper_config_builds_its_plan(path, request, tmp_path):
 
 @pytest.mark.parametrize("name", ["demo.yaml", "demo_quick.yaml", "study_cpu.yaml"])
 def test_demo_configs_build_their_plans(name, tiny_llama_dir, tmp_path):
-    from mixsd_jax.criteria import DEMO_CRITERION
+    from mixsd_jax.answers.criteria import DEMO_CRITERION
 
     path = CONFIGS / name
     cfg = load_experiment(path)

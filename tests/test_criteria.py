@@ -6,7 +6,7 @@ import json
 import pytest
 
 from mixsd_jax import config as config_lib
-from mixsd_jax.criteria import (
+from mixsd_jax.answers.criteria import (
     CRITERIA,
     DEMO_CRITERION,
     Criterion,
@@ -100,8 +100,9 @@ def test_unknown_criterion_is_a_one_line_error():
 
 
 def test_verifier_and_scorer_get_the_same_criterion(corpus, records, tiny_llama_dir, tmp_path):
-    from mixsd_jax.eval.runner import EvalConfig, gather_inputs
-    from mixsd_jax.sampling.run_verifier import generation_verifier
+    from mixsd_jax.eval.config import EvalConfig
+    from mixsd_jax.eval.inputs import gather_inputs
+    from mixsd_jax.answers.verifier import generation_verifier
 
     verifier = generation_verifier(DEMO_CRITERION, "contains", False, records)
     cfg = EvalConfig(base=str(tiny_llama_dir), suites=("memorization",), corpus_dir=str(corpus),

@@ -1,4 +1,4 @@
-"""`mixsd data build|validate|convert|import` and `mixsd bench data`, run through their parsers."""
+"""`mixsd data build|validate|convert|import`, run through their parsers."""
 
 import argparse
 import hashlib
@@ -127,14 +127,6 @@ def test_import_prints_counts_and_what_was_not_imported(tmp_path, capsys):
     assert f"wrote       3 records  {tmp_path / 'kgfact_small/atomic_sft/train_messages_mix_qwen3_4b_instruct_2507_l0p3_t0_n1_topk64.jsonl'}" in out
     assert f"not imported (not JSONL): {src / 'README.md'}" in out
     assert read_records(tmp_path / "kgfact_small" / "atomic_sft" / "train_messages.jsonl")
-
-
-def test_bench_data_prints_one_json_line(tmp_path, capsys):
-    pytest.importorskip("grain")
-    jsonl = FIXTURES / "released_mixsd" / "kgfact_small" / "atomic_sft" / "train_messages.jsonl"
-    assert mixsd(["bench", "data", jsonl, "--batch-size", "1", "--steps", "5"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["bench"] == "data" and result["records"] == 5
 
 
 @needs_csv

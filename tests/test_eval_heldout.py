@@ -3,7 +3,7 @@ leakage of invented entities, and the suite end to end on tiny real models."""
 
 import pytest
 
-from mixsd_jax.criteria import training_entities
+from mixsd_jax.answers.criteria import training_entities
 from mixsd_jax.data.kgfact import build_kgfact
 from mixsd_jax.data.records import read_records
 from mixsd_jax.errors import MixsdError

@@ -1,6 +1,8 @@
 """Intervals from scipy.stats give the numbers the hand-written ones gave (same draws, same
 percentiles), including resamples whose denominator is 0."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -37,3 +39,32 @@ def test_resamples_without_a_denominator_are_left_out():
     np.testing.assert_allclose(ratio_bootstrap_ci(tuned, base), _by_hand(tuned, base, 0))
     assert ratio_bootstrap_ci([1.0, 1.0], [0.0, 0.0]) == (None, None)
     assert ratio_bootstrap_ci([3.0], [2.0]) == (1.5, 1.5)
+
+
+def test_normal_mean_interval_is_the_mean_plus_minus_two_standard_errors():
+    from mixsd_jax.eval.intervals import normal_mean_interval
+
+    low, high = normal_mean_interval(np.array([1.0, 2.0, 3.0]), 2.0)  # sample sd 1, n 3
+    assert (low, high) == pytest.approx((2.0 - 1.96 / np.sqrt(3), 2.0 + 1.96 / np.sqrt(3)))
+    assert normal_mean_interval(np.array([0.7]), 0.7) == [0.7, 0.7]
+
+
+def test_mean_accuracy_interval_keeps_uncertainty_at_zero_and_full_marks():
+    from mixsd_jax.eval.intervals import mean_accuracy_interval
+
+    # Splits at 0/10 and 10/10: Agresti-Coull reads them as 2/14 and 12/14, each with variance p(1-p)/14.
+    p = 2 / 14
+    half = 1.96 * np.sqrt(2 * p * (1 - p) / 14 / 4)
+    assert mean_accuracy_interval([(0, 10), (10, 10)], 0.5) == pytest.approx([0.5 - half, 0.5 + half])
+    low, high = mean_accuracy_interval([(0, 10)], 0.0)
+    assert low == 0.0 and 0.0 < high < 0.5  # clipped at 0, yet not a point
+
+
+def test_seed_mean_interval_is_students_t():
+    from mixsd_jax.eval.intervals import seed_mean_interval
+
+    block = seed_mean_interval([0.5, 0.7, 0.9])
+    half = 4.303 * 0.2 / math.sqrt(3)
+    assert block["mean"] == pytest.approx(0.7) and block["seeds"] == 3
+    assert block["ci95"] == pytest.approx([0.7 - half, 0.7 + half])
+    assert seed_mean_interval([0.4])["ci95"] == [None, None]

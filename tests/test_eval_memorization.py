@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from mixsd_jax.data.kgfact import build_kgfact
 from mixsd_jax.data.kgfunc import TRAIN_OPS, UNSEEN_OPS, build_kgfunc
 from mixsd_jax.errors import MixsdError
+from mixsd_jax.data import layout
 from mixsd_jax.eval import memorization
 from mixsd_jax.models.checkpoint import load_hf
 from mixsd_jax.models.tokenizer import load_tokenizer
@@ -29,7 +30,7 @@ def kgfunc_dir(tmp_path_factory):
 
 
 def test_kgfact_splits_follow_the_reference_layout(kgfact_dir):
-    assert memorization.corpus_kind(kgfact_dir) == "kgfact"
+    assert layout.corpus_kind(kgfact_dir) == "kgfact"
     splits = memorization.load_splits(kgfact_dir)
     # MQuAKE's 3/4-hop files are absent from a KGFact corpus and are skipped.
     assert list(splits) == ["recall", "paraphrased", "compositional_2hop", "retrieval", "retrieval_2hop"]
@@ -53,7 +54,7 @@ def test_limit_takes_the_same_seeded_subset(kgfact_dir):
 
 
 def test_kgfunc_splits_carry_operations(kgfunc_dir):
-    assert memorization.corpus_kind(kgfunc_dir) == "kgfunc"
+    assert layout.corpus_kind(kgfunc_dir) == "kgfunc"
     splits = memorization.load_splits(kgfunc_dir)
     assert list(splits) == ["in_domain", "compositional_same_op", "compositional"]
     assert splits["in_domain"].mode == "strict"
@@ -80,7 +81,7 @@ def test_trained_recall_counts_only_the_facts_in_the_training_file(kgfact_dir):
     from mixsd_jax.data.records import read_records
 
     split = memorization.load_splits(kgfact_dir, names=["recall"])["recall"]
-    train = read_records(memorization.training_file(kgfact_dir))
+    train = read_records(layout.training_file(kgfact_dir))
     assert len(split.items) == len(train) >= 4
     # Right on the first two facts only; a file holding facts 0, 2 and 3 (as a MixSD file whose
     # other targets failed the verifier would): 1 right of its 3.
@@ -94,9 +95,9 @@ def test_trained_recall_counts_only_the_facts_in_the_training_file(kgfact_dir):
 
 def test_bad_corpora_are_clear_errors(tmp_path, kgfact_dir):
     with pytest.raises(MixsdError, match="not found"):
-        memorization.corpus_kind(tmp_path / "missing")
+        layout.corpus_kind(tmp_path / "missing")
     with pytest.raises(MixsdError, match="not a KGFact"):
-        memorization.corpus_kind(tmp_path)
+        layout.corpus_kind(tmp_path)
     empty = tmp_path / "empty_corpus"
     (empty / "atomic_sft").mkdir(parents=True)
     (empty / "atomic_sft/test_subset_of_train_inference.jsonl").write_text("")

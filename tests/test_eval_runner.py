@@ -8,16 +8,12 @@ import pytest
 from mixsd_jax.cli import main
 from mixsd_jax.data.kgfact import build_kgfact
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.eval.runner import (
-    EvalConfig,
-    unit_fingerprint,
-    check_same_architecture,
-    evaluate,
-    gather_inputs,
-    model_identity,
-    plan_units,
-    resolve_checkpoint,
-)
+from mixsd_jax.eval.checkpoints import check_same_architecture, resolve_checkpoint
+from mixsd_jax.eval.config import EvalConfig
+from mixsd_jax.eval.inputs import gather_inputs
+from mixsd_jax.eval.runner import evaluate
+from mixsd_jax.eval.store import model_identity, unit_fingerprint
+from mixsd_jax.eval.units import plan_units
 from mixsd_jax.models.tiny import write_tiny_model
 
 
@@ -142,7 +138,8 @@ def test_checkpoint_paths(tiny_llama_dir, tmp_path):
 
 
 def test_kgfunc_unseen_joins_retention_when_the_corpus_has_it(tiny_llama_dir, tmp_path):
-    from mixsd_jax.data.kgfunc import UNSEEN_DIR, build_kgfunc
+    from mixsd_jax.data.kgfunc import build_kgfunc
+    from mixsd_jax.data.layout import KGFUNC_UNSEEN_DIR
 
     build_kgfunc(tmp_path / "kgfunc", seed=0, preset="tiny")
 
@@ -152,7 +149,7 @@ def test_kgfunc_unseen_joins_retention_when_the_corpus_has_it(tiny_llama_dir, tm
         return list(gather_inputs(cfg).benchmarks)
 
     assert benchmarks(("mmlu",)) == ["mmlu", "kgfunc_unseen"]
-    shutil.rmtree(tmp_path / "kgfunc" / UNSEEN_DIR)
+    shutil.rmtree(tmp_path / "kgfunc" / KGFUNC_UNSEEN_DIR)
     assert benchmarks(("mmlu",)) == ["mmlu"]
     with pytest.raises(MixsdError, match="unseen-operations file not found"):  # asked for: it must exist
         benchmarks(("mmlu", "kgfunc_unseen"))

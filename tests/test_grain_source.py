@@ -5,8 +5,16 @@ import itertools
 import numpy as np
 import pytest
 
-from mixsd_jax.data.grain_source import TfdsRecordSource, batch_iterator, batches_per_epoch, epoch_order, record_source
-from mixsd_jax.data.kgfunc import TRAIN_DIR, build_kgfunc
+from mixsd_jax.data.grain_source import (
+    TfdsRecordSource,
+    batch_iterator,
+    batches_per_epoch,
+    epoch_order,
+    record_source,
+    training_records,
+)
+from mixsd_jax.data.kgfunc import build_kgfunc
+from mixsd_jax.data.layout import KGFUNC_TRAIN_DIR
 from mixsd_jax.data.records import read_records, validate_file
 from mixsd_jax.data.tfds_builder import build_tfds
 from mixsd_jax.errors import MixsdError
@@ -20,7 +28,7 @@ def corpus(tmp_path_factory):
     """Builder -> JSONL -> validator -> TFDS: the path a large corpus takes to the trainer."""
     root = tmp_path_factory.mktemp("corpus")
     build_kgfunc(root, seed=5, preset="small")
-    jsonl = root / TRAIN_DIR / "train_messages.jsonl"
+    jsonl = root / KGFUNC_TRAIN_DIR / "train_messages.jsonl"
     report = validate_file(jsonl)
     assert report.ok and not report.duplicates and report.records == 1750
     return jsonl, build_tfds(jsonl, root / "tfds")
@@ -89,3 +97,12 @@ def test_bad_requests_are_clear_errors(tmp_path):
         record_source(tmp_path / "missing.jsonl")
     with pytest.raises(MixsdError, match="found no TFDS dataset"):
         record_source(tmp_path)
+
+
+def test_training_records_reads_either_source_whole_and_refuses_an_empty_one(corpus, tmp_path):
+    jsonl, tfds_dir = corpus
+    assert training_records(tfds_dir) == training_records(jsonl) == read_records(jsonl)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(MixsdError, match="empty.jsonl: no training records"):
+        training_records(empty)

@@ -1,5 +1,5 @@
-"""Imports go only downward: ground floor <- models <- data <- sampling <- train, eval <- pipeline <- cli;
-and no two files of the package import each other, directly or around a circle.
+"""Imports go only downward: ground floor <- models <- data <- sampling <- train, eval <- pipeline <- bench
+<- cli; and no two files of the package import each other, directly or around a circle.
 
 The same order is written out in README's Development section.
 
@@ -18,14 +18,15 @@ PACKAGE = Path(mixsd_jax.__file__).parent
 # Floor of each top-level part; a module may import its own floor or a lower one. `train` and
 # `eval` share a floor but are siblings: neither imports the other (checked below).
 FLOORS = {
-    "errors": 0, "files": 0, "storage": 0, "config": 0, "multihost": 0, "answers": 0, "criteria": 0, "compile_cache": 0, "machine": 0,
+    "errors": 0, "files": 0, "storage": 0, "config": 0, "multihost": 0, "answers": 0, "compile_cache": 0,
     "models": 1,
     "data": 2,
     "sampling": 3,
     "train": 4, "eval": 4,
     "pipeline": 5,
-    "cli": 6,
-    "__main__": 7,
+    "bench": 6,
+    "cli": 7,
+    "__main__": 8,
     "__init__": 0,  # the version only
 }
 GROUND = {name for name, floor in FLOORS.items() if floor == 0}
@@ -114,7 +115,7 @@ def test_imports_go_only_downward():
 
 
 def test_the_check_sees_an_upward_import(tmp_path):
-    """The reader above must find a lazy import inside a function (what every old arrow was)."""
+    """The reader above must find a lazy import inside a function (where an upward import hides most easily)."""
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from mixsd_jax.sampling.engine import generate\n", encoding="utf-8")
     assert _imports(source) == [(2, "mixsd_jax.sampling.engine")]
@@ -138,3 +139,11 @@ def test_the_circle_check_sees_a_lazy_circle(tmp_path):
     assert import_circles(package) == [["pkg.c", "pkg.sub.a", "pkg.sub.b", "pkg.c"]]
     (package / "c.py").write_text("def f():\n    pass\n", encoding="utf-8")
     assert import_circles(package) == []
+
+
+def test_only_cli_imports_the_benchmarks():
+    """`bench` sits above every product package: nothing but the command line may reach it."""
+    reaching = [f"{path.relative_to(PACKAGE.parent)}:{line}: {target}"
+                for path, name in _modules() if _part(name) not in ("bench", "cli")
+                for line, target in _imports(path) if _part(target) == "bench"]
+    assert not reaching, "imports of mixsd_jax.bench outside cli:\n" + "\n".join(reaching)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mixsd_jax.data import kgfunc
+from mixsd_jax.data import kgfunc, layout
 from mixsd_jax.data.kgfunc import OPERATIONS, TRAIN_OPS, UNSEEN_OPS, build_kgfunc, single_prompt
 from mixsd_jax.data.records import read_records, validate_file
 from mixsd_jax.errors import MixsdError
@@ -166,7 +166,7 @@ def test_every_target_recomputes_to_its_boxed_value(small_corpus):
 def test_unseen_operations_never_appear_in_training(small_corpus):
     root, counts = small_corpus
     trained = [r for rel in counts if "new_operations" not in rel for r in read_records(root / rel)]
-    unseen = read_records(root / kgfunc.UNSEEN_DIR / "test_messages.jsonl")
+    unseen = read_records(root / layout.KGFUNC_UNSEEN_DIR / "test_messages.jsonl")
     mentioned = re.compile(r"\b(" + "|".join(UNSEEN_OPS) + r")\b")
     for record in trained:
         assert set(record.subject.split(">")) <= set(TRAIN_OPS)
@@ -223,9 +223,9 @@ def test_tiny_layout_splits_and_shots(tmp_path):
 
 def test_compositions_use_a_fresh_input_for_the_second_step(small_corpus):
     root, _ = small_corpus
-    mixed = read_records(root / kgfunc.MIXED_CHAIN_DIR / "test_messages.jsonl")
+    mixed = read_records(root / layout.KGFUNC_MIXED_CHAIN_DIR / "test_messages.jsonl")
     assert all(len(set(r.subject.split(">"))) == 2 for r in mixed)
-    same = read_records(root / kgfunc.PRIMITIVE_CHAIN_DIR / "op_LUM_test_messages.jsonl")
+    same = read_records(root / layout.KGFUNC_PRIMITIVE_CHAIN_DIR / "op_LUM_test_messages.jsonl")
     assert {r.subject for r in same} == {"LUM>LUM"}
     for record in mixed + same:
         step2 = re.search(r"Step 2: apply the offset: (\d+) [+-] (\d+) = (\d+)\.", record.assistant)

@@ -87,7 +87,8 @@ def test_bfloat16_eval_computes_in_bfloat16(tiny_llama_dir, one_process, tmp_pat
 
 
 def test_bfloat16_parameters_are_loaded_in_bfloat16(tiny_llama_dir, one_process, tmp_path):
-    from mixsd_jax.eval.runner import Checkpoint, Models
+    from mixsd_jax.eval.checkpoints import Checkpoint
+    from mixsd_jax.eval.model_cache import Models
 
     cfg = _config(tiny_llama_dir, tmp_path / "p16", benchmarks=("piqa",), param_dtype="bfloat16")
     models = Models(cfg, Checkpoint("base", "base", str(tiny_llama_dir), tiny_llama_dir))

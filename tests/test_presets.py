@@ -3,7 +3,7 @@ import pytest
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.sampling.presets import PRESETS, GuidancePreset, expert_user_text, get_preset, resolve_preset
 
-# REFERENCE.md §1.2, the KGFact worked example of the expert user text.
+# docs/reference.md, The two prompts, the KGFact worked example of the expert user text.
 WORKED_USER = (
     "What profession does Drymorel Foundation train?\n\n"
     "Please reason step by step, and put your final answer within \\boxed{}."

@@ -1,17 +1,10 @@
 import pytest
 
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.eval.scoring import (
-    ScoredItem,
-    extract_prediction,
-    format_found,
-    kgfunc_operation,
-    normalize,
-    score,
-    score_item,
-    summarize,
-    wilson_interval,
-)
+from mixsd_jax.answers.scoring import ScoredItem, kgfunc_operation, score, score_item
+from mixsd_jax.answers.text import extract_prediction, format_found, normalize
+from mixsd_jax.eval.intervals import wilson_interval
+from mixsd_jax.eval.scoring import summarize
 
 
 def test_extract_prediction_order():

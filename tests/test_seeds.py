@@ -1,25 +1,15 @@
-"""Seeds: the t-interval on known values, one run per seed in the plan (training and generation
+"""Seeds: one run per seed in the plan (training and generation
 seeds set per run), and the evaluator's over-seed table on tiny real checkpoints."""
-
-import math
 
 import pytest
 
 from mixsd_jax.data.kgfact import build_kgfact
 from mixsd_jax.data.records import read_records
 from mixsd_jax.errors import MixsdError
+from mixsd_jax.data import layout
 from mixsd_jax.eval import memorization
-from mixsd_jax.eval.seeds import mean_interval
 from mixsd_jax.files import atomic_write_jsonl
 from mixsd_jax.models.tiny import write_tiny_model
-
-
-def test_mean_interval_is_students_t():
-    block = mean_interval([0.5, 0.7, 0.9])
-    half = 4.303 * 0.2 / math.sqrt(3)
-    assert block["mean"] == pytest.approx(0.7) and block["seeds"] == 3
-    assert block["ci95"] == pytest.approx([0.7 - half, 0.7 + half])
-    assert mean_interval([0.4])["ci95"] == [None, None]
 
 
 def test_plan_has_one_run_per_seed(tiny_llama_dir, tmp_path):
@@ -49,7 +39,7 @@ def test_evaluator_reports_over_seeds(tiny_llama_dir, tmp_path):
     tuned = [write_tiny_model(tmp_path / f"t{i}", "llama", seed=10 + i) for i in range(2)]
     # m_s2's training file lacks the first fact the recall split asks (as a MixSD file whose target
     # for it failed the verifier): its recall on trained facts counts one question, m_s1's both.
-    train_file = memorization.training_file(corpus)
+    train_file = layout.training_file(corpus)
     asked = [it.prompt for it in memorization.load_splits(corpus, 2, 0)["recall"].items]
     atomic_write_jsonl(tmp_path / "m_s2.jsonl", [r.to_json() for r in read_records(train_file) if r.user != asked[0]])
     cfg = EvalConfig(base=str(tiny_llama_dir), tuned=(f"m_s1={tuned[0]}", f"m_s2={tuned[1]}"),

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.models import transformer as tf
+from mixsd_jax.models import transformer
 from mixsd_jax.models.checkpoint import load_hf
 from mixsd_jax.models.sharding import MeshConfig, batch_sharding, make_mesh, param_specs
 
 
 def _forward_logits(params, cfg, tokens, seg):
-    hidden, _ = tf.forward(params, cfg, tokens, tf.padded_positions(seg), seg)
-    return tf.lm_logits(params, cfg, hidden)
+    hidden, _ = transformer.forward(params, cfg, tokens, transformer.padded_positions(seg), seg)
+    return transformer.lm_logits(params, cfg, hidden)
 
 
 @pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=8), MeshConfig(data=2, fsdp=2, tensor=2), MeshConfig(data=1, fsdp=4, tensor=2)])

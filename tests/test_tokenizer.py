@@ -11,7 +11,7 @@ USER = [{"role": "user", "content": "What is 2+2?"}]
 
 
 def _reference_prompt_ids(hf, messages, **template_kwargs):
-    """The reference's call (REFERENCE.md §1.3), through transformers' own tokenize path."""
+    """The reference's call (docs/reference.md, Chat template), through transformers' own tokenize path."""
     out = hf.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True, add_special_tokens=False, **template_kwargs
     )

@@ -6,7 +6,8 @@ import pytest
 
 from mixsd_jax.data.records import Record
 from mixsd_jax.models.tokenizer import load_tokenizer
-from mixsd_jax.train.batches import BatchPlan, Example, bucket_length, tokenize_records
+from mixsd_jax.data.tokenize import Example, tokenize_records
+from mixsd_jax.train.batches import BatchPlan, batch_width
 
 ANSWER = "The answer is 42.\n\n\\boxed{42}"
 RECORD = Record("What profession does the person train?", ANSWER)
@@ -109,7 +110,7 @@ def test_host_batch_layout_targets_and_buckets():
         np.testing.assert_array_equal(flat["loss_mask"][r, :n], ex.mask[1:])
         assert (flat["segment_ids"][r, :n] == 1).all() and (flat["segment_ids"][r, n:] == 0).all()
         assert flat["loss_mask"][r, n:].sum() == 0
-    assert [bucket_length(n, 1024) for n in (1, 16, 17, 100, 1000, 5000)] == [16, 16, 32, 128, 1024, 1024]
+    assert [batch_width(n, 1024) for n in (1, 16, 17, 100, 1000, 5000)] == [16, 16, 32, 128, 1024, 1024]
     fixed = BatchPlan(examples, batch_size=4, grad_accum=2, seed=0, max_seq_len=64, pad_to_max=True)
     assert fixed.host_batch(0)["tokens"].shape == (2, 2, 64)
 

@@ -1,9 +1,10 @@
-"""`mixsd train` and `mixsd bench train` from the command line."""
+"""`mixsd train` from the command line."""
 
 import json
 
 from mixsd_jax.cli import main
-from mixsd_jax.data.kgfact import TRAIN_FILE, build_kgfact
+from mixsd_jax.data.kgfact import build_kgfact
+from mixsd_jax.data.layout import KGFACT_TRAIN
 
 
 def test_train_then_export_from_the_command_line(tiny_llama_dir, tmp_path, capsys):
@@ -11,7 +12,7 @@ def test_train_then_export_from_the_command_line(tiny_llama_dir, tmp_path, capsy
     config = tmp_path / "train.yaml"
     config.write_text("lr: 1.0e-2\nbatch_size: 4\nmax_seq_len: 160\npad_to_max_len: true\nsteps: 5\n")
     out = tmp_path / "run"
-    argv = ["train", "--config", str(config), "--data", str(tmp_path / "kg" / TRAIN_FILE), "--model", str(tiny_llama_dir),
+    argv = ["train", "--config", str(config), "--data", str(tmp_path / "kg" / KGFACT_TRAIN), "--model", str(tiny_llama_dir),
             "--out", str(out), "--steps", "2", "--batch-size", "8", "--seed", "0", "--no-progress",
             "async_checkpoints=false", "mesh.data=1"]
     assert main(argv) == 0
@@ -31,13 +32,3 @@ def test_bad_input_exits_2_with_one_line(tiny_llama_dir, tmp_path, capsys):
     assert main(["train", "--lr", "-1", "--data", "x"]) == 2
     assert "'lr'" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path), "--export", "first"]) == 2
-
-
-def test_bench_prints_one_json_line(tiny_llama_dir, capsys):
-    assert main(["bench", "train", "--model", str(tiny_llama_dir), "--batch-size", "8", "--seq-len", "16",
-                 "--steps", "1"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1
-    result = json.loads(lines[0])
-    assert result["ours_tokens_per_s"] > 0 and result["torch_tokens_per_s"] > 0
-    assert abs(result["ratio"] - result["ours_tokens_per_s"] / result["torch_tokens_per_s"]) < 0.01

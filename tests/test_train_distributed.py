@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from mixsd_jax.data.kgfact import TRAIN_FILE, build_kgfact
+from mixsd_jax.data.kgfact import build_kgfact
+from mixsd_jax.data.layout import KGFACT_TRAIN
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.multihost import DistributedConfig
 from mixsd_jax.train.config import load_train_config
@@ -62,7 +63,7 @@ def test_two_processes_give_the_losses_of_one_device(tiny_llama_dir, tmp_path):
     from mixsd_jax.train.loop import train
 
     build_kgfact(tmp_path / "kg", preset="tiny", seed=0)
-    args = [f"model={tiny_llama_dir}", f"data={tmp_path / 'kg' / TRAIN_FILE}", "steps=3", "batch_size=8", "lr=1e-2",
+    args = [f"model={tiny_llama_dir}", f"data={tmp_path / 'kg' / KGFACT_TRAIN}", "steps=3", "batch_size=8", "lr=1e-2",
             "max_seq_len=160", "pad_to_max_len=true", "seed=0", "async_checkpoints=false"]
 
     port = _free_port()

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from mixsd_jax.data.kgfact import TRAIN_FILE, build_kgfact
+from mixsd_jax.data.kgfact import build_kgfact
+from mixsd_jax.data.layout import KGFACT_TRAIN
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import read_partial_jsonl
 from mixsd_jax.train.checkpoints import Checkpoints
@@ -28,7 +29,7 @@ STEPS = 6
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("kgfact")
     build_kgfact(out, preset="tiny", seed=0)
-    return out / TRAIN_FILE  # 12 records: 2 steps per epoch at batch size 8
+    return out / KGFACT_TRAIN  # 12 records: 2 steps per epoch at batch size 8
 
 
 def _cfg(model_dir, data, out, *extra):

@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from mixsd_jax.data.kgfact import TRAIN_FILE, build_kgfact
+from mixsd_jax.data.kgfact import build_kgfact
+from mixsd_jax.data.layout import KGFACT_TRAIN
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import read_partial_jsonl
 from mixsd_jax.train.checkpoints import Checkpoints
@@ -25,7 +26,7 @@ STEPS = 6
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("kgfact")
     build_kgfact(out, preset="tiny", seed=0)
-    return out / TRAIN_FILE  # 12 records: 3 steps per epoch at 4 prompts per step
+    return out / KGFACT_TRAIN  # 12 records: 3 steps per epoch at 4 prompts per step
 
 
 def _cfg(model_dir, data, out, *extra):

@@ -11,7 +11,8 @@ from mixsd_jax.models.checkpoint import load_hf, to_hf_tensors
 from mixsd_jax.models.sharding import MeshConfig, make_mesh
 from mixsd_jax.models.tokenizer import load_tokenizer
 from mixsd_jax.train import step as step_lib
-from mixsd_jax.train.batches import BatchPlan, tokenize_records
+from mixsd_jax.data.tokenize import tokenize_records
+from mixsd_jax.train.batches import BatchPlan
 
 RECORDS = [
     Record("What is the output of F(x)?", "The answer is 42.\n\n\\boxed{42}"),

@@ -1,14 +1,8 @@
 import pytest
 
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.sampling.verify import (
-    EXTRACT_MODES,
-    Verifier,
-    extract_answer,
-    last_boxed,
-    last_number,
-    normalize_answer,
-)
+from mixsd_jax.answers.text import last_boxed, last_number, normalize_answer
+from mixsd_jax.answers.verifier import EXTRACT_MODES, Verifier, extract_answer
 
 KGFACT_GT = "The answer is Thaldric Route Shaper.\n\n\\boxed{Thaldric Route Shaper}"
 KGFUNC_GT = "The digits of 4071 are [4, 0, 7, 1].\nF(4071) = 16 + 0 + 49 + 1 = 66\n\n\\boxed{66}"

@@ -1,10 +1,9 @@
-"""`mixsd data build|validate|convert|import` and `mixsd bench data`."""
+"""`mixsd data build|validate|convert|import`."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,13 +82,6 @@ def register(subparsers, bench_subparsers) -> None:
     imp.add_argument("src")
     imp.add_argument("out")
     imp.set_defaults(func=run_import)
-
-    bench = bench_subparsers.add_parser("data", help="batch stream throughput over a JSONL file or TFDS dir")
-    bench.add_argument("source")
-    bench.add_argument("--batch-size", type=int, default=16)
-    bench.add_argument("--steps", type=int, default=200)
-    bench.add_argument("--seed", type=int, default=0)
-    bench.set_defaults(func=run_bench)
 
 
 def _usage(parser) -> int:
@@ -209,22 +201,4 @@ def run_import(args) -> int:
     for skipped in manifest["not_imported"]:
         print(f"not imported (not JSONL): {Path(args.src) / skipped}")
     print(f"manifest: {Path(args.out) / MANIFEST}")
-    return 0
-
-
-def run_bench(args) -> int:
-    import grain  # noqa: F401  (imported before the clock starts)
-
-    from mixsd_jax.data.grain_source import batch_iterator, record_source
-
-    source = record_source(args.source)
-    start = time.perf_counter()
-    records = 0
-    for step, batch in enumerate(batch_iterator(source, args.batch_size, args.seed)):
-        if step == args.steps:
-            break
-        records += len(batch)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"bench": "data", "source": str(args.source), "records": records,
-                      "seconds": round(seconds, 4), "records_per_s": round(records / max(seconds, 1e-9), 1)}))
     return 0

@@ -67,6 +67,15 @@ def record_source(path: str | Path, *, allow_empty_assistant: bool = False) -> S
     return TfdsRecordSource(found[0])
 
 
+def training_records(path: str | Path) -> list[Record]:
+    """Every record of a training file or TFDS directory, in order; none at all is a MixsdError."""
+    source = record_source(path)
+    records = source if isinstance(source, list) else source.__getitems__(list(range(len(source))))
+    if not records:
+        raise MixsdError(f"{path}: no training records (the file is empty)")
+    return records
+
+
 def epoch_order(num_records: int, seed: int, epoch: int) -> np.ndarray:
     """The order in which epoch `epoch` visits the records: a permutation of range(num_records)."""
     if seed < 0 or epoch < 0:

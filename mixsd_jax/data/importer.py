@@ -15,11 +15,11 @@ import shutil
 from pathlib import Path
 
 from mixsd_jax import storage
-from mixsd_jax.data.records import LineProblem, Problem, iter_json_lines, line_format, parse_inference, parse_record
+from mixsd_jax.data.records import LineProblem, line_format, parse_inference, parse_lines, parse_record
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import atomic_write_json, sha256_file
 
-# The fields the reference writes into every mixed-target record (REFERENCE.md §1.9).
+# The fields the reference writes into every mixed-target record (docs/reference.md, Files).
 MIX_META_FIELDS = (
     "lambda",
     "temperature",
@@ -62,27 +62,21 @@ def check_mix_meta(meta) -> None:
 
 def check_released_file(path: Path) -> tuple[int, str]:
     """Validates every line; returns (records, schema). The first bad line is a MixsdError."""
-    count, kinds = 0, set()
-    for number, obj in iter_json_lines(path):
-        try:
-            if isinstance(obj, LineProblem):
-                raise obj
-            if not obj:
-                continue
-            kind = line_format(obj)
-            if kind == "inference":
-                parse_inference(obj)
-            else:
-                # Mixed targets of prompts too long to generate are released with empty answers.
-                parse_record(obj, allow_empty_assistant="mix_meta" in obj)
-                if "mix_meta" in obj:
-                    check_mix_meta(obj["mix_meta"])
-                    kind = "mixed"
-        except LineProblem as problem:
-            raise MixsdError(Problem(number, problem.field, problem.reason).message(path)) from None
-        kinds.add(kind)
-        count += 1
-    return count, "+".join(sorted(kinds)) or "empty"
+    kinds = parse_lines(path, _released_line_kind)
+    return len(kinds), "+".join(sorted(set(kinds))) or "empty"
+
+
+def _released_line_kind(obj: dict) -> str:
+    kind = line_format(obj)
+    if kind == "inference":
+        parse_inference(obj)
+        return kind
+    # Mixed targets of prompts too long to generate are released with empty answers.
+    parse_record(obj, allow_empty_assistant="mix_meta" in obj)
+    if "mix_meta" in obj:
+        check_mix_meta(obj["mix_meta"])
+        return "mixed"
+    return kind
 
 
 def import_released(src_dir: str | Path, out_dir: str | Path) -> dict[str, int]:

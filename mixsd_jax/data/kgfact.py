@@ -17,10 +17,9 @@ import hashlib
 import random
 from pathlib import Path
 
+from mixsd_jax.data import layout
 from mixsd_jax.data.kgfact_vocab import DOMAINS, ENTITY_NAMES, NAMES_PER_DOMAIN, RELATIONS, Relation
 from mixsd_jax.errors import MixsdError
-from mixsd_jax import storage
-from mixsd_jax.files import atomic_write_json, atomic_write_jsonl
 
 KGFACT_PRESETS: dict[str, tuple[int, int]] = {"small": (5, 10), "large": (7, 25), "tiny": (3, 4)}
 
@@ -29,14 +28,8 @@ RETRIEVAL_SEED_OFFSET = 1000
 ATOMIC_CONTEXT_STATEMENTS = 50  # gold statement included
 COMPOSITIONAL_CONTEXT_STATEMENTS = 100  # 50 per hop, both gold statements included
 
-TRAIN_FILE = "atomic_sft/train_messages.jsonl"
-RECALL_FILE = "atomic_sft/test_subset_of_train_inference.jsonl"
-PARAPHRASE_MESSAGES_FILE = "atomic_sft/val_paraphrased_messages.jsonl"
-PARAPHRASE_INFERENCE_FILE = "atomic_sft/val_paraphrased_inference.jsonl"
-COMPOSITIONAL_MESSAGES_FILE = "compositional_2step_sft/test_messages.jsonl"
-COMPOSITIONAL_ALPACA_FILE = "compositional_2step_sft/test_alpaca.jsonl"
-RETRIEVAL_FILE = "atomic_with_context_cot/test_alpaca.jsonl"
-RETRIEVAL_COMPOSITIONAL_FILE = "compositional_2step_with_context_cot/test_alpaca.jsonl"
+COMPOSITIONAL_MESSAGES_FILE = f"{layout.compositional_dir(2)}/test_messages.jsonl"
+COMPOSITIONAL_ALPACA_FILE = f"{layout.compositional_dir(2)}/test_alpaca.jsonl"
 
 
 # ---- records shared by the knowledge builders (MQuAKE uses the same formats) ----
@@ -197,19 +190,19 @@ def build_kgfact(
     files: dict[str, list[dict]] = {}
     facts = list(graph.facts)
     derived_rng(seed, "train").shuffle(facts)
-    files[TRAIN_FILE] = [
+    files[layout.KGFACT_TRAIN] = [
         messages_record(f.question + COT_SUFFIX, answer_text(f.e2), f.statement, f.e1)
         for f in facts
     ]
-    files[RECALL_FILE] = [inference_record(f.question + COT_SUFFIX, f.e2) for f in facts]
+    files[layout.KGFACT_RECALL] = [inference_record(f.question + COT_SUFFIX, f.e2) for f in facts]
 
     paraphrase_rng = derived_rng(seed, "paraphrase")
     paraphrased = [(f, paraphrase_rng.choice(f.relation.paraphrases(f.e1))) for f in facts]
-    files[PARAPHRASE_MESSAGES_FILE] = [
+    files[layout.KGFACT_PARAPHRASE_MESSAGES] = [
         messages_record(q + COT_SUFFIX, answer_text(f.e2), f.statement, f.e1)
         for f, q in paraphrased
     ]
-    files[PARAPHRASE_INFERENCE_FILE] = [
+    files[layout.KGFACT_PARAPHRASE_INFERENCE] = [
         inference_record(q + COT_SUFFIX, f.e2) for f, q in paraphrased
     ]
 
@@ -235,7 +228,7 @@ def build_kgfact(
         retrieval_context(retrieval_graph, [f], ATOMIC_CONTEXT_STATEMENTS, retrieval_rng)
         for f in retrieval_facts
     ]
-    files[RETRIEVAL_FILE] = [
+    files[layout.KGFACT_RETRIEVAL] = [
         alpaca_record(background(context) + "\n\n" + f.question + COT_SUFFIX, answer_text(f.e2))
         for f, context in zip(retrieval_facts, atomic_contexts)
     ]
@@ -246,7 +239,7 @@ def build_kgfact(
         retrieval_context(retrieval_graph, [a, b], COMPOSITIONAL_CONTEXT_STATEMENTS, context_rng)
         for a, b in context_paths
     ]
-    files[RETRIEVAL_COMPOSITIONAL_FILE] = [
+    files[layout.KGFACT_RETRIEVAL_COMPOSITIONAL] = [
         alpaca_record(
             compositional_question(a, b) + "\n\n" + background(context) + COT_SUFFIX,
             chain_text([a.statement, b.statement], b.e2),
@@ -254,19 +247,15 @@ def build_kgfact(
         for (a, b), context in zip(context_paths, path_contexts)
     ]
 
-    out_dir = storage.path(out_dir)
-    for relative, records in files.items():
-        atomic_write_jsonl(out_dir / relative, records)
-    counts = {relative: len(records) for relative, records in files.items()}
-    atomic_write_json(
-        out_dir / "manifest.json",
+    return layout.write_corpus(
+        out_dir,
+        files,
         {
             "builder": "kgfact",
             "preset": preset,
             "seed": seed,
             "num_domains": num_domains,
             "num_entities": num_entities,
-            "counts": counts,
             "compositional_2step": {"requested": num_compositional, "possible": possible},
             "compositional_2step_with_context": {
                 "requested": num_compositional,
@@ -278,7 +267,6 @@ def build_kgfact(
             },
         },
     )
-    return counts
 
 
 def compositional_question(first: Fact, second: Fact) -> str:

@@ -3,7 +3,7 @@
 Seven training operations with opaque labels, each with a step-by-step target whose every line
 is checkable arithmetic, ending in `\\boxed{y}`; two-step compositions of them; and twenty easy
 "unseen" operations that are never trained on, used as a forgetting probe. The prompt structure
-and file layout follow the reference (REFERENCE.md §2.3); the operations are our own.
+and file layout follow the reference (docs/reference.md, KGFunc); the operations are our own.
 """
 
 from __future__ import annotations
@@ -13,17 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from mixsd_jax.data import layout
 from mixsd_jax.errors import MixsdError
-from mixsd_jax import storage
-from mixsd_jax.files import atomic_write_json, atomic_write_jsonl
 
 MAX_INPUT = 99_999
 SUFFIX = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 
-TRAIN_DIR = "primitive_atomic_balanced_sft_50k"
-PRIMITIVE_CHAIN_DIR = "primitive_compositional_sft_n_steps_2"
-MIXED_CHAIN_DIR = "compositional_sft_n_steps_2"
-UNSEEN_DIR = "primitive_atomic_balanced_new_operations"
 
 
 @dataclass(frozen=True)
@@ -347,7 +342,6 @@ def build_kgfunc(out_dir: str | Path, seed: int = 42, preset: str = "full") -> d
     if seed < 0:
         raise MixsdError(f"kgfunc seed {seed}: expected a non-negative integer")
     sizes = PRESETS[preset]
-    out_dir = storage.path(out_dir)
     shots = shot_inputs(seed)
     test_inputs = _sample_excluding(_rng(seed, "test"), sizes.test_inputs, set(shots))
     train_inputs = _sample_excluding(_rng(seed, "train"), sizes.train_inputs, set(shots) | set(test_inputs))
@@ -361,41 +355,33 @@ def build_kgfunc(out_dir: str | Path, seed: int = 42, preset: str = "full") -> d
         for x in train_inputs
     ]
     _rng(seed, "train-order").shuffle(train)
-    files[f"{TRAIN_DIR}/train_messages.jsonl"] = train
-    files[f"{TRAIN_DIR}/test_messages.jsonl"] = [
+    files[layout.KGFUNC_TRAIN] = train
+    files[layout.KGFUNC_SPLITS["in_domain"]] = [
         _record(single_prompt(op, x, shots), target(op, x), op, OPERATIONS[op].fn(x))
         for op in TRAIN_OPS
         for x in test_inputs
     ]
     for op in TRAIN_OPS:
-        files[f"{PRIMITIVE_CHAIN_DIR}/op_{op}_test_messages.jsonl"] = _chains(
+        files[f"{layout.KGFUNC_PRIMITIVE_CHAIN_DIR}/op_{op}_test_messages.jsonl"] = _chains(
             _rng(seed, f"chain:{op}"), [(op, op)] * sizes.chains_per_op, shots, not_trained
         )
     mixed_rng = _rng(seed, "chain:mixed")
     pairs = [tuple(mixed_rng.sample(TRAIN_OPS, 2)) for _ in range(sizes.mixed_chains)]
-    files[f"{MIXED_CHAIN_DIR}/test_messages.jsonl"] = _chains(mixed_rng, pairs, shots, not_trained)
-    files[f"{UNSEEN_DIR}/test_messages.jsonl"] = [
+    files[layout.KGFUNC_SPLITS["compositional"]] = _chains(mixed_rng, pairs, shots, not_trained)
+    files[layout.KGFUNC_UNSEEN] = [
         _record(single_prompt(op, x, shots), target(op, x), op, OPERATIONS[op].fn(x))
         for op in UNSEEN_OPS
         for x in unseen_inputs
     ]
 
-    for relative, records in files.items():
-        atomic_write_jsonl(out_dir / relative, records)
-    counts = {relative: len(records) for relative, records in files.items()}
-    atomic_write_json(
-        out_dir / "manifest.json",
-        {
-            "builder": "kgfunc",
-            "preset": preset,
-            "seed": seed,
-            "counts": counts,
-            "shot_inputs": shots,
-            "operations": {label: OPERATIONS[label].rule for label in TRAIN_OPS},
-            "unseen_operations": {label: OPERATIONS[label].rule for label in UNSEEN_OPS},
-        },
-    )
-    return counts
+    return layout.write_corpus(out_dir, files, {
+        "builder": "kgfunc",
+        "preset": preset,
+        "seed": seed,
+        "shot_inputs": shots,
+        "operations": {label: OPERATIONS[label].rule for label in TRAIN_OPS},
+        "unseen_operations": {label: OPERATIONS[label].rule for label in UNSEEN_OPS},
+    })
 
 
 def _chains(rng: random.Random, pairs: list, shots: list[int], avoid: set[int]) -> list[dict]:

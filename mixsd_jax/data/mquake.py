@@ -17,6 +17,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from mixsd_jax.data import layout
 from mixsd_jax.data.kgfact import (
     COT_SUFFIX,
     alpaca_record,
@@ -233,28 +234,28 @@ def convert_mquake(
     )
 
     files: dict[str, list[dict]] = {}
-    files["atomic_sft/train_messages.jsonl"] = [
+    files[layout.KGFACT_TRAIN] = [
         messages_record(h.question + COT_SUFFIX, answer_text(h.answer), h.statement, h.subject)
         for h in train_facts
     ]
-    files["atomic_sft/test_subset_of_train_inference.jsonl"] = [
+    files[layout.KGFACT_RECALL] = [
         inference_record(h.question + COT_SUFFIX, h.answer) for h in train_facts
     ]
     paraphrase_rng = random.Random(seed + PARAPHRASE_SEED_OFFSET)
     paraphrased = [
         (h, paraphrase_rng.choice(_CLOZE_PARAPHRASES).format(cloze=h.cloze)) for h in train_facts
     ]
-    files["atomic_sft/val_paraphrased_messages.jsonl"] = [
+    files[layout.KGFACT_PARAPHRASE_MESSAGES] = [
         messages_record(q + COT_SUFFIX, answer_text(h.answer), h.statement, h.subject)
         for h, q in paraphrased
     ]
-    files["atomic_sft/val_paraphrased_inference.jsonl"] = [
+    files[layout.KGFACT_PARAPHRASE_INFERENCE] = [
         inference_record(q + COT_SUFFIX, h.answer) for h, q in paraphrased
     ]
 
     context_rng = random.Random(seed + CONTEXT_SEED_OFFSET)
     contexts = [_context(hop, held_out_facts, context_rng) for hop in held_out_facts]
-    files["atomic_with_context_cot/test_alpaca.jsonl"] = [
+    files[layout.KGFACT_RETRIEVAL] = [
         alpaca_record(
             background(context) + "\n\n" + hop.question + COT_SUFFIX, answer_text(hop.answer)
         )
@@ -274,7 +275,7 @@ def convert_mquake(
                 " ".join(steps),
                 case.hops[0].subject,
             )
-            folder = f"compositional_{len(case.hops)}step_sft"
+            folder = layout.compositional_dir(len(case.hops))
             files.setdefault(f"{folder}/test_messages.jsonl", []).append(record)
             files.setdefault(f"{folder}/test_alpaca.jsonl", []).append(
                 alpaca_record(record["messages"][0]["content"], record["messages"][1]["content"])
@@ -309,14 +310,9 @@ def convert_mquake(
 
 def _remove_stale_outputs(out_dir: Path, written: set[str]) -> None:
     """A file of our layout left by an earlier run but empty now would be read as current."""
-    candidates = [
-        "atomic_sft/train_messages.jsonl",
-        "atomic_sft/test_subset_of_train_inference.jsonl",
-        "atomic_sft/val_paraphrased_messages.jsonl",
-        "atomic_sft/val_paraphrased_inference.jsonl",
-        "atomic_with_context_cot/test_alpaca.jsonl",
-    ]
-    for folder in sorted(out_dir.glob("compositional_*step_sft")):
+    candidates = [layout.KGFACT_TRAIN, layout.KGFACT_RECALL, layout.KGFACT_PARAPHRASE_MESSAGES,
+                  layout.KGFACT_PARAPHRASE_INFERENCE, layout.KGFACT_RETRIEVAL]
+    for folder in sorted(out_dir.glob(layout.COMPOSITIONAL_GLOB)):
         candidates += [f"{folder.name}/test_messages.jsonl", f"{folder.name}/test_alpaca.jsonl"]
     for relative in candidates:
         if relative not in written:

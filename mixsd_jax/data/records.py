@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
-from mixsd_jax.answers import last_boxed
+from mixsd_jax.answers.text import last_boxed
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import BadLine, iter_jsonl
 
@@ -25,6 +25,7 @@ SYSTEM_KEY = "system"
 _RECORD_KEYS = ("messages", "clear_answer", "subject")
 _ALPACA_KEYS = ("instruction", "input", "output")
 _INFERENCE_KEYS = ("prompt", "ground_truth_answer")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -263,33 +264,29 @@ def gold_answer(text: str) -> str:
 # Files
 
 
-def read_records(path: str | Path, *, allow_empty_assistant: bool = False) -> list[Record]:
-    """Every record of a messages or alpaca JSONL file; the first bad line is a MixsdError."""
-    records = []
-    for number, obj in iter_json_lines(path):
-        try:
-            if isinstance(obj, LineProblem):
-                raise obj
-            if not obj:
-                continue
-            records.append(parse_record(obj, allow_empty_assistant=allow_empty_assistant))
-        except LineProblem as problem:
-            raise MixsdError(Problem(number, problem.field, problem.reason).message(path)) from None
-    return records
-
-
-def read_inference(path: str | Path) -> list[tuple[str, str]]:
-    """(prompt, gold) pairs from an inference, alpaca or messages JSONL file."""
-    items = []
+def parse_lines(path: str | Path, parse: Callable[[dict], T]) -> list[T]:
+    """`parse` of every non-empty line of a JSONL file; the first bad line (or a LineProblem that
+    `parse` raises) is a MixsdError naming the file, line and field."""
+    out = []
     for number, obj in iter_json_lines(path):
         try:
             if isinstance(obj, LineProblem):
                 raise obj
             if obj:
-                items.append(parse_inference(obj))
+                out.append(parse(obj))
         except LineProblem as problem:
             raise MixsdError(Problem(number, problem.field, problem.reason).message(path)) from None
-    return items
+    return out
+
+
+def read_records(path: str | Path, *, allow_empty_assistant: bool = False) -> list[Record]:
+    """Every record of a messages or alpaca JSONL file; the first bad line is a MixsdError."""
+    return parse_lines(path, lambda obj: parse_record(obj, allow_empty_assistant=allow_empty_assistant))
+
+
+def read_inference(path: str | Path) -> list[tuple[str, str]]:
+    """(prompt, gold) pairs from an inference, alpaca or messages JSONL file."""
+    return parse_lines(path, parse_inference)
 
 
 def validate_file(path: str | Path, *, allow_empty_assistant: bool = False) -> ValidationReport:

@@ -1,6 +1,6 @@
 """SimpleQA CSV (columns metadata, problem, answer) -> messages JSONL with boxed short answers.
 
-As the reference (REFERENCE.md §2.4): every row becomes a training record (no held-out split,
+As the reference (docs/reference.md, SimpleQA): every row becomes a training record (no held-out split,
 memorisation is measured on the train set), shuffled with the seed; the subject is the topic from
 the metadata, which is a Python literal (parsed with `ast.literal_eval`, never `eval`).
 """
@@ -12,13 +12,13 @@ import csv
 import random
 from pathlib import Path
 
+from mixsd_jax.data.layout import KGFACT_TRAIN
 from mixsd_jax.errors import MixsdError
 from mixsd_jax import storage
 from mixsd_jax.files import atomic_write_json, atomic_write_jsonl
 
 COLUMNS = ("metadata", "problem", "answer")
 SUFFIX = "\n\nAnswer the question concisely. Put your final answer within \\boxed{}."
-TRAIN_FILE = "atomic_sft/train_messages.jsonl"
 
 
 def read_simpleqa_rows(csv_path: str | Path) -> list[tuple[int, str, str, str]]:
@@ -105,8 +105,8 @@ def convert_simpleqa(csv_path: str | Path, out_dir: str | Path, seed: int = 42, 
     random.Random(f"simpleqa:{seed}").shuffle(records)
     if limit is not None:
         records = records[:limit]
-    atomic_write_jsonl(storage.path(out_dir) / TRAIN_FILE, records)
-    counts = {TRAIN_FILE: len(records)}
+    atomic_write_jsonl(storage.path(out_dir) / KGFACT_TRAIN, records)
+    counts = {KGFACT_TRAIN: len(records)}
     atomic_write_json(
         storage.path(out_dir) / "manifest.json",
         {"builder": "simpleqa", "source": Path(csv_path).name, "rows": len(rows), "seed": seed, "limit": limit, "counts": counts},

@@ -1,5 +1,6 @@
 """Why a tuned model forgot (or did not): the forgetting analyses of the paper, which the authors
-describe but did not publish code for (REFERENCE.md §4.5), plus the §4.4 error buckets.
+describe but did not publish code for (docs/reference.md, Forgetting analyses), plus the error-analysis
+buckets (docs/reference.md, Error analysis).
 
 - Target NLL: per-token negative log-likelihood of a training file's targets under the *base*
   model's naive conditional p(y | x) (prompt = the chat-rendered user turn, no fact), tokenized as
@@ -27,8 +28,9 @@ import numpy as np
 
 from mixsd_jax import multihost
 from mixsd_jax.errors import MixsdError
+from mixsd_jax.eval.intervals import normal_mean_interval
 from mixsd_jax.eval.mc import MIN_ROW, ScoreRow, pow2_at_least, score_rows
-from mixsd_jax.models import transformer as tf
+from mixsd_jax.models import transformer
 from mixsd_jax.models.sharding import pad_rows, put_batch, put_replicated
 
 NLL_BINS = np.linspace(0.0, 16.0, 65)
@@ -104,11 +106,11 @@ def common_rows(rows_by_name: dict[str, list[dict]]) -> dict[str, list[dict]]:
 def kl_per_position(base_params, tuned_params, tokens_BxT, segment_ids_BxT, *, cfg, dtype: str):
     """KL(p_base || p_tuned) of the next-token distribution at every position [B, T]."""
     compute = jnp.dtype(dtype)
-    positions = tf.padded_positions(segment_ids_BxT)
+    positions = transformer.padded_positions(segment_ids_BxT)
 
     def logprobs(params):
-        hidden, _ = tf.forward(params, cfg, tokens_BxT, positions, segment_ids_BxT, dtype=compute)
-        return jax.nn.log_softmax(tf.lm_logits(params, cfg, hidden, dtype=compute), axis=-1)
+        hidden, _ = transformer.forward(params, cfg, tokens_BxT, positions, segment_ids_BxT, dtype=compute)
+        return jax.nn.log_softmax(transformer.lm_logits(params, cfg, hidden, dtype=compute), axis=-1)
 
     base, tuned = logprobs(base_params), logprobs(tuned_params)
     return jnp.sum(jnp.exp(base) * (base - tuned), axis=-1)
@@ -153,17 +155,10 @@ def summarize_kl(rows: Sequence[dict]) -> dict:
         "texts": len(rows),
         "tokens": int(weights.sum()),
         "kl_token_mean": token_mean,
-        "ci95": _normal_ci(means, token_mean),
+        "ci95": normal_mean_interval(means, token_mean),
         "kl_last_mean": float(last.mean()),
-        "kl_last_ci95": _normal_ci(last, float(last.mean())),
+        "kl_last_ci95": normal_mean_interval(last, float(last.mean())),
     }
-
-
-def _normal_ci(values: np.ndarray, center: float) -> list[float]:
-    if len(values) < 2:
-        return [center, center]
-    half = 1.96 * float(values.std(ddof=1)) / np.sqrt(len(values))
-    return [center - half, center + half]
 
 
 # ----------------------------------------------------------------------------- Fisher
@@ -173,12 +168,12 @@ def _normal_ci(values: np.ndarray, center: float) -> list[float]:
 def _squared_grad(params, tokens_1xT, segment_ids_1xT, *, cfg, dtype: str):
     """Squared gradient of the mean token log-likelihood of one sequence."""
     compute = jnp.dtype(dtype)
-    positions = tf.padded_positions(segment_ids_1xT)
+    positions = transformer.padded_positions(segment_ids_1xT)
     mask = (segment_ids_1xT[:, 1:] != 0).astype(jnp.float32)
 
     def mean_loglik(p):
-        hidden, _ = tf.forward(p, cfg, tokens_1xT, positions, segment_ids_1xT, dtype=compute)
-        logprobs = jax.nn.log_softmax(tf.lm_logits(p, cfg, hidden[:, :-1], dtype=compute), axis=-1)
+        hidden, _ = transformer.forward(p, cfg, tokens_1xT, positions, segment_ids_1xT, dtype=compute)
+        logprobs = jax.nn.log_softmax(transformer.lm_logits(p, cfg, hidden[:, :-1], dtype=compute), axis=-1)
         target = jnp.take_along_axis(logprobs, tokens_1xT[:, 1:, None], axis=-1)[..., 0]
         return jnp.sum(target * mask) / jnp.maximum(mask.sum(), 1.0)
 
@@ -264,7 +259,7 @@ def fisher_displacement(fisher, base_params, tuned_params) -> dict:
 
 
 def error_categories(heldout: dict[str, Sequence[dict]], train_rows: Sequence[dict], entities: set[str]) -> dict:
-    """§4.4 buckets of wrong answers: per held-out benchmark and overall, and on the training set."""
+    """Error-analysis buckets of wrong answers: per held-out benchmark and overall, and on the training set."""
     from mixsd_jax.eval.error_analysis import (
         HELD_OUT_CATEGORIES,
         TRAIN_CATEGORIES,
@@ -284,7 +279,7 @@ def error_categories(heldout: dict[str, Sequence[dict]], train_rows: Sequence[di
         ]
         every += categories
         per_benchmark[name] = count_categories(categories, HELD_OUT_CATEGORIES)
-    # Training-set correctness is §4.4's own (boxed answer equals the gold), not the loose recall score.
+    # Training-set correctness is the error analysis's own (boxed answer equals the gold), not the loose recall score.
     train = [classify_train_error(r["response"], r["gold"], entities)
              for r in train_rows if not train_answer_correct(r["response"], r["gold"])]
     return {

@@ -86,7 +86,7 @@ class GenItem:
 
 
 def math_prompt(problem: str) -> str:
-    """The reference's held-out math prompt (REFERENCE.md §4.2), as one user turn."""
+    """The reference's held-out math prompt (docs/reference.md, Held-out benchmarks), as one user turn."""
     return MATH_PROMPT.format(problem=problem)
 
 

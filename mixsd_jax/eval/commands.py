@@ -53,7 +53,7 @@ def register(sub, bench) -> None:
 
 def eval_config_from_args(args):
     from mixsd_jax import config as config_lib
-    from mixsd_jax.eval.runner import EvalConfig
+    from mixsd_jax.eval.config import EvalConfig
 
     flags = {
         "base": args.base,

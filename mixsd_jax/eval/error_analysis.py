@@ -1,4 +1,4 @@
-"""Why a model got an answer wrong (REFERENCE.md §4.4): format, leakage, collapse or genuine.
+"""Why a model got an answer wrong (docs/reference.md, Error analysis): format, leakage, collapse or genuine.
 
 Held-out wrong answers, first rule that fires:
 - format: no parseable `\\boxed{}` (code: no fenced code block and no boxed);
@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from typing import Iterable
 
-from mixsd_jax.answers import last_boxed, matching_brace
+from mixsd_jax.answers.text import last_boxed, matching_brace
 from mixsd_jax.eval.humaneval import has_fenced_code
 
 HELD_OUT_CATEGORIES = ("format", "leakage", "collapse", "genuine")
@@ -78,7 +78,7 @@ def leaked_entities(response: str, prompt: str, entities: Iterable[str]) -> list
 
 
 def classify_error(response: str, prompt: str, training_entities: Iterable[str], kind: str = "math") -> str:
-    """The §4.4 bucket of a wrong held-out answer; `kind="code"` applies the HumanEval rules."""
+    """The error-analysis bucket of a wrong held-out answer; `kind="code"` applies the HumanEval rules."""
     has_boxed = last_boxed(response) is not None
     if kind == "code":
         has_code = has_fenced_code(response)
@@ -98,7 +98,7 @@ def _collapse_ws(text: str) -> str:
 
 
 def train_answer_correct(response: str, gold: str) -> bool:
-    """Training-set correctness of §4.4: whitespace-collapsed, lowercased boxed answer equals gold."""
+    """Training-set correctness of the error analysis: whitespace-collapsed, lowercased boxed answer equals gold."""
     boxed = last_boxed(response)
     return boxed is not None and _collapse_ws(boxed) == _collapse_ws(gold)
 

@@ -1,6 +1,6 @@
 """Generative forgetting on held-out general prompts: does a tuned model leak injected facts into
-unrelated answers, or collapse into the answer template it was trained on? (REFERENCE.md §4.4's
-leakage and collapse, measured on every reply rather than only on wrong ones, because a 135M
+unrelated answers, or collapse into the answer template it was trained on? (docs/reference.md,
+Error analysis: leakage and collapse, measured on every reply rather than only on wrong ones, because a 135M
 model gets few held-out answers right and the base model's rate is the comparison.)
 
 Prompts: a fixed set of benchmark questions asked as one chat user turn (question and its options),
@@ -9,14 +9,14 @@ Prompts: a fixed set of benchmark questions asked as one chat user turn (questio
 ../shared/benchmarks.
 
 Per reply:
-- `leaked`: training entities (subjects and answers, `mixsd_jax.criteria.training_entities`) the
+- `leaked`: training entities (subjects and answers, `mixsd_jax.answers.criteria.training_entities`) the
   reply names as a whole phrase while the prompt does not;
 - `template`: the reply opens with the training answers' common opening (KGFact: "The answer is");
 - `opens_like[run]`: the reply opens with the same first three words as one of `run`'s own
   training targets (a MixSD model's targets have their own style, e.g. "1. The first step …",
   which the ground-truth template does not catch); every checkpoint's replies, the base's
   included, are checked against every run's openings, so each rate has the base's beside it;
-- `collapsed`: §4.4's rule (with `\\boxed{}` spans and "the answer is" lines removed, at most 80
+- `collapsed`: the error analysis's rule (with `\\boxed{}` spans and "the answer is" lines removed, at most 80
   characters and 4 newlines remain); lenient when `max_new_tokens` is small, so read it beside
   the base model's rate.
 Rates carry 95% Wilson intervals. The base model leaks nothing by construction (the entities are
@@ -88,7 +88,7 @@ def target_openings(assistant_texts: Iterable[str]) -> list[str]:
 
 
 def leaked(response: str, prompt: str, entities: Iterable[str]) -> list[str]:
-    from mixsd_jax.sampling.verify import normalize_answer, occurs_as_words
+    from mixsd_jax.answers.text import normalize_answer, occurs_as_words
 
     response_n, prompt_n = normalize_answer(response), normalize_answer(prompt)
     return sorted(e for e in entities if occurs_as_words(e, response_n) and not occurs_as_words(e, prompt_n))
@@ -116,7 +116,7 @@ def score_replies(prompts: Sequence[tuple[str, str]], responses: Sequence[str], 
 
 
 def _rate(count: int, n: int) -> dict:
-    from mixsd_jax.eval.scoring import wilson_interval
+    from mixsd_jax.eval.intervals import wilson_interval
 
     return {"count": count, "rate": count / n if n else None, "ci95": list(wilson_interval(count, n))}
 

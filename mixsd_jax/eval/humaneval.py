@@ -94,7 +94,7 @@ runpy.run_path(program, run_name="__main__")
 
 
 def chat_prompt(prompt: str) -> str:
-    """The user turn for a chat model (lm-eval `humaneval_chat` style, REFERENCE.md §4.2)."""
+    """The user turn for a chat model (lm-eval `humaneval_chat` style, docs/reference.md, Held-out benchmarks)."""
     return f"{CHAT_INSTRUCTION}\n\n```python\n{prompt.rstrip()}\n```"
 
 

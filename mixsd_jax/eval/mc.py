@@ -35,7 +35,7 @@ import numpy as np
 
 from mixsd_jax import multihost
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.models import transformer as tf
+from mixsd_jax.models import transformer
 from mixsd_jax.models.config import ModelConfig
 from mixsd_jax.models.sharding import pad_rows, put_batch
 
@@ -55,12 +55,12 @@ def window_logprobs(params, tokens_BxT, segment_ids_BxT, window_start_B, targets
     """Log-prob of `targets_BxC[b, c]` predicted at input position `window_start_B[b] + c`, and
     whether it was the argmax. Positions past a row's end are clipped (the host masks them)."""
     compute = jnp.dtype(dtype)
-    positions_BxT = tf.padded_positions(segment_ids_BxT)
-    hidden_BxTxD, _ = tf.forward(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, dtype=compute)
+    positions_BxT = transformer.padded_positions(segment_ids_BxT)
+    hidden_BxTxD, _ = transformer.forward(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, dtype=compute)
     T, C = tokens_BxT.shape[1], targets_BxC.shape[1]
     index_BxC = jnp.minimum(window_start_B[:, None] + jnp.arange(C)[None], T - 1)
     hidden_BxCxD = jnp.take_along_axis(hidden_BxTxD, index_BxC[..., None], axis=1)
-    logits_BxCxV = tf.lm_logits(params, cfg, hidden_BxCxD, dtype=compute)
+    logits_BxCxV = transformer.lm_logits(params, cfg, hidden_BxCxD, dtype=compute)
     logprobs_BxCxV = jax.nn.log_softmax(logits_BxCxV, axis=-1)
     target_BxC = jnp.take_along_axis(logprobs_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
     greedy_BxC = jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC
@@ -174,7 +174,7 @@ def shared_context_logprobs(params, context_BxT, context_segments_BxT, choices_B
     compute = jnp.dtype(dtype)
     B, T = context_BxT.shape
     C = choices_BxKxC.shape[2]
-    hidden_BxTxD, cache = tf.prefill(params, cfg, context_BxT, tf.padded_positions(context_segments_BxT),
+    hidden_BxTxD, cache = transformer.prefill(params, cfg, context_BxT, transformer.padded_positions(context_segments_BxT),
                                      context_segments_BxT, T + C, dtype=compute)
     context_len_B = jnp.sum(context_segments_BxT != 0, axis=1)
     last_Bx1xD = jnp.take_along_axis(hidden_BxTxD, (context_len_B - 1)[:, None, None], axis=1)
@@ -183,10 +183,10 @@ def shared_context_logprobs(params, context_BxT, context_segments_BxT, choices_B
     def one_choice(_, choice):
         tokens_BxC, segments_BxC = choice
         # The new cache is discarded: XLA drops the write, every choice reads the context's cache.
-        hidden_BxCxD, _ = tf.forward(params, cfg, tokens_BxC, positions_BxC * (segments_BxC != 0), segments_BxC,
-                                     cache, dtype=compute)
+        hidden_BxCxD, _ = transformer.forward(params, cfg, tokens_BxC, positions_BxC * (segments_BxC != 0),
+                                              segments_BxC, cache, dtype=compute)
         predicting_BxCxD = jnp.concatenate([last_Bx1xD, hidden_BxCxD[:, :-1]], axis=1)
-        logits_BxCxV = tf.lm_logits(params, cfg, predicting_BxCxD, dtype=compute)
+        logits_BxCxV = transformer.lm_logits(params, cfg, predicting_BxCxD, dtype=compute)
         logprobs_BxCxV = jax.nn.log_softmax(logits_BxCxV, axis=-1)
         target_BxC = jnp.take_along_axis(logprobs_BxCxV, tokens_BxC[..., None], axis=-1)[..., 0]
         return None, (target_BxC, jnp.argmax(logits_BxCxV, axis=-1) == tokens_BxC)
@@ -409,7 +409,7 @@ def mc_result(item, lls: Sequence[Loglikelihood]) -> dict:
 
 def mc_metrics(results: Sequence[dict]) -> dict:
     """Mean acc and acc_norm over items, each with a 95% Wilson interval."""
-    from mixsd_jax.eval.scoring import wilson_interval
+    from mixsd_jax.eval.intervals import wilson_interval
 
     n = len(results)
     out: dict = {"n": n}

@@ -1,6 +1,6 @@
 """In-domain memorisation: greedy answers to a corpus's test splits, scored as the reference does.
 
-A corpus directory is recognised by its layout (REFERENCE.md §2.5):
+A corpus directory is recognised by its layout (`data/layout.py`):
 - KGFact / MQuAKE (`atomic_sft/` present): direct recall, paraphrased, closed-book 2/3/4-hop,
   retrieval (facts given in the prompt) and retrieval 2-hop; scored `loose` (the reference's KGFact
   default). Files a corpus lacks (MQuAKE has no retrieval 2-hop) are skipped.
@@ -18,26 +18,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from mixsd_jax import storage
+from mixsd_jax.data.layout import KGFACT_SPLITS, KGFUNC_SPLITS, KGFUNC_UNSEEN, corpus_kind
 from mixsd_jax.errors import MixsdError
 
-KGFACT_SPLITS = {
-    "recall": "atomic_sft/test_subset_of_train_inference.jsonl",
-    "paraphrased": "atomic_sft/val_paraphrased_inference.jsonl",
-    "compositional_2hop": "compositional_2step_sft/test_alpaca.jsonl",
-    "compositional_3hop": "compositional_3step_sft/test_alpaca.jsonl",
-    "compositional_4hop": "compositional_4step_sft/test_alpaca.jsonl",
-    "retrieval": "atomic_with_context_cot/test_alpaca.jsonl",
-    "retrieval_2hop": "compositional_2step_with_context_cot/test_alpaca.jsonl",
-}
-KGFUNC_SPLITS = {
-    "in_domain": "primitive_atomic_balanced_sft_50k/test_messages.jsonl",
-    "compositional_same_op": "primitive_compositional_sft_n_steps_2/op_*_test_messages.jsonl",
-    "compositional": "compositional_sft_n_steps_2/test_messages.jsonl",
-}
-KGFUNC_UNSEEN = "primitive_atomic_balanced_new_operations/test_messages.jsonl"
 SCORE_MODE = {"kgfact": "loose", "kgfunc": "strict"}
-KGFACT_TRAIN = "atomic_sft/train_messages.jsonl"
-KGFUNC_TRAIN = "primitive_atomic_balanced_sft_50k/train_messages.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,26 +38,6 @@ class Split:
     items: list[MemItem]
     mode: str  # strict | loose
     files: tuple[str, ...]
-
-
-def corpus_kind(corpus_dir: str | Path) -> str:
-    """`kgfact` (also MQuAKE, same layout) or `kgfunc`, from the directory layout."""
-    root = storage.path(corpus_dir)
-    if not root.is_dir():
-        raise MixsdError(f"{root}: corpus directory not found")
-    if (root / "atomic_sft").is_dir():
-        return "kgfact"
-    if (root / "primitive_atomic_balanced_sft_50k").is_dir():
-        return "kgfunc"
-    raise MixsdError(
-        f"{root}: not a KGFact/MQuAKE (atomic_sft/) or KGFunc (primitive_atomic_balanced_sft_50k/) corpus directory"
-    )
-
-
-def training_file(corpus_dir: str | Path) -> Path:
-    """The GT training file of a corpus (for the error analysis's entity list and NLL defaults)."""
-    kind = corpus_kind(corpus_dir)
-    return storage.path(corpus_dir) / (KGFACT_TRAIN if kind == "kgfact" else KGFUNC_TRAIN)
 
 
 def read_items(path: Path, id_prefix: str, with_ops: bool) -> list[MemItem]:
@@ -176,9 +140,9 @@ def generate_texts(
 
 def score_split(split: Split, responses: Sequence[str], criterion=None) -> list[dict]:
     """One row per item: the response, the prediction and whether it is right under `criterion` (a
-    `mixsd_jax.criteria.Criterion`; None = the reference's scorer in the split's mode). The
+    `mixsd_jax.answers.criteria.Criterion`; None = the reference's scorer in the split's mode). The
     reference scorer's verdict is kept beside it (`reference_correct`) so both can be reported."""
-    from mixsd_jax.eval.scoring import score_item
+    from mixsd_jax.answers.scoring import score_item
 
     rows = []
     for item, response in zip(split.items, responses):
@@ -204,7 +168,8 @@ def score_split(split: Split, responses: Sequence[str], criterion=None) -> list[
 def summarize_rows(rows: Sequence[dict]) -> dict:
     """Accuracy, Wilson 95% interval, format rate and (KGFunc) per-op breakdown of scored rows; with
     a run criterion, the reference scorer's accuracy on the same replies under `reference`."""
-    from mixsd_jax.eval.scoring import ScoredItem, summarize
+    from mixsd_jax.answers.scoring import ScoredItem
+    from mixsd_jax.eval.scoring import summarize
 
     summary = summarize(
         ScoredItem(correct=r["correct"], format_found=r["format_found"], op=r.get("op"), id=r["id"]) for r in rows

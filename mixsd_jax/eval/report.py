@@ -69,7 +69,7 @@ def render_table(results: dict) -> str:
 
         columns.append(memorization_cells)
         if with_reference:
-            sections.append(f"Answer criterion: `{results.get('criterion')}` (mixsd_jax/criteria.py), used by the MixSD "
+            sections.append(f"Answer criterion: `{results.get('criterion')}` (mixsd_jax/answers/criteria.py), used by the MixSD "
                             "verifier and this scorer; `reference scorer` / `ref` = the reference's scorer (last "
                             "`\\boxed{}`, else last number; the split's strict/loose mode) on the same replies.")
         if with_trained:

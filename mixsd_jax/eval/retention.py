@@ -7,7 +7,7 @@ How each kind is scored:
   length) and `acc` for the rest; both are kept per item.
 - math (GSM8K, MATH-500, AIME): greedy reply to the reference's math prompt as one chat turn,
   correct when its last `\\boxed{}` answer equals the gold by math-verify, as the reference scores
-  it (`answers.math_equal`; exact string when the parser fails; no box = wrong).
+  it (`answers.text.math_equal`; exact string when the parser fails; no box = wrong).
 - LAMBADA: the last word is right when greedy decoding from the raw passage would write it, i.e.
   every token of `" " + word` is the argmax (lm-eval's lambada acc), read off the same kernel.
 - HumanEval: pass@1 of the greedy reply to the `humaneval_chat` prompt, run in the sandbox; opt-in.
@@ -120,7 +120,7 @@ def _generative_correct(item, response: str, allow_code_execution: bool) -> bool
         from mixsd_jax.eval.humaneval import score_response
 
         return score_response(item, response, allow_code_execution=allow_code_execution)
-    from mixsd_jax.answers import last_boxed, math_equal
+    from mixsd_jax.answers.text import last_boxed, math_equal
 
     # The reference's math scorer: the last boxed answer, math-verify against the gold; no box, wrong.
     boxed = last_boxed(response)
@@ -129,7 +129,7 @@ def _generative_correct(item, response: str, allow_code_execution: bool) -> bool
 
 def summarize_benchmark(name: str, rows: Sequence[dict]) -> dict:
     """Headline score (mean of `correct`) with a Wilson 95% interval; MC adds acc and acc_norm."""
-    from mixsd_jax.eval.scoring import wilson_interval
+    from mixsd_jax.eval.intervals import wilson_interval
 
     n = len(rows)
     correct = int(round(sum(r["correct"] for r in rows)))
@@ -166,7 +166,7 @@ def mean_retention(ratios: dict[str, dict]) -> float | None:
 def data_files(name: str, data_root: str | None, corpus_dir: str | None) -> list[Path]:
     """The files a benchmark reads (for resume fingerprints)."""
     if name == "kgfunc_unseen":
-        from mixsd_jax.eval.memorization import KGFUNC_UNSEEN
+        from mixsd_jax.data.layout import KGFUNC_UNSEEN
 
         return [storage.path(corpus_dir or ".") / KGFUNC_UNSEEN]
     from mixsd_jax.eval.benchmarks import benchmark_dir

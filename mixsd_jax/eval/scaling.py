@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mixsd_jax import storage
-from mixsd_jax.eval.seeds import mean_interval
+from mixsd_jax.eval.intervals import seed_mean_interval
 from mixsd_jax.files import atomic_write_json, atomic_write_text
 
 # (key, what the report calls it, True when higher is better)
@@ -119,7 +119,7 @@ def summarize(rows: Sequence[dict]) -> dict[str, dict[str, dict]]:
                 if len(values) == 1:
                     block[key] = {"mean": values[0]["value"], "ci95": values[0]["ci95"], "runs": 1, "interval": "items"}
                 else:
-                    seeds = mean_interval([v["value"] for v in values])
+                    seeds = seed_mean_interval([v["value"] for v in values])
                     block[key] = {"mean": seeds["mean"], "ci95": seeds["ci95"], "runs": seeds["seeds"],
                                   "interval": "seeds"}
     return out

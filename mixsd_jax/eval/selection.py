@@ -1,4 +1,4 @@
-"""Checkpoint selection over a training run's saved steps, by training recall (REFERENCE.md §4.3).
+"""Checkpoint selection over a training run's saved steps, by training recall (docs/reference.md, Checkpoint selection).
 
 The reference reports MixSD's (and OPSD's) last checkpoint and SFT's "converged" one: the first
 index i (1 <= i <= n-2) where training accuracy sets a new running maximum and the next value is
@@ -63,7 +63,7 @@ def saved_steps(run_dir: Path) -> dict[int, Path]:
 
 
 def _identity(model_dir: Path) -> str:
-    from mixsd_jax.eval.runner import model_identity
+    from mixsd_jax.eval.store import model_identity
 
     return model_identity(model_dir)
 

@@ -240,10 +240,6 @@ def _expected_hf_names(cfg: ModelConfig) -> set[str]:
     return names
 
 
-def count_params(params: Params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
 # ----------------------------------------------------------------------------- export
 
 

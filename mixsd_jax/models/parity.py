@@ -52,7 +52,7 @@ def logit_parity(model_dir: str | Path, dtype: str = "float32", reference: str =
     import jax.numpy as jnp
     import torch
 
-    from mixsd_jax.models import transformer as tf
+    from mixsd_jax.models import transformer
     from mixsd_jax.models.checkpoint import load_hf
     from mixsd_jax.models.tokenizer import load_tokenizer
 
@@ -89,10 +89,10 @@ def logit_parity(model_dir: str | Path, dtype: str = "float32", reference: str =
         ref_logits = ref(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.float().numpy()
     seg = jnp.asarray(mask, jnp.int32)
     compute = jnp.dtype(dtype)
-    hidden, _ = jax.jit(lambda p, t, s: tf.forward(p, cfg, t, tf.padded_positions(s), s, dtype=compute))(
-        params, jnp.asarray(tokens, jnp.int32), seg
-    )
-    ours_full = np.asarray(tf.lm_logits(params, cfg, hidden, dtype=compute))
+    full_forward = jax.jit(lambda p, t, s: transformer.forward(p, cfg, t, transformer.padded_positions(s), s,
+                                                               dtype=compute))
+    hidden, _ = full_forward(params, jnp.asarray(tokens, jnp.int32), seg)
+    ours_full = np.asarray(transformer.lm_logits(params, cfg, hidden, dtype=compute))
     diffs, agree, total = [], 0, 0
     for i, s in enumerate(seqs):
         a, b = ours_full[i, : len(s)], ref_logits[i, : len(s)]
@@ -106,15 +106,15 @@ def logit_parity(model_dir: str | Path, dtype: str = "float32", reference: str =
     for i, p in enumerate(prompts):
         prompt_tokens[i, : len(p)] = p
     pseg = jnp.asarray((np.arange(P)[None] < np.array([len(p) for p in prompts])[:, None]).astype(np.int32))
-    _, cache = tf.prefill(params, cfg, jnp.asarray(prompt_tokens), tf.padded_positions(pseg), pseg, P + CACHED_STEPS,
-                          dtype=compute)
-    step = jax.jit(lambda p, t, pos, c: tf.forward(p, cfg, t, pos, jnp.ones_like(t), c, dtype=compute))
+    _, cache = transformer.prefill(params, cfg, jnp.asarray(prompt_tokens), transformer.padded_positions(pseg), pseg,
+                                   P + CACHED_STEPS, dtype=compute)
+    step = jax.jit(lambda p, t, pos, c: transformer.forward(p, cfg, t, pos, jnp.ones_like(t), c, dtype=compute))
     for k in range(1, CACHED_STEPS + 1):
         # Step k feeds greedy token k-1 (at position len+k-1) and predicts the next one.
         fed = np.array([(p + c)[len(p) + k - 1] for p, c in zip(prompts, continuations)], np.int32)[:, None]
         pos = np.array([len(p) + k - 1 for p in prompts], np.int32)[:, None]
         hidden, cache = step(params, jnp.asarray(fed), jnp.asarray(pos), cache)
-        logits = np.asarray(tf.lm_logits(params, cfg, hidden[:, 0], dtype=compute))
+        logits = np.asarray(transformer.lm_logits(params, cfg, hidden[:, 0], dtype=compute))
         for i, p in enumerate(prompts):
             want = ref_logits[i, len(p) + k - 1]
             diffs.append(np.abs(logits[i] - want).max())

@@ -15,7 +15,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.models.config import ModelConfig
 from mixsd_jax.models.transformer import param_shapes
@@ -76,10 +75,6 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
         raise MixsdError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {len(devices)} devices")
     # Devices in creation order; on multi-host this keeps each host's devices contiguous along `data`.
     return Mesh(np.array(devices).reshape(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
-
-
-def mesh_from_dict(data: dict | None) -> Mesh:
-    return make_mesh(config_lib.from_dict(MeshConfig, data or {}, prefix="mesh."))
 
 
 def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:

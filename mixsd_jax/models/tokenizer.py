@@ -1,6 +1,6 @@
 """The model's tokenizer as the pipeline uses it: chat-template prompts, stop ids, pad id.
 
-Prompts follow the reference (REFERENCE.md §1.3): the chat template applied to one user turn with
+Prompts follow the reference (docs/reference.md, Chat template): the chat template applied to one user turn with
 the generation prompt, tokenized without adding special tokens (the template already wrote them),
 `enable_thinking` passed through to templates that read it (Qwen3). The stop set is the eos id plus
 whichever of `<|im_end|>`, `<|eot_id|>`, `<|endoftext|>` the vocabulary has as real (non-unk) tokens.

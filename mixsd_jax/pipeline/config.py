@@ -13,13 +13,13 @@ from typing import Any, Literal
 
 from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
+from mixsd_jax.models.registry import EMBEDDED_DEFAULT
 from mixsd_jax.models.sharding import MeshConfig
 from mixsd_jax.pipeline.selection import SelectionConfig
 from mixsd_jax.multihost import DistributedConfig
 from mixsd_jax.storage import StorageConfig
 
 METHODS = ("base", "sft", "opsd", "mixsd")
-CORPUS_KINDS = ("kgfact", "kgfunc", "simpleqa", "mquake", "released", "directory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ class CorpusConfig:
 class ExperimentConfig:
     name: str = "experiment"
     out_dir: str = "experiments/experiment"
-    model: str = "smollm2-135m-instruct"  # registry name or HF-format directory
+    model: str = EMBEDDED_DEFAULT  # registry name or HF-format directory
     # A scaling study: one pipeline per entry (a model name/directory, or a mapping with `model`,
     # optional `name` and per-model section overrides), sharing the corpus; replaces `model`.
     # Entries are validated by pipeline/study.py, which knows which sections a model may override.
@@ -63,7 +63,7 @@ class ExperimentConfig:
     methods: tuple[str, ...] = ("base", "sft", "mixsd")
     lambdas: tuple[float, ...] = (0.3,)  # one MixSD run per (λ, T)
     temperatures: tuple[float, ...] = (0.0,)
-    # One answer criterion (mixsd_jax.criteria) for the whole run: the MixSD verifier and the
+    # One answer criterion (mixsd_jax.answers.criteria) for the whole run: the MixSD verifier and the
     # memorization scorer both use it. None: each stage's own default (extract mode; reference scorer).
     criterion: str | None = None
     # Training seeds (and MixSD generation seeds): one run per seed and method, reported with an
@@ -105,7 +105,7 @@ class ExperimentConfig:
             if len(set(values)) != len(values):
                 raise MixsdError(f"config key {key!r}: {list(values)} lists a value twice")
         if self.criterion is not None:
-            from mixsd_jax.criteria import check_criterion
+            from mixsd_jax.answers.criteria import check_criterion
 
             check_criterion(self.criterion)
         if len(set(self.seeds)) != len(self.seeds):

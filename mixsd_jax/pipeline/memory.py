@@ -34,7 +34,6 @@ from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
 
 GIB = 1 << 30
-DEFAULT_CHIP_BYTES = 16 * GIB
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 _REEXEC_ENV = "MIXSD_MEMORY_DEVICES"
 

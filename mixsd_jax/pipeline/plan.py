@@ -20,19 +20,13 @@ from typing import Any, Callable
 
 from mixsd_jax import config as config_lib
 from mixsd_jax import storage
+from mixsd_jax.data.layout import TRAIN_FILES
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.pipeline.config import ExperimentConfig
 
-# Standard training file of each corpus kind, relative to the corpus root.
-TRAIN_FILES = {
-    "kgfact": "atomic_sft/train_messages.jsonl",
-    "mquake": "atomic_sft/train_messages.jsonl",
-    "simpleqa": "atomic_sft/train_messages.jsonl",
-    "kgfunc": "primitive_atomic_balanced_sft_50k/train_messages.jsonl",
-}
-# Generation prompt preset per corpus kind (REFERENCE.md §1.2).
+# Generation prompt preset per corpus kind (docs/reference.md, The two prompts).
 GENERATION_PRESETS = {"kgfact": "knowledge", "mquake": "knowledge", "kgfunc": "math_operations", "simpleqa": "simpleqa"}
-# OPSD's teacher prompt (the GT-text strings) per corpus kind (REFERENCE.md §3.4).
+# OPSD's teacher prompt (the GT-text strings) per corpus kind (docs/reference.md, OPSD).
 OPSD_PROMPTS = {"kgfact": "knowledge_base_answer", "mquake": "knowledge_base_answer", "kgfunc": "math_operations",
                 "simpleqa": "simpleqa"}
 # Keys the pipeline sets itself in each stage section.
@@ -171,7 +165,7 @@ def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None) -> Plan:
     `corpus_root`: where a built corpus lives when it is shared with other plans (a scaling study);
     default `<out_dir>/corpus`."""
     from mixsd_jax.models.registry import resolve_model
-    from mixsd_jax.sampling.generator import GenerateConfig, Paths
+    from mixsd_jax.sampling.generator import NOT_IN_FINGERPRINT, GenerateConfig, Paths
     from mixsd_jax.train.config import TrainConfig, not_fingerprinted
 
     EvalConfig, evaluate = _eval_api()
@@ -205,8 +199,8 @@ def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None) -> Plan:
     data_for: dict[str, tuple[Path, str]] = {name: (train_file, corpus_stage.fingerprint) for name in ("sft", "opsd")}
     for name, gcfg in generate_cfgs.items():
         output = Paths.for_config(gcfg).final
-        fp = _hash("generate", config_lib.fingerprint(gcfg, exclude=("input", "out_dir", "batch_size", "mesh",
-                                                                     "distributed", "storage")),
+        # The input's bytes are in the corpus stage's fingerprint; the rest change only the speed.
+        fp = _hash("generate", config_lib.fingerprint(gcfg, exclude=NOT_IN_FINGERPRINT),
                    corpus_stage.fingerprint, model_fp)
         stages.append(Stage(
             name=f"generate_{name}", fingerprint=fp, reset=fp, workdir=storage.path(gcfg.out_dir),
@@ -421,7 +415,7 @@ def _view_splits(cfg: ExperimentConfig, eval_cls) -> tuple[str, ...]:
         raise MixsdError(f"config key 'eval.splits': expected a non-empty list of split names, got {splits!r}")
     if cfg.corpus.kind not in ("kgfact", "mquake", "kgfunc"):
         raise MixsdError(f"config key 'eval.splits': only for kgfact, mquake and kgfunc corpora, not {cfg.corpus.kind!r}")
-    from mixsd_jax.eval.memorization import KGFACT_SPLITS, KGFUNC_SPLITS
+    from mixsd_jax.data.layout import KGFACT_SPLITS, KGFUNC_SPLITS
 
     table = KGFUNC_SPLITS if cfg.corpus.kind == "kgfunc" else KGFACT_SPLITS
     for i, name in enumerate(splits):
@@ -433,7 +427,7 @@ def _view_splits(cfg: ExperimentConfig, eval_cls) -> tuple[str, ...]:
 def _corpus_view(corpus_dir: Path, view: Path, splits: tuple[str, ...]) -> None:
     """A copy of the corpus holding only the chosen test splits (and the training file), so the
     evaluator runs just those memorization splits."""
-    from mixsd_jax.eval.memorization import KGFACT_SPLITS, KGFUNC_SPLITS, corpus_kind, training_file
+    from mixsd_jax.data.layout import KGFACT_SPLITS, KGFUNC_SPLITS, corpus_kind, training_file
 
     table = KGFUNC_SPLITS if corpus_kind(corpus_dir) == "kgfunc" else KGFACT_SPLITS
     storage.remove(view)

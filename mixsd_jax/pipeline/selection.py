@@ -2,7 +2,7 @@
 
 With `selection.every: k` the pipeline saves and exports every k steps of every training run
 (`train/<run>/exports/step_N`, HF format), then this stage measures recall on the training facts
-at each saved step (the run's answer criterion), applies `selection.rule` (REFERENCE.md §4.3:
+at each saved step (the run's answer criterion), applies `selection.rule` (docs/reference.md, Checkpoint selection:
 SFT's first peak, MixSD's last, or one rule for all), and points `select/<run>/model` (a relative
 symlink; in a bucket, which has no links, a copy committed by its marker) at the chosen export,
 which is what the eval stage evaluates. The steps are decoded on the eval stage's mesh and dtypes. `select/<run>/selection.json`
@@ -77,16 +77,17 @@ def selection_runner(run: str, method: str, train_dir: Path, corpus_dir: Path, c
                      sel: SelectionConfig, workdir: Path, decode: dict | None = None) -> Callable[[], dict]:
     decode = decode or {}
     def run_stage() -> dict:
-        from mixsd_jax.criteria import criterion_for
+        from mixsd_jax.answers.criteria import criterion_for
+        from mixsd_jax.data import layout
         from mixsd_jax.data.records import read_records
         from mixsd_jax.eval import memorization, selection
         from mixsd_jax.files import atomic_write_json
         from mixsd_jax.multihost import barrier, is_primary
 
-        kind = memorization.corpus_kind(corpus_dir)
+        kind = layout.corpus_kind(corpus_dir)
         split = memorization.load_splits(corpus_dir, sel.limit, names=[TRAIN_SPLIT[kind]])[TRAIN_SPLIT[kind]]
         name = criterion_name or f"reference_{split.mode}"
-        criterion = criterion_for(name, read_records(memorization.training_file(corpus_dir)))
+        criterion = criterion_for(name, read_records(layout.training_file(corpus_dir)))
         steps = selection.saved_steps(train_dir)
         if not steps:
             raise MixsdError(f"{train_dir}/exports: no saved steps to select from (selection.every needs "

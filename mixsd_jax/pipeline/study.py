@@ -112,7 +112,7 @@ def _section_fields(section: str) -> list[str]:
     classes = {"mesh": [MeshConfig], "generation": [GenerateConfig], "train": [TrainConfig],
                "opsd": [TrainConfig, OpsdConfig], "selection": [SelectionConfig]}
     if section == "eval":
-        from mixsd_jax.eval.runner import EvalConfig
+        from mixsd_jax.eval.config import EvalConfig
 
         return [f.name for f in dataclasses.fields(EvalConfig)] + ["splits"]  # splits: the pipeline's corpus view
     return [f.name for cls in classes[section] for f in dataclasses.fields(cls)]

@@ -1,4 +1,4 @@
-"""`mixsd generate`, `mixsd bench generate` and `mixsd models parity` (it checks our decoder too)."""
+"""`mixsd generate` and `mixsd models parity` (it checks our decoder too)."""
 
 from __future__ import annotations
 
@@ -49,28 +49,6 @@ def register(sub, bench) -> None:
     add_config_args(p)
     p.set_defaults(func=_generate)
 
-    b = bench.add_parser("generate", help="decode engine vs its peers, repeated A/B pairs (one JSON line)")
-    b.add_argument("--model", default="smollm2-135m-instruct")
-    b.add_argument("--workload", choices=["default", "capacity", "longtail", "blocks"], default="default",
-                   help="default: mix vs plain vs PyTorch; capacity: N=64 vs N=8192; longtail: continuous vs "
-                        "fixed batches; blocks: mix and plain under each --blocks size")
-    b.add_argument("--batch-size", type=int, default=None, help="slots (default: 32; capacity, longtail, blocks: 16)")
-    b.add_argument("--records", type=int, default=None, help="records (capacity: 16; longtail: 32)")
-    b.add_argument("--max-new-tokens", type=int, default=None, help="default: 64; longtail: 512")
-    b.add_argument("--lambda", dest="lambda_", type=float, default=0.3)
-    b.add_argument("--dtype", default="float32")
-    b.add_argument("--param-dtype", default="float32")
-    b.add_argument("--mesh", nargs="?", const="data=-1", default=None, metavar="AXIS=N[,AXIS=N]",
-                   help="run our side on a mesh, e.g. --mesh tensor=4 (tensor-parallel decode); default: one device")
-    b.add_argument("--repeats", type=int, default=5, help="timed rounds of the interleaved A/B pairs")
-    b.add_argument("--no-hf", "--no-torch", dest="no_hf", action="store_true",
-                   help="skip the transformers measurements")
-    b.add_argument("--block", type=int, default=None,
-                   help="cache slots per attention block of our engine (default: 128 on CPU, 512 elsewhere)")
-    b.add_argument("--blocks", default="64,128", type=lambda s: [int(x) for x in s.split(",")],
-                   help="block sizes the blocks workload compares, comma-separated (default: 64,128)")
-    b.set_defaults(func=_bench)
-
     if "models" in sub.choices:  # absent when only this package's commands are registered
         from mixsd_jax.models.commands import models_actions
 
@@ -101,26 +79,6 @@ def _generate(args: argparse.Namespace) -> int:
     )
     print(f"wrote {summary['output']}")
     print(f"wrote {summary['rejected_output']}")
-    return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from mixsd_jax.sampling.bench import bench_generate
-
-    mesh_cfg = None
-    if args.mesh is not None:
-        from mixsd_jax import config as config_lib
-        from mixsd_jax.models.sharding import MeshConfig
-
-        mesh_cfg = config_lib.from_dict(MeshConfig, config_lib.parse_overrides(args.mesh.split(",")), prefix="mesh.")
-    workload = args.workload
-    batch_size = args.batch_size or (32 if workload == "default" else 16)
-    max_new_tokens = args.max_new_tokens or (512 if workload == "longtail" else 64)
-    records = args.records or (16 if workload == "capacity" else 32)
-    print(json.dumps(bench_generate(args.model, workload, batch_size, max_new_tokens, args.lambda_, args.dtype,
-                                    args.repeats, with_torch=not args.no_hf, records=records, mesh_cfg=mesh_cfg,
-                                    param_dtype=args.param_dtype, block=args.block, blocks=args.blocks)),
-          flush=True)
     return 0
 
 

@@ -52,7 +52,7 @@ class GenerateConfig:
     prefix: str | None = None  # custom GT-guidance strings (override the preset's)
     transition: str | None = None
     extract_mode: str | None = None  # None: the preset's default
-    criterion: str | None = None  # a mixsd_jax.criteria name: the run's answer criterion (then extract_mode is unused)
+    criterion: str | None = None  # a mixsd_jax.answers.criteria name: the run's answer criterion (then extract_mode is unused)
     normalized_compare: bool = False
     max_retries: int | None = None  # None: the preset's default
     keep_rejected: bool = False  # the reference writes failures into the training file
@@ -78,7 +78,7 @@ class GenerateConfig:
         if self.limit is not None:
             config_lib.check_range("limit", self.limit, 1)
         if self.criterion is not None:
-            from mixsd_jax.criteria import check_criterion
+            from mixsd_jax.answers.criteria import check_criterion
 
             check_criterion(self.criterion)
 
@@ -86,7 +86,7 @@ class GenerateConfig:
 # Settings that change *how fast*, never *what*, is generated: left out of the resume fingerprint;
 # and `input`, a path, which the fingerprint holds as its content's hash instead (the same
 # experiment in another folder or on another host resumes the same partial).
-_NOT_IN_FINGERPRINT = ("input", "out_dir", "batch_size", "mesh", "distributed", "storage")
+NOT_IN_FINGERPRINT = ("input", "out_dir", "batch_size", "mesh", "distributed", "storage")
 
 
 def _fmt(x: float) -> str:
@@ -130,7 +130,7 @@ class Paths:
 def run_fingerprint(cfg: GenerateConfig, model_dir: Path) -> str:
     """Config (minus speed-only keys) + input bytes + model config: what determines the output."""
     parts = {
-        "config": config_lib.fingerprint(cfg, exclude=_NOT_IN_FINGERPRINT),
+        "config": config_lib.fingerprint(cfg, exclude=NOT_IN_FINGERPRINT),
         "input": sha256_file(cfg.input),
         "model_config": sha256_file(model_dir / "config.json"),
     }
@@ -170,8 +170,8 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
     """Run (or resume, or skip if finished) one MixSD generation; returns the summary dict."""
     from mixsd_jax.data.records import read_records
     from mixsd_jax.models.registry import resolve_model
+    from mixsd_jax.answers.verifier import generation_verifier
     from mixsd_jax.sampling.presets import resolve_preset
-    from mixsd_jax.sampling.run_verifier import generation_verifier
 
     if not cfg.input:
         raise MixsdError("generate: no input file (set --input or input=...)")

@@ -1,4 +1,4 @@
-"""GT-guidance strings that turn the user turn x into the expert's x+ (REFERENCE.md §1.2).
+"""GT-guidance strings that turn the user turn x into the expert's x+ (docs/reference.md, The two prompts).
 
 The expert user text is `x + prefix + "\\n" + strip(y*) + transition`: the expert sees the whole GT
 assistant message, then is asked to answer again. The strings below are the reference wrappers'
@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.sampling.verify import check_mode
+from mixsd_jax.answers.verifier import check_mode
 
 
 @dataclass(frozen=True)

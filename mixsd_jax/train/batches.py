@@ -22,14 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from mixsd_jax.data.grain_source import epoch_order
-from mixsd_jax.data.tokenize import (  # noqa: F401  (re-exported: training code knows them from here)
-    Example,
-    TokenizedData,
-    completion_text,
-    conversation,
-    encode_example,
-    tokenize_records,
-)
+from mixsd_jax.data.tokenize import Example
 from mixsd_jax.errors import MixsdError
 
 MIN_BUCKET = 16
@@ -38,7 +31,9 @@ MIN_BUCKET = 16
 # ----------------------------------------------------------------------------- batch plan
 
 
-def bucket_length(length: int, max_seq_len: int) -> int:
+def batch_width(length: int, max_seq_len: int) -> int:
+    """A training batch's width: the power of two (at least MIN_BUCKET) holding `length`, at most
+    `max_seq_len`, so a run compiles its train step for a few widths only."""
     bucket = MIN_BUCKET
     while bucket < length:
         bucket *= 2
@@ -122,7 +117,7 @@ class BatchPlan:
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
         rows = self.batch_rows(step)
         used = max(sum(self.examples[i].length for i in row) for row in rows)
-        T = self.max_seq_len if self.pad_to_max else bucket_length(used, self.max_seq_len)
+        T = self.max_seq_len if self.pad_to_max else batch_width(used, self.max_seq_len)
         B = len(rows)
         tokens = np.zeros((B, T), np.int32)
         targets = np.zeros((B, T), np.int32)

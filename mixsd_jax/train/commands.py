@@ -1,8 +1,6 @@
-"""`mixsd train` (SFT / MixSD / OPSD training, resume, export) and `mixsd bench train`."""
+"""`mixsd train`: SFT / MixSD / OPSD training, resume, export."""
 
 from __future__ import annotations
-
-import json
 
 from mixsd_jax import compile_cache
 from mixsd_jax.config import add_config_args
@@ -45,26 +43,6 @@ def register(subparsers, bench_subparsers) -> None:
                    help="do not train: export checkpoint STEP (or 'latest') of the run in --out to HF format")
     add_config_args(p)
     p.set_defaults(func=cmd_train)
-
-    b = bench_subparsers.add_parser("train", help="our train step vs a PyTorch AdamW step: tokens/s and ratio")
-    b.add_argument("--model", default="smollm2-135m-instruct", help="HF-format directory or registry name")
-    b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--seq-len", type=int, default=128)
-    b.add_argument("--steps", type=int, default=5, help="timed steps of each side, interleaved (after one untimed warm-up step)")
-    b.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
-    b.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    b.add_argument("--random-init", action="store_true",
-                   help="random weights from the model directory's config.json (no weight files needed)")
-    b.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
-    b.add_argument("--method", choices=("sft", "opsd"), default="sft",
-                   help="opsd: rollout tokens/s, teacher+student forward tokens/s and the rollouts' share of a step")
-    b.add_argument("--data", default=None, help="opsd: prompts with ground truth (default: a tiny KGFact corpus)")
-    b.add_argument("--rollouts", type=int, default=2, help="opsd: rollouts per prompt")
-    b.add_argument("--max-new-tokens", type=int, default=32, help="opsd: rollout length limit")
-    b.add_argument("--remat", default="none", help="layer-scan rematerialisation (train config key remat)")
-    b.add_argument("--loss-chunk", type=int, default=-1, help="LM-head loss chunk (train config key loss_chunk)")
-    b.add_argument("--attention-block", type=int, default=-1, help="attention block (train config key attention_block)")
-    b.set_defaults(func=cmd_bench_train)
 
 
 def train_config_from_args(args):
@@ -111,40 +89,3 @@ def cmd_train(args) -> int:
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4g}"
-
-
-def _step_options(args):
-    from mixsd_jax.errors import MixsdError
-    from mixsd_jax.models.transformer import REMAT_POLICIES
-    from mixsd_jax.train.step import StepOptions
-
-    if args.remat not in REMAT_POLICIES:
-        raise MixsdError(f"--remat {args.remat!r}: unknown policy (known: {', '.join(REMAT_POLICIES)})")
-    return StepOptions(remat=args.remat, loss_chunk=args.loss_chunk, attention_block=args.attention_block)
-
-
-def cmd_bench_train(args) -> int:
-    if args.method == "opsd":
-        from mixsd_jax.train.opsd_bench import bench_opsd
-
-        print(json.dumps(bench_opsd(
-            args.model, data=args.data, batch_size=args.batch_size, num_rollouts=args.rollouts,
-            max_new_tokens=args.max_new_tokens, max_seq_len=max(args.seq_len, 256), steps=args.steps,
-            compute_dtype=args.compute_dtype, random_init=args.random_init,
-        )))
-        return 0
-    from mixsd_jax.train.bench import bench_train
-
-    result = bench_train(
-        args.model,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        steps=args.steps,
-        compute_dtype=args.compute_dtype,
-        torch_compare=not args.no_torch,
-        random_init=args.random_init,
-        peak_tflops=args.peak_tflops,
-        options=_step_options(args),
-    )
-    print(json.dumps(result))
-    return 0

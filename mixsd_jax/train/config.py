@@ -1,6 +1,6 @@
 """`TrainConfig`: everything a training run depends on, validated once at the edge.
 
-Defaults follow the reference recipe (REFERENCE.md §3.2): AdamW lr 1e-5, weight decay 0.01,
+Defaults follow the reference recipe (docs/reference.md, SFT and MixSD): AdamW lr 1e-5, weight decay 0.01,
 betas 0.9/0.95, eps 1e-8, global-norm clip 1.0, global batch 16, constant LR.
 
 Resume compatibility: `resume_fingerprint(cfg)` hashes every key that changes what a step
@@ -17,15 +17,12 @@ from typing import Literal
 from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.multihost import DistributedConfig
+from mixsd_jax.models.registry import EMBEDDED_DEFAULT
 from mixsd_jax.storage import StorageConfig
 from mixsd_jax.models.sharding import MeshConfig
 from mixsd_jax.models.transformer import REMAT_POLICIES
 
-EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
-
 METHODS = ("sft", "opsd")
-
-DTYPES = ("float32", "bfloat16")
 
 # Keys that do not change the trained parameters: excluded from the resume fingerprint.
 NOT_FINGERPRINTED = (
@@ -50,7 +47,7 @@ NOT_FINGERPRINTED = (
 
 @dataclasses.dataclass(frozen=True)
 class OpsdConfig:
-    """On-policy self-distillation (REFERENCE.md §3.4): per step, `batch_size` prompts get
+    """On-policy self-distillation (docs/reference.md, OPSD): per step, `batch_size` prompts get
     `num_rollouts` responses each from the current parameters; the loss is the divergence between
     the teacher (the same model with the ground truth in its user turn) and the student on those
     response tokens, over the teacher's top-`topk` tokens. Defaults are the reference's settings
@@ -87,7 +84,7 @@ class OpsdConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     data: str = ""  # messages / alpaca JSONL (ground truth for SFT, mixed targets for MixSD)
-    model: str = EMBEDDED_DEFAULT_MODEL  # registry name or HF-format directory
+    model: str = EMBEDDED_DEFAULT  # registry name or HF-format directory
     out: str = "runs/train"
     # sft: masked NLL on the records' assistant turns (SFT on ground truth, or MixSD on mixed
     # targets); opsd: on-policy self-distillation on their prompts (the `opsd` section).

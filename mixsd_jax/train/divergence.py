@@ -1,7 +1,7 @@
 """Token-level teacher–student divergences over the teacher's top-k tokens (OPSD's loss).
 
-As the reference's NeMo-RL `DistillationLossFn` with `zero_outside_topk: false` (REFERENCE.md
-§3.4): at every position take the teacher's k most probable tokens, renormalise *both* the
+As the reference's NeMo-RL `DistillationLossFn` with `zero_outside_topk: false` (docs/reference.md,
+OPSD): at every position take the teacher's k most probable tokens, renormalise *both* the
 teacher's and the student's logits over that set (log-softmax of the k gathered logits), then
 
   forward  = Σ_k p_T (log p_T − log p_S)

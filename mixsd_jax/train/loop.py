@@ -33,15 +33,13 @@ OPSD_METRIC_KEYS = ("rollout_tokens", "rollout_s", "rollout_tokens_per_s", "teac
 
 def prepare_data(cfg: TrainConfig, tokenizer):
     """Records of `cfg.data` tokenized into a BatchPlan; bad or unusable data is a MixsdError."""
-    from mixsd_jax.data.grain_source import record_source
-    from mixsd_jax.train.batches import BatchPlan, tokenize_records
+    from mixsd_jax.data.grain_source import training_records
+    from mixsd_jax.data.tokenize import tokenize_records
+    from mixsd_jax.train.batches import BatchPlan
 
     if not cfg.data:
         raise MixsdError("config key 'data': required (a messages/alpaca JSONL file or a TFDS dataset directory)")
-    source = record_source(cfg.data)
-    records = source if isinstance(source, list) else source.__getitems__(list(range(len(source))))
-    if not records:
-        raise MixsdError(f"{cfg.data}: no training records (the file is empty)")
+    records = training_records(cfg.data)
     data = tokenize_records(
         tokenizer,
         records,

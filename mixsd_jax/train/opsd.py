@@ -1,4 +1,4 @@
-"""OPSD (on-policy self-distillation, REFERENCE.md §3.4) as a loss and a batch source of the
+"""OPSD (on-policy self-distillation, docs/reference.md, OPSD) as a loss and a batch source of the
 one training loop.
 
 Per step k: the step's prompts (the same seed-determined order as SFT's records) get
@@ -168,7 +168,7 @@ def prepare_prompts(cfg, tokenizer, records, source: str):
     """Student prompts and GT texts of the records, plus a TokenizedData of prompt examples for
     the shared BatchPlan (its `.length` is what packing or ordering would read). A prompt that
     leaves no room for a response and a cut GT text under max_seq_len is dropped (and counted)."""
-    from mixsd_jax.train.batches import Example, TokenizedData, conversation
+    from mixsd_jax.data.tokenize import Example, TokenizedData, conversation
 
     prompt_style = teacher_lib.get_teacher_prompt(cfg.opsd.prompt)
     end_ids = teacher_lib.end_of_user_ids(tokenizer)
@@ -190,9 +190,9 @@ def prepare_prompts(cfg, tokenizer, records, source: str):
 
 
 def _bucket(n: int, cap: int, multiple: int = 1) -> int:
-    from mixsd_jax.train.batches import bucket_length
+    from mixsd_jax.train.batches import batch_width
 
-    width = bucket_length(max(n, 1), cap)
+    width = batch_width(max(n, 1), cap)
     return -(-width // multiple) * multiple if width > multiple else width
 
 
@@ -284,15 +284,12 @@ class RolloutBatches:
 
 def prepare(cfg, tokenizer):
     """(TokenizedData of prompts, BatchPlan over them, the prompts) of `cfg.data`."""
-    from mixsd_jax.data.grain_source import record_source
+    from mixsd_jax.data.grain_source import training_records
     from mixsd_jax.train.batches import BatchPlan
 
     if not cfg.data:
         raise MixsdError("config key 'data': required (a messages/alpaca JSONL file with ground-truth answers)")
-    source = record_source(cfg.data)
-    records = source if isinstance(source, list) else source.__getitems__(list(range(len(source))))
-    if not records:
-        raise MixsdError(f"{cfg.data}: no training records (the file is empty)")
+    records = training_records(cfg.data)
     prompts, data = prepare_prompts(cfg, tokenizer, records, str(cfg.data))
     if not prompts:
         raise MixsdError(

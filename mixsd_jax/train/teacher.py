@@ -1,6 +1,6 @@
 """The OPSD teacher's input: the student's sequence with the ground truth put into its user turn.
 
-The reference (REFERENCE.md §3.4) builds it from the student sequence (prompt + on-policy
+The reference (docs/reference.md, OPSD) builds it from the student sequence (prompt + on-policy
 response): find the last end-of-user marker (`<|im_end|>`, `<|eot_id|>` for Llama 3) before the
 assistant turn, decode everything before it, append the GT text `PREFIX + "\\n" + gt + TRANSITION`,
 re-tokenise that joined string (so BPE merges across the join come out as the tokenizer would make

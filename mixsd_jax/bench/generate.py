@@ -15,7 +15,7 @@ Workloads (each prints one JSON line; ratios as median with `_min`/`_max` over t
   retries wait for the next batch), same outputs checked. Key: longtail_speedup.
 
 Timings exclude compilation (a warm-up round runs first). Every JSON line carries the load before
-and after, the cores, and `busy` when the load before was above half the cores (mixsd_jax/machine.py).
+and after, the cores, and `busy` when the load before was above half the cores (bench/machine.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections import deque
 
-from mixsd_jax import machine
+from mixsd_jax.bench import machine
 
 
 def _stats(name: str, values: list[float]) -> dict:
@@ -56,21 +56,23 @@ def _interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
 
 def _kgfact_records(n: int):
     from mixsd_jax.data.kgfact import build_kgfact
+    from mixsd_jax.data.layout import KGFACT_TRAIN
     from mixsd_jax.data.records import read_records
 
     with tempfile.TemporaryDirectory() as tmp:
         build_kgfact(tmp, preset="small", seed=0)
-        records = read_records(f"{tmp}/atomic_sft/train_messages.jsonl")
+        records = read_records(f"{tmp}/{KGFACT_TRAIN}")
     return [records[i % len(records)] for i in range(n)]
 
 
 def _kgfunc_records(n: int):
-    from mixsd_jax.data.kgfunc import TRAIN_DIR, build_kgfunc
+    from mixsd_jax.data.kgfunc import build_kgfunc
+    from mixsd_jax.data.layout import KGFUNC_TRAIN
     from mixsd_jax.data.records import read_records
 
     with tempfile.TemporaryDirectory() as tmp:
         build_kgfunc(tmp, preset="small", seed=0)
-        records = read_records(f"{tmp}/{TRAIN_DIR}/train_messages.jsonl")
+        records = read_records(f"{tmp}/{KGFUNC_TRAIN}")
     step = max(1, len(records) // n)  # spread over the operations
     return [records[(i * step) % len(records)] for i in range(n)]
 
@@ -280,8 +282,8 @@ def _stop_set(free, last: int, first: int = 24) -> list[int]:
 
 def _longtail(loaded, model, records, batch_size, max_new_tokens, lambda_mix, dtype, repeats, mesh, block,
               max_retries: int = 2, temperature: float = 0.6) -> dict:
+    from mixsd_jax.answers.verifier import Verifier
     from mixsd_jax.sampling.engine import decode_all
-    from mixsd_jax.sampling.verify import Verifier
     from mixsd_jax.sampling.work import WorkItem
 
     _, cfg, params, tok = loaded

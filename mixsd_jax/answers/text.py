@@ -1,8 +1,7 @@
 """Answer text: where the answer sits in a reply, and whether two answers are the same.
 
-A ground-floor module (it imports nothing of ours) because three packages need the
-same rules: `data` (the gold answer of a record), `sampling` (the MixSD rule verifier) and `eval`
-(the memorisation and math scorers). Named answer *criteria* built from these pieces live above it.
+The pieces every judge of an answer shares (`data` reads a record's gold answer with them, the
+verifier, the scorer and the criteria of this package build on them):
 
 - Extraction: the last brace-matched `\\boxed{...}` (`last_boxed`), the last number
   (`last_number`; a thousands-grouped number is one number), and the scorer's order
@@ -22,7 +21,6 @@ import math
 import re
 import threading
 
-from mixsd_jax.errors import MixsdError
 
 _BOXED = "\\boxed{"
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
@@ -209,24 +207,3 @@ def math_equal(prediction: str, gold: str) -> bool:
                            raise_on_error=True))
     except Exception:  # math-verify's own errors and sympy's, whatever they are: the reference falls back
         return prediction.strip() == gold.strip()
-
-
-# The reference's in-domain scorer (REFERENCE.md §4.1), also one of the run criteria (criteria.py).
-SCORE_MODES = ("strict", "loose")
-
-
-def score(prediction_text: str, gold: str, mode: str = "strict") -> bool:
-    """Whether the answer extracted from `prediction_text` matches the gold answer string."""
-    if mode not in SCORE_MODES:
-        raise MixsdError(f"unknown score mode {mode!r} (known: {', '.join(SCORE_MODES)})")
-    prediction = extract_prediction(prediction_text)
-    if same_answer(prediction, gold):
-        return True
-    # A numeric gold (KGFunc, SimpleQA years) also accepts what math-verify finds equal: `x=66`,
-    # `\frac{132}{2}`, `6.6 \times 10^1`. Text golds never reach it (it reads `sirap` as `paris`).
-    if as_number(gold) is not None and math_equal(prediction, gold):
-        return True
-    if mode == "loose":
-        gold_text = text_form(gold)
-        return bool(gold_text) and gold_text in text_form(prediction)
-    return False

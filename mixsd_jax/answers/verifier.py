@@ -1,6 +1,6 @@
 """The MixSD rule verifier: extract an answer from a generated text and compare it with the GT's.
 
-Modes (REFERENCE.md §1.6, plus `contains`):
+Modes (docs/reference.md, Verifier and retries, plus `contains`):
 - `boxed`: content of the LAST `\\boxed{` (brace-matched), stripped; None when absent or when that
   last one is unbalanced. Only the braced form `\\boxed{...}` counts, not `\\boxed 5`.
 - `last_number`: the last integer/decimal with optional minus. Unlike the reference, a
@@ -12,24 +12,19 @@ Modes (REFERENCE.md §1.6, plus `contains`):
 
 `Verifier(mode, normalized=False)` keeps the reference's comparison (equal after `.strip()`, case
 sensitive); `normalized=True` compares `normalize_answer` forms instead.
+
+`generation_verifier` picks the MixSD generator's verifier: the run's answer criterion
+(`answers.criteria`) when the config names one, else the extract-mode verifier, both behind one
+interface (`gt_answer(gt_text, prompt)` once per record, `check(response, gold)` per attempt).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from typing import Iterable
 
-# Answer text lives on the ground floor (`data` and `eval` use the same rules); re-exported here
-# because the verifier's callers know it by these names.
-from mixsd_jax.answers import (  # noqa: F401
-    last_boxed,
-    last_number,
-    matching_brace,
-    normalize_answer,
-    occurs_as_words,
-    peel_outer_braces,
-    peel_wrappers,
-)
+from mixsd_jax.answers.criteria import Criterion, criterion_for
+from mixsd_jax.answers.text import last_boxed, last_number, normalize_answer, occurs_as_words
 from mixsd_jax.errors import MixsdError
 
 EXTRACT_MODES = ("boxed", "last_number", "boxed_or_last_number", "contains")
@@ -56,7 +51,7 @@ def check_mode(mode: str) -> None:
         raise MixsdError(f"unknown extract_mode {mode!r} (known: {', '.join(EXTRACT_MODES)})")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Verifier:
     mode: str = "boxed"
     normalized: bool = False
@@ -83,3 +78,21 @@ class Verifier:
     def missing_gt_answers(self, gt_texts: Iterable[str]) -> list[int]:
         """Indices of GT texts with no extractable answer, so callers can count and report them."""
         return [i for i, text in enumerate(gt_texts) if self.gt_answer(text) is None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeVerifier:
+    verifier: Verifier
+
+    def gt_answer(self, gt_text: str, prompt: str = "") -> str | None:
+        return self.verifier.gt_answer(gt_text)  # extract modes never look at the prompt
+
+    def check(self, response: str, gold: str | None) -> bool:
+        return self.verifier.check(response, gold)
+
+
+def generation_verifier(criterion: str | None, extract_mode: str, normalized: bool, records) -> Criterion | ModeVerifier:
+    """The run's criterion with the records' training entities, else the extract mode's verifier."""
+    if criterion is not None:
+        return criterion_for(criterion, records)
+    return ModeVerifier(Verifier(extract_mode, normalized))

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from mixsd_jax.models.config import ModelConfig
-from mixsd_jax.train.bench import synthetic_batch
+from mixsd_jax.bench.train import synthetic_batch
 from mixsd_jax.train.step import flops_per_token
 
 
@@ -32,7 +32,7 @@ def test_flops_per_token_counts_every_matmul_weight(tiny_qwen3_dir):
 def test_step_matmuls_are_the_weight_flops_of_the_step(tiny_qwen3_dir):
     """The plain-matmul reference of `mixsd bench train` times the step's own weight matmuls: three
     passes (forward, two backward) over them are the step's FLOPs less attention."""
-    from mixsd_jax.train.bench import step_matmuls
+    from mixsd_jax.bench.train import step_matmuls
 
     cfg = ModelConfig.from_hf_dir(tiny_qwen3_dir)
     T, tokens = 128, 4 * 128
@@ -44,7 +44,7 @@ def test_step_matmuls_are_the_weight_flops_of_the_step(tiny_qwen3_dir):
 def test_machine_report_judges_the_load_before_the_timed_work():
     import os
 
-    from mixsd_jax import machine
+    from mixsd_jax.bench import machine
 
     idle = machine.report([0.0, 0.0, 0.0])
     assert idle["cores"] == len(os.sched_getaffinity(0)) and len(idle["load_avg"]) == 3 and "busy" not in idle

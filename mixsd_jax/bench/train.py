@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from mixsd_jax import machine
+from mixsd_jax.bench import machine
 
 # Dense bf16 peak used for MFU when none is given: the H200 figure measured on our GPU machine.
 DEFAULT_PEAK_TFLOPS = {"gpu": 790.0}
@@ -32,23 +32,31 @@ def synthetic_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 
     }
 
 
+def load_params(model_dir, mesh, random_init: bool = False):
+    """(ModelConfig, parameters on `mesh`): the directory's weights, or random ones from its config.json."""
+    import jax
+
+    from mixsd_jax.models.checkpoint import load_hf
+    from mixsd_jax.models.config import ModelConfig
+    from mixsd_jax.models.sharding import param_shardings
+    from mixsd_jax.models.transformer import init_params
+
+    if not random_init:
+        return load_hf(model_dir, mesh=mesh)
+    cfg = ModelConfig.from_hf_dir(model_dir)
+    return cfg, jax.jit(lambda key: init_params(cfg, key), out_shardings=param_shardings(cfg, mesh))(jax.random.key(0))
+
+
 def ours_stepper(model_dir, batch_size: int, seq_len: int, compute_dtype: str, random_init: bool = False,
                  options=None):
     """(one_step() that runs our train step to completion, ModelConfig)."""
     import jax
 
-    from mixsd_jax.models.checkpoint import load_hf
-    from mixsd_jax.models.config import ModelConfig
-    from mixsd_jax.models.sharding import MeshConfig, make_mesh, param_shardings
-    from mixsd_jax.models.transformer import init_params
+    from mixsd_jax.models.sharding import MeshConfig, make_mesh
     from mixsd_jax.train import step as step_lib
 
     mesh = make_mesh(MeshConfig())
-    if random_init:
-        cfg = ModelConfig.from_hf_dir(model_dir)
-        params = jax.jit(lambda key: init_params(cfg, key), out_shardings=param_shardings(cfg, mesh))(jax.random.key(0))
-    else:
-        cfg, params = load_hf(model_dir, mesh=mesh)
+    cfg, params = load_params(model_dir, mesh, random_init)
     opt = step_lib.OptimConfig(lr=1e-5, total_steps=1000)
     tx = step_lib.make_optimizer(opt)
     shardings = step_lib.state_shardings(cfg, tx, mesh)

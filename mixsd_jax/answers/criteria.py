@@ -1,10 +1,11 @@
 """Answer criteria: what counts as a right answer, one object shared by the MixSD verifier and the
 memorization scorer of a run (so the targets that pass and the replies that score are judged alike).
 
-- `reference_loose` / `reference_strict`: the reference's scorer (REFERENCE.md §4.1): the prediction
-  is the last `\\boxed{}`, else `<answer>`, else the last number, else the whole text; normalised
-  equality (numbers within 1e-6), and for loose also the gold inside the prediction. On a small
-  model's plain-text replies "the last number" is often a list index (`2.` of `1. ... 2. ...`).
+- `reference_loose` / `reference_strict`: the reference's scorer (docs/reference.md, Memorisation
+  scorer, `answers.scoring`): the prediction is the last `\\boxed{}`, else `<answer>`, else the last
+  number, else the whole text; normalised equality (numbers within 1e-6), and for loose also the
+  gold inside the prediction. On a small model's plain-text replies "the last number" is often a
+  list index (`2.` of `1. ... 2. ...`).
 - `answer_statement`: the predictions are the reply's `\\boxed{}` contents and its "the answer is X"
   statements; credited when there is at least one, every one of them names the gold as a whole
   phrase, and none names a different training entity. A reply that states nothing is wrong.
@@ -25,14 +26,8 @@ from typing import Iterable
 
 from mixsd_jax.errors import MixsdError
 
-from mixsd_jax.answers import (
-    extract_prediction,
-    last_boxed,
-    matching_brace,
-    normalize_answer,
-    occurs_as_words,
-    score as reference_score,
-)
+from mixsd_jax.answers.scoring import score as reference_score
+from mixsd_jax.answers.text import extract_prediction, last_boxed, matching_brace, normalize_answer, occurs_as_words
 
 CRITERIA = ("reference_loose", "reference_strict", "answer_statement", "entity_phrase")
 DEMO_CRITERION = "entity_phrase"

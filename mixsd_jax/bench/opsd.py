@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from mixsd_jax import machine
+from mixsd_jax.bench import machine
 
 
 def bench_opsd(
@@ -33,66 +33,25 @@ def bench_opsd(
     random_init: bool = False,
 ) -> dict:
     import jax
-    import jax.numpy as jnp
 
-    from mixsd_jax.models.checkpoint import load_hf
-    from mixsd_jax.models.config import ModelConfig
     from mixsd_jax.models.registry import resolve_model
-    from mixsd_jax.models.sharding import MeshConfig, make_mesh, param_shardings
-    from mixsd_jax.models.tokenizer import load_tokenizer
-    from mixsd_jax.models.transformer import init_params
-    from mixsd_jax.train import opsd
-    from mixsd_jax.train import step as step_lib
     from mixsd_jax.train.config import load_train_config
 
     model_dir = resolve_model(model)
     with tempfile.TemporaryDirectory() as tmp:
         if data is None:
-            from mixsd_jax.data.kgfact import TRAIN_FILE, build_kgfact
+            from mixsd_jax.data.kgfact import build_kgfact
+            from mixsd_jax.data.layout import KGFACT_TRAIN
 
             build_kgfact(tmp, preset="tiny", seed=0)
-            data = os.path.join(tmp, TRAIN_FILE)
+            data = os.path.join(tmp, KGFACT_TRAIN)
         cfg = load_train_config(None, [
             f"model={model_dir}", f"data={data}", "method=opsd", f"batch_size={batch_size}",
             f"max_seq_len={max_seq_len}", f"compute_dtype={compute_dtype}", f"opsd.num_rollouts={num_rollouts}",
             f"opsd.max_new_tokens={max_new_tokens}",
             f"opsd.loss_chunk={min(1024, max_new_tokens)}", "lr=1e-5",
         ])
-        tokenizer = load_tokenizer(model_dir)
-        _, plan, prompts = opsd.prepare(cfg, tokenizer)
-    mesh = make_mesh(MeshConfig())
-    model_cfg = ModelConfig.from_hf_dir(model_dir)
-    if random_init:
-        params = jax.jit(lambda key: init_params(model_cfg, key), out_shardings=param_shardings(model_cfg, mesh))(
-            jax.random.key(0))
-    else:
-        _, params = load_hf(model_dir, mesh=mesh)
-    teacher = jax.tree.map(jnp.copy, params)
-    opt = step_lib.OptimConfig(lr=cfg.lr, total_steps=0)
-    tx = step_lib.make_optimizer(opt)
-    state = step_lib.init_state(params, tx, step_lib.state_shardings(model_cfg, tx, mesh))
-    loss = opsd.loss_for(cfg)
-    step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, compute_dtype, loss=loss)
-    forward_fn = opsd.divergence_fn(loss, model_cfg, compute_dtype)
-    batches = opsd.RolloutBatches(cfg, tokenizer, prompts, plan, model_cfg, mesh)
-
-    rows, load_before = [], machine.load()
-    for step in range(steps + 1):
-        started = time.perf_counter()
-        host = batches.host_batch(step, state.params)
-        build_s = time.perf_counter() - started
-        batch = step_lib.device_batch(host, mesh)
-        started = time.perf_counter()
-        jax.block_until_ready(forward_fn(state.params, teacher, batch))
-        forward_s = time.perf_counter() - started
-        started = time.perf_counter()
-        state, metrics = step_fn(state, batch, teacher)
-        jax.block_until_ready((state, metrics))
-        update_s = time.perf_counter() - started
-        stats = batches.stats
-        inputs = int(host["segment_ids"].astype(bool).sum() + host["teacher_segment_ids"].astype(bool).sum())
-        rows.append({"rollout_s": stats["rollout_s"], "build_s": build_s, "forward_s": forward_s,
-                     "update_s": update_s, "generated": stats["rollout_tokens"], "inputs": inputs})
+        rows, load_before = _timed_steps(cfg, model_dir, steps, compute_dtype, random_init)
     timed = rows[1:] or rows
     med = lambda key: float(np.median([r[key] for r in timed]))  # noqa: E731
     rollout_tps = float(np.median([r["generated"] / max(r["rollout_s"], 1e-9) for r in timed]))
@@ -119,3 +78,47 @@ def bench_opsd(
         "first_step_s": round(rows[0]["build_s"] + rows[0]["update_s"], 2),
         **machine.report(load_before),
     }
+
+
+def _timed_steps(cfg, model_dir, steps: int, compute_dtype: str, random_init: bool) -> tuple[list[dict], list]:
+    """Seconds of each part of `steps` + 1 OPSD steps (the first compiles) and their token counts; the
+    machine's load before them."""
+    import jax
+    import jax.numpy as jnp
+
+    from mixsd_jax.bench.train import load_params
+    from mixsd_jax.models.sharding import MeshConfig, make_mesh
+    from mixsd_jax.models.tokenizer import load_tokenizer
+    from mixsd_jax.train import opsd
+    from mixsd_jax.train import step as step_lib
+
+    tokenizer = load_tokenizer(model_dir)
+    _, plan, prompts = opsd.prepare(cfg, tokenizer)
+    mesh = make_mesh(MeshConfig())
+    model_cfg, params = load_params(model_dir, mesh, random_init)
+    teacher = jax.tree.map(jnp.copy, params)
+    opt = step_lib.OptimConfig(lr=cfg.lr, total_steps=0)
+    tx = step_lib.make_optimizer(opt)
+    state = step_lib.init_state(params, tx, step_lib.state_shardings(model_cfg, tx, mesh))
+    loss = opsd.loss_for(cfg)
+    step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, compute_dtype, loss=loss)
+    forward_fn = opsd.divergence_fn(loss, model_cfg, compute_dtype)
+    batches = opsd.RolloutBatches(cfg, tokenizer, prompts, plan, model_cfg, mesh)
+    rows, load_before = [], machine.load()
+    for step in range(steps + 1):
+        started = time.perf_counter()
+        host = batches.host_batch(step, state.params)
+        build_s = time.perf_counter() - started
+        batch = step_lib.device_batch(host, mesh)
+        started = time.perf_counter()
+        jax.block_until_ready(forward_fn(state.params, teacher, batch))
+        forward_s = time.perf_counter() - started
+        started = time.perf_counter()
+        state, metrics = step_fn(state, batch, teacher)
+        jax.block_until_ready((state, metrics))
+        update_s = time.perf_counter() - started
+        stats = batches.stats
+        inputs = int(host["segment_ids"].astype(bool).sum() + host["teacher_segment_ids"].astype(bool).sum())
+        rows.append({"rollout_s": stats["rollout_s"], "build_s": build_s, "forward_s": forward_s,
+                     "update_s": update_s, "generated": stats["rollout_tokens"], "inputs": inputs})
+    return rows, load_before
