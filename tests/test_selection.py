@@ -88,7 +88,7 @@ def test_pipeline_selects_a_saved_step(tiny_llama_dir, tmp_path):
 def test_recall_is_decoded_on_the_runs_mesh_with_the_rows_of_one_device(tiny_qwen3_dir, tmp_path):
     """Selection loads each step sharded over the run's mesh (8 simulated devices, fsdp=8) and
     decodes there: the replies and the curve are those of an unsharded decode."""
-    from mixsd_jax.criteria import criterion_for
+    from mixsd_jax.answers.criteria import criterion_for
     from mixsd_jax.eval.selection import recall_curve
     from mixsd_jax.models.sharding import MeshConfig, make_mesh
 
