@@ -15,9 +15,11 @@ COMMAND_MODULES = (
     "mixsd_jax.data.commands",
     "mixsd_jax.sampling.commands",
     "mixsd_jax.train.commands",
+    "mixsd_jax.edit.commands",
     "mixsd_jax.eval.commands",
     "mixsd_jax.pipeline.commands",
     "mixsd_jax.bench.commands",
+    "mixsd_jax.bench.plan_commands",
 )
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.pipeline import memory
+from mixsd_jax.bench import memory
 
 
 def _run(args, timeout=600):
@@ -37,23 +37,21 @@ def experiment(tmp_path_factory, tiny_qwen3_dir):
 
 def test_one_line_per_kernel_with_per_device_bytes(experiment, tiny_qwen3_dir):
     proc = _run(["--config", str(experiment), "--kernels", "train_step,generate,eval_mc", "--eval-row-len", "32",
-                 "--eval-window", "8", "--chip-bytes", "1MiB"])
+                 "--eval-window", "8", "--chip-bytes", "1MiB", "--no-estimates"])
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [line["kernel"] for line in lines] == ["train_step", "generate", "eval_mc"]
+    assert [line["kernel"] for line in lines] == ["train_step", "generate.prefill", "generate.insert",
+                                                  "generate.decode_segment", "eval_mc"]
     for line in lines:
+        assert line["backend"] == "cpu" and line["topology"] is None and line["roofline_s"] is None
         assert line["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}  # -1 filled from 8 simulated devices
         assert line["peak_bytes"] == line["argument_bytes"] + line["output_bytes"] - line["alias_bytes"] + line["temp_bytes"]
-        assert line["chip_bytes"] == 1 << 20
+        assert line["hbm_bytes"] == 1 << 20
         assert line["fits"] == (line["peak_bytes"] <= 1 << 20)
-    # generate plans the decode engine's kernels; the line carries the largest one's bytes.
-    gen = lines[1]
-    assert set(gen["engine"]) >= {"prefill", "insert", "decode_segment"}
-    assert gen["peak_bytes"] == max(k["peak_bytes"] for k in gen["engine"].values())
-    assert gen["peak_bytes"] == gen["engine"][gen["largest"]]["peak_bytes"]
-    # 4 pairs (1 per batch shard), the cache at min(48, 32 + 16) + one segment + 1 = 65 slots, in 512-slot blocks.
-    assert gen["shapes"]["batch"] == 4 and gen["shapes"]["sides"] == 2 and gen["shapes"]["cache_slots"] == 512
-    assert gen["kv_cache_bytes_per_device"] > 0
+    # The decode engine's kernels: 4 pairs (1 per batch shard), the cache at min(48, 32 + 16) + one
+    # segment + 1 = 65 slots, in one 512-slot block (so no copy-up: no grow kernel).
+    shapes = lines[3]["shapes"]
+    assert shapes["batch"] == 4 and shapes["sides"] == 2 and shapes["capacity"] == 512 and shapes["grow_from"] == 0
     train = lines[0]
     assert not train["fits"]  # a tiny model's step still needs more than 1 MiB
 
@@ -80,7 +78,7 @@ def test_one_line_per_kernel_with_per_device_bytes(experiment, tiny_qwen3_dir):
 def test_train_config_plans_the_train_step_only(tmp_path, tiny_llama_dir):
     path = tmp_path / "train.yaml"
     path.write_text(f"model: {tiny_llama_dir}\nbatch_size: 2\nmax_seq_len: 32\nmesh: {{data: 2}}\nremat: full\n")
-    proc = _run(["--config", str(path)])
+    proc = _run(["--config", str(path), "--no-estimates"])
     assert proc.returncode == 0, proc.stderr
     (line,) = [json.loads(x) for x in proc.stdout.splitlines()]
     assert line["kernel"] == "train_step" and line["remat"] == "full" and line["mesh"]["data"] == 2
@@ -91,6 +89,8 @@ def test_bad_input_is_one_line(experiment):
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "nonexistent.yaml" in proc.stderr
     proc = _run(["--config", str(experiment), "--kernels", "train_step", "mesh.fsdp=4", "train.grad_accum=4"])
     assert proc.returncode == 2 and "micro batch" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    proc = _run(["--config", str(experiment), "--kernels", "train_step,decode"])
+    assert proc.returncode == 2 and "unknown kernel 'decode'" in proc.stderr and proc.stderr.strip().count("\n") == 0
     with pytest.raises(MixsdError, match="chip-bytes"):
         memory.parse_bytes("lots")
     assert memory.parse_bytes("16GiB") == 16 << 30 and memory.parse_bytes("80GB") == 80 * 10**9

@@ -149,3 +149,48 @@ def _config_file(tmp_path, model_dir):
     path = tmp_path / "exp.yaml"
     path.write_text(f"out_dir: {tmp_path / 'exp'}\nmodel: {model_dir}\ncorpus: {{kind: kgfact, preset: tiny}}\n")
     return path
+
+
+def test_memit_is_an_edit_stage_evaluated_like_a_training_run(tiny_llama_dir, tmp_path):
+    plan = _plan(tiny_llama_dir, tmp_path, "methods=[base, sft, memit]", "lambdas=[]")
+    assert [s.name for s in plan.stages] == ["corpus", "train_sft", "edit_memit", "eval"]
+    edit = plan.stage("edit_memit")
+    assert edit.inputs == ("corpus",) and edit.outputs[0] == tmp_path / "exp" / "train" / "memit" / "hf" / "config.json"
+    assert edit.settings.data == str(plan.stage("corpus").outputs[0])
+    ecfg = plan.stage("eval").settings
+    assert f"memit={tmp_path / 'exp' / 'train' / 'memit' / 'hf'}" in ecfg.tuned
+    assert "memit=MEMIT" in ecfg.labels and set(plan.stage("eval").parts) == {"base", "sft", "memit"}
+    base = _fps(plan)
+    changed = _fps(_plan(tiny_llama_dir, tmp_path, "methods=[base, sft, memit]", "lambdas=[]", "memit.layers=[0]"))
+    assert _changed(base, changed) == ["edit_memit", "eval"]
+    # Selection by training recall picks among checkpoints; an edit has one model, evaluated as is.
+    selected = _plan(tiny_llama_dir, tmp_path, "methods=[base, sft, memit]", "lambdas=[]", "selection.every=2")
+    assert "select_memit" not in [s.name for s in selected.stages]
+    assert "edit_memit" in selected.stage("eval").inputs and "select_sft" in selected.stage("eval").inputs
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("memit.v_stepz=3",), "unknown config key 'memit.v_stepz'"),
+    (("memit.out=x",), "config key 'memit.out': set by the pipeline"),
+    (("corpus.kind=kgfunc",), "MEMIT edits a subject's facts"),
+])
+def test_memit_settings_are_checked_at_plan_time(tiny_llama_dir, tmp_path, overrides, message):
+    with pytest.raises(MixsdError, match=message):
+        _plan(tiny_llama_dir, tmp_path, "methods=[base, memit]", *overrides)
+
+
+@pytest.mark.parametrize("config", ["kgfact_small_qwen3_8b", "simpleqa_llama3p2_1b"])
+def test_a_paper_config_dry_runs_without_its_weights(config, tmp_path, monkeypatch, capsys):
+    """A user plans before downloading: the paper model's known shapes stand in for its directory."""
+    from pathlib import Path
+
+    from mixsd_jax.cli import main
+
+    monkeypatch.setenv("MIXSD_MODELS_DIR", str(tmp_path / "models"))  # empty: no model here
+    path = Path(__file__).parent.parent / "configs" / "paper" / f"{config}.yaml"
+    assert main(["pipeline", "--config", str(path), f"out_dir={tmp_path / 'exp'}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "train_sft" in out and "pending" in out
+    assert not (tmp_path / "exp").exists()
+    with pytest.raises(MixsdError, match="is not on this machine"):  # a real run still needs the model
+        build_plan(load_experiment(str(path), [f"out_dir={tmp_path / 'exp'}"]))

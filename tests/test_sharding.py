@@ -47,3 +47,28 @@ def test_mesh_errors():
         MeshConfig(data=-1, fsdp=-1)
     with pytest.raises(MixsdError, match="not divisible"):
         make_mesh(MeshConfig(data=-1, tensor=3))
+
+
+def _hops(a, b):
+    """ICI links between two TPU devices (0 for the two cores of one chip counts as 1 here)."""
+    return max(1, sum(abs(x - y) for x, y in zip(a.coords, b.coords)))
+
+
+@pytest.mark.parametrize("topology, sizes", [("v5e:2x4", (1, 4, 2)), ("v5e:2x4", (1, 2, 4)), ("v5e:2x4", (1, 1, 8)),
+                                             ("v5e:4x8", (1, 4, 8)), ("v5e:4x8", (2, 4, 4)), ("v4:2x2x1", (1, 2, 4))])
+def test_tensor_neighbours_are_adjacent_chips(topology, sizes):
+    """The run's mesh function on a TPU slice's devices (their physical coordinates from libtpu):
+    consecutive devices along `tensor` are one ICI hop apart, and every device is used once."""
+    from mixsd_jax.bench.tpu import topology_devices
+
+    devices = topology_devices(topology)
+    mesh = make_mesh(MeshConfig(*sizes), devices=devices)
+    grid = mesh.devices
+    assert grid.shape == sizes and len({d.id for d in grid.flat}) == len(devices)
+    for group in grid.reshape(-1, sizes[-1]):
+        assert all(_hops(a, b) == 1 for a, b in zip(group, group[1:])), [tuple(d.coords) for d in group]
+
+
+def test_cpu_devices_keep_their_order():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()[:8]]

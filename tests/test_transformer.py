@@ -97,3 +97,64 @@ def test_llama3_rope_scaling_changes_frequencies(tiny_llama_dir):
     plain = np.asarray(tf.rope_inv_freq(cfg.__class__(**{**cfg.__dict__, "rope_scaling": None})))
     assert scaled[0] == pytest.approx(plain[0])  # high frequencies kept
     assert scaled[-1] == pytest.approx(plain[-1] / cfg.rope_scaling.factor)  # low ones slowed
+
+
+def _torch_taps(model_dir, tokens, mask, edit=None):
+    """Down-projection inputs and decoder-layer outputs read by PyTorch hooks on transformers' model;
+    `edit=(layer, delta_BxTxD)` adds the delta to that layer's MLP output."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    mlp_in, resid_out, handles = [], [], []
+    for i, block in enumerate(model.model.layers):
+        handles.append(block.mlp.down_proj.register_forward_hook(lambda m, args, out: mlp_in.append(args[0].numpy())))
+        handles.append(block.register_forward_hook(
+            lambda m, args, out: resid_out.append((out[0] if isinstance(out, tuple) else out).numpy())))
+        if edit is not None and i == edit[0]:
+            handles.append(block.mlp.register_forward_hook(lambda m, args, out: out + torch.tensor(edit[1])))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+    for h in handles:
+        h.remove()
+    return logits, np.stack(mlp_in), np.stack(resid_out)
+
+
+def test_forward_with_taps_logits_equal_forward(tiny_model_dir):
+    cfg, params = load_hf(tiny_model_dir)
+    tokens, mask = _batch(cfg.vocab_size)
+    logits, taps = tf.forward_with_taps(params, cfg, jnp.asarray(tokens), jnp.asarray(mask, jnp.int32))
+    ours = _ours(params, cfg, tokens, mask)
+    for row, n in enumerate(LENGTHS):
+        np.testing.assert_allclose(np.asarray(logits)[row, :n], ours[row, :n], atol=1e-5, rtol=0)
+    assert taps["mlp_in"].shape == (cfg.num_layers, 3, max(LENGTHS), cfg.intermediate_size)
+    assert taps["resid_out"].shape == (cfg.num_layers, 3, max(LENGTHS), cfg.hidden_size)
+
+
+def test_forward_with_taps_match_transformers_hooks(tiny_model_dir):
+    """The taps and the MLP-output edit against hooks on transformers' own modules."""
+    cfg, params = load_hf(tiny_model_dir)
+    tokens, mask = _batch(cfg.vocab_size)
+    delta = np.zeros((3, max(LENGTHS), cfg.hidden_size), np.float32)
+    delta[0, 4] = np.random.default_rng(3).normal(size=cfg.hidden_size)
+    edit_layer = 0  # so the later layers carry it to the positions after it
+    for edit in (None, (edit_layer, delta)):
+        ref_logits, ref_in, ref_out = _torch_taps(tiny_model_dir, tokens, mask, edit)
+        mlp_edit = None if edit is None else (edit_layer, jnp.asarray(delta))
+        logits, taps = tf.forward_with_taps(params, cfg, jnp.asarray(tokens), jnp.asarray(mask, jnp.int32),
+                                            mlp_edit=mlp_edit)
+        for row, n in enumerate(LENGTHS):
+            np.testing.assert_allclose(np.asarray(logits)[row, :n], ref_logits[row, :n], atol=1e-4, rtol=0)
+            np.testing.assert_allclose(np.asarray(taps["mlp_in"])[:, row, :n], ref_in[:, row, :n], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(np.asarray(taps["resid_out"])[:, row, :n], ref_out[:, row, :n], atol=1e-4, rtol=0)
+    # The edit moved the edited row's last block output from its position on, and nothing else.
+    _, plain = tf.forward_with_taps(params, cfg, jnp.asarray(tokens), jnp.asarray(mask, jnp.int32))
+    moved = np.abs(np.asarray(taps["resid_out"] - plain["resid_out"])[-1]).max(axis=-1) > 1e-6
+    assert moved[0, 4:LENGTHS[0]].all() and not moved[0, :4].any() and not moved[1:].any()
+
+
+def test_forward_with_taps_restarts_positions_per_segment(tiny_llama_dir):
+    cfg, params = load_hf(tiny_llama_dir)
+    tokens, _ = _batch(cfg.vocab_size, [9], seed=5)
+    packed_seg = jnp.asarray([[1] * 5 + [2] * 4], jnp.int32)
+    packed, _ = tf.forward_with_taps(params, cfg, jnp.asarray(tokens), packed_seg)
+    first, _ = tf.forward_with_taps(params, cfg, jnp.asarray(tokens[:, :5]), jnp.ones((1, 5), jnp.int32))
+    second, _ = tf.forward_with_taps(params, cfg, jnp.asarray(tokens[:, 5:]), jnp.ones((1, 4), jnp.int32))
+    np.testing.assert_allclose(np.asarray(packed), np.concatenate([first, second], axis=1), atol=1e-5)

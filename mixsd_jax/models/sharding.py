@@ -73,8 +73,51 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
         devices = devices[: math.prod(sizes)]  # an explicit smaller mesh uses the first devices
     if math.prod(sizes) != len(devices):
         raise MixsdError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {len(devices)} devices")
-    # Devices in creation order; on multi-host this keeps each host's devices contiguous along `data`.
-    return Mesh(np.array(devices).reshape(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    return Mesh(device_grid(sizes, devices), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def device_grid(sizes, devices) -> np.ndarray:
+    """`devices` as a [data, fsdp, tensor] array laid on the physical interconnect.
+
+    On a TPU slice `create_device_mesh` maps the axes onto the ICI torus (the innermost, `tensor`,
+    on the closest chips; across slices `create_hybrid_device_mesh` puts the slices along `data`,
+    the one axis that only all-reduces gradients over DCN). Each tensor group is then ordered as a
+    chain of neighbouring chips, so its ring collectives hop one link at a time. Devices without
+    a physical layout (CPU, a subset a torus cannot hold) keep their creation order, which on a
+    multi-host run keeps each host's devices contiguous along `data`.
+    """
+    from jax.experimental import mesh_utils
+
+    sizes = tuple(sizes)
+    slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices})
+    try:
+        if len(slices) > 1 and sizes[0] % len(slices) == 0:
+            grid = mesh_utils.create_hybrid_device_mesh((sizes[0] // len(slices), *sizes[1:]), (len(slices), 1, 1),
+                                                        devices)
+        elif devices[0].platform == "tpu":
+            grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+        else:
+            grid = np.array(devices).reshape(sizes)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.array(devices).reshape(sizes)
+    if getattr(devices[0], "coords", None) is not None:
+        grid = np.array([_chain(list(group)) for group in grid.reshape(-1, sizes[-1])]).reshape(sizes)
+    return grid
+
+
+def _chain(group: list) -> list:
+    """The group's devices in an order where each is one ICI hop from the next, when the order the
+    library chose is not one already (a 2x2 block comes row by row: the 2nd and 3rd are diagonal)."""
+    def hops(a, b):
+        return sum(abs(x - y) for x, y in zip(a.coords, b.coords)) + (a.coords == b.coords)
+
+    if all(hops(a, b) <= 1 for a, b in zip(group, group[1:])):
+        return group
+    # Boustrophedon over the group's chips: along x, turning back at each new y (and z).
+    def key(d):
+        x, y, *rest = d.coords
+        return (*reversed(rest), y, x if (y + sum(rest)) % 2 == 0 else -x, getattr(d, "core_on_chip", 0))
+    return sorted(group, key=key)
 
 
 def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:

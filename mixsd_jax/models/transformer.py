@@ -217,8 +217,11 @@ def _linear(x, w, dtype):
 
 
 def _layer(p, cfg: ModelConfig, x_BxTxD, positions_BxT, inv_freq, new_mask_BxTxT, cached, old_mask_BxTxS, dtype,
-           segment_ids_BxT=None, attention_block=0):
-    """One decoder block; returns the new hidden states and this call's keys and values."""
+           segment_ids_BxT=None, attention_block=0, mlp_delta_BxTxD=None, mlp_taps=None):
+    """One decoder block; returns the new hidden states and this call's keys and values.
+
+    Model editing hooks: `mlp_delta_BxTxD` is added to the MLP's output; `mlp_taps` (a list) receives
+    the down-projection's input."""
     B, T, _ = x_BxTxD.shape
     h = rms_norm(x_BxTxD, p["attn_norm"], cfg.rms_norm_eps)
     q = _linear(h, p["wq"], dtype)
@@ -250,7 +253,12 @@ def _layer(p, cfg: ModelConfig, x_BxTxD, positions_BxT, inv_freq, new_mask_BxTxT
     x_BxTxD = x_BxTxD + _linear(attn, p["wo"], dtype)
     h = rms_norm(x_BxTxD, p["mlp_norm"], cfg.rms_norm_eps)
     gated = jax.nn.silu(_linear(h, p["w_gate"], dtype)) * _linear(h, p["w_up"], dtype)
-    return x_BxTxD + _linear(gated, p["w_down"], dtype), k_BxTxKxE, v_BxTxKxE
+    mlp_out_BxTxD = _linear(gated, p["w_down"], dtype)
+    if mlp_taps is not None:
+        mlp_taps.append(gated)
+    if mlp_delta_BxTxD is not None:
+        mlp_out_BxTxD = mlp_out_BxTxD + mlp_delta_BxTxD.astype(mlp_out_BxTxD.dtype)
+    return x_BxTxD + mlp_out_BxTxD, k_BxTxKxE, v_BxTxKxE
 
 
 # Rematerialisation of the layer scan (training): which of a block's intermediates the backward
@@ -277,8 +285,11 @@ def remat_policy(name: str):
 
 
 def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cached, old_mask_BxTxS, dtype, remat="none",
-                attention_block=0, activation_sharding=None):
-    """All blocks: hidden [B,T,D] before the final norm, new keys and values per layer."""
+                attention_block=0, activation_sharding=None, mlp_edit=None, taps=None):
+    """All blocks: hidden [B,T,D] before the final norm, new keys and values per layer.
+
+    Model editing: `mlp_edit=(layer, delta_BxTxD)` adds the delta to that layer's MLP output; with
+    `taps` (a dict) set, it receives the per-layer down-projection inputs and block outputs."""
     T = tokens_BxT.shape[1]
     inv_freq = rope_inv_freq(cfg)
     idx = jnp.arange(T)
@@ -300,18 +311,27 @@ def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cached,
         old_mask_BxTxS=old_mask_BxTxS, dtype=dtype, segment_ids_BxT=segment_ids_BxT, attention_block=attention_block,
     )
     def scan_body(x, inputs):
-        p, layer_cache = inputs
-        x, k, v = layer(p, x_BxTxD=x, cached=layer_cache)
+        p, layer_cache, layer_index = inputs
+        delta = None
+        if mlp_edit is not None:  # added at every layer, zero except at the edited one
+            delta = jnp.where(layer_index == mlp_edit[0], mlp_edit[1], 0)
+        mlp_in = [] if taps is not None else None
+        x, k, v = layer(p, x_BxTxD=x, cached=layer_cache, mlp_delta_BxTxD=delta, mlp_taps=mlp_in)
         if activation_sharding is not None:
             x = jax.lax.with_sharding_constraint(x, activation_sharding)
+        if taps is not None:
+            return x, (k, v, mlp_in[0], x)
         return x, (k, v)
 
     if remat != "none":
         # prevent_cse=False: inside a scan the recomputation cannot be merged away anyway.
         scan_body = jax.checkpoint(scan_body, policy=remat_policy(remat), prevent_cse=False)
 
-    x_BxTxD, (new_k, new_v) = jax.lax.scan(scan_body, x_BxTxD, (params["layers"], cached))
-    return x_BxTxD, new_k, new_v
+    layer_ids = jnp.arange(cfg.num_layers)
+    x_BxTxD, outs = jax.lax.scan(scan_body, x_BxTxD, (params["layers"], cached, layer_ids))
+    if taps is not None:
+        taps["mlp_in"], taps["resid_out"] = outs[2], outs[3]
+    return x_BxTxD, outs[0], outs[1]
 
 
 def forward(
@@ -354,6 +374,37 @@ def forward(
         "valid": jax.lax.dynamic_update_slice(cache["valid"], is_real_BxT, (0, end)),
         "end": end + tokens_BxT.shape[1],
     }
+
+
+def segment_positions(segment_ids_BxT: jax.Array) -> jax.Array:
+    """Positions 0.. within each segment of a packed row; pads get 0."""
+    T = segment_ids_BxT.shape[1]
+    idx_T = jnp.arange(T)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids_BxT[:, :1], bool),
+                              segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+    start_BxT = jax.lax.cummax(jnp.where(starts, idx_T, 0), axis=1)
+    return (idx_T - start_BxT) * (segment_ids_BxT != 0)
+
+
+def forward_with_taps(
+    params: Params,
+    cfg: ModelConfig,
+    tokens_BxT: jax.Array,
+    segment_ids_BxT: jax.Array,
+    *,
+    mlp_edit: tuple[Any, jax.Array] | None = None,
+    dtype=jnp.float32,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Logits [B, T, V] and taps for model editing: "mlp_in" [L, B, T, F] (each layer's input to its
+    MLP down-projection) and "resid_out" [L, B, T, D] (each block's output). Positions restart at
+    each segment, so packed rows work. `mlp_edit=(layer, delta_BxTxD)` adds the delta to that
+    layer's MLP output (hence to its block output and everything after); `layer` may be traced."""
+    positions_BxT = segment_positions(segment_ids_BxT)
+    taps: dict[str, jax.Array] = {}
+    x_BxTxD, _, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype,
+                                mlp_edit=mlp_edit, taps=taps)
+    hidden_BxTxD = rms_norm(x_BxTxD, params["final_norm"], cfg.rms_norm_eps)
+    return lm_logits(params, cfg, hidden_BxTxD, dtype=dtype), taps
 
 
 def prefill(

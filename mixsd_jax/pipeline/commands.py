@@ -17,19 +17,6 @@ def register(sub, bench) -> None:
     add_config_args(p)
     p.set_defaults(func=_pipeline)
 
-    m = bench.add_parser("memory", help="per-device memory of each kernel of a config, by ahead-of-time compilation",
-                         description="Compiles the train step, the MixSD decode kernel and the eval kernels at the "
-                         "config's shapes on a simulated CPU mesh (no weights) and prints one JSON line per kernel "
-                         "with per-device argument/output/temp bytes and whether it fits --chip-bytes.")
-    m.add_argument("--devices", type=int, default=8, help="devices of the simulated mesh where an axis is -1")
-    m.add_argument("--chip-bytes", default="16GiB", help="per-device memory to check against (default 16GiB, a TPU v5e)")
-    m.add_argument("--kernels", default=None, help="comma-separated subset of train_step,generate,eval_decode,eval_mc")
-    m.add_argument("--eval-prompt-len", type=int, default=1024, help="prompt bucket of the eval decode kernel")
-    m.add_argument("--eval-row-len", type=int, default=2048, help="row bucket of the eval scoring kernel")
-    m.add_argument("--eval-window", type=int, default=64, help="scored positions per row of the eval scoring kernel")
-    add_config_args(m)
-    m.set_defaults(func=_bench_memory)
-
     d = sub.add_parser("demo", help="the pipeline on the embedded default model, sized for a laptop CPU")
     d.add_argument("--quick", action="store_true", help="fewer facts and steps: a first look in a few minutes")
     d.add_argument("--out", default=None, help="experiment folder (default: the config's out_dir)")
@@ -81,14 +68,6 @@ def _print_study_paths(paths: dict) -> int:
     return 0
 
 
-def _bench_memory(args: argparse.Namespace) -> int:
-    import sys
-
-    from mixsd_jax.pipeline.memory import run
-
-    return run(args, sys.argv[1:])
-
-
 def _demo(args: argparse.Namespace) -> int:
     from mixsd_jax.pipeline.demo import demo_config
 
@@ -99,7 +78,7 @@ def _run(cfg, dry_run: bool) -> int:
     from mixsd_jax.pipeline.plan import build_plan
     from mixsd_jax.pipeline.runner import describe, report_text, run_plan
 
-    plan = build_plan(cfg)
+    plan = build_plan(cfg, dry_run=dry_run)
     if dry_run:
         print(describe(plan))
         return 0

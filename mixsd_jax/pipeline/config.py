@@ -19,7 +19,7 @@ from mixsd_jax.pipeline.selection import SelectionConfig
 from mixsd_jax.multihost import DistributedConfig
 from mixsd_jax.storage import StorageConfig
 
-METHODS = ("base", "sft", "opsd", "mixsd")
+METHODS = ("base", "sft", "opsd", "mixsd", "memit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +75,8 @@ class ExperimentConfig:
     # OpsdConfig keys (divergence, num_rollouts, max_new_tokens ...), in one flat section.
     opsd: dict = dataclasses.field(default_factory=dict)
     eval: dict = dataclasses.field(default_factory=dict)  # EvalConfig keys
+    # The MEMIT edit's keys (EditConfig: layers, prompt, v_steps ...); its defaults are per model.
+    memit: dict = dataclasses.field(default_factory=dict)
     mesh: MeshConfig = MeshConfig()  # used by every stage unless its section sets its own
     # Checkpoint selection by training recall (pipeline/selection.py); every=0: report the last step.
     selection: SelectionConfig = SelectionConfig()

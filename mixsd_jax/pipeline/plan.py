@@ -1,7 +1,8 @@
 """The stage graph of an experiment, built and validated before any expensive work.
 
-Stages, in order: `corpus` → `generate_<run>` per (λ, T) → `train_<method>` per trained method →
-`eval`. Each stage's fingerprint hashes only the settings that change its outputs plus its inputs'
+Stages, in order: `corpus` → `generate_<run>` per (λ, T) → `train_<method>` per trained method
+(`edit_memit` for MEMIT, which edits the weights in closed form instead and leaves its model where a
+training run leaves its export) → `eval`. Each stage's fingerprint hashes only the settings that change its outputs plus its inputs'
 fingerprints, so changing an eval setting re-runs only `eval`, and adding a λ adds one
 generation, one training run and that checkpoint's evaluation.
 
@@ -34,7 +35,9 @@ OWNED_KEYS = {
     "generation": ("input", "out_dir", "model", "lambda_mix", "temperature", "criterion"),
     "train": ("data", "model", "out"),
     "eval": ("base", "tuned", "out_dir", "corpus_dir", "train_files", "labels", "criterion", "groups"),
+    "memit": ("data", "model", "out"),
 }
+EDIT_METHODS = ("memit",)  # no training steps: no checkpoints to select from
 BASE = "base"
 
 
@@ -98,6 +101,8 @@ def trained_runs(cfg: ExperimentConfig) -> list[tuple[str, float | None, float |
         runs.append(("sft", None, None))
     if "opsd" in cfg.methods:
         runs.append(("opsd", None, None))
+    if "memit" in cfg.methods:
+        runs.append(("memit", None, None))
     if "mixsd" in cfg.methods:
         runs += [(mixsd_run_name(lam, t), lam, t) for t in cfg.temperatures for lam in cfg.lambdas]
     if cfg.seeds:
@@ -160,11 +165,31 @@ def _section(cls, cfg: ExperimentConfig, section: str, owned_values: dict, extra
     return config_lib.from_dict(cls, data, prefix=f"{section}.")
 
 
-def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None) -> Plan:
+def _model_identity(model: str, dry_run: bool) -> tuple[Path, str]:
+    """(model directory, fingerprint). A dry run plans a paper model before its download (its
+    published config fields stand in for config.json: every stage then reads as not done)."""
+    import json
+    import os
+
+    from mixsd_jax.models.known_shapes import HF_CONFIGS
+    from mixsd_jax.models.registry import PAPER_MODELS, resolve_model
+
+    try:
+        model_dir = resolve_model(model)
+    except MixsdError:
+        name = {hf_id: n for n, hf_id in PAPER_MODELS.items()}.get(str(model), str(model))
+        if not dry_run or name not in HF_CONFIGS:
+            raise
+        model_dir = Path(os.environ.get("MIXSD_MODELS_DIR", "models")) / name
+        return model_dir, _hash(str(model), "known shapes", json.dumps(HF_CONFIGS[name], sort_keys=True))
+    return model_dir, _hash(str(model), _file_hash(model_dir / "config.json"))
+
+
+def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None, dry_run: bool = False) -> Plan:
     """Validates the model, methods, λ list and every stage section; returns the stages to run.
     `corpus_root`: where a built corpus lives when it is shared with other plans (a scaling study);
-    default `<out_dir>/corpus`."""
-    from mixsd_jax.models.registry import resolve_model
+    default `<out_dir>/corpus`. `dry_run`: a paper model that is not on this machine is planned
+    from its known shapes."""
     from mixsd_jax.sampling.generator import NOT_IN_FINGERPRINT, GenerateConfig, Paths
     from mixsd_jax.train.config import TrainConfig, not_fingerprinted
 
@@ -189,10 +214,10 @@ def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None) -> Plan:
         name: _section(TrainConfig, cfg, "train", {"data": "", "model": cfg.model, "out": str(exp / "train" / name),
                                                    **train_overrides(cfg.selection), **_seed_overrides(cfg, name)},
                        extra=_opsd_keys(cfg) if method_run(cfg, name) == "opsd" else None)
-        for name, _, _ in trained_runs(cfg)
+        for name, _, _ in trained_runs(cfg) if method_run(cfg, name) not in EDIT_METHODS
     }
-    model_dir = resolve_model(cfg.model)
-    model_fp = _hash(str(cfg.model), _file_hash(model_dir / "config.json"))
+    edit_cfgs = _edit_configs(cfg, exp, train_file)
+    model_dir, model_fp = _model_identity(cfg.model, dry_run)
 
     stages = [corpus_stage]
     # SFT trains on the ground truth; OPSD rolls out on its prompts, the ground truth for the teacher.
@@ -211,6 +236,11 @@ def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None) -> Plan:
 
     train_fps: dict[str, str] = {}
     for name, lam, _ in trained_runs(cfg):
+        if name in edit_cfgs:
+            stage = _edit_stage(name, edit_cfgs[name], corpus_stage, model_fp)
+            stages.append(stage)
+            train_fps[name] = stage.fingerprint
+            continue
         data, data_fp = data_for[name if lam is not None else "sft"]
         tcfg = dataclasses.replace(train_cfgs[name], data=str(data))
         skip = not_fingerprinted(tcfg)
@@ -272,17 +302,25 @@ def _selection_stages(cfg: ExperimentConfig, exp: Path, runs, corpus_dir: Path, 
     stage evaluates, its fingerprint)} and the eval stage's input stages."""
     from mixsd_jax.pipeline import selection
 
+    def producer(name):
+        return f"edit_{name}" if method_run(cfg, name) in EDIT_METHODS else f"train_{name}"
+
     if not cfg.selection.every:
         return ({name: (exp / "train" / name / "hf", train_fps[name]) for name, _, _ in runs},
-                tuple(f"train_{name}" for name, _, _ in runs))
+                tuple(producer(name) for name, _, _ in runs))
     if _layout_kind(cfg) not in selection.TRAIN_SPLIT:
         raise MixsdError(f"config key 'selection.every': selecting by training recall needs a KGFact, MQuAKE or "
                          f"KGFunc corpus, not {cfg.corpus.kind!r}")
     # Decoded as the eval stage decodes: its mesh (else the run's) and its dtypes.
     decode = {"mesh": cfg.eval.get("mesh", config_lib.to_dict(cfg.mesh)),
               "param_dtype": cfg.eval.get("param_dtype", "float32"), "dtype": cfg.eval.get("dtype", "float32")}
-    out = {}
+    out, inputs = {}, []
     for name, lam, _ in runs:
+        if method_run(cfg, name) in EDIT_METHODS:  # one edited model, nothing to select
+            out[name] = (exp / "train" / name / "hf", train_fps[name])
+            inputs.append(producer(name))
+            continue
+        inputs.append(f"select_{name}")
         workdir = exp / "select" / name
         fp = _hash("select", config_lib.to_dict(cfg.selection), cfg.criterion, train_fps[name],
                    decode["param_dtype"], decode["dtype"])
@@ -297,7 +335,7 @@ def _selection_stages(cfg: ExperimentConfig, exp: Path, runs, corpus_dir: Path, 
             settings=cfg.selection,
         ))
         out[name] = (selection.model_link(exp, name), fp)
-    return out, tuple(f"select_{name}" for name, _, _ in runs)
+    return out, tuple(inputs)
 
 
 def _layout_kind(cfg: ExperimentConfig) -> str:
@@ -393,6 +431,38 @@ def _generate_runner(gcfg) -> Callable[[], dict]:
                 f"{gcfg.lambda_mix:g} from lambdas"
             )
         return summary
+
+    return run
+
+
+def _edit_configs(cfg: ExperimentConfig, exp: Path, train_file: Path) -> dict:
+    """{run: EditConfig} for the editing methods: the `memit` section on the corpus's training file."""
+    from mixsd_jax.edit.config import EditConfig
+
+    runs = [name for name, _, _ in trained_runs(cfg) if method_run(cfg, name) in EDIT_METHODS]
+    if runs and _layout_kind(cfg) in ("kgfunc", "simpleqa"):
+        raise MixsdError(f"config key 'methods': MEMIT edits a subject's facts; a {_layout_kind(cfg)!r} corpus "
+                         "has no subjects (use a KGFact or MQuAKE corpus)")
+    return {name: _section(EditConfig, cfg, "memit", {"data": str(train_file), "model": cfg.model,
+                                                      "out": str(exp / "train" / name)})
+            for name in runs}
+
+
+def _edit_stage(name: str, ecfg, corpus_stage: Stage, model_fp: str) -> Stage:
+    fp = _hash("edit", config_lib.fingerprint(ecfg, exclude=("data", "out")), corpus_stage.fingerprint, model_fp)
+    return Stage(
+        name=f"edit_{name}", fingerprint=fp, reset=fp, workdir=Path(ecfg.out),
+        outputs=(Path(ecfg.out) / "hf" / "config.json", Path(ecfg.out) / "summary.json"),
+        inputs=(corpus_stage.name,), run=_edit_runner(ecfg),
+        description=f"edit {name} ({ecfg.method.upper()}) with {ecfg.data}", settings=ecfg,
+    )
+
+
+def _edit_runner(ecfg) -> Callable[[], dict]:
+    def run() -> dict:
+        from mixsd_jax.edit.runner import edit
+
+        return edit(ecfg)
 
     return run
 

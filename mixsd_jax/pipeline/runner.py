@@ -178,6 +178,11 @@ def training_lines(plan: Plan) -> list[str]:
     lines = []
     for stage in plan.stages:
         summary = stage.workdir / "summary.json"
+        if stage.name.startswith("edit_") and summary.is_file():
+            edit = json.loads(summary.read_text())
+            lines.append(f"{stage.name[len('edit_'):]}: edited {edit['requests']} facts into layers {edit['layers']} "
+                         f"(efficacy {edit['efficacy_before']:.2f} -> {edit['efficacy']:.2f})")
+            continue
         if not stage.name.startswith("train_") or not summary.is_file():
             continue
         train = json.loads(summary.read_text())

@@ -33,7 +33,7 @@ from mixsd_jax.files import atomic_write_json
 from mixsd_jax.pipeline.config import ExperimentConfig
 from mixsd_jax.pipeline.plan import Plan, build_plan, method_run, trained_runs
 
-OVERRIDABLE = ("mesh", "generation", "train", "opsd", "eval", "selection")
+OVERRIDABLE = ("mesh", "generation", "train", "opsd", "eval", "selection", "memit")
 RESERVED_NAMES = ("corpus", "scaling", "stages")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 STUDY_MODEL_FILE = "study_model.json"
@@ -107,10 +107,11 @@ def _section_fields(section: str) -> list[str]:
     from mixsd_jax.models.sharding import MeshConfig
     from mixsd_jax.pipeline.selection import SelectionConfig
     from mixsd_jax.sampling.generator import GenerateConfig
+    from mixsd_jax.edit.config import EditConfig
     from mixsd_jax.train.config import OpsdConfig, TrainConfig
 
     classes = {"mesh": [MeshConfig], "generation": [GenerateConfig], "train": [TrainConfig],
-               "opsd": [TrainConfig, OpsdConfig], "selection": [SelectionConfig]}
+               "opsd": [TrainConfig, OpsdConfig], "selection": [SelectionConfig], "memit": [EditConfig]}
     if section == "eval":
         from mixsd_jax.eval.config import EvalConfig
 
@@ -268,8 +269,8 @@ def model_outputs(exp_dir: Path) -> dict | None:
         if selected.is_file():
             sel = json.loads(selected.read_text())
             steps[run["run"]] = {"chosen_step": sel["chosen_step"], "last_step": sel["last_step"]}
-        elif trained.is_file():
-            last = json.loads(trained.read_text())["steps"]
+        elif trained.is_file():  # an edit (MEMIT) has no steps: None
+            last = json.loads(trained.read_text()).get("steps")
             steps[run["run"]] = {"chosen_step": last, "last_step": last}
     model["steps"] = steps
     return model

@@ -1,0 +1,61 @@
+"""Per-device memory and cost of one compiled kernel, and the roofline time a chip gives it.
+
+`memory_analysis()` is exact for the compiled program. `cost_analysis()` is XLA's cost model and
+counts a loop body once, whatever its trip count: the layer scan, the micro-batch scan, the decode
+segment's step loop and the attention's block loop all read as one iteration. So the raw `flops`
+/ `bytes_accessed` of a kernel with loops undercount it. `scaled_by_layers` recovers the real
+count by compiling the same kernel with 0 and 1 layers (no loop left to miscount: the 1-layer
+scan runs once) and extrapolating to L layers; the result is named `*_est` (an estimate from
+XLA:TPU's cost model, not a measurement), and `roofline_s` uses it where it exists.
+"""
+
+from __future__ import annotations
+
+import time
+
+GIB = 1 << 30
+
+
+def compile_lines(lowered: dict, *, chip=None, hbm_bytes: int) -> dict:
+    """{kernel: line} for every lowered kernel, compiled in turn."""
+    return {name: measure(low, chip=chip, hbm_bytes=hbm_bytes) for name, low in lowered.items()}
+
+
+def measure(lowered, *, chip=None, hbm_bytes: int) -> dict:
+    started = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - started
+    mem = compiled.memory_analysis()
+    arg, out, alias, temp = (int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))
+    peak = arg + out - alias + temp
+    flops, accessed = raw_cost(compiled)
+    line = {
+        "argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
+        "peak_bytes": peak, "peak_gib": round(peak / GIB, 3), "hbm_bytes": hbm_bytes, "fits": peak <= hbm_bytes,
+        "flops": flops, "bytes_accessed": accessed,
+        "roofline_s": roofline(chip, flops, accessed),
+        "compile_s": round(compile_s, 1),
+    }
+    return line
+
+
+def raw_cost(compiled) -> tuple[float, float]:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def roofline(chip, flops: float, accessed: float) -> float | None:
+    """Per-device time bound: the slower of the matrix units at peak and HBM at full bandwidth."""
+    if chip is None:
+        return None
+    return max(flops / chip.peak_flops, accessed / chip.hbm_bytes_per_s)
+
+
+def scaled_by_layers(lower_with_layers, layers: int, repeats: int = 1) -> tuple[float, float]:
+    """(flops, bytes) of `repeats` x an L-layer program from its 0- and 1-layer compiles:
+    repeats * (f0 + L * (f1 - f0)). `lower_with_layers(n)` lowers the kernel with n layers and
+    every other loop at one trip."""
+    f0, b0 = raw_cost(lower_with_layers(0).compile())
+    f1, b1 = raw_cost(lower_with_layers(1).compile())
+    return repeats * (f0 + layers * (f1 - f0)), repeats * (b0 + layers * (b1 - b0))

@@ -1,0 +1,88 @@
+"""Loop-scaled cost figures of the train step and of one decode step: estimates, not measurements.
+
+Each is XLA:TPU's cost model (bench.cost.scaled_by_layers: the kernel compiled with 0 and 1
+layers and no other loop, extrapolated to L layers and repeated over the micro batches) turned into a time by the
+chip's peaks (bench.chips). They are checked against the analytic count: `flops_analytic` = 6 x
+matmul parameters x tokens + causal attention (train.step.flops_per_token), per device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from mixsd_jax.bench import cost, kernels as kernels_lib
+
+
+def train_estimates(model_cfg, train, mesh, target) -> dict:
+    """flops/bytes of the whole step, its roofline, tokens per second and MFU (estimates)."""
+    from mixsd_jax.train.step import flops_per_token
+
+    A, M, T = train.grad_accum, train.micro_batch, train.max_seq_len
+    # No loop but the layer scan: one micro batch, dense attention and one LM-head chunk (the
+    # blockwise attention computes every block, masked ones too, so its matmuls are the dense ones).
+    one_micro = dataclasses.replace(train, grad_accum=1, batch_size=M, attention_block=0, loss_chunk=0)
+
+    def lower(layers):
+        return kernels_lib.train_step(dataclasses.replace(model_cfg, num_layers=layers), one_micro, mesh)["train_step"]
+
+    flops, accessed = cost.scaled_by_layers(lower, model_cfg.num_layers, repeats=A)
+    devices = mesh.devices.size
+    analytic = flops_per_token(model_cfg, T) * A * M * T / devices
+    out = {"flops_est": flops, "bytes_accessed_est": accessed, "flops_analytic": analytic,
+           "flops_est_over_analytic": round(flops / analytic, 3)}
+    roof = cost.roofline(target.chip, flops, accessed)
+    if roof:
+        out |= {"roofline_s": roof, "tokens_per_s_est": round(A * M * T / roof, 1),
+                "mfu_est": round(analytic / (roof * target.chip.peak_flops), 4)}
+    return out
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded abstract arrays."""
+    import jax
+
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def kv_bytes_per_device(model_cfg, mesh, rows: int, slots: int, dtype: str) -> int:
+    """K and V of `rows` rows x `slots` slots on one device (rows over the batch axes, kv heads over
+    `tensor` where it divides them, as the engine lays its cache)."""
+    import jax.numpy as jnp
+
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    heads = model_cfg.num_kv_heads
+    heads_here = heads // mesh.shape["tensor"] if heads % mesh.shape["tensor"] == 0 else heads
+    return (2 * model_cfg.num_layers * -(-rows // batch_shards) * slots * heads_here * model_cfg.head_dim
+            * jnp.dtype(dtype).itemsize)
+
+
+def decode_estimates(model_cfg, mesh, shapes, target, *, dtype: str, param_dtype: str, topk: int = 64,
+                     live: int | None = None) -> dict:
+    """One decode step of a full batch whose rows hold `live` tokens (default: their ceiling).
+
+    XLA counts the segment's step loop once and the attention's block loop once. A 1-layer
+    segment is one step with one KV block read; its cost less the step's head (LM head and draw,
+    compiled alone) is one layer, scaled to L layers; the live rows' other blocks are added at one
+    read of their K and V each. `bytes_per_step_ideal` = this device's weight shard + its live KV
+    rows, read once; the ratio is what the cache layout and the kernels waste.
+    """
+    live = live or min(shapes.max_model_len, shapes.prompt_len + shapes.max_new_tokens)
+    one = dataclasses.replace(model_cfg, num_layers=1)
+    f1, b1 = cost.raw_cost(kernels_lib.decode_segment(one, mesh, shapes, dtype=dtype, param_dtype=param_dtype,
+                                                      topk=topk).compile())
+    fh, bh = cost.raw_cost(kernels_lib.decode_head(one, mesh, shapes, dtype=dtype, param_dtype=param_dtype,
+                                                   topk=topk).compile())
+    L = model_cfg.num_layers
+    flops, accessed = f1 + (L - 1) * (f1 - fh), b1 + (L - 1) * (b1 - bh)
+    rows = shapes.batch * shapes.sides
+    blocks = -(-live // shapes.block)
+    accessed += (blocks - 1) * kv_bytes_per_device(model_cfg, mesh, rows, shapes.block, dtype)
+    ideal = (shard_bytes(kernels_lib.abstract_params(model_cfg, mesh, param_dtype))
+             + kv_bytes_per_device(model_cfg, mesh, rows, live, dtype))
+    out = {"live_tokens": live, "flops_per_step_est": flops, "bytes_per_step_est": accessed,
+           "bytes_per_step_ideal": ideal, "bytes_over_ideal_est": round(accessed / ideal, 3)}
+    roof = cost.roofline(target.chip, flops, accessed)
+    if roof:
+        out |= {"step_roofline_s": roof, "tokens_per_s_est": round(shapes.batch / roof, 1)}
+    return out

@@ -1,0 +1,1 @@
+"""Model editing baselines (MEMIT): facts written into the weights in closed form, no training."""

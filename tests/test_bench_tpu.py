@@ -1,0 +1,97 @@
+"""XLA:TPU on a host with no TPU: every kernel of a tiny model compiled for a v5e slice from libtpu's
+topology description (single host and the 8-host v5e:4x8), and the one-line errors of a topology
+name libtpu refuses or a missing libtpu."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mixsd_jax.bench import memory
+from mixsd_jax.bench.chips import CHIPS, chip_for
+from mixsd_jax.bench.tpu import processes, topology_devices
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory, tiny_qwen3_dir):
+    path = tmp_path_factory.mktemp("tpu") / "exp.yaml"
+    path.write_text(
+        f"name: tiny\nout_dir: {path.parent}/out\nmodel: {tiny_qwen3_dir}\nmethods: [base, sft, opsd, mixsd]\n"
+        "generation: {max_new_tokens: 16, max_model_len: 48, batch_size: 4, dtype: bfloat16, param_dtype: bfloat16}\n"
+        "train: {batch_size: 8, max_seq_len: 64, compute_dtype: bfloat16}\n"
+        "opsd: {batch_size: 8, max_new_tokens: 32, loss_chunk: 32}\n"
+        "eval: {max_new_tokens: 8, batch_size: 4}\n"
+        "mesh: {data: 2, fsdp: 2, tensor: -1}\n"
+    )
+    return memory.load_plan_config(str(path), [])
+
+
+EVERY_KERNEL = ["train_step", "opsd_step", "generate.prefill", "generate.insert", "generate.decode_segment",
+                "eval_decode.prefill", "eval_decode.insert", "eval_decode.decode_segment", "eval_mc", "eval_kl",
+                "export_gather"]
+
+
+def _lines(plan, topology, estimates):
+    return list(memory.plan_lines(plan, memory.tpu_target(topology, None), eval_prompt_len=16, eval_row_len=32,
+                                  eval_window=8, estimates=estimates))
+
+
+def test_every_kernel_compiles_for_a_v5e_slice(plan):
+    lines = _lines(plan, "v5e:2x4", estimates=True)
+    assert [line["kernel"] for line in lines] == EVERY_KERNEL
+    for line in lines:
+        assert line["backend"] == "tpu" and line["topology"] == "v5e:2x4" and line["chip"] == "v5e"
+        assert line["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+        assert line["hbm_bytes"] == 16 << 30 and line["fits"]
+        assert line["bytes_accessed"] > 0 and line["roofline_s"] > 0
+    train = lines[0]
+    # The loop-scaled count against 6 x parameters x tokens + attention: XLA adds the norms,
+    # softmax and optimizer, never a missing layer (the raw count, one layer, is far below).
+    assert 1.0 <= train["flops_est_over_analytic"] <= 1.6
+    assert train["flops"] < train["flops_est"]
+    assert 0 < train["mfu_est"] <= 1 and train["tokens_per_s_est"] > 0
+    decode = lines[4]
+    assert decode["tokens_per_s_est"] > 0 and decode["bytes_per_step_est"] >= decode["bytes_accessed"]
+
+
+def test_every_kernel_compiles_for_the_multi_host_v5e_32(plan):
+    devices = topology_devices("v5e:4x8")
+    assert len(devices) == 32 and processes(devices) == 8
+    lines = _lines(plan, "v5e:4x8", estimates=False)
+    assert [line["kernel"] for line in lines] == EVERY_KERNEL
+    for line in lines:
+        assert line["backend"] == "tpu" and line["mesh"] == {"data": 2, "fsdp": 2, "tensor": 8} and line["fits"]
+
+
+def test_the_chip_table_names_the_devices_libtpu_describes():
+    for name, topology in (("v4", "v4:2x2x1"), ("v5e", "v5e:2x4"), ("v5p", "v5p:2x2x1"), ("v6e", "v6e:2x4")):
+        assert chip_for(topology) is CHIPS[name]
+        assert topology_devices(topology)[0].device_kind == CHIPS[name].device_kind
+
+
+def _cli(code: str, *args):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), os.getcwd()) if p)
+    return subprocess.run([sys.executable, "-c", code + "from mixsd_jax.cli import main; sys.exit(main(sys.argv[1:]))",
+                           *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("name, message", [("v9z:2x4", "libtpu does not know this slice"),
+                                           ("v5e-8", "expected a TPU topology")])
+def test_an_unknown_topology_is_one_line(plan, name, message, tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text(f"model: {plan['model']}\nbatch_size: 2\nmax_seq_len: 32\n")
+    proc = _cli("import sys; ", "bench", "memory", "--config", str(path), "--topology", name)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert message in proc.stderr and name in proc.stderr
+
+
+def test_without_libtpu_the_error_names_the_extra(plan, tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text(f"model: {plan['model']}\nbatch_size: 2\nmax_seq_len: 32\n")
+    # libtpu made unimportable, as on a machine where it was never installed.
+    proc = _cli("import sys; sys.modules['libtpu'] = None; ", "bench", "memory", "--config", str(path),
+                "--topology", "v5e:2x4")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "install the [tpu] extra" in proc.stderr

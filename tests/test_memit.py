@@ -1,0 +1,78 @@
+"""MEMIT on a tiny random model: efficacy, the update's rank and layers, the closed form in float64."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mixsd_jax.edit import memit
+from mixsd_jax.edit.config import EditConfig
+from mixsd_jax.edit.requests import build_requests
+from mixsd_jax.edit.runner import apply_memit, efficacy
+from mixsd_jax.edit.stats import second_moments
+from mixsd_jax.models.checkpoint import load_hf
+from mixsd_jax.models.tiny import write_tiny_model
+from mixsd_jax.models.tokenizer import load_tokenizer
+
+SUBJECTS = ("France", "Paris", "the person", "the organisation")
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny4"), "qwen3", layers=4)
+
+
+def _facts(path, tokenizer):
+    """One record per subject, the subject ending the question (its last token is the prompt's
+    last), each target a word that is one token of the tiny vocabulary."""
+    words = [w for w in ("answer", "question", "reason", "final", "location", "person", "digits", "problem")
+             if len(tokenizer.hf.encode(" " + w, add_special_tokens=False)) == 1]
+    with open(path, "w") as f:
+        for subject, word in zip(SUBJECTS, words):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Step 1: the reference of {subject}"},
+                                             {"role": "assistant", "content": f"\\boxed{{{word}}}"}],
+                                "subject": subject}) + "\n")
+    return path
+
+
+def test_edit_makes_each_target_the_argmax_with_a_rank_n_update_on_the_configured_layers(tiny4, tmp_path,
+                                                                                          monkeypatch):
+    monkeypatch.setenv("MIXSD_CACHE", str(tmp_path / "cache"))
+    tokenizer = load_tokenizer(tiny4)
+    cfg, params = load_hf(tiny4)
+    requests = build_requests(_facts(tmp_path / "facts.jsonl", tokenizer), "plain")
+    ecfg = EditConfig(prompt="plain", layers=(1, 2), mom2_update_weight=1.0, stats_tokens=3000, stats_seq_len=256)
+    moments = second_moments(params, cfg, tokenizer, tiny4, ecfg.layers, ecfg.stats_tokens, ecfg.stats_seq_len)
+    assert not any(efficacy(params, cfg, tokenizer, requests, "plain"))
+    edited, info = apply_memit(params, cfg, tokenizer, requests, ecfg, moments, log=lambda *_: None)
+    assert all(efficacy(edited, cfg, tokenizer, requests, "plain"))
+    assert info["layers"] == (1, 2) and info["z_layer"] == 2
+    before, after = np.asarray(params["layers"]["w_down"]), np.asarray(edited["layers"]["w_down"])
+    changed = [i for i in range(cfg.num_layers) if not np.array_equal(before[i], after[i])]
+    assert changed == [1, 2]
+    for layer in (1, 2):
+        assert np.linalg.matrix_rank(after[layer] - before[layer], tol=1e-6) == len(requests)
+    for name in ("wq", "w_up", "w_gate"):  # nothing but the down-projections moves
+        assert np.array_equal(np.asarray(params["layers"][name]), np.asarray(edited["layers"][name]))
+
+
+def _numpy_update(keys_NxF, resid_NxD, mom2_FxF, weight):
+    """MEMIT's step as its authors write it, keys as columns: (λC + K Kᵀ)⁻¹ K, then R (that)ᵀ."""
+    K, R = keys_NxF.T.astype(np.float64), resid_NxD.T.astype(np.float64)
+    adj = np.linalg.solve(weight * mom2_FxF.astype(np.float64) + K @ K.T, K)
+    return (R @ adj.T).T  # [F, D], our [in, out] layout
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_closed_form_matches_numpy_float64(dtype):
+    rng = np.random.default_rng(0)
+    F, D, N = 96, 32, 7
+    samples = rng.normal(size=(4000, F)) * np.linspace(0.05, 2.0, F)  # an uneven spectrum, like real keys
+    mom2 = samples.T @ samples / len(samples)
+    keys, resid = rng.normal(size=(N, F)), rng.normal(size=(N, D))
+    for weight in (15000.0, 1.0):
+        want = _numpy_update(keys, resid, mom2, weight)
+        got = memit.solve_update(keys, resid, mom2, weight, dtype)
+        assert got.dtype == np.dtype(dtype)
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert rel < (1e-10 if dtype == "float64" else 1e-4), (weight, rel)
