@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             maybe_initialize()
         return int(func(args) or 0)
     except MixsdError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        _tell_other_hosts(str(exc), exit_code=2)
         return 2
     except ModuleNotFoundError as exc:
         if exc.name != "torch":
@@ -76,7 +77,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        _tell_other_hosts("interrupted", exit_code=130)
         return 130
+    except BaseException as exc:
+        import traceback
+
+        traceback.print_exc()
+        _tell_other_hosts(f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}", exit_code=1)
+        raise
+
+
+def _tell_other_hosts(message: str, exit_code: int) -> None:
+    """In a multi-process run the others may wait for this one in a collective: they stop too,
+    and this one exits at once (JAX's shutdown at exit would wait for the hosts that just left)."""
+    if "jax" not in sys.modules:
+        return
+    import jax
+
+    if not jax.distributed.is_initialized() or jax.process_count() == 1:
+        return
+    import os
+
+    from mixsd_jax.multihost import report_failure
+
+    report_failure(message)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Files are the interface: JSONL reading with line numbers, streamed appends, atomic finals."""
+"""Files are the interface: JSONL reading with line numbers, streamed appends, atomic finals.
+
+Every path may be local or a bucket URL (mixsd_jax.storage): locally a final file is renamed into
+place and a stream is one appended file; on a bucket a final file is one upload (it appears whole
+or not at all) and a stream is a folder of numbered chunk objects, one per flush.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,12 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 
 
@@ -34,12 +41,15 @@ def iter_jsonl(path: str | Path, *, bad: str = "raise") -> Iterator[tuple[int, A
     `bad="raise"`: the first one is a MixsdError `path:line: reason`; `bad="yield"`: it comes back
     as `(line, BadLine)` and reading goes on, for validators that report every problem.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MixsdError(f"{path}: file not found")
-    opener = gzip.open if path.suffix == ".gz" else open
+    path = storage.path(path)
     try:
-        with opener(path, "rb") as f:
+        found = path.is_file()
+    except OSError as exc:  # a bucket that does not exist, an unreachable endpoint
+        raise MixsdError(f"{path}: cannot read ({storage.first_line(exc)})") from None
+    if not found:
+        raise MixsdError(f"{path}: file not found")
+    try:
+        with path.open("rb") as raw_file, (gzip.open(raw_file, "rb") if path.suffix == ".gz" else raw_file) as f:
             for number, raw in enumerate(f, start=1):
                 obj = _json_line(raw, number)
                 if obj is None:
@@ -76,10 +86,45 @@ def _json_line(raw: bytes, number: int) -> dict | BadLine | None:
 
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    path = storage.path(path)
+    if not path.is_file():
+        raise MixsdError(f"{path}: file not found")
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def content_hash(p: str | Path) -> str:
+    """The MD5 of a file's bytes (base64, as GCS reports it): a GCS object's is read from its
+    metadata, which the store computed at upload (no download); a local file's is computed once
+    and remembered in the user cache under its path, size and modification time. The same bytes
+    have the same hash in a bucket and on a disk."""
+    p = storage.path(p)
+    if storage.is_url(p):
+        import fsspec
+
+        scheme = str(p).split("://", 1)[0]
+        md5 = fsspec.filesystem(scheme).info(str(p)).get("md5Hash") if scheme in ("gs", "gcs") else None
+        return md5 or _md5(p)
+    stat = os.stat(p)
+    key = hashlib.sha256(json.dumps(["md5", str(p), stat.st_size, stat.st_mtime_ns]).encode()).hexdigest()[:32]
+    memo = cache_dir() / "hashes" / key
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = _md5(p)
+    atomic_write_text(memo, digest)
+    return digest
+
+
+def _md5(p) -> str:
+    import base64
+
+    h = hashlib.md5()
+    with storage.path(p).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return base64.b64encode(h.digest()).decode()
 
 
 def dumps_line(obj: Any) -> str:
@@ -87,8 +132,12 @@ def dumps_line(obj: Any) -> str:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
+    """Write to a temp file in the same directory, fsync, then rename over `path`; on a bucket, one
+    upload (an object appears whole or not at all)."""
+    path = storage.path(path)
+    if storage.is_url(path):
+        path.write_text(text, encoding="utf-8")
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -98,7 +147,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        os.unlink(tmp) if os.path.exists(tmp) else None
         raise
 
 
@@ -111,26 +160,61 @@ def atomic_write_jsonl(path: str | Path, records: list[dict]) -> None:
 
 
 class JsonlAppender:
-    """Appends one JSON line per record and flushes it, so a killed run loses nothing written."""
+    """Streams one JSON line per record so a killed run loses (almost) nothing written.
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    Locally: appended to one file and flushed per record. On a bucket, where nothing appends: the
+    records go to `<path>/000000.jsonl`, `000001.jsonl`, … one object per flush, a flush at most
+    every `flush_every_s` seconds (MIXSD_FLUSH_SECONDS, default 5: an upload per record would cost
+    more than the record) and at close; a resumed stream starts at the next number.
+    """
+
+    def __init__(self, path: str | Path, flush_every_s: float | None = None):
+        self.path = storage.path(path)
+        self._url = storage.is_url(self.path)
+        self._flush_every_s = float(os.environ.get("MIXSD_FLUSH_SECONDS", 5)) if flush_every_s is None else flush_every_s
+        if self._url:
+            self._buffer: list[str] = []
+            self._next = len(_chunks(self.path))
+            self._flushed_at = time.monotonic()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _drop_torn_tail(self.path)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, obj: dict) -> None:
-        self._file.write(dumps_line(obj))
-        self._file.flush()
+        if not self._url:
+            self._file.write(dumps_line(obj))
+            self._file.flush()
+            return
+        self._buffer.append(dumps_line(obj))
+        if time.monotonic() - self._flushed_at >= self._flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._url and self._buffer:
+            (self.path / f"{self._next:06d}.jsonl").write_text("".join(self._buffer), encoding="utf-8")
+            self._next += 1
+            self._buffer = []
+            self._flushed_at = time.monotonic()
 
     def close(self) -> None:
-        self._file.close()
+        if self._url:
+            self.flush()
+        else:
+            self._file.close()
 
     def __enter__(self) -> "JsonlAppender":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _chunks(folder) -> list:
+    """A bucket stream's chunk objects, in write order (their zero-padded numbers sort)."""
+    if not folder.exists():
+        return []
+    return sorted((p for p in folder.iterdir() if p.name.endswith(".jsonl")), key=lambda p: p.name)
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -143,18 +227,32 @@ def _drop_torn_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def remove_partial(path: str | Path) -> None:
+    """Drop a stream once its final file is written (a local file, or a bucket's chunk folder)."""
+    storage.remove(path)
+
+
 def read_partial_jsonl(path: str | Path) -> list[dict]:
-    """Complete lines of a streamed file; a torn last line (killed mid-write) is ignored."""
-    path = Path(path)
+    """Complete lines of a streamed file (JsonlAppender's: a local file or a bucket's chunks, in
+    order); a torn last line (killed mid-write) is ignored."""
+    path = storage.path(path)
     if not path.exists():
         return []
-    out = []
+    if storage.is_url(path):
+        # Split on "\n" only: a record's text may hold other line separators (U+2028).
+        lines = [line + "\n" for chunk in _chunks(path) for line in chunk.read_text(encoding="utf-8").split("\n")[:-1]]
+        return _complete_lines(lines)
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+        return _complete_lines(f)
+
+
+def _complete_lines(lines) -> list[dict]:
+    out = []
+    for line in lines:
+        if not line.endswith("\n"):
+            break
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
     return out

@@ -24,6 +24,8 @@ ENV_NUM_PROCESSES = "MIXSD_NUM_PROCESSES"
 ENV_PROCESS_ID = "MIXSD_PROCESS_ID"
 ENV_AUTO = "MIXSD_DISTRIBUTED"
 ENV_TIMEOUT = "MIXSD_INIT_TIMEOUT"
+ENV_HEARTBEAT = "MIXSD_HEARTBEAT_TIMEOUT"
+FAILURE_KEY = "mixsd/failure"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +88,10 @@ def maybe_initialize(cfg: DistributedConfig | None = None) -> bool:
                else _env_int(os.environ, ENV_TIMEOUT))
     if timeout is not None:
         kwargs = {**kwargs, "initialization_timeout": timeout}
+    # A host that dies without a word (killed, out of memory) is noticed by the others after the
+    # heartbeat timeout; JAX's default is 100 s of a slice billed for nothing.
+    heartbeat = _env_int(os.environ, ENV_HEARTBEAT) or 30
+    kwargs = {**kwargs, "heartbeat_timeout_seconds": heartbeat, "shutdown_timeout_seconds": heartbeat}
     if kwargs.get("process_id"):
         # JAX aborts the whole process (a C++ fatal log, no exception) when it cannot reach the
         # coordinator: look for it first, so an unreachable one is a one-line error instead.
@@ -98,7 +104,99 @@ def maybe_initialize(cfg: DistributedConfig | None = None) -> bool:
         raise MixsdError(
             f"could not join the multi-host run ({ENV_COORDINATOR}/distributed.coordinator {where}): {first[:300]}"
         ) from None
+    _start_failure_watch()
     return True
+
+
+# ----------------------------------------------------------------------------- one fails, all stop
+#
+# A process that fails tells the others through the coordination service's key-value store; each
+# process watches that key on a daemon thread, so one blocked in a collective with the failed
+# host (which no exception can reach) still prints the failing host's error and exits.
+
+
+def _client():
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+def report_failure(message: str, wait_s: float = 10.0) -> None:
+    """Tell every other process that this one failed with `message` (one line), and wait (at most
+    `wait_s`) until they have seen it. Process 0 is not waited for: it hosts the coordinator, and
+    once it has seen the failure and left, every other process's JAX runtime aborts."""
+    import jax
+
+    client = _client() if jax.distributed.is_initialized() else None
+    if client is None or jax.process_count() == 1:
+        return
+    me = jax.process_index()
+    try:
+        client.key_value_set(FAILURE_KEY, f"{me}\t{message}")
+    except Exception:  # noqa: BLE001 - another process failed first: its error is the one reported
+        return
+    deadline = time.monotonic() + wait_s
+    for other in range(1, jax.process_count()):
+        if other == me:
+            continue
+        try:
+            client.blocking_key_value_get(f"{FAILURE_KEY}/seen/{other}", max(1, int((deadline - time.monotonic()) * 1000)))
+        except Exception:  # noqa: BLE001 - gone or too slow: stop waiting for it
+            pass
+
+
+def _start_failure_watch() -> None:
+    import atexit
+    import sys
+    import threading
+
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    client, me = _client(), jax.process_index()
+    stop = threading.Event()
+
+    def watch() -> None:
+        # Short non-blocking looks: a thread blocked inside the runtime's RPC when the interpreter
+        # exits would abort the process (the atexit hook below stops and joins this one first).
+        while not stop.wait(0.5):
+            try:
+                value = client.key_value_try_get(FAILURE_KEY)
+            except Exception:  # noqa: BLE001 - no failure posted (or the coordinator is gone)
+                continue
+            host, _, message = value.partition("\t")
+            if host == str(me):
+                return  # this process failed: its own error handling prints and exits
+            print(f"error: process {host} failed: {message}", file=sys.stderr, flush=True)
+            try:
+                client.key_value_set(f"{FAILURE_KEY}/seen/{me}", "1")
+            finally:
+                os._exit(1)
+
+    thread = threading.Thread(target=watch, name="mixsd-failure-watch", daemon=True)
+    thread.start()
+
+    def stop_watching() -> None:
+        stop.set()
+        thread.join(timeout=5)
+
+    atexit.register(stop_watching)
+
+
+def join_writing_to(cfg: DistributedConfig | None, out_dir: str, key: str, shared_local: bool) -> bool:
+    """`maybe_initialize`, for a command writing `out_dir`: a directory the hosts cannot all see
+    (a relative local path with several processes) or a bucket that cannot be reached is a
+    one-line error naming `key`, checked before joining when the process count is configured (no
+    host then waits for the others) and again once JAX knows it (auto-detected clusters)."""
+    from mixsd_jax import storage
+
+    planned = (resolve(cfg) or {}).get("num_processes") or 1
+    storage.check_out_dir(out_dir, key, planned, shared_local)
+    joined = maybe_initialize(cfg)
+    storage.check_out_dir(out_dir, key, process_count(), shared_local)
+    storage.check_reachable(out_dir, key)
+    return joined
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:
@@ -194,3 +292,22 @@ def fetch(tree):
     from jax.experimental import multihost_utils
 
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def broadcast_json(value, name: str = "broadcast"):
+    """Process 0's JSON-able `value` on every process (the others' `value` is ignored): small
+    results and stage status go host to host, not through a file another host may not see."""
+    import json
+
+    import jax
+
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value if is_primary() else None).encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    buffer = np.zeros(size, np.uint8)
+    if is_primary():
+        buffer[:] = data
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes().decode())

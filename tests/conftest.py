@@ -66,3 +66,30 @@ def pytest_collection_modifyitems(config, items):
                 and item.get_closest_marker("slow") is None]
     if unmarked:
         raise pytest.UsageError(f"uses the embedded model without @pytest.mark.slow: {', '.join(unmarked)}")
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """fake-gcs-server on a free 127.0.0.1 port for the whole session, its buckets in a temp folder."""
+    from gcs_server import GcsServer
+
+    server = GcsServer(tmp_path_factory.mktemp("gcs") / "root").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, monkeypatch, request):
+    """`gs://<fresh bucket>` with the environment pointing every client (this process and the
+    processes the test starts) at the emulator."""
+    import re
+
+    from gcs_server import clear_gcsfs_instances
+
+    for key, value in gcs_server.environment().items():
+        monkeypatch.setenv(key, value)
+    clear_gcsfs_instances()
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40] + f"-{len(gcs_server.buckets)}"
+    gcs_server.buckets.append(name)
+    yield gcs_server.make_bucket(name)
+    clear_gcsfs_instances()

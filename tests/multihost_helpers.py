@@ -20,8 +20,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args: list[str], processes: int = 2, devices_per_process: int = 2) -> list[subprocess.Popen]:
-    """`python -m mixsd_jax.cli *args` once per process, joined through MIXSD_* variables."""
+def own_host(base: Path) -> Callable[[int], tuple[Path, dict]]:
+    """Per process, what a pod host has to itself: a working directory, a HOME and a cache."""
+    def host(process_id: int) -> tuple[Path, dict]:
+        root = base / f"host{process_id}"
+        for sub in ("work", "home", "cache"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        return root / "work", {"HOME": str(root / "home"), "MIXSD_CACHE": str(root / "cache"),
+                               "XDG_CACHE_HOME": str(root / "cache")}
+    return host
+
+
+def start(args: list[str], processes: int = 2, devices_per_process: int = 2,
+          hosts: Callable[[int], tuple[Path, dict]] | None = None) -> list[subprocess.Popen]:
+    """`python -m mixsd_jax.cli *args` once per process, joined through MIXSD_* variables; `hosts`
+    gives each process its own working directory and environment (see `own_host`)."""
     port = free_port()
     procs = []
     for process_id in range(processes):
@@ -29,7 +42,11 @@ def start(args: list[str], processes: int = 2, devices_per_process: int = 2) -> 
                "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "MIXSD_COORDINATOR": f"127.0.0.1:{port}",
                "MIXSD_NUM_PROCESSES": str(processes), "MIXSD_PROCESS_ID": str(process_id)}
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
-        procs.append(subprocess.Popen([sys.executable, "-m", "mixsd_jax.cli", *args], cwd=ROOT, env=env,
+        cwd = ROOT
+        if hosts is not None:
+            cwd, own = hosts(process_id)
+            env.update(own)
+        procs.append(subprocess.Popen([sys.executable, "-m", "mixsd_jax.cli", *args], cwd=cwd, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       start_new_session=True))
     return procs

@@ -205,3 +205,25 @@ def test_results_record_the_humaneval_sandbox(tiny_llama_dir, tmp_path):
     stored = json.loads((tmp_path / "o" / "results.json").read_text())
     assert results["humaneval_sandbox"] == stored["humaneval_sandbox"] == sandbox_protections()
     assert "in_process_guard" in stored["humaneval_sandbox"]
+
+
+def test_model_identity_is_the_content_not_the_place(tiny_llama_dir, tmp_path, gcs_bucket):
+    """The same model copied elsewhere (another folder, touched later, a bucket) is the same
+    identity; one changed weight byte is another."""
+    import os
+    import shutil
+
+    from mixsd_jax import storage
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama_dir, copy)
+    os.utime(copy / "model.safetensors", (1, 1))
+    assert model_identity(copy) == model_identity(tiny_llama_dir)
+    bucket_copy = storage.path(f"{gcs_bucket}/model")
+    for f in tiny_llama_dir.iterdir():
+        (bucket_copy / f.name).write_bytes(f.read_bytes())
+    assert model_identity(bucket_copy) == model_identity(tiny_llama_dir)  # the store's MD5 = the local one
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    assert model_identity(copy) != model_identity(tiny_llama_dir)

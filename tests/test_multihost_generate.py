@@ -135,3 +135,78 @@ def test_a_mesh_that_does_not_match_the_devices_is_a_one_line_error(tiny_llama_d
     assert main(["generate", *_overrides(tiny_llama_dir, records, tmp_path), "mesh.data=3", "mesh.tensor=4"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "mesh: data*fsdp*tensor = 12 but there are 8 devices" in err, err
+
+
+def test_killed_two_process_run_on_a_bucket_resumes_to_the_local_bytes(tiny_llama_dir, records, one_device, tmp_path,
+                                                                       gcs_bucket, monkeypatch):
+    """Both processes write nothing but the bucket (each in its own working directory); killed
+    mid-generation, the chunked stream resumes with one process to the bytes of a local run."""
+    from mixsd_jax import storage
+
+    monkeypatch.setenv("MIXSD_FLUSH_SECONDS", "0")  # one chunk object per finished record
+    out = f"{gcs_bucket}/gen"
+    partial = Paths.for_config(GenerateConfig(input=str(records), out_dir=out, model=str(tiny_llama_dir),
+                                              lambda_mix=0.3, temperature=1.0)).partial
+
+    def mid_generation() -> bool:
+        return partial.exists() and len(list(partial.iterdir())) >= 2
+
+    mh.kill_when(["generate", *_overrides(tiny_llama_dir, records, out)], mid_generation)
+    chunks = sorted(p.name for p in partial.iterdir())
+    assert 2 <= len(chunks) < len(WORDS) * 2 and chunks[0] == "000000.jsonl", chunks
+    paths = _in_process(tiny_llama_dir, records, out, mesh_data=1)
+    assert _files(paths) == one_device
+    assert not partial.exists() and sorted(p.name for p in storage.path(out).iterdir()) == sorted(
+        [paths.final.name, paths.rejected.name, paths.summary.name, ".jax_cache"])  # the run's shared XLA cache
+    assert not list(mh.ROOT.glob("gs:*")) and not list(tmp_path.rglob("gs:*"))
+
+
+def test_one_process_fails_and_both_stop_with_its_error(tiny_llama_dir, records, tmp_path, gcs_bucket):
+    """Process 1 has no input in its own working directory (hosts share no disk); process 0 does
+    and goes on into a collective with it. Both stop within 60 s, both naming process 1's error."""
+    import shutil
+    import time
+
+    hosts = mh.own_host(tmp_path)
+    shutil.copy(records, hosts(0)[0] / "train.jsonl")
+    args = ["generate", *_overrides(tiny_llama_dir, "train.jsonl", f"{gcs_bucket}/gen")]
+    procs = mh.start(args, hosts=hosts)
+    started = time.monotonic()
+    try:
+        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    finally:
+        mh.stop(procs)
+    assert time.monotonic() - started < 90  # start-up (imports, joining) plus the bounded stop
+    missing = str(hosts(1)[0] / "train.jsonl")
+    assert procs[1].returncode == 2 and f"error: {missing}: file not found" in outputs[1], outputs[1][-2000:]
+    assert procs[0].returncode != 0, outputs[0][-2000:]
+    assert f"error: process 1 failed: {missing}: file not found" in outputs[0], outputs[0][-2000:]
+
+
+def test_a_relative_out_dir_with_two_processes_is_an_error_before_joining(tiny_llama_dir, records, tmp_path):
+    procs = mh.start(["generate", *_overrides(tiny_llama_dir, records, "outputs/gen")], hosts=mh.own_host(tmp_path))
+    try:
+        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    finally:
+        mh.stop(procs)
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 2, output[-2000:]
+        assert "error: config key 'out_dir': outputs/gen is on this host's disk, but the run has 2 processes" in output
+    assert not list(tmp_path.rglob("outputs"))  # nothing written
+
+
+@pytest.mark.parametrize("where, message", [
+    ("gs://no-such-bucket/gen", r"config key 'out_dir': gs://no-such-bucket/gen: bucket gs://no-such-bucket does not exist"),
+    ("unreachable", r"config key 'out_dir': gs://.*STORAGE_EMULATOR_HOST\) is not reachable"),
+])
+def test_a_bucket_that_cannot_be_written_is_one_line(tiny_llama_dir, records, gcs_bucket, monkeypatch, capsys, where,
+                                                     message):
+    import re
+
+    out = where
+    if where == "unreachable":
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+        out = f"{gcs_bucket}/gen"
+    assert main(["generate", *_overrides(tiny_llama_dir, records, out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err

@@ -1,10 +1,12 @@
-"""`mixsd pipeline` on two local processes joined into one JAX run: every stage runs, one process
-writes, and the report equals the one-process report."""
+"""`mixsd pipeline` on two local processes joined into one JAX run, sharing nothing but a bucket:
+every stage runs, one process writes, and the report equals the one-process report."""
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 import multihost_helpers as mh
@@ -38,28 +40,44 @@ def _write(tmp_path, model_dir, name):
     return path, out_dir
 
 
-def test_two_process_pipeline_writes_the_one_process_report(tiny_llama_dir, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tiny_llama_dir, tmp_path_factory):
+    """The experiment run by one process on a local disk (two simulated devices: the same mesh)."""
+    tmp_path = tmp_path_factory.mktemp("one")
     one_path, one_dir = _write(tmp_path, tiny_llama_dir, "one")
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MIXSD_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIXSD_")}
     env.update({"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
                 "PYTHONPATH": str(mh.ROOT)})
     single = subprocess.run([sys.executable, "-m", "mixsd_jax.cli", "pipeline", "--config", str(one_path)],
                             cwd=mh.ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+    return one_dir
 
-    two_path, two_dir = _write(tmp_path, tiny_llama_dir, "two")
-    outputs = mh.run(["pipeline", "--config", str(two_path)], timeout=600, devices_per_process=1)
+
+def test_hosts_sharing_only_a_bucket_write_the_one_process_report(one_process, tiny_llama_dir, tmp_path, gcs_bucket):
+    """The pod layout: each process has its own working directory, HOME and cache; the model and
+    the run directory are in a bucket. Every stage runs, process 0 writes and talks, the report
+    equals the local one-process report, and no process made a local `gs:` folder. (The run
+    directory's storage is the only difference from a shared local disk: one two-process run
+    covers both, to keep the suite's time.)"""
+    from mixsd_jax import storage
+
+    model = storage.path(f"{gcs_bucket}/models/tiny")
+    for f in sorted(tiny_llama_dir.iterdir()):
+        (model / f.name).write_bytes(f.read_bytes())
+    run = storage.path(f"{gcs_bucket}/run")
+    config = tmp_path / "pod.yaml"
+    config.write_text(yaml.safe_dump(_config(model, run)))
+    hosts = mh.own_host(tmp_path)
+    outputs = mh.run(["pipeline", "--config", str(config)], timeout=600, devices_per_process=1, hosts=hosts)
+    assert "eval: done in" in outputs[0] and "eval: done in" not in outputs[1]  # process 0 tells the user
     for stage in STAGES:
-        record = json.loads((two_dir / "stages" / f"{stage}.json").read_text())
-        assert record["status"] == "done", stage
-    train = json.loads((two_dir / "train" / "mixsd_l0p3" / "summary.json").read_text())
-    assert train["processes"] == 2
-    # Process 0 tells the user what happens; the other only runs.
-    assert "eval: done in" in outputs[0] and "eval: done in" not in outputs[1]
-
-    report_one = (one_dir / "eval" / "report.md").read_text().replace(str(one_dir), "EXP")
-    report_two = (two_dir / "eval" / "report.md").read_text().replace(str(two_dir), "EXP")
+        assert json.loads((run / "stages" / f"{stage}.json").read_text())["status"] == "done", stage
+    assert json.loads((run / "train" / "mixsd_l0p3" / "summary.json").read_text())["processes"] == 2
+    report_one = (one_process / "eval" / "report.md").read_text().replace(str(one_process), "EXP")
     assert "mixsd_l0p3" in report_one and "piqa" in report_one
-    assert report_two == report_one
-    rows = lambda d: (d / "eval" / "items" / "base" / "memorization.recall.jsonl").read_text()  # noqa: E731
-    assert rows(two_dir) == rows(one_dir)
+    assert (run / "eval" / "report.md").read_text().replace(str(run), "EXP") == report_one
+    rows = "eval/items/base/memorization.recall.jsonl"
+    assert (run / rows).read_text() == (one_process / rows).read_text()
+    assert list((run / ".jax_cache").iterdir())  # the compilation cache every host can reuse
+    assert not [p for p in tmp_path.rglob("gs:*")] and not list(mh.ROOT.glob("gs:*"))

@@ -83,3 +83,20 @@ def test_pipeline_selects_a_saved_step(tiny_llama_dir, tmp_path):
     results = json.loads((out_dir / "eval" / "results.json").read_text())
     assert results["checkpoints"]["sft"]["model_dir"] == str(link)
     assert "selected step 4" in proc.stdout and "wall time per stage" in proc.stdout and "select_sft" in proc.stdout
+
+
+def test_recall_is_decoded_on_the_runs_mesh_with_the_rows_of_one_device(tiny_qwen3_dir, tmp_path):
+    """Selection loads each step sharded over the run's mesh (8 simulated devices, fsdp=8) and
+    decodes there: the replies and the curve are those of an unsharded decode."""
+    from mixsd_jax.answers.criteria import criterion_for
+    from mixsd_jax.eval.selection import recall_curve
+    from mixsd_jax.models.sharding import MeshConfig, make_mesh
+
+    prompts = [(f"q{i}", f"What is fact {i}?", "Paris") for i in range(6)]
+    criterion = criterion_for("reference_loose")
+    common = dict(max_new_tokens=5, batch_size=8, log=lambda _: None)
+    one = recall_curve({3: tiny_qwen3_dir}, prompts, criterion, tmp_path / "one", **common)
+    eight = recall_curve({3: tiny_qwen3_dir}, prompts, criterion, tmp_path / "eight",
+                         mesh=make_mesh(MeshConfig(fsdp=8)), **common)
+    assert eight == one
+    assert (tmp_path / "eight" / "step_3.jsonl").read_bytes() == (tmp_path / "one" / "step_3.jsonl").read_bytes()

@@ -101,3 +101,14 @@ def test_two_processes_give_the_losses_of_one_device(tiny_llama_dir, tmp_path):
     ref = load_file(tmp_path / "single" / "hf" / "model.safetensors")
     for name in ref:
         np.testing.assert_allclose(ours[name], ref[name], atol=1e-5, err_msg=name)
+
+    # `train --export` on every host joins one run: the gathers are collectives, process 0 writes.
+    import shutil
+
+    import multihost_helpers as mh
+
+    first = (tmp_path / "multi" / "hf" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "multi" / "hf")
+    outputs = mh.run(["train", "--export", "latest", *args, f"out={tmp_path / 'multi'}"], timeout=120)
+    assert "exported:" in outputs[0] and "exported:" not in outputs[1]
+    assert (tmp_path / "multi" / "hf" / "model.safetensors").read_bytes() == first

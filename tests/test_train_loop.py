@@ -173,3 +173,26 @@ def test_bad_data_is_a_clear_error(tiny_llama_dir, corpus, tmp_path):
         train(_cfg(tiny_llama_dir, corpus, tmp_path / "out", "max_seq_len=16"), progress=False)
     with pytest.raises(MixsdError, match=r"micro batch .* divisible by the mesh's data x fsdp = 8"):
         train(_cfg(tiny_llama_dir, corpus, tmp_path / "out", "batch_size=4", "mesh.data=-1"), progress=False)
+
+
+def test_a_run_in_a_bucket_resumes_exactly(straight, tiny_llama_dir, corpus, gcs_bucket):
+    """Orbax checkpoints, metrics and the export all in a bucket: a killed run resumes to the
+    numbers and weights of the local straight run."""
+    from mixsd_jax import storage
+
+    out, _ = straight
+    url = storage.path(f"{gcs_bucket}/run")
+
+    def kill_after_step_4(step, metrics):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_llama_dir, corpus, url), progress=False, on_step=kill_after_step_4)
+    assert Checkpoints(url / "checkpoints").all_steps() == [3]
+    assert len(read_partial_jsonl(url / "metrics.jsonl")) == 4
+    summary = train(_cfg(tiny_llama_dir, corpus, url), progress=False)
+    assert summary["start_step"] == 3 and summary["hf"] == f"{url}/hf"
+    assert _losses(url) == _losses(out)
+    assert _weights(url) == _weights(out)
+    assert (url / "hf" / ".mixsd_complete").exists() and json.loads((url / "summary.json").read_text()) == summary

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mixsd_jax import storage
 from mixsd_jax.config import add_config_args
 from mixsd_jax.errors import MixsdError
 
@@ -102,12 +103,12 @@ def run_build(args) -> int:
         raise MixsdError("data build: --out (config key 'out') is required")
     preset = cfg.preset or DEFAULT_PRESET[args.dataset]
     counts = build_dataset(args.dataset, cfg, preset)
-    _print_counts(Path(cfg.out), counts)
+    _print_counts(storage.path(cfg.out), counts)
     return 0
 
 
 def build_dataset(dataset: str, cfg: BuildConfig, preset: str) -> dict[str, int]:
-    out = Path(cfg.out)
+    out = storage.path(cfg.out)
     if dataset == "kgfunc":
         from mixsd_jax.data.kgfunc import build_kgfunc
 

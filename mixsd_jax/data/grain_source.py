@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from mixsd_jax.data.records import Record, read_records
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 
 
@@ -50,14 +51,16 @@ class TfdsRecordSource:
 def record_source(path: str | Path, *, allow_empty_assistant: bool = False) -> Sequence[Record]:
     """A JSONL file (read and validated into memory) or a TFDS dataset directory (the versioned
     directory holding dataset_info.json, or a folder with exactly one such directory below it)."""
-    path = Path(path)
+    path = storage.path(path)  # TFDS reads a bucket URL itself (str of an epath keeps it)
     if path.is_file():
         return read_records(path, allow_empty_assistant=allow_empty_assistant)
     if not path.is_dir():
         raise MixsdError(f"{path}: no such file or directory")
     if (path / "dataset_info.json").is_file():
         return TfdsRecordSource(path)
-    found = sorted(p.parent for p in path.glob("**/dataset_info.json"))
+    # TFDS writes <data_dir>/<name>/<version>/dataset_info.json: three levels at most (and a bucket
+    # lists no recursive patterns).
+    found = sorted(p.parent for depth in range(1, 4) for p in path.glob("/".join(["*"] * depth) + "/dataset_info.json"))
     if len(found) != 1:
         what = "no TFDS dataset" if not found else f"{len(found)} TFDS datasets ({', '.join(map(str, found))})"
         raise MixsdError(f"{path}: expected a JSONL file or one TFDS dataset directory, found {what}")

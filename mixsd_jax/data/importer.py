@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+from mixsd_jax import storage
 from mixsd_jax.data.records import LineProblem, line_format, parse_inference, parse_lines, parse_record
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import atomic_write_json, sha256_file
@@ -81,12 +82,12 @@ def _released_line_kind(obj: dict) -> str:
 def import_released(src_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
     """Validates and copies every JSONL file under `src_dir` to the same relative path under
     `out_dir`; returns {relative path: record count}. Nothing is written if any file is bad."""
-    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    src_dir, out_dir = storage.path(src_dir), storage.path(out_dir)
     if not src_dir.is_dir():
         raise MixsdError(f"{src_dir}: not a directory")
-    if out_dir.resolve() == src_dir.resolve():
+    if _same_folder(src_dir, out_dir):
         raise MixsdError(f"{out_dir}: the output folder must differ from the source folder")
-    paths = sorted(p for p in src_dir.rglob("*") if p.is_file() and not _hidden(p.relative_to(src_dir)))
+    paths = [p for p in storage.files_under(src_dir) if not _hidden(p.relative_to(src_dir))]
     jsonl = [p for p in paths if p.suffix == ".jsonl"]
     if not jsonl:
         raise MixsdError(f"{src_dir}: no .jsonl files found")
@@ -98,11 +99,21 @@ def import_released(src_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
         _atomic_copy(path, target)
         entries[relative] = {"records": count, "schema": kind, "sha256": sha256_file(target)}
     skipped = [p.relative_to(src_dir).as_posix() for p in paths if p.suffix != ".jsonl"]
-    atomic_write_json(out_dir / MANIFEST, {"source": str(src_dir.resolve()), "files": entries, "not_imported": skipped})
+    atomic_write_json(out_dir / MANIFEST, {"source": str(src_dir if storage.is_url(src_dir) else src_dir.resolve()),
+                                           "files": entries, "not_imported": skipped})
     return {relative: entry["records"] for relative, entry in entries.items()}
 
 
+def _same_folder(a, b) -> bool:
+    if storage.is_url(a) or storage.is_url(b):
+        return str(a) == str(b)
+    return a.resolve() == b.resolve()
+
+
 def _atomic_copy(source: Path, target: Path) -> None:
+    if storage.is_url(source) or storage.is_url(target):  # one upload: whole or absent
+        target.write_bytes(source.read_bytes())
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.copyfile(source, tmp)

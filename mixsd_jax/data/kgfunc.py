@@ -342,7 +342,6 @@ def build_kgfunc(out_dir: str | Path, seed: int = 42, preset: str = "full") -> d
     if seed < 0:
         raise MixsdError(f"kgfunc seed {seed}: expected a non-negative integer")
     sizes = PRESETS[preset]
-    out_dir = Path(out_dir)
     shots = shot_inputs(seed)
     test_inputs = _sample_excluding(_rng(seed, "test"), sizes.test_inputs, set(shots))
     train_inputs = _sample_excluding(_rng(seed, "train"), sizes.train_inputs, set(shots) | set(test_inputs))

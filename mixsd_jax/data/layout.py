@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mixsd_jax.errors import MixsdError
+from mixsd_jax import storage
 from mixsd_jax.files import atomic_write_json, atomic_write_jsonl
 
 # KGFact layout (also MQuAKE; SimpleQA writes only the training file).
@@ -58,7 +59,7 @@ TRAIN_FILES = {"kgfact": KGFACT_TRAIN, "mquake": KGFACT_TRAIN, "simpleqa": KGFAC
 
 def corpus_kind(corpus_dir: str | Path) -> str:
     """`kgfact` (also MQuAKE, same layout) or `kgfunc`, from the directory layout."""
-    root = Path(corpus_dir)
+    root = storage.path(corpus_dir)
     if not root.is_dir():
         raise MixsdError(f"{root}: corpus directory not found")
     if (root / ATOMIC_DIR).is_dir():
@@ -72,12 +73,12 @@ def corpus_kind(corpus_dir: str | Path) -> str:
 
 def training_file(corpus_dir: str | Path) -> Path:
     """The GT training file of a corpus (for the error analysis's entity list and NLL defaults)."""
-    return Path(corpus_dir) / (KGFACT_TRAIN if corpus_kind(corpus_dir) == "kgfact" else KGFUNC_TRAIN)
+    return storage.path(corpus_dir) / (KGFACT_TRAIN if corpus_kind(corpus_dir) == "kgfact" else KGFUNC_TRAIN)
 
 
 def write_corpus(out_dir: str | Path, files: dict[str, list[dict]], manifest: dict) -> dict[str, int]:
     """Writes each file (relative path -> records), then `manifest.json` with their counts added."""
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     for relative, records in files.items():
         atomic_write_jsonl(out_dir / relative, records)
     counts = {relative: len(records) for relative, records in files.items()}

@@ -28,6 +28,7 @@ from mixsd_jax.data.kgfact import (
     messages_record,
 )
 from mixsd_jax.errors import MixsdError
+from mixsd_jax import storage
 from mixsd_jax.files import atomic_write_json, atomic_write_jsonl
 
 HELD_OUT_SEED_OFFSET = 10
@@ -280,7 +281,7 @@ def convert_mquake(
                 alpaca_record(record["messages"][0]["content"], record["messages"][1]["content"])
             )
 
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     counts = {}
     for relative, records in files.items():
         if records:

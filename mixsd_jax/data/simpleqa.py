@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mixsd_jax.data.layout import KGFACT_TRAIN
 from mixsd_jax.errors import MixsdError
+from mixsd_jax import storage
 from mixsd_jax.files import atomic_write_json, atomic_write_jsonl
 
 COLUMNS = ("metadata", "problem", "answer")
@@ -104,10 +105,10 @@ def convert_simpleqa(csv_path: str | Path, out_dir: str | Path, seed: int = 42, 
     random.Random(f"simpleqa:{seed}").shuffle(records)
     if limit is not None:
         records = records[:limit]
-    atomic_write_jsonl(Path(out_dir) / KGFACT_TRAIN, records)
+    atomic_write_jsonl(storage.path(out_dir) / KGFACT_TRAIN, records)
     counts = {KGFACT_TRAIN: len(records)}
     atomic_write_json(
-        Path(out_dir) / "manifest.json",
+        storage.path(out_dir) / "manifest.json",
         {"builder": "simpleqa", "source": Path(csv_path).name, "rows": len(rows), "seed": seed, "limit": limit, "counts": counts},
     )
     return counts

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import iter_jsonl
 
@@ -107,7 +109,7 @@ def benchmark_dir(name: str, data_root: str | Path | None = None) -> Path:
                 f"pass a data root or set {DATA_ROOT_ENV}"
             )
         data_root = env_root
-    root = Path(data_root)
+    root = storage.path(data_root)
     if not root.is_dir():
         raise MixsdError(f"{root}: benchmark data root not found")
     return root / spec["dir"]
@@ -185,7 +187,7 @@ def _read_hellaswag(folder: Path) -> list[MCItem]:
     """Six lines per item: "label: context", the gold index, four endings."""
     path = _require_file(folder / "hellaswag_val_full.txt.bz2")
     try:
-        with bz2.open(path, "rt", encoding="utf-8") as f:
+        with path.open("rb") as raw, bz2.open(raw, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise MixsdError(f"{path}: cannot read ({exc})") from None
@@ -224,7 +226,7 @@ def _read_mmlu_csv(path: Path) -> list[tuple[int, list[str]]]:
     """(line number, [question, A, B, C, D, letter]) per CSV row (no header)."""
     rows = []
     try:
-        with open(_require_file(path), newline="", encoding="utf-8") as f:
+        with _require_file(path).open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as f:
             reader = csv.reader(f)
             for row in reader:
                 where = f"{path}:{reader.line_num}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.eval.config import BASE, EvalConfig, split_named
 
@@ -19,7 +20,7 @@ class Checkpoint:
 
 def resolve_checkpoint(path: str, export: bool = True) -> Path:
     """An HF dir as is; a training run dir → its `hf/` export, else its latest Orbax checkpoint exported."""
-    p = Path(path).expanduser()
+    p = storage.path(path)
     if (p / "config.json").is_file():
         return p
     if (p / "hf" / "config.json").is_file():

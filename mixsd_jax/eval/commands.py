@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixsd_jax import compile_cache
+from mixsd_jax import compile_cache, storage
 from mixsd_jax.config import add_config_args
 
 
@@ -80,16 +80,14 @@ def eval_config_from_args(args):
 
 
 def cmd_eval(args) -> int:
-    from pathlib import Path
-
     from mixsd_jax.eval.report import render_table
     from mixsd_jax.eval.runner import evaluate
 
     cfg = eval_config_from_args(args)
-    compile_cache.enable()
+    compile_cache.enable(cfg.storage, cfg.out_dir)
     results = evaluate(cfg, progress=not args.quiet)
     print(render_table(results))
-    out = Path(cfg.out_dir)
+    out = storage.path(cfg.out_dir)
     print(f"total {results['timing']['total_s']:.1f} s")
     print(f"wrote {out / 'results.json'}")
     print(f"wrote {out / 'report.md'}")

@@ -9,6 +9,7 @@ from mixsd_jax.errors import MixsdError
 from mixsd_jax.models.registry import EMBEDDED_DEFAULT
 from mixsd_jax.models.sharding import MeshConfig
 from mixsd_jax.multihost import DistributedConfig
+from mixsd_jax.storage import StorageConfig
 
 SUITES = ("memorization", "retention", "nll", "kl", "fisher", "errors", "heldout")
 DEFAULT_BENCHMARKS = ("hellaswag", "piqa", "winogrande", "mmlu", "lambada", "gsm8k")
@@ -37,6 +38,7 @@ class EvalConfig:
     param_dtype: str = "float32"  # storage dtype of the loaded parameters (bfloat16 halves their memory)
     mesh: MeshConfig = MeshConfig()  # parameters over fsdp/tensor, item batches over data x fsdp
     distributed: DistributedConfig = DistributedConfig()
+    storage: StorageConfig = StorageConfig()
     # The run's answer criterion (mixsd_jax.answers.criteria) for memorization; None = the reference's scorer.
     criterion: str | None = None
     heldout_source: str = "mmlu"  # held-out general questions asked as chat turns (eval/heldout.py)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from mixsd_jax import storage
 from mixsd_jax.data import layout
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.eval.checkpoints import Checkpoint, checkpoints
@@ -67,7 +68,7 @@ def _benchmarks(cfg: EvalConfig, kind: str | None) -> tuple[dict, dict]:
     suites = cfg.suite_set()
     names = list(cfg.benchmarks)
     # KGFunc's unseen operations join the benchmarks when the corpus has them (asked for, they must exist).
-    if kind == "kgfunc" and (Path(cfg.corpus_dir) / layout.KGFUNC_UNSEEN).is_file():
+    if kind == "kgfunc" and (storage.path(cfg.corpus_dir) / layout.KGFUNC_UNSEEN).is_file():
         names += [] if "kgfunc_unseen" in names else ["kgfunc_unseen"]
     benchmarks, digests = {}, {}
     if suites & {"retention", "kl"}:

@@ -17,6 +17,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence
 
+from mixsd_jax import storage
 from mixsd_jax.data.layout import KGFACT_SPLITS, KGFUNC_SPLITS, KGFUNC_UNSEEN, corpus_kind
 from mixsd_jax.errors import MixsdError
 
@@ -58,7 +59,7 @@ def load_splits(
     """Every test split the corpus has (or just `names`), each a deterministic `limit`-item subset."""
     from mixsd_jax.eval.benchmarks import subset_indices
 
-    root = Path(corpus_dir)
+    root = storage.path(corpus_dir)
     kind = corpus_kind(root)
     table = KGFACT_SPLITS if kind == "kgfact" else KGFUNC_SPLITS
     unknown = [n for n in names or () if n not in table]
@@ -91,7 +92,7 @@ def load_unseen(corpus_dir: str | Path, limit: int | None = None, seed: int = 0)
     """KGFunc's unseen-operations probe (never trained on): a forgetting measure, scored strict."""
     from mixsd_jax.eval.benchmarks import subset_indices
 
-    path = Path(corpus_dir) / KGFUNC_UNSEEN
+    path = storage.path(corpus_dir) / KGFUNC_UNSEEN
     if corpus_kind(corpus_dir) != "kgfunc" or not path.is_file():
         raise MixsdError(f"{path}: KGFunc unseen-operations file not found (kgfunc_unseen needs a KGFunc corpus)")
     items = read_items(path, "kgfunc_unseen", with_ops=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mixsd_jax import storage
 from mixsd_jax.files import atomic_write_json, atomic_write_text
 
 PLOT_TRADEOFF = "memorization_vs_retention.png"
@@ -224,7 +225,7 @@ def plot_tradeoff(results: dict, path: Path) -> None:
             ax.text(0.5, 0.5, "neither memorization nor retention was measured", ha="center", va="center")
             ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -255,7 +256,7 @@ def plot_forgetting(results: dict, path: Path) -> None:
     ax.legend(loc="best", fontsize=8)
     ax.set_title("Memorization vs forgetting on held-out questions")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -271,13 +272,22 @@ def plot_nll(results: dict, path: Path) -> None:
     ax.set_title("Training targets under the base model's naive conditional")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
+
+
+def _save(fig, path) -> None:
+    """A PNG written in one piece (a bucket object is one upload; matplotlib would write a local file)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    storage.path(path).write_bytes(buffer.getvalue())
 
 
 def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     """results.json, report.md and the plots under `out_dir`; returns their paths."""
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"results": out_dir / "results.json", "report": out_dir / "report.md",
              "tradeoff_plot": out_dir / PLOT_TRADEOFF}

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 
 NORM_METRIC_BENCHMARKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag")
@@ -167,8 +168,8 @@ def data_files(name: str, data_root: str | None, corpus_dir: str | None) -> list
     if name == "kgfunc_unseen":
         from mixsd_jax.data.layout import KGFUNC_UNSEEN
 
-        return [Path(corpus_dir or ".") / KGFUNC_UNSEEN]
+        return [storage.path(corpus_dir or ".") / KGFUNC_UNSEEN]
     from mixsd_jax.eval.benchmarks import benchmark_dir
 
     folder = benchmark_dir(name, data_root)
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
+    return [p for p in storage.files_under(folder) if p.name != "README.md"]

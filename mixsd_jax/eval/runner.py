@@ -37,9 +37,8 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
-from mixsd_jax import multihost
+from mixsd_jax import multihost, storage
 from mixsd_jax.eval.config import BASE, EvalConfig
 from mixsd_jax.eval.inputs import gather_inputs
 from mixsd_jax.eval.model_cache import Models
@@ -54,10 +53,10 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     from mixsd_jax.models.sharding import make_mesh
 
     started = time.time()
-    multihost.maybe_initialize(cfg.distributed)
+    multihost.join_writing_to(cfg.distributed, cfg.out_dir, "out_dir", cfg.storage.shared_local)
     mesh = make_mesh(cfg.mesh)
     primary = multihost.is_primary()
-    out_dir = Path(cfg.out_dir)
+    out_dir = storage.path(cfg.out_dir)
     inputs = gather_inputs(cfg)
     units = plan_units(cfg, inputs)
     store = UnitStore(out_dir)

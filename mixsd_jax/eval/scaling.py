@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from mixsd_jax import storage
 from mixsd_jax.eval.intervals import seed_mean_interval
 from mixsd_jax.files import atomic_write_json, atomic_write_text
 
@@ -227,7 +228,15 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    """PNG through a temporary file in the same folder and a rename: a reader never sees half a plot."""
+    """PNG through a temporary file in the same folder and a rename: a reader never sees half a
+    plot; in a bucket, one upload (an object appears whole or not at all)."""
+    if storage.is_url(path):
+        import io
+
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=120)
+        storage.path(path).write_bytes(buffer.getvalue())
+        return
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     try:
@@ -342,7 +351,7 @@ def _bar(block: dict):
 def write_scaling_report(name: str, models: Sequence[dict], out_dir: str | Path,
                          missing: Sequence[str] = ()) -> dict[str, Path]:
     """scaling.json, report.md and the plots under `out_dir`; returns their paths."""
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = scaling_rows(models)
     summary = summarize(rows)

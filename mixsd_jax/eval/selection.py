@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 
 RULES = ("reference", "first_peak", "last", "best")
@@ -52,9 +53,11 @@ def select_index(rule: str, values: Sequence[float], method: str) -> tuple[int, 
 
 def saved_steps(run_dir: Path) -> dict[int, Path]:
     """{step: HF directory} of a training run's per-save exports (`exports/step_N`)."""
+    from mixsd_jax.models.checkpoint import export_is_complete
+
     out = {}
-    for folder in sorted((run_dir / "exports").glob("step_*")):
-        if (folder / "config.json").is_file() and folder.name[len("step_"):].isdigit():
+    for folder in sorted((storage.path(run_dir) / "exports").glob("step_*")):
+        if folder.name[len("step_"):].isdigit() and export_is_complete(folder):
             out[int(folder.name[len("step_"):])] = folder
     return dict(sorted(out.items()))
 
@@ -73,9 +76,14 @@ def recall_curve(
     *,
     max_new_tokens: int,
     batch_size: int,
+    mesh=None,
+    param_dtype: str = "float32",
+    dtype: str = "float32",
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """[{step, correct, n, accuracy}] over `steps`, from greedy replies to (id, prompt, gold)."""
+    """[{step, correct, n, accuracy}] over `steps`, from greedy replies to (id, prompt, gold).
+    Each step's model is loaded sharded over `mesh` (the run's) in `param_dtype` and decoded in
+    `dtype`: the evaluator's settings, so the selection fits wherever the run and its eval do."""
     from mixsd_jax.files import atomic_write_json, atomic_write_jsonl, iter_jsonl
     from mixsd_jax.multihost import is_primary
     from mixsd_jax.models.checkpoint import load_hf
@@ -83,7 +91,8 @@ def recall_curve(
     from mixsd_jax.eval.memorization import generate_texts
 
     curve, tokenizer = [], None
-    settings = json.dumps([list(prompts), criterion.name, sorted(criterion.entities), max_new_tokens], sort_keys=True)
+    settings = json.dumps([list(prompts), criterion.name, sorted(criterion.entities), max_new_tokens, param_dtype, dtype],
+                          sort_keys=True)
     for step, model_dir in steps.items():
         fingerprint = hashlib.sha256((settings + _identity(model_dir)).encode()).hexdigest()[:16]
         rows_path, meta_path = rows_dir / f"step_{step}.jsonl", rows_dir / f"step_{step}.meta.json"
@@ -92,9 +101,9 @@ def recall_curve(
             rows = [row for _, row in iter_jsonl(rows_path)]
         if rows is None:
             tokenizer = tokenizer or load_tokenizer(model_dir)
-            model_cfg, params = load_hf(model_dir)
+            model_cfg, params = load_hf(model_dir, param_dtype, mesh=mesh)
             replies = generate_texts(params, model_cfg, tokenizer, [p for _, p, _ in prompts],
-                                     max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, mesh=mesh)
             del params
             rows = []
             for (item_id, prompt, gold), reply in zip(prompts, replies):

@@ -11,25 +11,28 @@ import hashlib
 import json
 from pathlib import Path
 
+from mixsd_jax import storage
 from mixsd_jax.eval.config import BASE
-from mixsd_jax.files import atomic_write_json, atomic_write_jsonl, iter_jsonl
+from mixsd_jax.files import atomic_write_json, atomic_write_jsonl, content_hash, iter_jsonl
 
 
 def model_identity(model_dir: Path) -> str:
-    """Config bytes plus the weight files' names, sizes and modification times (cheap for big models)."""
+    """Config bytes plus the weight files' names and content hashes: the same model is the same
+    identity on every host and in every folder (files.content_hash keeps big files cheap)."""
+    model_dir = storage.path(model_dir)
     h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")):
-        stat = f.stat()
-        h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for f in sorted(model_dir.glob("*.safetensors"), key=lambda f: f.name):
+        h.update(f"{f.name}:{content_hash(f)}".encode())
     return h.hexdigest()[:16]
 
 
 def files_digest(paths) -> str:
-    """The paths and bytes of data files, so a changed file recomputes the units that read it."""
+    """The names and bytes of data files, so a changed file recomputes the units that read it (not
+    their places: hosts with the data, or the package, elsewhere agree)."""
     h = hashlib.sha256()
     for p in sorted(str(p) for p in paths):
-        h.update(p.encode())
-        h.update(Path(p).read_bytes())
+        h.update(storage.path(p).name.encode())
+        h.update(storage.path(p).read_bytes())
     return h.hexdigest()[:16]
 
 

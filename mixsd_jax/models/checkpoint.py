@@ -17,19 +17,16 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.models.config import ModelConfig
+from mixsd_jax.models.remote_safetensors import ST_DTYPES as _ST_DTYPES
+from mixsd_jax.models.remote_safetensors import open_ranged, place_reading_once
 from mixsd_jax.models.transformer import Params, param_shapes
 
-_ST_DTYPES = {
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F64": np.dtype(np.float64),
-}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -91,9 +88,11 @@ class LazyTensor:
 
 
 def _open_safetensors(path: Path) -> dict[str, LazyTensor]:
-    """Name -> LazyTensor (only the header is read here)."""
+    """Name -> LazyTensor (only the header is read here); a file in a bucket by ranged reads."""
     from safetensors import SafetensorError, safe_open
 
+    if storage.is_url(path):
+        return {name: LazyTensor(piece, path, name) for name, piece in open_ranged(path).items()}
     try:
         handle = safe_open(str(path), framework="numpy")
         return {name: LazyTensor(handle.get_slice(name), path, name) for name in handle.keys()}
@@ -105,12 +104,17 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
     # transformers reads `format: pt` as "tensors in PyTorch layout", which these are.
-    save_file({name: np.ascontiguousarray(arr) for name, arr in tensors.items()}, str(path),
-              metadata={"format": "pt"})
+    tensors = {name: np.ascontiguousarray(arr) for name, arr in tensors.items()}
+    if storage.is_url(path):  # one upload of the shard's bytes
+        from safetensors.numpy import save
+
+        storage.path(path).write_bytes(save(tensors, metadata={"format": "pt"}))
+        return
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def read_hf_tensors(model_dir: str | Path) -> dict[str, LazyTensor]:
-    model_dir = Path(model_dir)
+    model_dir = storage.path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -193,7 +197,7 @@ def load_hf(
     """Config and parameters of an HF-format directory, placed by the model's sharding rules."""
     from mixsd_jax.models.sharding import param_shardings
 
-    model_dir = Path(model_dir)
+    model_dir = storage.path(model_dir)
     cfg = ModelConfig.from_hf_dir(model_dir)
     tensors = read_hf_tensors(model_dir)
     dtype = np.dtype(jnp.dtype(param_dtype))
@@ -205,9 +209,15 @@ def load_hf(
             return jnp.asarray(read(tuple(slice(None) for _ in shape)).astype(dtype))
         return jax.make_array_from_callback(shape, sharding, lambda idx: read(idx).astype(dtype))
 
+    # A bucket is read once per host (each tensor's rows for all local devices together); a local
+    # file is memory-mapped, so each device reads its own block from the page cache.
+    once = storage.is_url(model_dir) and mesh is not None
     params: dict[str, Any] = {}
     for ours, (hf_name, transpose) in _top_names(cfg).items():
         arr = _get(tensors, hf_name, shapes[ours], transpose, model_dir)
+        if once:
+            params[ours] = place_reading_once(shapes[ours], shardings[ours], arr, dtype, stacked=False)
+            continue
         params[ours] = place(shapes[ours], shardings[ours], lambda idx, a=arr: np.asarray(a[idx]))
 
     layers: dict[str, Any] = {}
@@ -219,7 +229,8 @@ def load_hf(
             layer_ids = range(cfg.num_layers)[idx[0]]
             return np.stack([np.asarray(per_layer[i][idx[1:]]) for i in layer_ids])
 
-        layers[ours] = place(shape, shardings["layers"][ours], read)
+        layers[ours] = (place_reading_once(shape, shardings["layers"][ours], per_layer, dtype, stacked=True) if once
+                        else place(shape, shardings["layers"][ours], read))
     params["layers"] = layers
     unused = set(tensors) - _expected_hf_names(cfg)
     unused = {n for n in unused if not n.endswith("rotary_emb.inv_freq")}
@@ -248,17 +259,32 @@ def _host_array(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
+def _hf_entries(params: Params, cfg: ModelConfig) -> list[tuple[str, Callable[[], jax.Array], bool, tuple]]:
+    """(HF name, the device array it is cut from, transpose?, its shape) in file order. Stacked
+    layer parameters are cut one layer at a time, so a gather never holds more than one layer."""
+    entries = [(hf_name, (lambda ours=ours: params[ours]), transpose, tuple(params[ours].shape))
+               for ours, (hf_name, transpose) in _top_names(cfg).items()]
+    for ours, (pattern, transpose) in _hf_layer_names(cfg).items():
+        stacked = params["layers"][ours]
+        entries += [(pattern.format(i), (lambda stacked=stacked, i=i: stacked[i]), transpose, tuple(stacked.shape[1:]))
+                    for i in range(cfg.num_layers)]
+    return entries
+
+
+def _gathered(get: Callable[[], jax.Array], transpose: bool, np_dtype) -> np.ndarray:
+    arr = _host_array(get()).astype(np_dtype)
+    return np.ascontiguousarray(arr.T if transpose else arr)
+
+
 def to_hf_tensors(params: Params, cfg: ModelConfig, dtype: str = "float32") -> dict[str, np.ndarray]:
     np_dtype = np.dtype(jnp.dtype(dtype))
-    out: dict[str, np.ndarray] = {}
-    for ours, (hf_name, transpose) in _top_names(cfg).items():
-        arr = _host_array(params[ours]).astype(np_dtype)
-        out[hf_name] = np.ascontiguousarray(arr.T if transpose else arr)
-    for ours, (pattern, transpose) in _hf_layer_names(cfg).items():
-        stacked = _host_array(params["layers"][ours]).astype(np_dtype)
-        for i in range(cfg.num_layers):
-            out[pattern.format(i)] = np.ascontiguousarray(stacked[i].T if transpose else stacked[i])
-    return out
+    return {name: _gathered(get, transpose, np_dtype) for name, get, transpose, _ in _hf_entries(params, cfg)}
+
+
+def export_is_complete(out_dir: str | Path) -> bool:
+    """A local export is renamed into place whole; one in a bucket is whole once its marker is."""
+    out_dir = storage.path(out_dir)
+    return storage.is_committed(out_dir) and (out_dir / "config.json").is_file()
 
 
 def export_hf(
@@ -269,42 +295,67 @@ def export_hf(
     dtype: str = "float32",
     shard_bytes: int = 4 << 30,
 ) -> Path:
-    """Write an HF-format directory (atomically: temp dir, then rename). Multi-host: process 0 writes."""
-    out_dir = Path(out_dir)
-    tensors = to_hf_tensors(params, cfg, dtype)
-    if jax.process_index() != 0:
-        return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    """Write an HF-format directory. Every process takes part (the gathers are collectives): each
+    tensor is gathered alone, a stacked parameter one layer at a time, and process 0 writes a
+    shard file as soon as it is full, so devices hold one layer's gathered weights beyond the
+    sharded state and the host one output shard. Locally the files go to a temp folder renamed
+    into place; in a bucket, where nothing renames, into the folder itself and a marker last."""
+    out_dir = storage.path(out_dir)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    entries = _hf_entries(params, cfg)
+    # Shard boundaries from the shapes alone, identical on every process.
+    sizes = [int(np.prod(shape)) * np_dtype.itemsize for *_, shape in entries]
+    plan: list[list[int]] = [[]]
+    size = 0
+    for i, nbytes in enumerate(sizes):
+        if size and size + nbytes > shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(i)
+        size += nbytes
+    names = (["model.safetensors"] if len(plan) == 1 else
+             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+    primary = jax.process_index() == 0
+    target = _export_target(out_dir) if primary else None
     try:
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(dtype), indent=2) + "\n")
-        shards: list[dict[str, np.ndarray]] = [{}]
-        size = 0
-        for name, arr in tensors.items():
-            if size and size + arr.nbytes > shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = arr
-            size += arr.nbytes
-        if len(shards) == 1:
-            _write_safetensors(tmp / "model.safetensors", shards[0])
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                _write_safetensors(tmp / fname, shard)
-                weight_map.update({name: fname for name in shard})
-            index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / name
-                if src.is_file():
-                    shutil.copy2(src, tmp / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        for fname, members in zip(names, plan):
+            shard = {entries[i][0]: _gathered(entries[i][1], entries[i][2], np_dtype) for i in members}
+            if primary:
+                _write_safetensors(target / fname, shard)
+            del shard
+        if primary:
+            _finish_export(target, out_dir, cfg, dtype, names, plan, entries, sizes, tokenizer_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary and not storage.is_url(out_dir):
+            shutil.rmtree(target, ignore_errors=True)
         raise
     return out_dir
+
+
+def _export_target(out_dir):
+    """Where process 0 writes the files: a temp folder next to a local target, the bucket folder
+    itself (emptied, its marker first) for a URL."""
+    if storage.is_url(out_dir):
+        storage.remove(out_dir)
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return storage.path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+
+
+def _finish_export(target, out_dir, cfg, dtype, names, plan, entries, sizes, tokenizer_dir) -> None:
+    if len(names) > 1:
+        weight_map = {entries[i][0]: fname for fname, members in zip(names, plan) for i in members}
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = storage.path(tokenizer_dir) / name
+            if src.is_file():
+                (target / name).write_bytes(src.read_bytes())
+    (target / "config.json").write_text(json.dumps(cfg.to_hf_dict(dtype), indent=2) + "\n")
+    if storage.is_url(out_dir):
+        storage.commit_marker(out_dir).write_text("")
+        return
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(target, out_dir)

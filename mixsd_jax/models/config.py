@@ -15,6 +15,7 @@ import json
 import math
 from pathlib import Path
 
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "gemma3_text")
@@ -168,7 +169,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dir(cls, model_dir: str | Path) -> "ModelConfig":
-        path = Path(model_dir) / "config.json"
+        path = storage.path(model_dir) / "config.json"
         if not path.is_file():
             raise MixsdError(f"{model_dir}: not an HF model directory (no config.json)")
         try:

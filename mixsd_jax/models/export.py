@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mixsd_jax import config as config_lib
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 
 
@@ -28,10 +29,10 @@ def export_checkpoint(out_dir: str | Path, step: int | None = None, dest: str | 
     from mixsd_jax.models.sharding import MeshConfig, make_mesh, param_shardings
     from mixsd_jax.models.transformer import param_shapes
 
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)  # Orbax reads a URL itself
     if not (out_dir / "checkpoints").is_dir():
         raise MixsdError(f"{out_dir}: no checkpoints/ directory (not a training output directory)")
-    manager = ocp.CheckpointManager((out_dir / "checkpoints").absolute(), item_names=("state", "meta"),
+    manager = ocp.CheckpointManager(out_dir / "checkpoints", item_names=("state", "meta"),
                                     options=ocp.CheckpointManagerOptions(create=False, read_only=True))
     try:
         steps = sorted(manager.all_steps())
@@ -67,4 +68,4 @@ def export_checkpoint(out_dir: str | Path, step: int | None = None, dest: str | 
         dest = out_dir / "hf" if step == latest else out_dir / "exports" / f"step_{step}"
     export_hf(restored["state"]["params"], model_cfg, dest, tokenizer_dir=model_dir,
               dtype=run.get("export_dtype", "float32"))
-    return Path(dest)
+    return storage.path(dest)

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import cache_dir
 from mixsd_jax.models.gguf import CONVERTER_VERSION, convert_gguf_to_hf
@@ -97,6 +98,15 @@ LOCAL_MODELS = {**PAPER_MODELS, **GEMMA3_MODELS}
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """An HF-format directory for a path or a registry name (pulling the embedded default if needed)."""
     text = str(name_or_path)
+    if storage.is_url(text):
+        path = storage.path(text)
+        try:
+            found = (path / "config.json").is_file()
+        except OSError as exc:  # a bucket that does not exist, an unreachable endpoint
+            raise MixsdError(f"model {text}: cannot read ({storage.first_line(exc)})") from None
+        if not found:
+            raise MixsdError(f"model {text}: not an HF-format model directory (no config.json there)")
+        return path
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -10,9 +10,12 @@ Gemma's turn format, which our GGUF import writes for them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Sequence
 
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 
 STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>")
@@ -81,15 +84,37 @@ def load_tokenizer(model_dir: str | Path) -> ChatTokenizer:
     """The tokenizer saved in an HF-format model directory."""
     from transformers import AutoTokenizer
 
-    model_dir = Path(model_dir)
+    model_dir = storage.path(model_dir)
     if not model_dir.is_dir():
         raise MixsdError(f"{model_dir}: model directory not found")
     try:
-        hf = AutoTokenizer.from_pretrained(str(model_dir))
+        hf = AutoTokenizer.from_pretrained(str(_local_copy(model_dir)))
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MixsdError(f"{model_dir}: cannot load the tokenizer ({first_line})") from None
     return ChatTokenizer(hf, source=str(model_dir))
+
+
+def _local_copy(model_dir) -> Path:
+    """transformers reads tokenizers from a local folder only: a model in a bucket has its few
+    small tokenizer files copied into the cache, under their content's hash (so every host and
+    every run makes the same folder, and a changed tokenizer a new one)."""
+    if not storage.is_url(model_dir):
+        return Path(model_dir)
+    from mixsd_jax.files import atomic_write_text, cache_dir
+    from mixsd_jax.models.checkpoint import TOKENIZER_FILES
+
+    found = {name: (model_dir / name).read_bytes() for name in ("config.json", *TOKENIZER_FILES)
+             if (model_dir / name).is_file()}
+    digest = hashlib.sha256(json.dumps({k: hashlib.sha256(v).hexdigest() for k, v in found.items()},
+                                       sort_keys=True).encode()).hexdigest()[:16]
+    local = cache_dir() / "tokenizers" / digest
+    if not (local / ".complete").exists():
+        local.mkdir(parents=True, exist_ok=True)
+        for name, data in found.items():
+            (local / name).write_bytes(data)
+        atomic_write_text(local / ".complete", "")
+    return local
 
 
 def _stop_ids(hf, eos_id: int) -> tuple[int, ...]:

@@ -51,7 +51,7 @@ def _run_study(cfg, only: str | None, dry_run: bool) -> int:
     if dry_run:
         print(describe_study(study))
         return 0
-    compile_cache.enable()
+    compile_cache.enable(cfg.storage, cfg.out_dir)
     paths = run_study(study)
     for name, plan in study.plans.items():
         print(f"{name}: report: {plan.report}")
@@ -82,7 +82,7 @@ def _run(cfg, dry_run: bool) -> int:
     if dry_run:
         print(describe(plan))
         return 0
-    compile_cache.enable()
+    compile_cache.enable(cfg.storage, cfg.out_dir)
     run_plan(plan)
     print(report_text(plan))
     return 0

@@ -17,6 +17,7 @@ from mixsd_jax.models.registry import EMBEDDED_DEFAULT
 from mixsd_jax.models.sharding import MeshConfig
 from mixsd_jax.pipeline.selection import SelectionConfig
 from mixsd_jax.multihost import DistributedConfig
+from mixsd_jax.storage import StorageConfig
 
 METHODS = ("base", "sft", "opsd", "mixsd", "memit")
 
@@ -80,6 +81,7 @@ class ExperimentConfig:
     # Checkpoint selection by training recall (pipeline/selection.py); every=0: report the last step.
     selection: SelectionConfig = SelectionConfig()
     distributed: DistributedConfig = DistributedConfig()  # multi-host start-up, shared by every stage
+    storage: StorageConfig = StorageConfig()  # a shared local out_dir, the compilation cache
 
     def __post_init__(self):
         if not self.name.strip():

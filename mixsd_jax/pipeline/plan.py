@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mixsd_jax import config as config_lib
+from mixsd_jax import storage
 from mixsd_jax.data.layout import TRAIN_FILES
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.pipeline.config import ExperimentConfig
@@ -78,11 +79,9 @@ def _hash(*parts: Any) -> str:
 
 
 def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    from mixsd_jax.files import sha256_file
+
+    return sha256_file(path)[:16]
 
 
 def _num(x: float) -> str:
@@ -159,7 +158,7 @@ def _section(cls, cfg: ExperimentConfig, section: str, owned_values: dict, extra
     for key in OWNED_KEYS[section]:
         if key in data:
             raise MixsdError(f"config key '{section}.{key}': set by the pipeline for each run; remove it")
-    for shared in ("mesh", "distributed"):  # one mesh and one multi-host setup for every stage
+    for shared in ("mesh", "distributed", "storage"):  # one mesh and one multi-host setup for every stage
         if shared in names and shared not in data:
             data[shared] = config_lib.to_dict(getattr(cfg, shared))
     data.update({k: v for k, v in owned_values.items() if k in names})
@@ -195,7 +194,7 @@ def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None, dry_run: 
     from mixsd_jax.train.config import TrainConfig, not_fingerprinted
 
     EvalConfig, evaluate = _eval_api()
-    exp = Path(cfg.out_dir).expanduser().absolute()
+    exp = storage.path(cfg.out_dir)
     corpus_stage, corpus_dir, train_file = _corpus_stage(cfg, exp, corpus_root)
     # Sections first (cheap, catches typos), then the model (may convert the embedded default).
     generate_cfgs = {
@@ -226,10 +225,10 @@ def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None, dry_run: 
     for name, gcfg in generate_cfgs.items():
         output = Paths.for_config(gcfg).final
         # The input's bytes are in the corpus stage's fingerprint; the rest change only the speed.
-        fp = _hash("generate", config_lib.fingerprint(gcfg, exclude=("input", *NOT_IN_FINGERPRINT)),
+        fp = _hash("generate", config_lib.fingerprint(gcfg, exclude=NOT_IN_FINGERPRINT),
                    corpus_stage.fingerprint, model_fp)
         stages.append(Stage(
-            name=f"generate_{name}", fingerprint=fp, reset=fp, workdir=Path(gcfg.out_dir),
+            name=f"generate_{name}", fingerprint=fp, reset=fp, workdir=storage.path(gcfg.out_dir),
             outputs=(output,), inputs=(corpus_stage.name,), run=_generate_runner(gcfg),
             description=f"MixSD targets λ={gcfg.lambda_mix:g} T={gcfg.temperature:g} → {output}", settings=gcfg,
         ))
@@ -253,8 +252,9 @@ def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None, dry_run: 
         reset = _hash("train-reset", config_lib.fingerprint(tcfg, exclude=("data", *skip)), data_fp, model_fp, *every)
         source = corpus_stage.name if lam is None else f"generate_{name}"
         stages.append(Stage(
-            name=f"train_{name}", fingerprint=fp, reset=reset, workdir=Path(tcfg.out),
-            outputs=(Path(tcfg.out) / "hf" / "config.json", Path(tcfg.out) / "summary.json"),
+            name=f"train_{name}", fingerprint=fp, reset=reset, workdir=storage.path(tcfg.out),
+            outputs=(storage.path(tcfg.out) / "hf" / storage.COMMIT_MARKER if storage.is_url(tcfg.out)
+                     else storage.path(tcfg.out) / "hf" / "config.json", storage.path(tcfg.out) / "summary.json"),
             inputs=(source,), run=_train_runner(tcfg),
             description=f"train {name} on {data}", settings=tcfg,
         ))
@@ -282,7 +282,7 @@ def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None, dry_run: 
         raise MixsdError(f"config key 'eval.suites': the memorization suite needs a KGFact, MQuAKE or KGFunc corpus, "
                          f"not {cfg.corpus.kind!r} (drop it, e.g. suites=[retention, nll])")
     # The mesh and hosts change how fast, not what: not in the fingerprint (process ids differ per host).
-    settings = _hash("eval", config_lib.fingerprint(ecfg, exclude=(*OWNED_KEYS["eval"], "mesh", "distributed")),
+    settings = _hash("eval", config_lib.fingerprint(ecfg, exclude=(*OWNED_KEYS["eval"], "mesh", "distributed", "storage")),
                      corpus_stage.fingerprint, view_splits, *([cfg.criterion] if cfg.criterion else []))
     parts = {BASE: model_fp, **{name: fp for name, (_, fp) in evaluated.items()}}
     stages.append(Stage(
@@ -311,6 +311,9 @@ def _selection_stages(cfg: ExperimentConfig, exp: Path, runs, corpus_dir: Path, 
     if _layout_kind(cfg) not in selection.TRAIN_SPLIT:
         raise MixsdError(f"config key 'selection.every': selecting by training recall needs a KGFact, MQuAKE or "
                          f"KGFunc corpus, not {cfg.corpus.kind!r}")
+    # Decoded as the eval stage decodes: its mesh (else the run's) and its dtypes.
+    decode = {"mesh": cfg.eval.get("mesh", config_lib.to_dict(cfg.mesh)),
+              "param_dtype": cfg.eval.get("param_dtype", "float32"), "dtype": cfg.eval.get("dtype", "float32")}
     out, inputs = {}, []
     for name, lam, _ in runs:
         if method_run(cfg, name) in EDIT_METHODS:  # one edited model, nothing to select
@@ -319,14 +322,15 @@ def _selection_stages(cfg: ExperimentConfig, exp: Path, runs, corpus_dir: Path, 
             continue
         inputs.append(f"select_{name}")
         workdir = exp / "select" / name
-        fp = _hash("select", config_lib.to_dict(cfg.selection), cfg.criterion, train_fps[name])
+        fp = _hash("select", config_lib.to_dict(cfg.selection), cfg.criterion, train_fps[name],
+                   decode["param_dtype"], decode["dtype"])
         method = "mixsd" if lam is not None else method_run(cfg, name)  # the reference: SFT first peak, MixSD/OPSD last
         stages.append(Stage(
             name=f"select_{name}", fingerprint=fp, reset=fp, workdir=workdir,
             outputs=(workdir / "selection.json", selection.model_link(exp, name) / "config.json"),
             inputs=(f"train_{name}",),
             run=selection.selection_runner(name, method, exp / "train" / name, corpus_dir, cfg.criterion,
-                                           cfg.selection, workdir),
+                                           cfg.selection, workdir, decode),
             description=f"pick {name}'s checkpoint by training recall (rule {cfg.selection.rule})",
             settings=cfg.selection,
         ))
@@ -339,7 +343,7 @@ def _layout_kind(cfg: ExperimentConfig) -> str:
     corpus = cfg.corpus
     if corpus.kind not in ("directory", "released"):
         return corpus.kind
-    root = Path(corpus.source).expanduser()
+    root = storage.path(corpus.source)
     for kind in ("kgfunc", "kgfact"):
         if (root / TRAIN_FILES[kind]).is_file():
             return kind
@@ -361,7 +365,7 @@ def _eval_api():
 def _corpus_stage(cfg: ExperimentConfig, exp: Path, shared_root: Path | None = None) -> tuple[Stage, Path, Path]:
     corpus = cfg.corpus
     if corpus.kind == "directory":
-        root = Path(corpus.source).expanduser().absolute()
+        root = storage.path(corpus.source)
         if not root.is_dir():
             raise MixsdError(f"config key 'corpus.source': {root} is not a directory")
     else:
@@ -373,7 +377,7 @@ def _corpus_stage(cfg: ExperimentConfig, exp: Path, shared_root: Path | None = N
     train_file = root / relative
     settings = config_lib.to_dict(corpus)
     if corpus.kind in ("directory", "released", "simpleqa", "mquake"):
-        source = Path(corpus.source) if corpus.source else None
+        source = storage.path(corpus.source) if corpus.source else None
         if corpus.kind == "simpleqa" and source is None:
             from mixsd_jax.data.commands import SIMPLEQA_CSV
 
@@ -493,19 +497,16 @@ def _view_splits(cfg: ExperimentConfig, eval_cls) -> tuple[str, ...]:
 def _corpus_view(corpus_dir: Path, view: Path, splits: tuple[str, ...]) -> None:
     """A copy of the corpus holding only the chosen test splits (and the training file), so the
     evaluator runs just those memorization splits."""
-    import shutil
-
     from mixsd_jax.data.layout import KGFACT_SPLITS, KGFUNC_SPLITS, corpus_kind, training_file
 
     table = KGFUNC_SPLITS if corpus_kind(corpus_dir) == "kgfunc" else KGFACT_SPLITS
-    if view.exists():
-        shutil.rmtree(view)
-    train = training_file(corpus_dir)
+    storage.remove(view)
+    train = storage.path(training_file(corpus_dir))
     files = [train, *(f for name in splits for f in sorted(corpus_dir.glob(table[name])))]
     for source in files:
-        target = view / source.relative_to(corpus_dir)
+        target = view / str(source)[len(str(corpus_dir)):].lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+        target.write_bytes(source.read_bytes())
 
 
 def _eval_runner(ecfg, evaluate, corpus_dir: Path, view_splits: tuple[str, ...]) -> Callable[[], dict]:
@@ -514,7 +515,7 @@ def _eval_runner(ecfg, evaluate, corpus_dir: Path, view_splits: tuple[str, ...])
             from mixsd_jax import multihost
 
             if multihost.is_primary():  # one writer; the others wait until the copy is complete
-                _corpus_view(corpus_dir, Path(ecfg.corpus_dir), view_splits)
+                _corpus_view(corpus_dir, storage.path(ecfg.corpus_dir), view_splits)
             multihost.barrier("pipeline corpus view")
         return evaluate(ecfg, progress=True)
 

@@ -4,8 +4,9 @@ A stage is skipped when `<exp>/stages/<name>.json` says it finished with the sam
 its outputs exist. A stage is marked `running` (with its fingerprint) before it starts, so a
 killed pipeline resumes the stage with the same settings instead of wiping it.
 
-Multi-host: every process runs the same plan (they must agree on each stage's status, read from the
-shared experiment folder). Process 0 alone writes `experiment.json`, the stage records, removes
+Multi-host: every process runs the same plan; process 0 reads each stage's status from the run
+directory (the one thing hosts share: a bucket URL, or a local folder they all mount) and
+broadcasts it. Process 0 alone writes `experiment.json`, the stage records, removes
 stale outputs and builds the corpus; the stages' own tools follow the same rule for their files
 (generate, train, eval). A barrier after each stage makes its outputs visible to every process
 before the next stage reads them.
@@ -14,13 +15,12 @@ before the next stage reads them.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 from mixsd_jax import config as config_lib
-from mixsd_jax import multihost
+from mixsd_jax import multihost, storage
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import atomic_write_json
 from mixsd_jax.pipeline.plan import Plan, Stage
@@ -72,8 +72,9 @@ def run_plan(plan: Plan, *, log: Callable[[str], None] = print) -> dict:
     results: dict = {}
     total = len(plan.stages)
     for i, stage in enumerate(plan.stages, 1):
-        status = stage_status(plan, stage)
-        multihost.agree(f"pipeline stage {stage.name}", status)
+        # Process 0 reads the stage's record and tells the others: the run directory is the only
+        # thing hosts share, and one reader cannot disagree with itself.
+        status = multihost.broadcast_json(stage_status(plan, stage) if primary else None, f"status {stage.name}")
         if status == "done":
             log(f"[{i}/{total}] {stage.name}: done earlier with the same settings, skipped")
             results[stage.name] = None
@@ -92,7 +93,8 @@ def run_plan(plan: Plan, *, log: Callable[[str], None] = print) -> dict:
         else:
             summary = stage.run()
         multihost.barrier(f"pipeline {stage.name} done")
-        missing = [str(p) for p in stage.outputs if not p.exists()]
+        missing = multihost.broadcast_json([str(p) for p in stage.outputs if not p.exists()] if primary else None,
+                                           f"outputs {stage.name}")
         if missing:
             raise MixsdError(f"stage {stage.name}: finished but did not write {missing[0]}")
         seconds = round(time.time() - started, 2)
@@ -107,9 +109,10 @@ def run_plan(plan: Plan, *, log: Callable[[str], None] = print) -> dict:
 def _join_hosts(plan: Plan) -> None:
     """On a multi-host slice every process joins before the first stage touches a device (the
     trainer's `distributed` section or the MIXSD_* environment); single-process otherwise."""
+    cfg = plan.config
     if all(stage_status(plan, s) == "done" for s in plan.stages):
         return
-    multihost.maybe_initialize(plan.config.distributed)
+    multihost.join_writing_to(cfg.distributed, cfg.out_dir, "out_dir", cfg.storage.shared_local)
 
 
 def _quiet(_: str) -> None:
@@ -133,10 +136,10 @@ def _clean_stale(plan: Plan, stage: Stage, record: dict | None, log) -> None:
 def _remove(plan: Plan, path: Path, log) -> None:
     if not path.exists():
         return
-    if plan.exp_dir not in path.absolute().parents:
+    if not str(path).startswith(str(plan.exp_dir).rstrip("/") + "/"):
         raise MixsdError(f"pipeline: refusing to delete {path}, which is outside the experiment folder {plan.exp_dir}")
     log(f"  removing outputs from other settings: {path}")
-    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    storage.remove(path)
 
 
 def report_text(plan: Plan) -> str:
@@ -184,7 +187,7 @@ def training_lines(plan: Plan) -> list[str]:
             continue
         train = json.loads(summary.read_text())
         line = f"{stage.name[len('train_'):]}: trained {train['steps']} steps on {train['records']} records"
-        generated = Path(train["data"]).with_suffix(".summary.json")
+        generated = storage.path(train["data"]).with_suffix(".summary.json")
         if generated.is_file():
             gen = json.loads(generated.read_text())
             line += f" ({gen['accepted']} of {gen['generations']} MixSD targets passed the verifier)"

@@ -4,7 +4,8 @@ With `selection.every: k` the pipeline saves and exports every k steps of every 
 (`train/<run>/exports/step_N`, HF format), then this stage measures recall on the training facts
 at each saved step (the run's answer criterion), applies `selection.rule` (docs/reference.md, Checkpoint selection:
 SFT's first peak, MixSD's last, or one rule for all), and points `select/<run>/model` (a relative
-symlink) at the chosen export, which is what the eval stage evaluates. `select/<run>/selection.json`
+symlink; in a bucket, which has no links, a copy committed by its marker) at the chosen export,
+which is what the eval stage evaluates. The steps are decoded on the eval stage's mesh and dtypes. `select/<run>/selection.json`
 holds the curve, the rule and the step chosen.
 
 The run length (`train.steps` / `train.epochs`) is the budget: the reference also trains for a
@@ -54,8 +55,27 @@ def model_link(exp: Path, run: str) -> Path:
     return exp / "select" / run / "model"
 
 
+def _point_at(link, chosen) -> None:
+    """`link` names the chosen export: a relative symlink swapped in atomically on a local disk; in
+    a bucket a copy of its files, the marker last (the eval stage waits for the stage record)."""
+    from mixsd_jax import storage
+
+    if storage.is_url(link):
+        storage.remove(link)
+        for f in sorted(storage.path(chosen).iterdir(), key=lambda f: f.name):
+            if f.name != storage.COMMIT_MARKER:
+                (link / f.name).write_bytes(f.read_bytes())
+        storage.commit_marker(link).write_text("")
+        return
+    tmp = link.with_name(link.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(str(chosen), str(link.parent)), tmp)
+    os.replace(tmp, link)  # atomic: the eval stage never sees a half-made link
+
+
 def selection_runner(run: str, method: str, train_dir: Path, corpus_dir: Path, criterion_name: str | None,
-                     sel: SelectionConfig, workdir: Path) -> Callable[[], dict]:
+                     sel: SelectionConfig, workdir: Path, decode: dict | None = None) -> Callable[[], dict]:
+    decode = decode or {}
     def run_stage() -> dict:
         from mixsd_jax.answers.criteria import criterion_for
         from mixsd_jax.data import layout
@@ -73,20 +93,21 @@ def selection_runner(run: str, method: str, train_dir: Path, corpus_dir: Path, c
             raise MixsdError(f"{train_dir}/exports: no saved steps to select from (selection.every needs "
                              "train.save_every exports; rerun the training stage)")
         print(f"select {run}: training recall at steps {list(steps)}")
+        from mixsd_jax.models.sharding import MeshConfig, make_mesh
+
+        mesh = make_mesh(config_lib.from_dict(MeshConfig, decode.get("mesh", {}), prefix="eval.mesh."))
         curve = selection.recall_curve(steps, [(it.id, it.prompt, it.gold) for it in split.items], criterion,
                                        workdir / "items", max_new_tokens=sel.max_new_tokens,
-                                       batch_size=sel.batch_size)
+                                       batch_size=sel.batch_size, mesh=mesh,
+                                       param_dtype=decode.get("param_dtype", "float32"),
+                                       dtype=decode.get("dtype", "float32"))
         index, applied = selection.select_index(sel.rule, [p["accuracy"] for p in curve], method)
         chosen = curve[index]["step"]
         summary = {"run": run, "method": method, "rule": sel.rule, "applied": applied, "criterion": name,
                    "split": split.name, "curve": curve, "chosen_step": chosen, "chosen_index": index,
                    "last_step": curve[-1]["step"], "model": str(steps[chosen])}
         if is_primary():  # every process computed the same curve; one writes it
-            link = model_link(workdir.parent.parent, run)
-            tmp = link.with_name(link.name + ".tmp")
-            tmp.unlink(missing_ok=True)
-            os.symlink(os.path.relpath(steps[chosen], link.parent), tmp)
-            os.replace(tmp, link)  # atomic: the eval stage never sees a half-made link
+            _point_at(model_link(workdir.parent.parent, run), steps[chosen])
             atomic_write_json(workdir / "selection.json", summary)
         barrier(f"select {run}")
         print(f"select {run}: step {chosen} ({applied}; recall {curve[index]['correct']}/{curve[index]['n']})")

@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 from typing import Callable, Mapping
 
+from mixsd_jax import storage
 from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import atomic_write_json
@@ -158,7 +159,7 @@ def build_study(cfg: ExperimentConfig, only: str | None = None) -> Study:
         raise MixsdError(f"--only {only!r}: not a model of this study (models: {', '.join(names)}; or "
                          f"{CORPUS_ONLY!r}: the shared corpus alone; {REPORT_ONLY!r}: the scaling report alone)")
     configs = {e.name: model_config(cfg, e) for e in entries}
-    out = Path(cfg.out_dir).expanduser().absolute()
+    out = storage.path(cfg.out_dir)
     plans = {}
     for entry in entries:
         # `--only corpus` still plans the first model: its plan holds the corpus stage
@@ -246,7 +247,7 @@ def write_study_report(cfg: ExperimentConfig) -> dict[str, Path]:
     from mixsd_jax.eval.scaling import write_scaling_report
 
     entries = model_entries(cfg)
-    out = Path(cfg.out_dir).expanduser().absolute()
+    out = storage.path(cfg.out_dir)
     models = [model_outputs(out / entry.name) for entry in entries]
     missing = [entry.name for entry, m in zip(entries, models) if m is None or m["results"] is None]
     return write_scaling_report(cfg.name, [m for m in models if m is not None and m["results"] is not None],

@@ -68,7 +68,7 @@ def _generate(args: argparse.Namespace) -> int:
     flags = {key: getattr(args, flag) for flag, key in _GENERATE_FLAGS.items()}
     flags["keep_rejected"] = args.keep_rejected
     cfg = config_lib.load(GenerateConfig, args.config, args.overrides, flags=flags)
-    compile_cache.enable()
+    compile_cache.enable(cfg.storage, cfg.out_dir)
     summary = generate(cfg)
     if summary.get("skipped_existing"):
         print(f"already generated (same settings): {summary['output']}")

@@ -28,12 +28,14 @@ from collections import deque
 from pathlib import Path
 
 from mixsd_jax import config as config_lib
-from mixsd_jax import multihost
+from mixsd_jax import multihost, storage
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.files import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_partial_jsonl, sha256_file
+from mixsd_jax.files import (JsonlAppender, atomic_write_json, atomic_write_jsonl, read_partial_jsonl, remove_partial,
+                             sha256_file)
 from mixsd_jax.models.registry import EMBEDDED_DEFAULT
 from mixsd_jax.models.sharding import MeshConfig
 from mixsd_jax.multihost import DistributedConfig
+from mixsd_jax.storage import StorageConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,7 @@ class GenerateConfig:
     param_dtype: str = "float32"
     mesh: MeshConfig = MeshConfig()
     distributed: DistributedConfig = DistributedConfig()
+    storage: StorageConfig = StorageConfig()
 
     def __post_init__(self):
         config_lib.check_range("lambda_mix", self.lambda_mix, 0.0, 1.0)
@@ -80,8 +83,10 @@ class GenerateConfig:
             check_criterion(self.criterion)
 
 
-# Settings that change *how fast*, never *what*, is generated: left out of the resume fingerprint.
-NOT_IN_FINGERPRINT = ("out_dir", "batch_size", "mesh", "distributed")
+# Settings that change *how fast*, never *what*, is generated: left out of the resume fingerprint;
+# and `input`, a path, which the fingerprint holds as its content's hash instead (the same
+# experiment in another folder or on another host resumes the same partial).
+NOT_IN_FINGERPRINT = ("input", "out_dir", "batch_size", "mesh", "distributed", "storage")
 
 
 def _fmt(x: float) -> str:
@@ -111,7 +116,7 @@ class Paths:
 
     @classmethod
     def for_config(cls, cfg: GenerateConfig) -> "Paths":
-        final = Path(cfg.out_dir) / output_name(cfg)
+        final = storage.path(cfg.out_dir) / output_name(cfg)
         stem = final.with_suffix("")
         return cls(
             final=final,
@@ -126,7 +131,7 @@ def run_fingerprint(cfg: GenerateConfig, model_dir: Path) -> str:
     """Config (minus speed-only keys) + input bytes + model config: what determines the output."""
     parts = {
         "config": config_lib.fingerprint(cfg, exclude=NOT_IN_FINGERPRINT),
-        "input": sha256_file(Path(cfg.input)),
+        "input": sha256_file(cfg.input),
         "model_config": sha256_file(model_dir / "config.json"),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -170,7 +175,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
 
     if not cfg.input:
         raise MixsdError("generate: no input file (set --input or input=...)")
-    multihost.maybe_initialize(cfg.distributed)
+    multihost.join_writing_to(cfg.distributed, cfg.out_dir, "out_dir", cfg.storage.shared_local)
     paths = Paths.for_config(cfg)
     model_dir = resolve_model(cfg.model)
     fingerprint = run_fingerprint(cfg, model_dir)
@@ -238,9 +243,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
     if primary:
         summary = _finalize(cfg, paths, len(records), stats, time.time() - started, fingerprint)
     multihost.barrier(f"generate finalized {paths.final}")
-    if not primary:
-        summary = json.loads(paths.summary.read_text())
-    return summary
+    return multihost.broadcast_json(summary if primary else None, f"generate summary {paths.final}")
 
 
 def _first_attempts(cfg: GenerateConfig, done: set, prompts, gt_answers, sink, result) -> deque:
@@ -391,6 +394,6 @@ def _finalize(cfg, paths: Paths, num_records: int, stats: dict, wall_s: float, f
         "temperature": cfg.temperature,
     }
     atomic_write_json(paths.summary, summary)
-    paths.partial.unlink(missing_ok=True)
+    remove_partial(paths.partial)
     paths.meta.unlink(missing_ok=True)
     return summary

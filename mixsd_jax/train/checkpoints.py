@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.train import config as train_config
 
@@ -22,7 +23,7 @@ _NEVER = 1 << 62  # save_interval_steps when only forced (final) saves are wante
 
 class Checkpoints:
     def __init__(self, directory: str | Path, *, save_every: int = 0, keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = storage.path(directory)  # a URL stays one: Orbax writes buckets itself
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every or _NEVER,

@@ -64,12 +64,19 @@ def cmd_train(args) -> int:
         if args.export != "latest" and not args.export.isdigit():
             raise MixsdError(f"--export {args.export!r}: expected a step number or 'latest'")
         step = None if args.export == "latest" else int(args.export)
-        print(f"exported: {export_checkpoint(cfg.out, step)}")
+        # On a pod every host runs this command: they join one run (the export's gathers are
+        # collectives, process 0 writes) instead of each exporting alone into the same folder.
+        from mixsd_jax import multihost
+
+        multihost.maybe_initialize(cfg.distributed)
+        dest = export_checkpoint(cfg.out, step)
+        if multihost.is_primary():
+            print(f"exported: {dest}")
         return 0
 
     from mixsd_jax.train.loop import train
 
-    compile_cache.enable()
+    compile_cache.enable(cfg.storage, cfg.out)
     summary = train(cfg, progress=not args.no_progress)
     print(
         f"trained {summary['steps_this_run']} steps (to step {summary['steps']}), final loss "

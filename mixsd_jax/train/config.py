@@ -18,6 +18,7 @@ from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.multihost import DistributedConfig
 from mixsd_jax.models.registry import EMBEDDED_DEFAULT
+from mixsd_jax.storage import StorageConfig
 from mixsd_jax.models.sharding import MeshConfig
 from mixsd_jax.models.transformer import REMAT_POLICIES
 
@@ -34,6 +35,7 @@ NOT_FINGERPRINTED = (
     "export_dtype",
     "log_every",
     "distributed",
+    "storage",
     "async_checkpoints",
     # How the step computes, not what (the same loss and gradients to f32 round-off): a run that
     # ran out of memory may resume with more rematerialisation or smaller loss chunks.
@@ -128,6 +130,7 @@ class TrainConfig:
     log_every: int = 1
     mesh: MeshConfig = MeshConfig()
     distributed: DistributedConfig = DistributedConfig()
+    storage: StorageConfig = StorageConfig()
 
     def __post_init__(self):
         config_lib.check_range("steps", self.steps, 0)

@@ -19,7 +19,8 @@ from typing import Callable
 
 from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.files import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_partial_jsonl
+from mixsd_jax import storage
+from mixsd_jax.files import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_partial_jsonl, remove_partial
 from mixsd_jax import multihost as distributed
 from mixsd_jax.train.config import TrainConfig, fingerprinted_dict, resume_fingerprint
 
@@ -69,11 +70,11 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
 
     `on_step(step, metrics)` is called on every process after each step with host floats.
     """
-    distributed.maybe_initialize(cfg.distributed)
+    distributed.join_writing_to(cfg.distributed, cfg.out, "out", cfg.storage.shared_local)
 
     import jax
 
-    from mixsd_jax.models.checkpoint import export_hf
+    from mixsd_jax.models.checkpoint import export_hf, export_is_complete
     from mixsd_jax.models.config import ModelConfig
     from mixsd_jax.models.registry import resolve_model
     from mixsd_jax.models.sharding import make_mesh
@@ -83,7 +84,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
 
     started = time.time()
     primary = jax.process_index() == 0
-    out = Path(cfg.out)
+    out = storage.path(cfg.out)
     model_dir = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_dir)
     if cfg.method == "opsd":  # prompts only: the targets are rolled out during training
@@ -185,7 +186,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
                 export_hf(state.params, model_cfg, out / "exports" / f"step_{done}", tokenizer_dir=model_dir,
                           dtype=cfg.export_dtype)
         hf_dir = out / "hf"
-        if start < total_steps or not (hf_dir / "config.json").is_file():  # while the last save is written
+        if start < total_steps or not export_is_complete(hf_dir):  # while the last save is written
             export_hf(state.params, model_cfg, hf_dir, tokenizer_dir=model_dir, dtype=cfg.export_dtype)
         ckpt.wait()
     finally:
@@ -217,8 +218,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, on_step: Callable[[int, di
         "model": str(cfg.model),
         "model_dir": str(model_dir),
         "data": str(cfg.data),
-        "checkpoints": str((out / "checkpoints").absolute()),
-        "hf": str((out / "hf").absolute()),
+        "checkpoints": str(out / "checkpoints"),
+        "hf": str(out / "hf"),
     }
     if primary:
         atomic_write_json(out / "summary.json", summary)
@@ -249,9 +250,10 @@ class RunLog:
         self.metrics = self.tb = None
         if primary:
             self.metrics = _metrics_appender(out / "metrics.jsonl", start)
-            from tensorboardX import SummaryWriter
+            if not storage.is_url(out):  # tensorboardX's bucket writer needs google-cloud-storage: metrics.jsonl only
+                from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tb"))
+                self.tb = SummaryWriter(str(out / "tb"))
         self.bar = None
         if progress and primary:
             from tqdm import tqdm
@@ -265,7 +267,7 @@ class RunLog:
                **{k: values[k] for k in OPSD_METRIC_KEYS if k in values}}
         self.metrics.write(row)
         for key, value in row.items():
-            if key != "step":
+            if key != "step" and self.tb is not None:
                 self.tb.add_scalar(f"train/{key}", value, step)
 
     def advance(self, loss: float) -> None:
@@ -282,7 +284,15 @@ class RunLog:
 def _metrics_appender(path: Path, start: int) -> JsonlAppender:
     """An appender positioned after `start`: lines a killed run wrote past its last checkpoint are
     dropped, so the file tells the history of the parameters actually kept."""
-    if path.exists():
-        kept = [row for row in read_partial_jsonl(path) if row.get("step", 0) <= start]
+    if not path.exists():
+        return JsonlAppender(path)
+    kept = [row for row in read_partial_jsonl(path) if row.get("step", 0) <= start]
+    if not storage.is_url(path):
         atomic_write_jsonl(path, kept)
-    return JsonlAppender(path)
+        return JsonlAppender(path)
+    remove_partial(path)  # a bucket stream is rewritten as one chunk of the kept rows
+    appender = JsonlAppender(path)
+    for row in kept:
+        appender.write(row)
+    appender.flush()
+    return appender
