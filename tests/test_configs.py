@@ -150,16 +150,12 @@ def test_scaling_config_builds_its_study(path, request, tmp_path):
 
 @pytest.mark.parametrize("path", SCALING, ids=[p.stem for p in SCALING])
 def test_scaling_configs_name_registry_models(path):
-    """Each study model is a registry name (so $MIXSD_MODELS_DIR or the embedded wheels resolve it).
-    Gemma-3-270M joins the registry with Gemma 3 support; until then that one name is reported as
-    skipped, every other name must be known."""
+    """Each study model is a registry name (so $MIXSD_MODELS_DIR or the embedded wheels resolve it)."""
     from mixsd_jax.models.known_shapes import known_model_config
-    from mixsd_jax.models.registry import EMBEDDED, PAPER_MODELS
+    from mixsd_jax.models.registry import EMBEDDED, LOCAL_MODELS
 
     names = [raw if isinstance(raw, str) else raw["model"] for raw in load_experiment(path).models]
-    unknown = [n for n in names if n not in {*EMBEDDED, *PAPER_MODELS}]
-    assert unknown in ([], ["gemma3-270m"]), unknown
+    unknown = [n for n in names if n not in {*EMBEDDED, *LOCAL_MODELS}]
+    assert unknown == [], unknown
     if path.stem == "scaling_qwen3_kgfact_small":  # `mixsd bench memory` plans every size without weights
         assert all(known_model_config(n) is not None for n in names)
-    if unknown:
-        pytest.skip("the model registry has no 'gemma3-270m' yet (Gemma 3 support lands separately)")
