@@ -8,7 +8,7 @@ import pytest
 
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.pipeline.config import ExperimentConfig
-from mixsd_jax.pipeline.plan import Plan, Stage
+from mixsd_jax.pipeline.stage import Plan, Stage
 from mixsd_jax.pipeline.runner import read_record, run_plan, stage_status
 
 

@@ -29,7 +29,8 @@ import numpy as np
 from mixsd_jax import multihost
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.eval.intervals import normal_mean_interval
-from mixsd_jax.eval.mc import MIN_ROW, ScoreRow, pow2_at_least, score_rows
+from mixsd_jax.eval.mc import ScoreRow, score_rows
+from mixsd_jax.eval.mc_batches import MIN_ROW, pow2_at_least
 from mixsd_jax.models import transformer
 from mixsd_jax.models.sharding import pad_rows, put_batch, put_replicated
 

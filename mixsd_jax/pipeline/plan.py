@@ -14,16 +14,15 @@ fingerprint differs (e.g. more training steps), the tool continues from what is 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
-from typing import Any, Callable
 
 from mixsd_jax import config as config_lib
 from mixsd_jax import storage
 from mixsd_jax.data.layout import TRAIN_FILES
 from mixsd_jax.errors import MixsdError
+from mixsd_jax.pipeline import stage_runners
 from mixsd_jax.pipeline.config import ExperimentConfig
+from mixsd_jax.pipeline.stage import Plan, Stage, file_hash, settings_hash
 
 # Generation prompt preset per corpus kind (docs/reference.md, The two prompts).
 GENERATION_PRESETS = {"kgfact": "knowledge", "mquake": "knowledge", "kgfunc": "math_operations", "simpleqa": "simpleqa"}
@@ -39,49 +38,6 @@ OWNED_KEYS = {
 }
 EDIT_METHODS = ("memit",)  # no training steps: no checkpoints to select from
 BASE = "base"
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    name: str
-    fingerprint: str  # equal to the recorded one (and outputs present) => skipped
-    reset: str  # differs from the recorded one => old outputs wiped before running
-    workdir: Path
-    outputs: tuple[Path, ...]
-    inputs: tuple[str, ...]  # names of the stages it reads from
-    run: Callable[[], dict] = dataclasses.field(compare=False, repr=False)
-    description: str = ""
-    # Parts (eval: one per checkpoint) whose own outputs are wiped when only their fingerprint changes.
-    parts: dict[str, str] = dataclasses.field(default_factory=dict)
-    part_dirs: tuple[str, ...] = ()  # format strings under workdir, `{name}` = part name
-    owns_workdir: bool = True  # False for a user's corpus directory: never wiped
-    settings: Any = dataclasses.field(default=None, compare=False, repr=False)  # the resolved stage config
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    config: ExperimentConfig
-    exp_dir: Path
-    model_dir: Path
-    stages: tuple[Stage, ...]
-    report: Path  # report.md of the eval stage
-
-    def stage(self, name: str) -> Stage:
-        for stage in self.stages:
-            if stage.name == name:
-                return stage
-        raise KeyError(name)
-
-
-def _hash(*parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _file_hash(path: Path) -> str:
-    from mixsd_jax.files import sha256_file
-
-    return sha256_file(path)[:16]
 
 
 def _num(x: float) -> str:
@@ -181,8 +137,8 @@ def _model_identity(model: str, dry_run: bool) -> tuple[Path, str]:
         if not dry_run or name not in HF_CONFIGS:
             raise
         model_dir = Path(os.environ.get("MIXSD_MODELS_DIR", "models")) / name
-        return model_dir, _hash(str(model), "known shapes", json.dumps(HF_CONFIGS[name], sort_keys=True))
-    return model_dir, _hash(str(model), _file_hash(model_dir / "config.json"))
+        return model_dir, settings_hash(str(model), "known shapes", json.dumps(HF_CONFIGS[name], sort_keys=True))
+    return model_dir, settings_hash(str(model), file_hash(model_dir / "config.json"))
 
 
 def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None, dry_run: bool = False) -> Plan:
@@ -225,11 +181,11 @@ def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None, dry_run: 
     for name, gcfg in generate_cfgs.items():
         output = Paths.for_config(gcfg).final
         # The input's bytes are in the corpus stage's fingerprint; the rest change only the speed.
-        fp = _hash("generate", config_lib.fingerprint(gcfg, exclude=NOT_IN_FINGERPRINT),
+        fp = settings_hash("generate", config_lib.fingerprint(gcfg, exclude=NOT_IN_FINGERPRINT),
                    corpus_stage.fingerprint, model_fp)
         stages.append(Stage(
             name=f"generate_{name}", fingerprint=fp, reset=fp, workdir=storage.path(gcfg.out_dir),
-            outputs=(output,), inputs=(corpus_stage.name,), run=_generate_runner(gcfg),
+            outputs=(output,), inputs=(corpus_stage.name,), run=stage_runners.generate_runner(gcfg),
             description=f"MixSD targets λ={gcfg.lambda_mix:g} T={gcfg.temperature:g} → {output}", settings=gcfg,
         ))
         data_for[name] = (output, fp)
@@ -248,14 +204,14 @@ def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None, dry_run: 
         # Saving every k steps for selection changes what a run leaves behind: a run without those
         # exports is redone (only when selection is on, so other runs keep their fingerprints).
         every = (("selection_every", cfg.selection.every),) if cfg.selection.every else ()
-        fp = _hash("train", settings, data_fp, model_fp, *every)
-        reset = _hash("train-reset", config_lib.fingerprint(tcfg, exclude=("data", *skip)), data_fp, model_fp, *every)
+        fp = settings_hash("train", settings, data_fp, model_fp, *every)
+        reset = settings_hash("train-reset", config_lib.fingerprint(tcfg, exclude=("data", *skip)), data_fp, model_fp, *every)
         source = corpus_stage.name if lam is None else f"generate_{name}"
         stages.append(Stage(
             name=f"train_{name}", fingerprint=fp, reset=reset, workdir=storage.path(tcfg.out),
             outputs=(storage.path(tcfg.out) / "hf" / storage.COMMIT_MARKER if storage.is_url(tcfg.out)
                      else storage.path(tcfg.out) / "hf" / "config.json", storage.path(tcfg.out) / "summary.json"),
-            inputs=(source,), run=_train_runner(tcfg),
+            inputs=(source,), run=stage_runners.train_runner(tcfg),
             description=f"train {name} on {data}", settings=tcfg,
         ))
         train_fps[name] = fp
@@ -265,7 +221,7 @@ def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None, dry_run: 
     eval_dir = exp / "eval"
     labels = tuple(f"{name}={method_run(cfg, name).upper() if lam is None else f'MixSD λ={lam:g}' + (f' T={t:g}' if t else '')}"
                    + (f" seed {name.rpartition('_s')[2]}" if cfg.seeds else "") for name, lam, t in runs)
-    eval_corpus, view_splits = corpus_dir, _view_splits(cfg, EvalConfig)
+    eval_corpus, view_splits = corpus_dir, stage_runners.view_splits(cfg, EvalConfig)
     if view_splits:
         eval_corpus = eval_dir / "corpus_view"
     ecfg = _section(EvalConfig, cfg, "eval", {
@@ -282,15 +238,15 @@ def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None, dry_run: 
         raise MixsdError(f"config key 'eval.suites': the memorization suite needs a KGFact, MQuAKE or KGFunc corpus, "
                          f"not {cfg.corpus.kind!r} (drop it, e.g. suites=[retention, nll])")
     # The mesh and hosts change how fast, not what: not in the fingerprint (process ids differ per host).
-    settings = _hash("eval", config_lib.fingerprint(ecfg, exclude=(*OWNED_KEYS["eval"], "mesh", "distributed", "storage")),
+    settings = settings_hash("eval", config_lib.fingerprint(ecfg, exclude=(*OWNED_KEYS["eval"], "mesh", "distributed", "storage")),
                      corpus_stage.fingerprint, view_splits, *([cfg.criterion] if cfg.criterion else []))
     parts = {BASE: model_fp, **{name: fp for name, (_, fp) in evaluated.items()}}
     stages.append(Stage(
         # The evaluator keeps one result per (checkpoint, benchmark) under its own fingerprint, so a
         # changed eval setting never wipes the folder; only a retrained checkpoint's items are removed.
-        name="eval", fingerprint=_hash(settings, parts), reset="eval", workdir=eval_dir,
+        name="eval", fingerprint=settings_hash(settings, parts), reset="eval", workdir=eval_dir,
         outputs=(eval_dir / "results.json", eval_dir / "report.md"),
-        inputs=eval_inputs, run=_eval_runner(ecfg, evaluate, corpus_dir, view_splits),
+        inputs=eval_inputs, run=stage_runners.eval_runner(ecfg, evaluate, corpus_dir, view_splits),
         description=f"evaluate base + {len(runs)} checkpoints → {eval_dir}",
         parts=parts, part_dirs=("items/{name}",), settings=ecfg,
     ))
@@ -322,7 +278,7 @@ def _selection_stages(cfg: ExperimentConfig, exp: Path, runs, corpus_dir: Path, 
             continue
         inputs.append(f"select_{name}")
         workdir = exp / "select" / name
-        fp = _hash("select", config_lib.to_dict(cfg.selection), cfg.criterion, train_fps[name],
+        fp = settings_hash("select", config_lib.to_dict(cfg.selection), cfg.criterion, train_fps[name],
                    decode["param_dtype"], decode["dtype"])
         method = "mixsd" if lam is not None else method_run(cfg, name)  # the reference: SFT first peak, MixSD/OPSD last
         stages.append(Stage(
@@ -387,52 +343,16 @@ def _corpus_stage(cfg: ExperimentConfig, exp: Path, shared_root: Path | None = N
         probe = train_file if corpus.kind == "directory" else (source / relative if source.is_dir() else source)
         if not probe.is_file():
             raise MixsdError(f"config key 'corpus.source': {probe} not found")
-        settings["source_sha256"] = _file_hash(probe)  # new source content => new corpus
+        settings["source_sha256"] = file_hash(probe)  # new source content => new corpus
     if corpus.kind == "directory":
         settings.pop("source", None)
-    fp = _hash("corpus", settings)
+    fp = settings_hash("corpus", settings)
     stage = Stage(
         name="corpus", fingerprint=fp, reset=fp, workdir=root, outputs=(train_file,), inputs=(),
-        run=_corpus_runner(corpus, root), description=f"{corpus.kind} corpus → {root}",
+        run=stage_runners.corpus_runner(corpus, root), description=f"{corpus.kind} corpus → {root}",
         owns_workdir=corpus.kind != "directory", settings=corpus,
     )
     return stage, root, train_file
-
-
-def _corpus_runner(corpus, root: Path) -> Callable[[], dict]:
-    def run() -> dict:
-        if corpus.kind == "directory":
-            return {"corpus": str(root)}
-        if corpus.kind == "released":
-            from mixsd_jax.data.importer import import_released
-
-            return {"files": import_released(corpus.source, root)}
-        from mixsd_jax.data.commands import DEFAULT_PRESET, BuildConfig, build_dataset
-
-        fields = {f.name for f in dataclasses.fields(BuildConfig)}
-        build = BuildConfig(**{k: v for k, v in config_lib.to_dict(corpus).items() if k in fields and k != "out"},
-                            out=str(root))
-        return {"files": build_dataset(corpus.kind, build, corpus.preset or DEFAULT_PRESET[corpus.kind])}
-
-    return run
-
-
-def _generate_runner(gcfg) -> Callable[[], dict]:
-    def run() -> dict:
-        from mixsd_jax.sampling.generator import generate
-
-        summary = generate(gcfg, progress=True)
-        trainable = summary.get("accepted", 0) + (summary.get("rejected", 0) if gcfg.keep_rejected else 0)
-        if not trainable:
-            raise MixsdError(
-                f"{summary.get('output')}: no MixSD target passed the verifier for λ={gcfg.lambda_mix:g} "
-                f"({summary.get('generations')} generations); nothing to train on. Raise generation.max_retries or "
-                "max_new_tokens, use extract_mode=contains, set generation.keep_rejected=true, or drop "
-                f"{gcfg.lambda_mix:g} from lambdas"
-            )
-        return summary
-
-    return run
 
 
 def _edit_configs(cfg: ExperimentConfig, exp: Path, train_file: Path) -> dict:
@@ -449,74 +369,12 @@ def _edit_configs(cfg: ExperimentConfig, exp: Path, train_file: Path) -> dict:
 
 
 def _edit_stage(name: str, ecfg, corpus_stage: Stage, model_fp: str) -> Stage:
-    fp = _hash("edit", config_lib.fingerprint(ecfg, exclude=("data", "out")), corpus_stage.fingerprint, model_fp)
+    fp = settings_hash("edit", config_lib.fingerprint(ecfg, exclude=("data", "out")), corpus_stage.fingerprint, model_fp)
     return Stage(
         name=f"edit_{name}", fingerprint=fp, reset=fp, workdir=Path(ecfg.out),
         outputs=(Path(ecfg.out) / "hf" / "config.json", Path(ecfg.out) / "summary.json"),
-        inputs=(corpus_stage.name,), run=_edit_runner(ecfg),
+        inputs=(corpus_stage.name,), run=stage_runners.edit_runner(ecfg),
         description=f"edit {name} ({ecfg.method.upper()}) with {ecfg.data}", settings=ecfg,
     )
 
 
-def _edit_runner(ecfg) -> Callable[[], dict]:
-    def run() -> dict:
-        from mixsd_jax.edit.runner import edit
-
-        return edit(ecfg)
-
-    return run
-
-
-def _train_runner(tcfg) -> Callable[[], dict]:
-    def run() -> dict:
-        from mixsd_jax.train.loop import train
-
-        return train(tcfg, progress=True)
-
-    return run
-
-
-def _view_splits(cfg: ExperimentConfig, eval_cls) -> tuple[str, ...]:
-    """`eval.splits` (memorization splits to run), when the evaluator has no such key itself."""
-    splits = cfg.eval.get("splits")
-    if splits is None or "splits" in {f.name for f in dataclasses.fields(eval_cls)}:
-        return ()
-    if isinstance(splits, str) or not isinstance(splits, (list, tuple)) or not splits:
-        raise MixsdError(f"config key 'eval.splits': expected a non-empty list of split names, got {splits!r}")
-    if cfg.corpus.kind not in ("kgfact", "mquake", "kgfunc"):
-        raise MixsdError(f"config key 'eval.splits': only for kgfact, mquake and kgfunc corpora, not {cfg.corpus.kind!r}")
-    from mixsd_jax.data.layout import KGFACT_SPLITS, KGFUNC_SPLITS
-
-    table = KGFUNC_SPLITS if cfg.corpus.kind == "kgfunc" else KGFACT_SPLITS
-    for i, name in enumerate(splits):
-        if name not in table:
-            raise MixsdError(f"config key 'eval.splits[{i}]': unknown split {name!r} (known: {', '.join(table)})")
-    return tuple(str(s) for s in splits)
-
-
-def _corpus_view(corpus_dir: Path, view: Path, splits: tuple[str, ...]) -> None:
-    """A copy of the corpus holding only the chosen test splits (and the training file), so the
-    evaluator runs just those memorization splits."""
-    from mixsd_jax.data.layout import KGFACT_SPLITS, KGFUNC_SPLITS, corpus_kind, training_file
-
-    table = KGFUNC_SPLITS if corpus_kind(corpus_dir) == "kgfunc" else KGFACT_SPLITS
-    storage.remove(view)
-    train = storage.path(training_file(corpus_dir))
-    files = [train, *(f for name in splits for f in sorted(corpus_dir.glob(table[name])))]
-    for source in files:
-        target = view / str(source)[len(str(corpus_dir)):].lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(source.read_bytes())
-
-
-def _eval_runner(ecfg, evaluate, corpus_dir: Path, view_splits: tuple[str, ...]) -> Callable[[], dict]:
-    def run() -> dict:
-        if view_splits:
-            from mixsd_jax import multihost
-
-            if multihost.is_primary():  # one writer; the others wait until the copy is complete
-                _corpus_view(corpus_dir, storage.path(ecfg.corpus_dir), view_splits)
-            multihost.barrier("pipeline corpus view")
-        return evaluate(ecfg, progress=True)
-
-    return run

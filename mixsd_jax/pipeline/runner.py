@@ -23,7 +23,7 @@ from mixsd_jax import config as config_lib
 from mixsd_jax import multihost, storage
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import atomic_write_json
-from mixsd_jax.pipeline.plan import Plan, Stage
+from mixsd_jax.pipeline.stage import Plan, Stage
 
 
 def record_path(plan: Plan, stage: Stage) -> Path:

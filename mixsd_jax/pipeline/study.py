@@ -31,7 +31,8 @@ from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.files import atomic_write_json
 from mixsd_jax.pipeline.config import ExperimentConfig
-from mixsd_jax.pipeline.plan import Plan, build_plan, method_run, trained_runs
+from mixsd_jax.pipeline.plan import build_plan, method_run, trained_runs
+from mixsd_jax.pipeline.stage import Plan
 
 OVERRIDABLE = ("mesh", "generation", "train", "opsd", "eval", "selection", "memit")
 RESERVED_NAMES = ("corpus", "scaling", "stages")
