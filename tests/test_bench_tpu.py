@@ -2,10 +2,12 @@
 topology description (single host and the 8-host v5e:4x8), and the one-line errors of a topology
 name libtpu refuses or a missing libtpu."""
 
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mixsd_jax.bench import memory
@@ -53,6 +55,20 @@ def test_every_kernel_compiles_for_a_v5e_slice(plan):
     assert 0 < train["mfu_est"] <= 1 and train["tokens_per_s_est"] > 0
     decode = lines[4]
     assert decode["tokens_per_s_est"] > 0 and decode["bytes_per_step_est"] >= decode["bytes_accessed"]
+    # The export holds the sharded parameters plus one gathered tensor (the largest: here the
+    # embedding, or one layer's slice of a stacked parameter), never the whole model on a device.
+    from mixsd_jax.models.config import ModelConfig
+    from mixsd_jax.models.transformer import param_shapes
+
+    shapes = param_shapes(ModelConfig.from_hf_dir(plan["model"]))
+    sizes = [math.prod(s) for k, s in shapes.items() if k != "layers"]
+    sizes += [math.prod(s[1:]) for s in shapes["layers"].values()]
+    whole = sum(math.prod(s) for k, s in shapes.items() if k != "layers") + sum(
+        math.prod(s) for s in shapes["layers"].values())
+    export, out_bytes = lines[-1], np.dtype(plan["train"].export_dtype).itemsize
+    param_bytes = np.dtype(plan["train"].param_dtype).itemsize
+    assert export["output_bytes"] == max(sizes) * out_bytes < whole * out_bytes
+    assert export["argument_bytes"] < whole * param_bytes  # the state stays sharded
 
 
 def test_every_kernel_compiles_for_the_multi_host_v5e_32(plan):

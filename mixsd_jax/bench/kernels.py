@@ -6,12 +6,14 @@ Each builder returns {kernel name: jax Lowered}; `bench.memory` compiles and mea
   prefill, insert,           the decode engine's pieces (sampling/segments.py) with `sides` rows per
   decode_segment, grow       record: 2 for MixSD generation, 1 for eval / selection / OPSD rollouts
   eval_mc, eval_kl           eval scoring: MC / NLL log-likelihoods, KL(base || tuned)
-  export_gather              the HF export's gather of every parameter, whole, onto every device
+  export_gather              the HF export's largest gather: one tensor (one layer's slice) whole on every device
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+import numpy as np
 
 from mixsd_jax.errors import MixsdError
 
@@ -198,15 +200,25 @@ def eval_scoring(model_cfg, mesh, *, batch: int, row_len: int, window: int, dtyp
 
 
 def export_gather(model_cfg, mesh, *, param_dtype: str, export_dtype: str) -> dict:
-    """The export's gather: each parameter, cast to the export dtype, whole on every device."""
+    """The export's largest gather: the HF export (models.checkpoint.export_hf) gathers one tensor at
+    a time, a stacked layer parameter one layer at a time, so a device holds the sharded parameters
+    plus the largest single gathered tensor, cast to the export dtype."""
     import jax
     import jax.numpy as jnp
 
     from mixsd_jax.models.sharding import replicated
 
     params = abstract_params(model_cfg, mesh, param_dtype)
-    cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.dtype(export_dtype)), p),
-                   out_shardings=replicated(mesh))
+    itemsize = jnp.dtype(param_dtype).itemsize
+    candidates = [(int(np.prod(x.shape)), (name, None)) for name, x in params.items() if name != "layers"]
+    candidates += [(int(np.prod(x.shape[1:])), ("layers", name)) for name, x in params["layers"].items()]
+    _, (top, layer_name) = max(candidates, key=lambda c: c[0] * itemsize)
+
+    def largest(p):
+        x = p[top] if layer_name is None else p[top][layer_name][0]
+        return x.astype(jnp.dtype(export_dtype))
+
+    cast = jax.jit(largest, out_shardings=replicated(mesh), keep_unused=True)  # the whole sharded state is resident
     return {"export_gather": cast.lower(params)}
 
 

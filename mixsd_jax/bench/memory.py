@@ -211,7 +211,7 @@ def plan_lines(plan: dict, target: Target, *, kernels=KERNELS, eval_prompt_len: 
     if "export" in kernels and "train" in plan:
         mesh = mesh_of("train_mesh")
         yield from lines(kernels_lib.export_gather(model_cfg, mesh, param_dtype=plan["train"].param_dtype,
-                                                   export_dtype="float32"), mesh)
+                                                   export_dtype=plan["train"].export_dtype), mesh)
 
 
 def _train_info(train) -> dict:
