@@ -106,11 +106,17 @@ def llama_config(reader, gguf_path: Path) -> dict:
         "tie_word_embeddings": "output.weight" not in names,
         "torch_dtype": "float32",
     }
+    return config | _special_token_ids(reader, gguf_path)
+
+
+def _special_token_ids(reader, gguf_path: Path) -> dict:
+    """The bos / eos / pad ids the GGUF's tokenizer metadata names, as HF config keys."""
+    ids = {}
     for gguf_key, hf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
         value = _meta(reader, gguf_path, f"tokenizer.ggml.{gguf_key}_token_id", default=None)
         if value is not None:
-            config[hf_key] = int(value)
-    return config
+            ids[hf_key] = int(value)
+    return ids
 
 
 def gemma3_config(reader, gguf_path: Path) -> dict:
@@ -148,11 +154,7 @@ def gemma3_config(reader, gguf_path: Path) -> dict:
         "tie_word_embeddings": "output.weight" not in names,
         "torch_dtype": "float32",
     }
-    for gguf_key, hf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
-        value = _meta(reader, gguf_path, f"tokenizer.ggml.{gguf_key}_token_id", default=None)
-        if value is not None:
-            config[hf_key] = int(value)
-    return config
+    return config | _special_token_ids(reader, gguf_path)
 
 
 def _expected_tensors(config: dict, architecture: str) -> dict[str, tuple[str, tuple[int, ...], int, float]]:
