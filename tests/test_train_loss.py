@@ -82,7 +82,7 @@ def test_blockwise_attention_equals_dense(tiny_model_dir, block):
 
 
 def test_blockwise_attention_outputs_equal_dense_pad_rows_included():
-    from mixsd_jax.models.transformer import attention, blockwise_attention
+    from mixsd_jax.models.attention import attention, blockwise_attention
 
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (2, 40, 4, 8))

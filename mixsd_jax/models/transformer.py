@@ -25,10 +25,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mixsd_jax.models.attention import (  # noqa: F401 - attention, rms_norm, apply_rope: re-exported
+from mixsd_jax.models.attention import (
     attention, attention_with_cache, blockwise_attention, sequence_mask, within_window,
 )
-from mixsd_jax.models.block import apply_rope, block, embed, layer_variants, norm, rms_norm, rope_inv_freq  # noqa: F401
+from mixsd_jax.models.block import block, embed, layer_variants, norm, rope_inv_freq
 from mixsd_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
