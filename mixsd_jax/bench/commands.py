@@ -76,7 +76,7 @@ def _model_and_steps(parser: argparse.ArgumentParser, *, steps: int, help_steps:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=steps, help=help_steps)
     parser.add_argument("--compute-dtype", default=None, choices=("float32", "bfloat16", "auto"),
-                        help="auto: bfloat16 on accelerators and on CPUs with AMX or AVX512-BF16, else float32 "
+                        help="auto: bfloat16 on accelerators and on CPUs with AMX, else float32 "
                              "(default: float32; auto with bench train --compare)")
     parser.add_argument("--random-init", action="store_true",
                         help="random weights from the model directory's config.json (no weight files needed)")
