@@ -93,8 +93,10 @@ def apply_rope(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Arr
 def linear(x, w, dtype):
     # As one 2-D matmul over the flattened leading dims, whose backward pass stays on XLA:CPU's
     # fast matmul path (models.matmul): through "...i,io->...o" on [B, T, in] the weight gradient
-    # would contract two dims at once, and a plain jnp.dot's gradient contracts over rows.
-    y = weight_matmul(x.reshape(-1, x.shape[-1]), w, dtype)
+    # would contract two dims at once, and a plain jnp.dot's gradient contracts over rows. The
+    # operands are cast to `dtype`; the result keeps x's dtype (f32 activations around bf16
+    # matmuls, see transformer.forward's `activation_dtype`).
+    y = weight_matmul(x.reshape(-1, x.shape[-1]), w, dtype, x.dtype)
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 

@@ -139,7 +139,7 @@ def _attend_fn(cfg: ModelConfig, dtype, positions_BxT, segment_ids_BxT, seq_mask
 
 
 def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache, old_mask_BxTxS, dtype, remat="none",
-                attention_block=0, activation_sharding=None, taps=False, mlp_edit=None):
+                attention_block=0, activation_sharding=None, taps=False, mlp_edit=None, activation_dtype=None):
     """All blocks: hidden [B,T,D] before the final norm, new keys and values per layer, and (with
     `taps`) each layer's MLP hidden [L, B, T, F] and output [L, B, T, D]."""
     variants = layer_variants(cfg)
@@ -149,7 +149,7 @@ def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache, 
     seq_mask_BxTxT = None if (attention_block and cache is None) else sequence_mask(segment_ids_BxT)
     cached = None if cache is None else (cache["k"], cache["v"])
     old_positions_BxS = None if cache is None or variants is None else cache["positions"]
-    x_BxTxD = embed(params, cfg, tokens_BxT, dtype)
+    x_BxTxD = embed(params, cfg, tokens_BxT, activation_dtype or dtype)
     if activation_sharding is not None:
         # Pin the residual stream to the batch sharding: left to propagation, it takes the
         # embedding's layout (hidden over fsdp, rows replicated), so every device would keep every
@@ -190,6 +190,7 @@ def forward(
     remat: str = "none",
     attention_block: int = 0,
     activation_sharding=None,
+    activation_dtype=None,
 ) -> tuple[jax.Array, Cache | None]:
     """Final-norm hidden states [B, T, D] (apply `lm_logits` for logits) and the updated cache.
 
@@ -198,11 +199,14 @@ def forward(
     and are then written at slots [end, end+T) of every row. `remat` (see REMAT_POLICIES) only
     matters under differentiation; `attention_block` > 0 computes the cache-less attention block
     by block (`blockwise_attention`), for long sequences; `activation_sharding` (a sharding of
-    [B, T, D]) pins the residual stream's layout between blocks.
+    [B, T, D]) pins the residual stream's layout between blocks. `activation_dtype` (default
+    `dtype`) is the dtype of the residual stream and of all elementwise work, with only the
+    matmuls' operands in `dtype`: f32 around bf16 matmuls suits CPUs, which have bf16 matmul
+    units but no bf16 elementwise arithmetic (only in the cache-less call).
     """
     if cache is None:
         x_BxTxD, _, _, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype,
-                                       remat, attention_block, activation_sharding)
+                                       remat, attention_block, activation_sharding, activation_dtype=activation_dtype)
         return norm(x_BxTxD, params["final_norm"], cfg), None
     is_real_BxT = segment_ids_BxT != 0
     # Cached slots all precede the new tokens: a real query sees every valid one.
