@@ -28,6 +28,7 @@ ENV_HEARTBEAT = "MIXSD_HEARTBEAT_TIMEOUT"
 FAILURE_KEY = "mixsd/failure"
 ALIVE_KEY = "mixsd/alive"  # each process's heartbeat counter
 LEFT = "left"  # the counter's value once its process exited normally
+_WATCH = None  # this process's _Watch in a multi-process run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +163,9 @@ def _start_failure_watch() -> None:
 
     if jax.process_count() == 1:
         return
+    global _WATCH
     client, me = _client(), jax.process_index()
-    watch = _Watch(client, me, jax.process_count(), heartbeat_timeout())
+    watch = _WATCH = _Watch(client, me, jax.process_count(), heartbeat_timeout())
     stop = threading.Event()
 
     def run() -> None:
@@ -182,6 +184,23 @@ def _start_failure_watch() -> None:
         watch.leave()
 
     atexit.register(stop_watching)
+
+
+def wait_if_a_peer_died(exc: BaseException) -> None:
+    """After a runtime error (a collective whose peer vanished fails at once on CPU and GPU): wait
+    until every other process has ticked since, or the watch has named the silent one and exited,
+    so a killed host is reported as such rather than as this host's traceback."""
+    from jax.errors import JaxRuntimeError
+
+    watch = _WATCH
+    if watch is None or not isinstance(exc, JaxRuntimeError):
+        return
+    failed_at = time.monotonic()
+    deadline = failed_at + watch.timeout_s + 5
+    while time.monotonic() < deadline:
+        if all(since > failed_at for _, since in watch.seen.values()):
+            return  # every peer is alive: the error is this host's own
+        time.sleep(0.2)
 
 
 class _Watch:

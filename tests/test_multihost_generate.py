@@ -217,6 +217,7 @@ def test_a_process_killed_without_a_word_stops_the_other_within_the_heartbeat(ti
     """Process 1 is SIGKILLed mid-generation (no error posted); process 0, waiting on it, exits
     non-zero within the heartbeat timeout with one line naming process 1."""
     import os
+    import re
     import signal
     import time
 
@@ -237,8 +238,7 @@ def test_a_process_killed_without_a_word_stops_the_other_within_the_heartbeat(ti
         waited = time.monotonic() - killed
     finally:
         mh.stop(procs)
-    print(output[-3000:], procs[0].returncode, waited)
     assert procs[0].returncode == 1, output[-3000:]
-    assert waited < 6 + 20, waited
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert waited < 6 + 20, waited  # the timeout, a look every 0.5 s, a loaded machine
+    errors = re.findall(r"error:[^\r\n]*", output)  # the progress bar may share its line
     assert errors == ["error: process 1 stopped answering for 6 s (killed, or out of memory?); stopping"], output[-3000:]
