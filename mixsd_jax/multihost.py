@@ -195,10 +195,11 @@ def wait_if_a_peer_died(exc: BaseException) -> None:
     watch = _WATCH
     if watch is None or not isinstance(exc, JaxRuntimeError):
         return
-    failed_at = time.monotonic()
-    deadline = failed_at + watch.timeout_s + 5
+    # Two new ticks from every peer: one may be a killed host's last, written before it died.
+    before = dict(watch.moves)
+    deadline = time.monotonic() + watch.timeout_s + 5
     while time.monotonic() < deadline:
-        if all(since > failed_at for _, since in watch.seen.values()):
+        if all(watch.moves[other] >= before[other] + 2 or watch.seen[other][0] == LEFT for other in before):
             return  # every peer is alive: the error is this host's own
         time.sleep(0.2)
 
@@ -215,6 +216,7 @@ class _Watch:
         self.ticks = 0
         now = time.monotonic()
         self.seen = {other: ("", now) for other in range(processes) if other != me}  # last counter, when it moved
+        self.moves = {other: 0 for other in self.seen}  # how often each counter was seen to move
         self.answered = now
 
     def look(self) -> bool:
@@ -245,9 +247,11 @@ class _Watch:
         for other, (last, since) in self.seen.items():
             value = alive.get(f"{ALIVE_KEY}/{other}", "")
             if value == LEFT:
+                self.seen[other] = (LEFT, now)
                 continue
             if value != last:
                 self.seen[other] = (value, now)
+                self.moves[other] += 1
             elif now - since > self.timeout_s:
                 self._stop(f"error: process {other} stopped answering for {self.timeout_s:g} s "
                            "(killed, or out of memory?); stopping")

@@ -221,7 +221,7 @@ def test_a_process_killed_without_a_word_stops_the_other_within_the_heartbeat(ti
     import signal
     import time
 
-    monkeypatch.setenv("MIXSD_HEARTBEAT_TIMEOUT", "6")
+    monkeypatch.setenv("MIXSD_HEARTBEAT_TIMEOUT", "10")
     out = tmp_path / "gen"
     partial = out / Paths.for_config(GenerateConfig(input=str(records), out_dir=str(out), model=str(tiny_llama_dir),
                                                     lambda_mix=0.3, temperature=1.0)).partial.name
@@ -229,7 +229,8 @@ def test_a_process_killed_without_a_word_stops_the_other_within_the_heartbeat(ti
     try:
         deadline = time.monotonic() + 240
         while not (partial.exists() and partial.read_text().count("\n") >= 1):
-            assert all(p.poll() is None for p in procs), "a process ended before the kill point"
+            ended = [p.communicate()[0][-3000:] for p in procs if p.poll() is not None]
+            assert not ended, f"a process ended before the kill point: {ended}"
             assert time.monotonic() < deadline, "kill point not reached in time"
             time.sleep(0.05)
         os.killpg(procs[1].pid, signal.SIGKILL)
@@ -239,6 +240,6 @@ def test_a_process_killed_without_a_word_stops_the_other_within_the_heartbeat(ti
     finally:
         mh.stop(procs)
     assert procs[0].returncode == 1, output[-3000:]
-    assert waited < 6 + 20, waited  # the timeout, a look every 0.5 s, a loaded machine
+    assert waited < 10 + 20, waited  # the timeout, a look every 0.5 s, a loaded machine
     errors = re.findall(r"error:[^\r\n]*", output)  # the progress bar may share its line
-    assert errors == ["error: process 1 stopped answering for 6 s (killed, or out of memory?); stopping"], output[-3000:]
+    assert errors == ["error: process 1 stopped answering for 10 s (killed, or out of memory?); stopping"], output[-3000:]
