@@ -13,7 +13,8 @@ operands over their first dimension, and every gradient matmul returns `dtype`. 
 the operands to f32 and runs its generic matmul, 5-15x slower than the library's bf16 kernel on
 an AMX CPU. Here every matmul, forward and backward, has the form the library takes: bf16 x bf16
 -> f32, and the transposed activations of the weight gradient are materialised first (a copy of
-[I, N], small next to the matmul). On other backends the transpose is left to the compiler.
+[I, N], small next to the matmul). On other backends the transpose is left to the compiler. f32
+compute keeps the plain matmul and autodiff's backward pass.
 """
 
 from __future__ import annotations
@@ -52,7 +53,12 @@ def _transposed_result(product_KxM):
 def weight_matmul(x_NxI, w, dtype, out_dtype=None, w_out_in: bool = False):
     """x [N, I] times the weight w ([I, O], or [O, I] with `w_out_in`) in `dtype` with f32
     accumulation: [N, O] in `out_dtype` (default `dtype`)."""
-    return _weight_matmul(x_NxI.astype(dtype), w, jnp.dtype(dtype), jnp.dtype(out_dtype or dtype), w_out_in)
+    dtype, out_dtype = jnp.dtype(dtype), jnp.dtype(out_dtype or dtype)
+    if dtype == jnp.float32:
+        # f32 keeps autodiff's backward pass: XLA:CPU's generic f32 matmul is as fast as the
+        # library's here, and f32 results stay bit for bit what they were.
+        return _mm(x_NxI.astype(dtype), w.astype(dtype), 1 if w_out_in else 0).astype(out_dtype)
+    return _weight_matmul(x_NxI.astype(dtype), w, dtype, out_dtype, w_out_in)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
