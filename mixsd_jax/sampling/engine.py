@@ -128,8 +128,8 @@ class Engine:
             if prefix is None:
                 out = segments.prefill(self.params, self._tokens(rest), rest_d, spec=self.spec)
             else:
-                out = segments.prefill_after(self.params, prefix[0], prefix[1], prefix[2], self._tokens(rest), rest_d,
-                                             spec=self.spec)
+                out = segments.prefill_after(self.params, prefix[0], prefix[1], prefix[2],
+                                             self._tokens(rest, continuation=True), rest_d, spec=self.spec)
             sides.append((*out, lens_d))
         slot_ids = np.array(free + [self.batch_size] * pad, np.int32)  # >= B: dropped
         ids = np.array([(it.record_index, it.gen_index, it.attempt) for it in take] + [(0, 0, 0)] * pad, np.uint32)
@@ -138,9 +138,13 @@ class Engine:
         return segments.insert(state, tuple(sides), self._put(slot_ids), self._put(ids),
                                self._put(np.int32(self.spec.seed)), prefix, spec=self.spec)
 
-    def _tokens(self, rows: list):
-        """Right-padded prompt tokens [N, bucket], split over the batch axes."""
-        tokens = np.zeros((len(rows), bucket_length(max(map(len, rows)))), np.int32)
+    def _tokens(self, rows: list, continuation: bool = False):
+        """Right-padded prompt tokens [N, bucket], split over the batch axes. The part of a prompt after
+        the shared prefix is often a few tokens (the naive side's is the end of its chat header):
+        up to 64 tokens, its width is a multiple of 16, not 32."""
+        width = max(map(len, rows))
+        width = -(-width // 16) * 16 if continuation and width <= 64 else bucket_length(width)
+        tokens = np.zeros((len(rows), width), np.int32)
         for i, r in enumerate(rows):
             tokens[i, : len(r)] = r
         return put_batch(tokens, self.mesh)
