@@ -14,6 +14,7 @@ from typing import Literal
 
 from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
+from mixsd_jax.models.sharding import MeshConfig
 
 # Families whose layers our MEMIT knows (the MLP down-projection is `layers.w_down`).
 MEMIT_FAMILIES = ("llama", "qwen2", "qwen3")
@@ -57,6 +58,9 @@ class EditConfig:
     batch_size: int = 8  # requests per target-value optimisation (memory: rows x length x vocab logits)
     solve_dtype: Literal["float64", "float32"] = "float64"  # the closed-form step (float64 as the reference)
     export_dtype: str = "float32"
+    # Parameters placed by the training sharding rules; the edit's kernels run on the sharded arrays
+    # (rows and statistics are small next to the model: replicated), the float64 solve on the host.
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         if self.method != "memit":

@@ -24,6 +24,7 @@ import numpy as np
 
 from mixsd_jax import files
 from mixsd_jax.models import transformer
+from mixsd_jax.models.block import embed
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "resources" / "benchmarks"
 # (file, JSON fields joined into one text), in reading order.
@@ -96,7 +97,9 @@ def pack_rows(tokenizer, texts: list[str], seq_len: int, budget: int) -> tuple[n
 @functools.partial(jax.jit, static_argnames=("cfg", "layers"))
 def _moment_sums(params, cfg, layers: tuple[int, ...], tokens_BxT, segment_ids_BxT):
     """Σ k kᵀ over the real tokens of a batch, per layer: [len(layers), F, F]."""
-    _, taps = transformer.forward_with_taps(params, cfg, tokens_BxT, segment_ids_BxT)
+    # Only the layers up to the last edited one run: the keys of the layers above are not needed.
+    x = embed(params, cfg, tokens_BxT, jnp.float32)
+    _, taps = transformer.run_layer_range(params, cfg, x, segment_ids_BxT, 0, max(layers) + 1, taps=True)
     keys_NxBxTxF = taps["mlp_in"][jnp.asarray(layers)]
     real = (segment_ids_BxT != 0).astype(jnp.float32)
     keys = keys_NxBxTxF.astype(jnp.float32) * real[None, :, :, None]
