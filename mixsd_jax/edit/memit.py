@@ -145,7 +145,7 @@ def target_values(params, cfg, tokenizer, requests, ecfg, z_layer: int, add_spec
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "z_layer"))
-def _keys_and_outputs(params, cfg, rows, layer, z_layer: int):
+def keys_and_outputs(params, cfg, rows, layer, z_layer: int):
     x = embed(params, cfg, rows["tokens"], jnp.float32)
     _, taps = transformer.run_layer_range(params, cfg, x, rows["segment_ids"], 0, z_layer + 1, taps=True)
     b = jnp.arange(rows["tokens"].shape[0])
@@ -160,7 +160,7 @@ def keys_and_current(params, cfg, tokenizer, requests, ecfg, layer: int, z_layer
     rows_all = up_to_subject(build_rows(tokenizer, requests, ctxs, with_targets=False, add_special=add_special))
     keys, current = [], []
     for start in range(0, n, size):
-        k, z = _keys_and_outputs(params, cfg, device_rows(group(rows_all, start, size, n)), layer, z_layer)
+        k, z = keys_and_outputs(params, cfg, device_rows(group(rows_all, start, size, n)), layer, z_layer)
         per, keep = len(ctxs), min(size, n - start)
         k_RxCxF = np.asarray(k, np.float64).reshape(size, per, -1)[:keep]
         keys.append(k_RxCxF[:, 0] if per == 1 else (k_RxCxF[:, 0] + k_RxCxF[:, 1:].mean(axis=1)) / 2)

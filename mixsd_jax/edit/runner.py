@@ -18,7 +18,7 @@ import numpy as np
 
 from mixsd_jax import files
 from mixsd_jax.edit import memit, stats
-from mixsd_jax.edit.config import EditConfig, edit_layers
+from mixsd_jax.edit.config import EditConfig, edit_layers, for_model
 from mixsd_jax.edit.requests import build_requests
 from mixsd_jax.edit.rows import build_rows, group
 from mixsd_jax.errors import MixsdError
@@ -27,6 +27,7 @@ from mixsd_jax.models.block import embed
 
 def apply_memit(params, model_cfg, tokenizer, requests, ecfg: EditConfig, moments: dict, log=print):
     """The edited parameters and what was done: {layers, updates (layer -> ΔW [F, D]), losses}."""
+    ecfg = for_model(ecfg, model_cfg)
     layers = edit_layers(ecfg, model_cfg)
     add_special = ecfg.prompt == "plain"  # a chat template writes its own special tokens
     t0 = time.perf_counter()
@@ -39,6 +40,7 @@ def apply_memit(params, model_cfg, tokenizer, requests, ecfg: EditConfig, moment
 
 def apply_updates(params, model_cfg, tokenizer, requests, ecfg: EditConfig, moments: dict, zs, log=print):
     """MEMIT's layer-spread step toward the target values `zs` [N, D]: (edited params, {layer: ΔW})."""
+    ecfg = for_model(ecfg, model_cfg)
     layers = edit_layers(ecfg, model_cfg)
     z_layer = layers[-1]
     add_special = ecfg.prompt == "plain"
@@ -91,6 +93,7 @@ def edit(ecfg: EditConfig, log=print) -> dict:
     if not Path(ecfg.data).is_file():
         raise MixsdError(f"{ecfg.data}: data file not found")
     model_dir = resolve_model(ecfg.model)
+    ecfg = for_model(ecfg, ModelConfig.from_hf_dir(model_dir))
     layers = edit_layers(ecfg, ModelConfig.from_hf_dir(model_dir))  # bad layers/family fail before any work
     tokenizer = load_tokenizer(model_dir)
     requests = build_requests(ecfg.data, ecfg.prompt, tokenizer)
@@ -113,7 +116,8 @@ def edit(ecfg: EditConfig, log=print) -> dict:
         for r, hit in zip(requests, after)])
     summary = {
         "method": "memit", "model": str(ecfg.model), "requests": len(requests), "layers": list(info["layers"]),
-        "z_layer": info["z_layer"], "stats_s": round(stats_s, 2), "edit_s": round(edit_s, 2),
+        "z_layer": info["z_layer"], "v_steps": ecfg.v_steps, "mom2_update_weight": ecfg.mom2_update_weight,
+        "stats_s": round(stats_s, 2), "edit_s": round(edit_s, 2),
         "total_s": round(time.perf_counter() - t_start, 2),
         "efficacy_before": float(np.mean(before)), "efficacy": float(np.mean(after)),
         "target_loss_mean": float(np.nanmean(info["losses"])),
