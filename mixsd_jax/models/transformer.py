@@ -139,17 +139,22 @@ def _attend_fn(cfg: ModelConfig, dtype, positions_BxT, segment_ids_BxT, seq_mask
 
 
 def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache, old_mask_BxTxS, dtype, remat="none",
-                attention_block=0, activation_sharding=None, taps=False, mlp_edit=None):
+                attention_block=0, activation_sharding=None, taps=False, mlp_edit=None, x_in=None, layer_slice=None):
     """All blocks: hidden [B,T,D] before the final norm, new keys and values per layer, and (with
-    `taps`) each layer's MLP hidden [L, B, T, F] and output [L, B, T, D]."""
+    `taps`) each layer's MLP hidden [L, B, T, F] and output [L, B, T, D]. `layer_slice=(start, stop)`
+    runs only those layers, from `x_in` (layer `start`'s input) instead of the embedded tokens."""
     variants = layer_variants(cfg)
+    layer_params = params["layers"]
+    if layer_slice is not None:
+        start, stop = layer_slice
+        layer_params, variants = jax.tree.map(lambda a: a[start:stop], (layer_params, variants))
     inv_freq = rope_inv_freq(cfg)
     # Among the T new tokens: causal, same segment, real tokens only (blockwise attention builds
     # its tiles of this mask itself).
     seq_mask_BxTxT = None if (attention_block and cache is None) else sequence_mask(segment_ids_BxT)
     cached = None if cache is None else (cache["k"], cache["v"])
     old_positions_BxS = None if cache is None or variants is None else cache["positions"]
-    x_BxTxD = embed(params, cfg, tokens_BxT, dtype)
+    x_BxTxD = embed(params, cfg, tokens_BxT, dtype) if x_in is None else x_in
     if activation_sharding is not None:
         # Pin the residual stream to the batch sharding: left to propagation, it takes the
         # embedding's layout (hidden over fsdp, rows replicated), so every device would keep every
@@ -174,7 +179,7 @@ def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache, 
 
     layer_ids = None if mlp_edit is None else jnp.arange(cfg.num_layers)
     x_BxTxD, ((new_k, new_v), tapped) = jax.lax.scan(scan_body, x_BxTxD,
-                                                    (params["layers"], cached, variants, layer_ids))
+                                                    (layer_params, cached, variants, layer_ids))
     return x_BxTxD, new_k, new_v, tapped
 
 
@@ -226,6 +231,18 @@ def forward_with_taps(params: Params, cfg: ModelConfig, tokens_BxT, segment_ids_
     )
     logits = lm_logits(params, cfg, norm(x_BxTxD, params["final_norm"], cfg), dtype=dtype)
     return logits, {"mlp_in": mlp_in, "resid_out": resid_out}
+
+
+def run_layer_range(params: Params, cfg: ModelConfig, x_BxTxD, segment_ids_BxT, start: int, stop: int, *,
+                    taps=False, dtype=jnp.float32):
+    """The residual stream after layers start..stop-1 given layer `start`'s input (`embed` for layer 0):
+    the model in pieces, so a change to one layer's output reruns only the layers above it. With
+    `taps`, also those layers' `mlp_in` [stop-start, B, T, F] and `resid_out` [stop-start, B, T, D]."""
+    x_BxTxD, _, _, tapped = _run_layers(params, cfg, None, segment_positions(segment_ids_BxT), segment_ids_BxT, None,
+                                        None, dtype, taps=taps, x_in=x_BxTxD.astype(dtype), layer_slice=(start, stop))
+    if not taps:
+        return x_BxTxD
+    return x_BxTxD, {"mlp_in": tapped[0], "resid_out": tapped[1]}
 
 
 def prefill(
