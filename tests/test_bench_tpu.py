@@ -48,6 +48,8 @@ def test_every_kernel_compiles_for_a_v5e_slice(plan):
         assert line["hbm_bytes"] == 16 << 30 and line["fits"]
         assert line["bytes_accessed"] > 0 and line["roofline_s"] > 0
     train = lines[0]
+    # On a TPU the step attends with the fused Pallas kernel (models.flash_attention).
+    assert train["attention"] == "flash"
     # The loop-scaled count against 6 x parameters x tokens + attention: XLA adds the norms,
     # softmax and optimizer, never a missing layer (the raw count, one layer, is far below).
     assert 1.0 <= train["flops_est_over_analytic"] <= 1.6
@@ -78,6 +80,27 @@ def test_every_kernel_compiles_for_the_multi_host_v5e_32(plan):
     assert [line["kernel"] for line in lines] == EVERY_KERNEL
     for line in lines:
         assert line["backend"] == "tpu" and line["mesh"] == {"data": 2, "fsdp": 2, "tensor": 8} and line["fits"]
+
+
+def test_compile_only_compiles_skip_the_persistent_cache(plan):
+    """A compile-only client cannot load a cached executable: with the cache on, the second compile
+    of a kernel would read the first's entry and warn. The cache is back on for CPU compiles after."""
+    import warnings
+
+    import jax
+
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                list(memory.plan_lines(plan, memory.tpu_target("v5e:2x4", None), kernels=("eval_mc",),
+                                       eval_row_len=32, eval_window=8, estimates=False))
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+    assert not [w for w in caught if "compilation cache" in str(w.message)], [str(w.message) for w in caught]
+    assert jax.config.jax_enable_compilation_cache
 
 
 def test_the_chip_table_names_the_devices_libtpu_describes():
