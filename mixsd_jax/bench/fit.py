@@ -157,7 +157,8 @@ def fit_eval(model_cfg, plan, target, eval_kernels, budget: int, args):
     for batch in eval_batches(int(ev.get("batch_size", 8))):
         shapes = kernels_lib.DecodeShapes(pad_rows(batch, mesh), 1, prompt_len, int(ev.get("max_new_tokens", 256)),
                                           model_cfg.max_position_embeddings)
-        if weights + kv_bytes_per_device(model_cfg, mesh, shapes.batch, shapes.capacity, dtype) > HEADROOM * target.hbm_bytes:
+        cache = kv_bytes_per_device(model_cfg, mesh, shapes.batch, shapes.capacity, dtype)
+        if "eval_decode" in eval_kernels and weights + cache > HEADROOM * target.hbm_bytes:
             continue  # the weights and the cache alone overflow
         if tried >= budget:
             return None
