@@ -75,6 +75,8 @@ def run(args) -> int:
                 sink.write(json.dumps(line) + "\n")
                 sink.flush()
                 continue
+            if args.reuse_only:
+                continue
             target = memory.tpu_target(topology, None)
             try:
                 for line in memory.plan_lines(plan, target, kernels=kernels, estimates=not args.no_estimates):
@@ -126,10 +128,15 @@ def table(path: str) -> int:
             print(f"| {r['config']} | {r['model']} | {r['topology']} | {r['kernel']} | | error: {r['error']} | | | |")
             continue
         mesh = ", ".join(str(v) for v in r["mesh"].values())
-        mfu = r.get("mfu_est", "")
+        mfu = f"{r['mfu_est']:.2f}" if r.get("mfu_est") is not None else ""
         compiled = f"same as {r['same_as']}" if "same_as" in r else f"{r['compile_s']:.0f} s (load {r.get('host_load')})"
         print(f"| {r['config']} | {r['model']} | {r['topology']} | {r['kernel']} | {mesh} | "
               f"{r['peak_bytes'] / (1 << 30):.2f} GiB | {'yes' if r['fits'] else '**no**'} | {mfu} | {compiled} |")
+    listed = {(r["config"], str(r["model"])) for r in rows}
+    for name, _, _, model, topology in cases(None):
+        if (name, str(model)) not in listed:
+            why = "no slice planned: shapes read from the model's config.json" if topology is None else "not compiled yet"
+            print(f"| {name} | {model} | {topology or ''} | | | {why} | | | |")
     return 0
 
 
@@ -139,6 +146,8 @@ def main() -> int:
     parser.add_argument("--kernels", default="train_step", help="as `mixsd bench memory --kernels`")
     parser.add_argument("--only", default=None, help="only configs whose name contains this")
     parser.add_argument("--no-estimates", action="store_true")
+    parser.add_argument("--reuse-only", action="store_true",
+                        help="only write the lines of configs whose twin is already compiled; compile nothing")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and stop")
     args = parser.parse_args()
     return table(args.out) if args.table else run(args)
