@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         import traceback
 
+        if "jax" in sys.modules:  # a collective failed because a host was killed: it names that host
+            from mixsd_jax.multihost import wait_if_a_peer_died
+
+            wait_if_a_peer_died(exc)
         traceback.print_exc()
         _tell_other_hosts(f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}", exit_code=1)
         raise

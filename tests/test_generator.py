@@ -124,6 +124,27 @@ def test_prompt_too_long_and_missing_gt_answers_are_counted(corpus, tiny_llama_d
     assert summary["generations"] == 3
 
 
+def test_keep_rejected_never_writes_an_empty_answer_into_the_training_file(corpus, tiny_llama_dir, tmp_path):
+    """Failed answers are kept for training, but the empty ones (here: no ground truth and a prompt
+    too long) stay in the rejected file, counted: the training reader refuses an empty answer."""
+    from mixsd_jax.data.records import read_records
+
+    records = [json.loads(line) for line in corpus.read_text().splitlines()][:4]
+    records[1]["messages"][1]["content"] = "The answer is hidden."
+    records[2]["messages"][0]["content"] = "word " * 400
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = _cfg(src, tiny_llama_dir, tmp_path / "out", num_generations=1, max_model_len=300, keep_rejected=True)
+    summary = generate(cfg, progress=False)
+    paths = Paths.for_config(cfg)
+    kept = read_records(paths.final)  # the training reader's rules: no empty answer
+    empty = [json.loads(line) for line in paths.rejected.read_text().splitlines()]
+    assert summary["empty_answers"] == 2 == len(empty)
+    assert sorted(r["mix_meta"]["finish_reason"] for r in empty) == ["no_gt_answer", "prompt_too_long"]
+    assert len(kept) == summary["generations"] - 2 == 2
+    assert all(r.assistant.strip() for r in kept)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -260,3 +260,23 @@ def test_not_a_gguf_file(tmp_path):
         convert_gguf_to_hf(tmp_path / "x.gguf", tmp_path / "hf")
     with pytest.raises(MixsdError, match=r"nope\.gguf: GGUF file not found"):
         convert_gguf_to_hf(tmp_path / "nope.gguf", tmp_path / "hf")
+
+
+def test_a_gguf_in_a_bucket_converts_into_a_bucket(tmp_path, gcs_bucket, monkeypatch):
+    """Both ends on gs://: the files are those of a local conversion, the commit marker written
+    last, and nothing lands in a local `gs:` folder."""
+    from mixsd_jax import storage
+
+    monkeypatch.chdir(tmp_path)
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    local = convert_gguf_to_hf(tmp_path / "tiny.gguf", tmp_path / "hf")
+    (storage.path(f"{gcs_bucket}/in/tiny.gguf")).write_bytes((tmp_path / "tiny.gguf").read_bytes())
+    out = convert_gguf_to_hf(f"{gcs_bucket}/in/tiny.gguf", f"{gcs_bucket}/models/tiny")
+    assert str(out) == f"{gcs_bucket}/models/tiny" and storage.is_committed(out)
+    names = sorted(p.name for p in local.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + [storage.COMMIT_MARKER])
+    for name in names:
+        assert (out / name).read_bytes() == (local / name).read_bytes(), name
+    with pytest.raises(MixsdError, match=r"gs://.*/in/nope\.gguf: GGUF file not found"):
+        convert_gguf_to_hf(f"{gcs_bucket}/in/nope.gguf", f"{gcs_bucket}/models/nope")
+    assert not list(tmp_path.rglob("gs:*"))

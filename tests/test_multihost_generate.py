@@ -210,3 +210,36 @@ def test_a_bucket_that_cannot_be_written_is_one_line(tiny_llama_dir, records, gc
     assert main(["generate", *_overrides(tiny_llama_dir, records, out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_a_process_killed_without_a_word_stops_the_other_within_the_heartbeat(tiny_llama_dir, records, tmp_path,
+                                                                               monkeypatch):
+    """Process 1 is SIGKILLed mid-generation (no error posted); process 0, waiting on it, exits
+    non-zero within the heartbeat timeout with one line naming process 1."""
+    import os
+    import re
+    import signal
+    import time
+
+    monkeypatch.setenv("MIXSD_HEARTBEAT_TIMEOUT", "10")
+    out = tmp_path / "gen"
+    partial = out / Paths.for_config(GenerateConfig(input=str(records), out_dir=str(out), model=str(tiny_llama_dir),
+                                                    lambda_mix=0.3, temperature=1.0)).partial.name
+    procs = mh.start(["generate", *_overrides(tiny_llama_dir, records, out)])
+    try:
+        deadline = time.monotonic() + 240
+        while not (partial.exists() and partial.read_text().count("\n") >= 1):
+            ended = [p.communicate()[0][-3000:] for p in procs if p.poll() is not None]
+            assert not ended, f"a process ended before the kill point: {ended}"
+            assert time.monotonic() < deadline, "kill point not reached in time"
+            time.sleep(0.05)
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        output = procs[0].communicate(timeout=90)[0]
+        waited = time.monotonic() - killed
+    finally:
+        mh.stop(procs)
+    assert procs[0].returncode == 1, output[-3000:]
+    assert waited < 10 + 20, waited  # the timeout, a look every 0.5 s, a loaded machine
+    errors = re.findall(r"error:[^\r\n]*", output)  # the progress bar may share its line
+    assert errors == ["error: process 1 stopped answering for 10 s (killed, or out of memory?); stopping"], output[-3000:]

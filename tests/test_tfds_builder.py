@@ -75,3 +75,20 @@ def test_names_and_bad_input(tmp_path):
     broken.write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
     with pytest.raises(MixsdError, match=r"broken\.jsonl:1: messages: missing assistant turn"):
         build_tfds(broken, tmp_path)
+
+
+def test_a_dataset_builds_into_a_bucket(tmp_path, gcs_bucket, monkeypatch):
+    """A gs:// data_dir gets the dataset (built in a local temporary folder, uploaded; never a local
+    `gs:` folder): the files of a local build, which TFDS reads back from the bucket."""
+    from mixsd_jax import storage
+
+    monkeypatch.chdir(tmp_path)
+    jsonl = write_records(tmp_path / "edge_cases.jsonl", EDGE_CASES)
+    local = build_tfds(jsonl, tmp_path / "tfds")
+    path = build_tfds(jsonl, f"{gcs_bucket}/tfds")
+    assert str(path) == f"{gcs_bucket}/tfds/edge_cases/1.0.0"
+    assert sorted(p.name for p in path.iterdir()) == sorted(p.name for p in storage.path(local).iterdir())
+    shard = "edge_cases-train.array_record-00000-of-00001"
+    assert (path / shard).read_bytes() == (local / shard).read_bytes()
+    assert tfds.builder_from_directory(str(path)).info.metadata["source"] == "edge_cases.jsonl"
+    assert not list(tmp_path.rglob("gs:*"))

@@ -8,6 +8,7 @@ compiles once per optimizer setting for the whole module.
 """
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -49,6 +50,24 @@ def _weights(out):
     return (out / "hf" / "model.safetensors").read_bytes()
 
 
+def _tb_losses(folder) -> dict[int, float]:
+    """step -> `train/loss` from every TensorBoard event file in `folder` (TFRecord framing: length,
+    its CRC, the Event proto, its CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    losses = {}
+    for path in sorted(folder.iterdir()):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            losses.update((event.step, v.simple_value) for v in event.summary.value if v.tag == "train/loss")
+    return losses
+
+
 @pytest.fixture(scope="module")
 def straight(tiny_llama_dir, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
@@ -68,7 +87,7 @@ def test_run_outputs_and_summary(straight):
     assert summary["final_loss"] == rows[-1]["loss"] and rows[-1]["loss"] < rows[0]["loss"]
     assert summary["tokens"] == sum(r["tokens"] for r in rows) and summary["tokens_per_s"] > 0
     assert {"loss", "accuracy", "grad_norm", "lr", "tokens_per_s"} <= set(rows[0])
-    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert _tb_losses(out / "tb") == {r["step"]: np.float32(r["loss"]) for r in rows}
     assert sorted(Checkpoints(out / "checkpoints").all_steps()) == [3, 6]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (out / "hf" / name).is_file()
@@ -196,3 +215,8 @@ def test_a_run_in_a_bucket_resumes_exactly(straight, tiny_llama_dir, corpus, gcs
     assert _losses(url) == _losses(out)
     assert _weights(url) == _weights(out)
     assert (url / "hf" / ".mixsd_complete").exists() and json.loads((url / "summary.json").read_text()) == summary
+    # TensorBoard's event files are uploaded whole (one per run: the killed one's up to step 4, then
+    # the resumed one's), and nothing went to a local `gs:` folder.
+    assert len(list((url / "tb").iterdir())) == 2
+    assert _tb_losses(url / "tb") == {step: np.float32(loss) for step, loss, *_ in _losses(out)}
+    assert not list(Path.cwd().glob("gs:*"))

@@ -1,4 +1,4 @@
-"""`mixsd bench data|generate|train|opsd|opsd-recall`: each prints one JSON line (with the machine's load
+"""`mixsd bench data|generate|train|opsd|opsd-recall|export-peak`: each prints one JSON line (with the machine's load
 and cores where it times a model)."""
 
 from __future__ import annotations
@@ -57,6 +57,13 @@ def register(sub, bench) -> None:
     o.add_argument("--max-new-tokens", type=int, default=32, help="rollout length limit")
     o.set_defaults(func=_opsd)
 
+    e = bench.add_parser("export-peak", help="the HF export's measured per-device peak (live arrays at each gather)")
+    e.add_argument("--model", default=EMBEDDED_DEFAULT, help="HF-format directory or registry name")
+    e.add_argument("--mesh", default="fsdp=-1", metavar="AXIS=N[,AXIS=N]", help="the parameters' mesh (default: fsdp=-1)")
+    e.add_argument("--param-dtype", default="float32")
+    e.add_argument("--export-dtype", default="float32")
+    e.set_defaults(func=_export_peak)
+
     r = bench.add_parser("opsd-recall", help="OPSD on a few KGFact facts: recall and GT NLL before and after")
     r.add_argument("--model", default=EMBEDDED_DEFAULT, help="HF-format directory or registry name")
     r.add_argument("--facts", type=int, default=4, help="training facts (one batch)")
@@ -101,6 +108,20 @@ def _generate(args: argparse.Namespace) -> int:
                                     args.repeats, with_torch=not args.no_hf, records=records, mesh_cfg=mesh_cfg,
                                     param_dtype=args.param_dtype, block=args.block, blocks=args.blocks)),
           flush=True)
+    return 0
+
+
+def _export_peak(args: argparse.Namespace) -> int:
+    from mixsd_jax import config as config_lib
+    from mixsd_jax.bench.export_peak import bench_export_peak
+    from mixsd_jax.models.sharding import MeshConfig
+
+    mesh_cfg = config_lib.from_dict(MeshConfig, config_lib.parse_overrides(args.mesh.split(",")), prefix="mesh.")
+    result = bench_export_peak(args.model, mesh_cfg, args.param_dtype, args.export_dtype)
+    from mixsd_jax import multihost
+
+    if multihost.is_primary():
+        print(json.dumps(result), flush=True)
     return 0
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mixsd_jax import storage
 from mixsd_jax.data.records import Record, read_records
 from mixsd_jax.errors import MixsdError
 
@@ -59,7 +60,7 @@ def record_from_example(example: dict) -> Record:
 
 def build_tfds(jsonl_path: str | Path, data_dir: str | Path, name: str | None = None, *, allow_empty_assistant: bool = False) -> Path:
     """Builds (or rebuilds) dataset `name` under `data_dir`; returns its versioned directory."""
-    jsonl_path = Path(jsonl_path)
+    jsonl_path = storage.path(jsonl_path)
     name = name or dataset_name(jsonl_path)
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise MixsdError(f"TFDS name {name!r}: use lowercase letters, digits and '_', starting with a letter")
@@ -70,14 +71,31 @@ def build_tfds(jsonl_path: str | Path, data_dir: str | Path, name: str | None = 
 
     import tensorflow_datasets as tfds  # heavy: only when building
 
-    builder = _builder_class(tfds, name)(
-        records=records, source=jsonl_path.name, source_sha256=digest, data_dir=str(data_dir), file_format="array_record"
-    )
-    # Always rebuild: reusing an existing directory would silently keep stale records.
-    config = tfds.download.DownloadConfig(download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD)
-    with tempfile.TemporaryDirectory() as downloads:
-        builder.download_and_prepare(download_dir=downloads, download_config=config)
-    return Path(builder.data_dir)
+    target = storage.path(data_dir)
+    # array_record writes through its own local-file layer, so a bucket's dataset is built in a
+    # local temporary folder and uploaded.
+    with tempfile.TemporaryDirectory(prefix="mixsd-tfds-") as scratch:
+        builder = _builder_class(tfds, name)(
+            records=records, source=jsonl_path.name, source_sha256=digest,
+            data_dir=f"{scratch}/data" if storage.is_url(target) else str(target), file_format="array_record",
+        )
+        # Always rebuild: reusing an existing directory would silently keep stale records.
+        config = tfds.download.DownloadConfig(download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD)
+        builder.download_and_prepare(download_dir=f"{scratch}/downloads", download_config=config)
+        if not storage.is_url(target):
+            return storage.path(builder.data_dir)
+        return _upload(storage.path(builder.data_dir), target / name / VERSION)
+
+
+def _upload(local, dest):
+    """A built dataset folder into the bucket, replacing what was there; dataset_info.json, which
+    makes it a dataset to TFDS's readers, last."""
+    storage.remove(dest)
+    files = sorted(storage.files_under(local), key=lambda p: (p.name == "dataset_info.json", str(p)))
+    for path in files:
+        (dest / path.relative_to(local)).parent.mkdir(parents=True, exist_ok=True)
+        (dest / path.relative_to(local)).write_bytes(path.read_bytes())
+    return dest
 
 
 def _builder_class(tfds, dataset: str):

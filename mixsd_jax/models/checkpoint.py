@@ -22,6 +22,7 @@ import numpy as np
 from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.models.config import ModelConfig
+from mixsd_jax.models.gather import host_copy
 from mixsd_jax.models.remote_safetensors import ST_DTYPES as _ST_DTYPES
 from mixsd_jax.models.remote_safetensors import open_ranged, place_reading_once
 from mixsd_jax.models.transformer import Params, param_shapes
@@ -251,34 +252,26 @@ def _expected_hf_names(cfg: ModelConfig) -> set[str]:
 # ----------------------------------------------------------------------------- export
 
 
-def _host_array(x: jax.Array) -> np.ndarray:
-    if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
-def _hf_entries(params: Params, cfg: ModelConfig) -> list[tuple[str, Callable[[], jax.Array], bool, tuple]]:
-    """(HF name, the device array it is cut from, transpose?, its shape) in file order. Stacked
-    layer parameters are cut one layer at a time, so a gather never holds more than one layer."""
-    entries = [(hf_name, (lambda ours=ours: params[ours]), transpose, tuple(params[ours].shape))
+def hf_entries(params: Params, cfg: ModelConfig) -> list[tuple[str, jax.Array, int | None, bool, tuple]]:
+    """(HF name, the device array it is cut from, its layer or None, transpose?, its shape) in file
+    order. Stacked layer parameters are cut one layer at a time, so a gather never holds more."""
+    entries = [(hf_name, params[ours], None, transpose, tuple(params[ours].shape))
                for ours, (hf_name, transpose) in _top_names(cfg).items()]
     for ours, (pattern, transpose) in _hf_layer_names(cfg).items():
         stacked = params["layers"][ours]
-        entries += [(pattern.format(i), (lambda stacked=stacked, i=i: stacked[i]), transpose, tuple(stacked.shape[1:]))
-                    for i in range(cfg.num_layers)]
+        entries += [(pattern.format(i), stacked, i, transpose, tuple(stacked.shape[1:])) for i in range(cfg.num_layers)]
     return entries
 
 
-def _gathered(get: Callable[[], jax.Array], transpose: bool, np_dtype) -> np.ndarray:
-    arr = _host_array(get()).astype(np_dtype)
+def _gathered(source: jax.Array, layer: int | None, transpose: bool, np_dtype, on_gather=None) -> np.ndarray:
+    arr = host_copy(source, layer, on_gather).astype(np_dtype)
     return np.ascontiguousarray(arr.T if transpose else arr)
 
 
 def to_hf_tensors(params: Params, cfg: ModelConfig, dtype: str = "float32") -> dict[str, np.ndarray]:
     np_dtype = np.dtype(jnp.dtype(dtype))
-    return {name: _gathered(get, transpose, np_dtype) for name, get, transpose, _ in _hf_entries(params, cfg)}
+    return {name: _gathered(source, layer, transpose, np_dtype)
+            for name, source, layer, transpose, _ in hf_entries(params, cfg)}
 
 
 def export_is_complete(out_dir: str | Path) -> bool:
@@ -294,15 +287,17 @@ def export_hf(
     tokenizer_dir: str | Path | None = None,
     dtype: str = "float32",
     shard_bytes: int = 4 << 30,
+    on_gather: Callable[[], None] | None = None,
 ) -> Path:
     """Write an HF-format directory. Every process takes part (the gathers are collectives): each
     tensor is gathered alone, a stacked parameter one layer at a time, and process 0 writes a
     shard file as soon as it is full, so devices hold one layer's gathered weights beyond the
     sharded state and the host one output shard. Locally the files go to a temp folder renamed
-    into place; in a bucket, where nothing renames, into the folder itself and a marker last."""
+    into place; in a bucket, where nothing renames, into the folder itself and a marker last.
+    `on_gather()` runs while each gathered tensor is on the devices (models/gather.py)."""
     out_dir = storage.path(out_dir)
     np_dtype = np.dtype(jnp.dtype(dtype))
-    entries = _hf_entries(params, cfg)
+    entries = hf_entries(params, cfg)
     # Shard boundaries from the shapes alone, identical on every process.
     sizes = [int(np.prod(shape)) * np_dtype.itemsize for *_, shape in entries]
     plan: list[list[int]] = [[]]
@@ -319,7 +314,7 @@ def export_hf(
     target = _export_target(out_dir) if primary else None
     try:
         for fname, members in zip(names, plan):
-            shard = {entries[i][0]: _gathered(entries[i][1], entries[i][2], np_dtype) for i in members}
+            shard = {entries[i][0]: _gathered(*entries[i][1:4], np_dtype, on_gather) for i in members}
             if primary:
                 _write_safetensors(target / fname, shard)
             del shard

@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 
 
@@ -117,8 +118,8 @@ def cmd_export(args) -> int:
     from mixsd_jax.models.registry import resolve_model
 
     model_dir = resolve_model(args.model)
-    out = Path(args.out)
-    if out.resolve() == model_dir.resolve():
+    out = storage.path(args.out)
+    if not storage.is_url(out) and Path(out).resolve() == Path(model_dir).resolve():
         raise MixsdError(f"{out}: is the model's own directory; export somewhere else")
     check_replaceable(out)
     cfg, params = load_hf(model_dir, param_dtype="float32")

@@ -17,6 +17,7 @@ a Gemma turn-format chat template when the file has none (the base models).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 
 # Bump when the output of `convert_gguf_to_hf` changes; the registry re-converts cached models.
@@ -34,39 +36,77 @@ SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 
 
 def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Dequantize a llama GGUF into an HF-format directory at `out_dir` (replaced atomically)."""
+    """Dequantize a llama/gemma3 GGUF into an HF-format directory at `out_dir` (replaced whole).
+
+    Either may be a bucket URL: a GGUF there is copied to a local temporary file first (the
+    reader maps a local file); the directory is built locally, then renamed into place on a local
+    disk or uploaded into the bucket folder with its commit marker last."""
     from safetensors.numpy import save_file
 
-    gguf_path = Path(gguf_path)
-    out_dir = Path(out_dir)
+    out_dir = storage.path(out_dir)
     check_replaceable(out_dir)
-    reader = _open(gguf_path)
-    architecture = _meta(reader, gguf_path, "general.architecture")
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise MixsdError(
-            f"{gguf_path}: GGUF architecture {architecture!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
-    config = (gemma3_config if architecture == "gemma3" else llama_config)(reader, gguf_path)
-    tensors = read_tensors(reader, gguf_path, config, architecture)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        del tensors  # free the float32 weights before transformers parses the GGUF again
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        generation = {
-            key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in config
-        }
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
-        _save_tokenizer(gguf_path, tmp, config["max_position_embeddings"], architecture)
-        _make_readable(tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _local_file(gguf_path) as local:
+        reader = _open(local, gguf_path)
+        architecture = _meta(reader, gguf_path, "general.architecture")
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise MixsdError(
+                f"{gguf_path}: GGUF architecture {architecture!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        config = (gemma3_config if architecture == "gemma3" else llama_config)(reader, gguf_path)
+        tensors = read_tensors(reader, gguf_path, config, architecture)
+        tmp = Path(tempfile.mkdtemp(dir=_temp_parent(out_dir), prefix=f".{out_dir.name}.tmp-"))
+        try:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            del tensors  # free the float32 weights before transformers parses the GGUF again
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            generation = {
+                key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in config
+            }
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+            _save_tokenizer(reader, gguf_path, tmp, config["max_position_embeddings"], architecture)
+            _make_readable(tmp)
+            if storage.is_url(out_dir):
+                _upload_dir(tmp, out_dir)
+            else:
+                _replace_dir(tmp, Path(out_dir))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+@contextlib.contextmanager
+def _local_file(gguf_path: str | Path):
+    """A local path to read `gguf_path` from: itself, or a temporary copy of a bucket object."""
+    if not storage.is_url(gguf_path):
+        yield Path(gguf_path)
+        return
+    source = storage.path(gguf_path)
+    if not source.is_file():
+        raise MixsdError(f"{gguf_path}: GGUF file not found")
+    with tempfile.TemporaryDirectory(prefix="mixsd-gguf-") as scratch:
+        local = Path(scratch) / source.name
+        with source.open("rb") as src, open(local, "wb") as dst:  # a local temporary file
+            shutil.copyfileobj(src, dst, 16 << 20)
+        yield local
+
+
+def _temp_parent(out_dir) -> str | None:
+    """Where the directory is built: next to a local `out_dir` (one rename), the system's temporary
+    folder for a bucket one."""
+    if storage.is_url(out_dir):
+        return None
+    Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+    return str(Path(out_dir).parent)
+
+
+def _upload_dir(local: Path, out_dir) -> None:
+    """The files of `local` into the bucket folder `out_dir` (emptied first), the marker last."""
+    storage.remove(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in sorted(local.iterdir()):
+        (out_dir / path.name).write_bytes(path.read_bytes())
+    storage.commit_marker(out_dir).write_text("")
 
 
 def llama_config(reader, gguf_path: Path) -> dict:
@@ -233,14 +273,13 @@ def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, d_in).swapaxes(1, 2).reshape(rows, d_in)
 
 
-def _gguf_tokenizer(gguf_path: Path):
+def _gguf_tokenizer(reader, gguf_path: Path):
     """The fast tokenizer transformers builds for `AutoTokenizer.from_pretrained(gguf_file=...)`,
     from the same metadata and builders, but read with the `gguf` package: transformers' own GGUF
     reader imports PyTorch, which a plain `pip install -e .` does not have."""
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
-    reader = _open(gguf_path)
     grouped = {
         group: {name: _meta(reader, gguf_path, f"tokenizer.{key}") for key, name in renames.items()
                 if f"tokenizer.{key}" in reader.fields}
@@ -257,11 +296,11 @@ def _gguf_tokenizer(gguf_path: Path):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
 
-def _save_tokenizer(gguf_path: Path, out_dir: Path, max_length: int, architecture: str = "llama") -> None:
+def _save_tokenizer(reader, gguf_path: Path, out_dir: Path, max_length: int, architecture: str = "llama") -> None:
     from mixsd_jax.models.tokenizer import GEMMA_CHAT_TEMPLATE
 
     try:
-        tokenizer = _gguf_tokenizer(gguf_path)
+        tokenizer = _gguf_tokenizer(reader, gguf_path)
     except (ValueError, KeyError, OSError) as exc:
         raise MixsdError(f"{gguf_path}: transformers cannot build a tokenizer from this GGUF ({exc})") from None
     if architecture == "gemma3" and not tokenizer.chat_template:
@@ -287,8 +326,9 @@ def _save_tokenizer(gguf_path: Path, out_dir: Path, max_length: int, architectur
         special_path.write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def check_replaceable(out_dir: Path) -> None:
+def check_replaceable(out_dir) -> None:
     """An output directory may replace nothing but an empty folder or an earlier model directory."""
+    out_dir = storage.path(out_dir)
     if not out_dir.exists():
         return
     if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "config.json").is_file()):
@@ -315,13 +355,14 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.replace(new, target)
 
 
-def _open(gguf_path: Path):
+def _open(local: Path, gguf_path):
+    """The reader of the local file `local`; errors name `gguf_path`, the file the user gave."""
     from gguf import GGUFReader
 
-    if not gguf_path.is_file():
+    if not local.is_file():
         raise MixsdError(f"{gguf_path}: GGUF file not found")
     try:
-        return GGUFReader(str(gguf_path))
+        return GGUFReader(str(local))
     except (ValueError, OSError) as exc:
         raise MixsdError(f"{gguf_path}: not a readable GGUF file ({exc})") from None
 

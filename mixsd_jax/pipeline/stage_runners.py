@@ -40,7 +40,8 @@ def generate_runner(gcfg) -> Callable[[], dict]:
         from mixsd_jax.sampling.generator import generate
 
         summary = generate(gcfg, progress=True)
-        trainable = summary.get("accepted", 0) + (summary.get("rejected", 0) if gcfg.keep_rejected else 0)
+        kept_failures = summary.get("rejected", 0) - summary.get("empty_answers", 0) if gcfg.keep_rejected else 0
+        trainable = summary.get("accepted", 0) + kept_failures
         if not trainable:
             raise MixsdError(
                 f"{summary.get('output')}: no MixSD target passed the verifier for λ={gcfg.lambda_mix:g} "

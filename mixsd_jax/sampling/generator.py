@@ -9,7 +9,7 @@ its ids alone, hence the files do not depend on batch size, device count or resu
 Results stream to `<final>.partial` (one flushed line per finished (record, generation)), next to
 `<final>.partial.meta.json` holding the config fingerprint; a rerun resumes, and refuses a partial
 written with other settings. Finalize writes accepted records (input order) to the final file and
-records that never passed to a separate `.rejected.jsonl`, both by atomic rename.
+the others to `.rejected.jsonl` (keep_rejected: only empty answers), both by atomic rename.
 
 Multi-host (`distributed` section or MIXSD_* environment): every process reads the same input and
 resume state (checked: they must agree), runs the same queue, and process 0 alone writes the
@@ -24,7 +24,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 
 from mixsd_jax import config as config_lib
@@ -357,14 +357,14 @@ def _run_queue(cfg, model_dir, tokenizer, prompts, gt_answers, verifier, max_ret
 def _finalize(cfg, paths: Paths, num_records: int, stats: dict, wall_s: float, fingerprint: str) -> dict:
     rows = read_partial_jsonl(paths.partial)
     rows.sort(key=lambda r: (r["mix_meta"]["record_index"], r["mix_meta"]["gen_index"]))
-    accepted = [r for r in rows if r["mix_meta"]["correct"]]
-    rejected = [r for r in rows if not r["mix_meta"]["correct"]]
-    atomic_write_jsonl(paths.final, rows if cfg.keep_rejected else accepted)
-    atomic_write_jsonl(paths.rejected, [] if cfg.keep_rejected else rejected)
+    accepted, rejected = [r for r in rows if r["mix_meta"]["correct"]], [r for r in rows if not r["mix_meta"]["correct"]]
+    # keep_rejected never trains on an empty answer (prompt too long, no ground truth, instant stop).
+    empty = [r for r in rejected if not r["messages"][-1]["content"].strip()]
+    trainable = [r for r in rows if r["mix_meta"]["correct"] or r["messages"][-1]["content"].strip()]
+    atomic_write_jsonl(paths.final, trainable if cfg.keep_rejected else accepted)
+    atomic_write_jsonl(paths.rejected, empty if cfg.keep_rejected else rejected)
     generated = [r for r in rows if r["mix_meta"]["num_attempts"] > 0]
-    finish = {}
-    for r in rows:
-        finish[r["mix_meta"]["finish_reason"]] = finish.get(r["mix_meta"]["finish_reason"], 0) + 1
+    finish = dict(Counter(r["mix_meta"]["finish_reason"] for r in rows))  # in order of first appearance
     summary = {
         "output": str(paths.final),
         "rejected_output": str(paths.rejected),
@@ -372,6 +372,7 @@ def _finalize(cfg, paths: Paths, num_records: int, stats: dict, wall_s: float, f
         "generations": len(rows),
         "accepted": len(accepted),
         "rejected": len(rejected),
+        "empty_answers": len(empty),  # rejected rows with no answer text: never in the training file
         "pass_rate": len(accepted) / max(1, len(rows)),
         "prompt_too_long": sum(r["mix_meta"]["finish_reason"] == "prompt_too_long" for r in rows),
         "no_gt_answer": sum(r["mix_meta"]["finish_reason"] == "no_gt_answer" for r in rows),
