@@ -99,7 +99,7 @@ def test_bad_input_is_one_line(experiment):
 def test_known_shapes_match_the_published_sizes():
     """Parameter counts of the paper's models from their known config fields against the HF model
     cards' non-embedding counts (Qwen3-0.6B 0.44B, Qwen3-1.7B 1.4B, Qwen3-4B 3.6B, Qwen3-8B 6.95B) and
-    Llama-3.2-1B's 1.24B."""
+    Llama-3.2-1B's 1.24B and Llama-3.2-3B's 3.21B."""
     from mixsd_jax.models.known_shapes import known_model_config
     from mixsd_jax.models.transformer import param_shapes
 
@@ -117,6 +117,9 @@ def test_known_shapes_match_the_published_sizes():
     llama = param_shapes(known_model_config("llama-3.2-1b-instruct"))
     total = sum(math.prod(s) for s in jax.tree.leaves(llama, is_leaf=lambda x: isinstance(x, tuple)))
     np.testing.assert_allclose(total / 1e9, 1.24, atol=0.005)
+    llama3b = param_shapes(known_model_config("meta-llama/Llama-3.2-3B-Instruct"))
+    total = sum(math.prod(s) for s in jax.tree.leaves(llama3b, is_leaf=lambda x: isinstance(x, tuple)))
+    np.testing.assert_allclose(total / 1e9, 3.21, atol=0.005)
     assert known_model_config("not-a-paper-model") is None
 
 

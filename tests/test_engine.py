@@ -259,3 +259,45 @@ def test_output_independent_of_batch_size_slots_and_device_count(tiny_qwen2_dir)
     items = [WorkItem((PROMPTS[0], PROMPTS[1]), 0, attempt=a) for a in (0, 1)]
     a0, a1 = decode_all(_mixing(params, cfg, batch_size=2, naive_prob=0.5), items)
     assert a0.tokens != a1.tokens
+
+
+def test_shared_prefix_is_what_every_prompt_of_a_record_begins_with():
+    from mixsd_jax.sampling.engine import shared_prefix
+
+    assert shared_prefix(((1, 2, 3, 4), (1, 2, 5))) == 2
+    assert shared_prefix(((1, 2), (1, 2, 3))) == 1  # each side keeps its last token
+    assert shared_prefix(((7, 8, 9), (7, 8, 9))) == 2
+    assert shared_prefix(((5, 6), (6, 5))) == 0
+    assert shared_prefix(((1, 2, 3),)) == 0
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_gemma3_dir"])
+def test_prefilling_the_shared_prefix_once_gives_what_prefilling_each_side_gives(model, request):
+    from mixsd_jax.sampling.engine import shared_prefix
+
+    cfg, params = load_hf(request.getfixturevalue(model))
+    head = tuple(range(3, 40))  # longer than the tiny Gemma 3's sliding window
+    prompts = [
+        (head + (50, 51, 52), head + (60,)),  # a long shared head, then different questions
+        ((9, 10, 11, 12), (9, 10, 11, 12, 13, 14)),  # the naive prompt extends the expert one
+        (head[:5] + (70, 71), head[:5] + (80, 81, 82)),
+        ((41, 42, 43), (44, 45)),  # nothing shared
+    ]
+    assert [shared_prefix(p) for p in prompts] == [len(head), 3, 5, 0]
+    items = [WorkItem(p, i) for i, p in enumerate(prompts)]
+    nothing_shared = [WorkItem(prompts[3], 0)]
+
+    def run(share_prefix, work):
+        engine = Engine(params, EngineSpec(cfg, Sampler(0.6, 16), sides=2, max_new_tokens=10, max_model_len=4096,
+                                           batch_size=4, seed=3, naive_prob=0.4, segment_steps=4, block=16,
+                                           share_prefix=share_prefix))
+        return decode_all(engine, work)
+
+    for work in (items, nothing_shared):
+        shared, whole = run(True, work), run(False, work)
+        assert len(shared) == len(work)
+        for s, w in zip(shared, whole):
+            assert (s.tokens, s.naive, s.finish_reason) == (w.tokens, w.naive, w.finish_reason)
+            assert s.logprobs == pytest.approx(w.logprobs, abs=1e-5)
+        # Both sides' rows feed the tokens, so both sides' caches are checked.
+        assert any(any(c.naive) for c in shared) and any(not all(c.naive) for c in shared)

@@ -128,12 +128,13 @@ def test_decode_step_never_reads_the_blocks_before_the_window(tiny_gemma3_dir):
     L, K, E, S, block = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 48, 8
     lengths = jnp.asarray([40, 37], jnp.int32)  # windows start at slots 25 and 22: blocks 0, 1 are never needed
     rng = np.random.default_rng(0)
-    cache_k = rng.standard_normal((L, 2, S, K, E)).astype(np.float32)
-    cache_v = rng.standard_normal((L, 2, S, K, E)).astype(np.float32)
+    cache_k = rng.standard_normal((L, 2, K, S, E)).astype(np.float32)  # one side, two rows
+    cache_v = rng.standard_normal((L, 2, K, S, E)).astype(np.float32)
 
     def step(cache_v):
-        hidden, _, _ = decode_step(params, cfg, jnp.asarray([5, 6], jnp.int32), lengths, lengths, jnp.asarray(cache_k),
-                                   jnp.asarray(cache_v), jnp.asarray([40], jnp.int32), dtype=jnp.float32, block=block)
+        hidden, _, _ = decode_step(params, cfg, jnp.asarray([5, 6], jnp.int32), lengths, lengths,
+                                   (jnp.asarray(cache_k),), (jnp.asarray(cache_v),), jnp.asarray([40], jnp.int32),
+                                   dtype=jnp.float32, block=block)
         return np.asarray(hidden)
 
     clean = step(cache_v)
@@ -141,10 +142,10 @@ def test_decode_step_never_reads_the_blocks_before_the_window(tiny_gemma3_dir):
     # even under a zero weight, would make the output NaN.
     sliding = [i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"]
     poisoned = cache_v.copy()
-    poisoned[sliding, :, :16] = np.nan
+    poisoned[sliding, :, :, :16] = np.nan
     np.testing.assert_array_equal(step(poisoned), clean)
     # The check can fail: slots 16..21 are in a block the walk reads, masked for both rows.
-    poisoned[sliding, :, 16:22] = np.nan
+    poisoned[sliding, :, :, 16:22] = np.nan
     assert np.isnan(step(poisoned)).all()
 
 

@@ -2,6 +2,7 @@
 scaling report over both; killed during the second model, the rerun redoes nothing of the first;
 bad `models:` entries fail in one line before any work."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -234,3 +235,19 @@ def test_only_names_a_model_of_the_study(tiny_llama_dir, big_llama_dir, tmp_path
     with pytest.raises(MixsdError, match="--only 'medium': not a model of this study"):
         build_study(load_experiment(path), only="medium")
     assert [e.name for e in model_entries(load_experiment(path))] == [SMALL, BIG]
+
+
+def test_dry_run_plans_paper_models_that_are_not_downloaded(tmp_path, monkeypatch):
+    """The Llama study's plan before any download: both sizes from their known shapes, every stage
+    pending; a real run still stops on the missing model."""
+    from mixsd_jax.pipeline.study import describe_study
+
+    monkeypatch.setenv("MIXSD_MODELS_DIR", str(tmp_path / "models"))
+    cfg = load_experiment(ROOT / "configs" / "paper" / "scaling_llama3p2_kgfact_small.yaml")
+    cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "out"))
+    text = describe_study(build_study(cfg, dry_run=True))
+    assert "model llama-3.2-1b-instruct (llama-3.2-1b-instruct, 1,235,814,400 parameters)" in text
+    assert "model llama-3.2-3b-instruct (llama-3.2-3b-instruct, 3,212,749,824 parameters)" in text
+    assert text.count(" pending ") == 1 + 2 * 16 and " done " not in text
+    with pytest.raises(MixsdError, match="'llama-3.2-1b-instruct'.*not on this machine"):
+        build_study(cfg)

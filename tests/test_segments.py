@@ -67,7 +67,7 @@ def test_state_is_a_pytree_and_empty_slots_stay_done(tiny_llama_dir):
                             jnp.int32(0), spec=spec)
     assert state.done_B.tolist() == [True, False, True, True] and state.lengths_R.tolist() == [0, 4, 0, 0]
     grown = segments.grow(state, spec=spec, capacity=32)
-    np.testing.assert_array_equal(grown.cache_k[:, :, :16], state.cache_k)
+    np.testing.assert_array_equal(grown.cache_k[0][:, :, :, :16], state.cache_k[0])
     state, out = segments.decode_segment(params, grown, jnp.float32(0), jnp.array([-1], jnp.int32), jnp.int32(5),
                                          spec=spec)
     # The segment ends when the one live slot stops (6 tokens), not after 16 steps; empty slots emit nothing.

@@ -1,17 +1,21 @@
 """One decode step for rows that sit at their own cache lengths, reading the cache only up to the live end.
 
-The continuous-batching engine (sampling/engine.py) keeps one long-lived cache whose rows hold
-unrelated sequences of different lengths. Row r holds `lengths_R[r]` tokens in slots [0, lengths)
-with positions equal to slots, so its next token has position `lengths_R[r]` and goes to that slot.
+The continuous-batching engine (sampling/engine.py) keeps one long-lived cache per side whose rows
+hold unrelated sequences of different lengths. Row b of side s holds `lengths` tokens in slots
+[0, lengths) with positions equal to slots, so its next token has position `lengths` and goes to
+that slot. The step's rows come in groups of `sides` (row b * sides + side: a MixSD record's expert
+and naive rows); side s's keys and values live in their own arrays `cache_k[s]`, `cache_v[s]`
+[L, B, K, S, E]. Both choices are for the TPU: a side is a whole array, so no step views the cache
+by side (a reshape of the tiled TPU layout is a copy of the whole cache), and the minor dimensions
+are (slots, head dim), which tile without padding whatever the number of kv heads per device.
 
-Attention walks the cache in blocks of `block` slots with an online softmax (running max, sum and
-weighted values), and only over the blocks below the longest live row: the work and the KV reads of
-a step follow the live length, not the cache capacity. Rows come in groups of `sides` (row
-b * sides + side: a MixSD record's expert and naive rows), and each side has its own bound: the
-naive rows' shorter prompts do not walk the blocks only the expert prompts reach. The cache is read
-from the full [L, R, S, K, E] array block by block (never sliced per layer first, which would copy
-a whole layer's cache every step), and the step's new keys and values are scattered in place after
-the layer scan.
+Attention walks a side's cache in blocks of `block` slots with an online softmax (running max, sum
+and weighted values), and only over the blocks below that side's longest live row: the work and the
+KV reads of a step follow the live length, not the cache capacity, and the naive rows' shorter
+prompts do not walk the blocks only the expert prompts reach. The cache is read from the full
+[L, B, K, S, E] array block by block (never sliced per layer first, which would copy a whole
+layer's cache every step), and the step's new keys and values are scattered in place after the
+layer scan.
 
 A masked score is a finite -1e30 and every row first sees its own new token, so a block beyond a
 row's length adds exactly zero: a row's result never depends on its neighbours' lengths.
@@ -35,80 +39,76 @@ from mixsd_jax.models.block import block as decoder_block, embed, layer_variants
 from mixsd_jax.models.config import ModelConfig
 
 
-def _block_attention(q_RxKxGxE, k_self_RxKxE, v_self_RxKxE, cache_k, cache_v, layer, side, sides, lengths_R, bound,
-                     block, divisor, window=None, first=None):
-    """softmax(q · [cache[:lengths], self]) · values for the rows of one side (q's R rows are cache
-    rows side, side + sides, ...), over the blocks of the cache below `bound`. With a `window`, a
-    row sees only the slots fewer than `window` behind its new token, and the walk starts at the
-    block of slot `first - window + 1` (`first`: the side's shortest decoding row's length)."""
-    R, K, G, E = q_RxKxGxE.shape
-    L, _, S = cache_k.shape[:3]
-    if sides > 1:  # [L, R * sides, S, K, E] viewed as [L, R, sides, S, K, E]: a reshape of contiguous memory
-        cache_k, cache_v = (c.reshape(L, R, sides, S, K, E) for c in (cache_k, cache_v))
+def _block_attention(q_BxKxGxE, k_self_BxKxE, v_self_BxKxE, cache_k, cache_v, layer, lengths_B, bound, block,
+                     divisor, window=None, first=None):
+    """softmax(q · [cache[:lengths], self]) · values for one side's rows, over the blocks of its
+    cache [L, B, K, S, E] below `bound`. With a `window`, a row sees only the slots fewer than
+    `window` behind its new token, and the walk starts at the block of slot `first - window + 1`
+    (`first`: the side's shortest decoding row's length)."""
+    B, K, G, E = q_BxKxGxE.shape
 
     def read(cache, start):
-        # With one side the cache is sliced as it is: measured on XLA's CPU backend, the [L, R, 1, S, K, E]
-        # view made plain decoding 2x slower.
-        if sides == 1:
-            return jax.lax.dynamic_slice(cache, (layer, 0, start, 0, 0), (1, R, block, K, E))[0]
-        return jax.lax.dynamic_slice(cache, (layer, 0, side, start, 0, 0), (1, R, 1, block, K, E))[0, :, 0]
+        return jax.lax.dynamic_slice(cache, (layer, 0, 0, start, 0), (1, B, K, block, E))[0]
     scale = 1.0 / divisor
-    vdtype = v_self_RxKxE.dtype
-    m_RxKxG = jnp.einsum("rkge,rke->rkg", q_RxKxGxE, k_self_RxKxE, preferred_element_type=jnp.float32) * scale
-    l_RxKxG = jnp.ones_like(m_RxKxG)
-    acc_RxKxGxE = jnp.broadcast_to(v_self_RxKxE[:, :, None, :], (R, K, G, E)).astype(jnp.float32)
+    vdtype = v_self_BxKxE.dtype
+    m_BxKxG = jnp.einsum("bkge,bke->bkg", q_BxKxGxE, k_self_BxKxE, preferred_element_type=jnp.float32) * scale
+    l_BxKxG = jnp.ones_like(m_BxKxG)
+    acc_BxKxGxE = jnp.broadcast_to(v_self_BxKxE[:, :, None, :], (B, K, G, E)).astype(jnp.float32)
 
     def one_block(i, carry):
         m, l, acc = carry
         start = i * block
-        k_RxSxKxE, v_RxSxKxE = read(cache_k, start).astype(vdtype), read(cache_v, start).astype(vdtype)
-        s = jnp.einsum("rkge,rske->rkgs", q_RxKxGxE, k_RxSxKxE, preferred_element_type=jnp.float32) * scale
+        k_BxKxSxE, v_BxKxSxE = read(cache_k, start).astype(vdtype), read(cache_v, start).astype(vdtype)
+        s = jnp.einsum("bkge,bkse->bkgs", q_BxKxGxE, k_BxKxSxE, preferred_element_type=jnp.float32) * scale
         slots_S = start + jnp.arange(block)
-        seen_RxS = slots_S[None, :] < lengths_R[:, None]
+        seen_BxS = slots_S[None, :] < lengths_B[:, None]
         if window is not None:
-            seen_RxS = seen_RxS & (slots_S[None, :] > (lengths_R - window)[:, None])
-        s = jnp.where(seen_RxS[:, None, None, :], s, MASKED)
+            seen_BxS = seen_BxS & (slots_S[None, :] > (lengths_B - window)[:, None])
+        s = jnp.where(seen_BxS[:, None, None, :], s, MASKED)
         m_new = jnp.maximum(m, s.max(axis=-1))
         correction = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
         l = l * correction + p.sum(axis=-1)
         acc = acc * correction[..., None] + jnp.einsum(
-            "rkgs,rske->rkge", p.astype(vdtype), v_RxSxKxE, preferred_element_type=jnp.float32
+            "bkgs,bkse->bkge", p.astype(vdtype), v_BxKxSxE, preferred_element_type=jnp.float32
         )
         return m_new, l, acc
 
     n_blocks = (bound + block - 1) // block
     first_block = 0 if window is None else jnp.maximum(first - window + 1, 0) // block
-    _, l_RxKxG, acc_RxKxGxE = jax.lax.fori_loop(first_block, n_blocks, one_block, (m_RxKxG, l_RxKxG, acc_RxKxGxE))
-    return (acc_RxKxGxE / l_RxKxG[..., None]).astype(vdtype).reshape(R, K * G * E)
+    _, l_BxKxG, acc_BxKxGxE = jax.lax.fori_loop(first_block, n_blocks, one_block, (m_BxKxG, l_BxKxG, acc_BxKxGxE))
+    return (acc_BxKxGxE / l_BxKxG[..., None]).astype(vdtype).reshape(B, K * G * E)
 
 
-def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k, cache_v, bounds, *, dtype, block):
+def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k: tuple, cache_v: tuple, bounds, *,
+                dtype, block):
     """Feed one token per row; returns (final-norm hidden [R, D], cache_k, cache_v).
 
-    `write_R` is the slot each row's new key/value goes to (a row that is not decoding passes the
-    capacity S: the write is dropped). `bounds` [sides]: no row of side s (rows s, s + sides, ...)
-    reads a slot at or past bounds[s].
+    `cache_k`, `cache_v`: one [L, B, K, S, E] array per side (R = B * sides rows, row b * sides + s
+    in side s's row b). `write_R` is the slot each row's new key/value goes to (a row that is not
+    decoding passes the capacity S: the write is dropped). `bounds` [sides]: no row of side s reads a
+    slot at or past bounds[s].
     """
-    R, sides = tokens_R.shape[0], bounds.shape[0]
-    L, K, E, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
-    S = cache_k.shape[2]
+    sides = len(cache_k)
+    R, B = tokens_R.shape[0], tokens_R.shape[0] // sides
+    K, E, H = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+    S = cache_k[0].shape[3]
     variants = layer_variants(cfg)
     inv_freq = rope_inv_freq(cfg)
     positions_Rx1 = lengths_R[:, None]
-    by_side = lambda x: x.reshape(R // sides, sides, *x.shape[1:])  # noqa: E731 - rows -> [B, sides, ...]
-    lengths_BxS = by_side(lengths_R)
+    by_side = lambda x: x.reshape(B, sides, *x.shape[1:])  # noqa: E731 - rows -> [B, sides, ...]
+    lengths_BxS, write_BxS = by_side(lengths_R), by_side(write_R)
     # The shortest decoding row of each side: where a sliding window's walk over the cache starts.
-    firsts = jnp.min(jnp.where(by_side(write_R) < S, lengths_BxS, S), axis=0)
+    firsts = jnp.min(jnp.where(write_BxS < S, lengths_BxS, S), axis=0)
 
     def attend(layer, window, q_Rx1xHxE, k_Rx1xKxE, v_Rx1xKxE):
         # Through the cache dtype first, so this step sees its own key exactly as later steps will.
-        k_RxKxE = k_Rx1xKxE[:, 0].astype(cache_k.dtype).astype(dtype)
-        v_RxKxE = v_Rx1xKxE[:, 0].astype(cache_v.dtype).astype(dtype)
+        k_RxKxE = k_Rx1xKxE[:, 0].astype(cache_k[0].dtype).astype(dtype)
+        v_RxKxE = v_Rx1xKxE[:, 0].astype(cache_v[0].dtype).astype(dtype)
         q_BxSxKxGxE = by_side(q_Rx1xHxE[:, 0].reshape(R, K, H // K, E))
         k_BxSxKxE, v_BxSxKxE = by_side(k_RxKxE), by_side(v_RxKxE)
         attn = jnp.stack([
-            _block_attention(q_BxSxKxGxE[:, s], k_BxSxKxE[:, s], v_BxSxKxE[:, s], cache_k, cache_v, layer, s, sides,
+            _block_attention(q_BxSxKxGxE[:, s], k_BxSxKxE[:, s], v_BxSxKxE[:, s], cache_k[s], cache_v[s], layer,
                              lengths_BxS[:, s], bounds[s], block, cfg.attention_divisor, window, firsts[s])
             for s in range(sides)
         ], axis=1).reshape(R, 1, -1)
@@ -123,8 +123,16 @@ def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k,
         return x_Rx1xD, kv
 
     x_Rx1xD = embed(params, cfg, tokens_R[:, None], dtype)
-    x_Rx1xD, (k_LxRxKxE, v_LxRxKxE) = jax.lax.scan(layer_body, x_Rx1xD, (params["layers"], jnp.arange(L), variants))
-    rows = jnp.arange(R)
-    cache_k = cache_k.at[:, rows, write_R].set(k_LxRxKxE.astype(cache_k.dtype), mode="drop")
-    cache_v = cache_v.at[:, rows, write_R].set(v_LxRxKxE.astype(cache_v.dtype), mode="drop")
+    x_Rx1xD, (k_LxRxKxE, v_LxRxKxE) = jax.lax.scan(layer_body, x_Rx1xD,
+                                                   (params["layers"], jnp.arange(cfg.num_layers), variants))
+    rows_B = jnp.arange(B)
+
+    def write(cache, new_LxRxKxE, s):
+        # The new keys of side s's rows at their write slots; indexing [:, rows, :, slots] puts the
+        # (row) index dimension first: the update is [B, L, K, E].
+        new_BxLxKxE = by_side(jnp.moveaxis(new_LxRxKxE, 1, 0))[:, s]
+        return cache.at[:, rows_B, :, write_BxS[:, s]].set(new_BxLxKxE.astype(cache.dtype), mode="drop")
+
+    cache_k = tuple(write(c, k_LxRxKxE, s) for s, c in enumerate(cache_k))
+    cache_v = tuple(write(c, v_LxRxKxE, s) for s, c in enumerate(cache_v))
     return norm(x_Rx1xD[:, 0], params["final_norm"], cfg), cache_k, cache_v

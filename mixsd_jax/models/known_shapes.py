@@ -3,7 +3,8 @@
 Enough to build a `ModelConfig` (shapes, no weights), so memory plans of the paper's configs need
 no download. Keys follow PAPER_MODELS, EMBEDDED and GEMMA3_MODELS in registry.py. Values are the
 published config.json fields (Qwen/Qwen3-1.7B, Qwen/Qwen3-4B-Instruct-2507, Qwen/Qwen3-8B,
-meta-llama/Llama-3.2-1B-Instruct, google/gemma-3-270m, google/gemma-3-1b-pt, and the `text_config`
+meta-llama/Llama-3.2-1B-Instruct,
+meta-llama/Llama-3.2-3B-Instruct, google/gemma-3-270m, google/gemma-3-1b-pt, and the `text_config`
 of google/gemma-3-4b-pt, -12b-pt, -27b-pt).
 """
 
@@ -48,6 +49,14 @@ HF_CONFIGS = {
     "llama-3.2-1b-instruct": {
         "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
         "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+        "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": True, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        "max_position_embeddings": 131072,
+    },
+    "llama-3.2-3b-instruct": {
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 3072, "intermediate_size": 8192,
+        "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128,
         "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": True, "rope_theta": 500000.0,
         "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192},

@@ -256,6 +256,24 @@ def prefill(
                                                              positions_BxT, zero)
 
 
+def extend(params: Params, cfg: ModelConfig, cache_k, cache_v, cache_lens_B, tokens_BxT, segment_ids_BxT, *,
+           dtype=jnp.float32):
+    """Forward right-padded tokens that continue rows whose first `cache_lens_B` tokens are already in
+    slots [0, cache_lens) of `cache_k`, `cache_v` [L, B, S, K, E] (a `prefill`'s keys and values,
+    positions = slots). Returns final-norm hidden [B, T, D] and the new tokens' keys and values
+    [L, B, T, K, E]: what `prefill` of the whole rows gives for these tokens."""
+    slots_S = jnp.arange(cache_k.shape[2])
+    is_real_BxT = segment_ids_BxT != 0
+    positions_BxT = (cache_lens_B[:, None] + jnp.arange(tokens_BxT.shape[1])[None, :]) * is_real_BxT
+    cache = {"k": cache_k, "v": cache_v}
+    if cfg.has_sliding_layers:
+        cache["positions"] = jnp.broadcast_to(slots_S[None, :], (tokens_BxT.shape[0], slots_S.shape[0]))
+    old_mask_BxTxS = is_real_BxT[:, :, None] & (slots_S[None, :] < cache_lens_B[:, None])[:, None, :]
+    x_BxTxD, new_k, new_v, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache,
+                                           old_mask_BxTxS, dtype)
+    return norm(x_BxTxD, params["final_norm"], cfg), new_k, new_v
+
+
 def _filled(cache: Cache, new_k, new_v, is_real_BxT, positions_BxT, end) -> Cache:
     """The cache with T new tokens written at slots [end, end + T)."""
     out = {

@@ -47,7 +47,7 @@ def _run_study(cfg, only: str | None, dry_run: bool) -> int:
             print(f"would rewrite the scaling report under {cfg.out_dir}/scaling from the model folders")
             return 0
         return _print_study_paths(write_study_report(cfg))
-    study = build_study(cfg, only)
+    study = build_study(cfg, only, dry_run)
     if dry_run:
         print(describe_study(study))
         return 0

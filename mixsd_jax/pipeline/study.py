@@ -150,8 +150,9 @@ def _for_model(entry: ModelEntry, build: Callable):
         raise MixsdError(f"model {entry.name!r}: {exc}") from None
 
 
-def build_study(cfg: ExperimentConfig, only: str | None = None) -> Study:
-    """Every entry's config checked; the plans of every model (or of `only`) built, before any work."""
+def build_study(cfg: ExperimentConfig, only: str | None = None, dry_run: bool = False) -> Study:
+    """Every entry's config checked; the plans of every model (or of `only`) built, before any work.
+    `dry_run`: a paper model not on this machine is planned from its known shapes (as `build_plan`)."""
     entries = model_entries(cfg)
     if not entries:
         raise MixsdError("config key 'models': empty (list the models of the study, or set 'model' alone)")
@@ -165,7 +166,8 @@ def build_study(cfg: ExperimentConfig, only: str | None = None) -> Study:
     for entry in entries:
         # `--only corpus` still plans the first model: its plan holds the corpus stage
         if only in (None, entry.name) or (only == CORPUS_ONLY and not plans):
-            plans[entry.name] = _for_model(entry, lambda: build_plan(configs[entry.name], corpus_root=out / "corpus"))
+            plans[entry.name] = _for_model(entry, lambda: build_plan(configs[entry.name], corpus_root=out / "corpus",
+                                                                     dry_run=dry_run))
     first = next(iter(plans.values()))
     corpus = Plan(config=cfg, exp_dir=out, model_dir=first.model_dir, stages=first.stages[:1],
                   report=out / "scaling" / "report.md")
@@ -175,11 +177,13 @@ def build_study(cfg: ExperimentConfig, only: str | None = None) -> Study:
                  plans={name: dataclasses.replace(plan, stages=plan.stages[1:]) for name, plan in plans.items()})
 
 
-def parameter_count(model_dir: Path) -> int:
-    """Parameters of the model at `model_dir`, from its config.json (embeddings counted once when tied)."""
+def parameter_count(model_dir: Path, model: str | None = None) -> int:
+    """Parameters of the model at `model_dir`, from its config.json (embeddings counted once when tied);
+    of a paper model not yet downloaded (`model`, its registry name), from its known shapes."""
     import math
 
     from mixsd_jax.models.config import ModelConfig
+    from mixsd_jax.models.known_shapes import known_model_config
     from mixsd_jax.models.transformer import param_shapes
 
     def count(tree) -> int:
@@ -187,7 +191,8 @@ def parameter_count(model_dir: Path) -> int:
             return sum(count(v) for v in tree.values())
         return math.prod(tree)
 
-    return count(param_shapes(ModelConfig.from_hf_dir(model_dir)))
+    known = None if model is None or (storage.path(model_dir) / "config.json").is_file() else known_model_config(model)
+    return count(param_shapes(known or ModelConfig.from_hf_dir(model_dir)))
 
 
 def study_model(plan: Plan, entry: ModelEntry) -> dict:
@@ -217,7 +222,7 @@ def describe_study(study: Study) -> str:
         if plan is None:
             lines.append(f"\nmodel {entry.name} ({entry.model}): not part of this run (--only)")
             continue
-        lines.append(f"\nmodel {entry.name} ({entry.model}, {parameter_count(plan.model_dir):,} parameters)")
+        lines.append(f"\nmodel {entry.name} ({entry.model}, {parameter_count(plan.model_dir, entry.model):,} parameters)")
         lines.append(describe(plan))
     lines.append(f"\nscaling report: {study.report_dir / 'report.md'}")
     return "\n".join(lines)

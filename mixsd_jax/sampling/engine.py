@@ -110,21 +110,44 @@ class Engine:
         # each device prefills its share of the insert.
         n = pad_rows(min(segments.pow2_at_least(len(take)), self.batch_size), self.mesh)
         pad = n - len(take)
+        prompts = [it.prompts for it in take] + [((0,),) * self.spec.sides] * pad
+        # The sides' shared first tokens (a MixSD record's system prompt and chat header) are
+        # prefilled once; each side keeps at least its last token, whose hidden state starts decoding.
+        shared = [shared_prefix(p) if self.spec.share_prefix else 0 for p in prompts]
+        prefix = None
+        if max(shared) > 0:
+            starts_d = put_batch(np.array(shared, np.int32), self.mesh)
+            k, v, _ = segments.prefill(self.params, self._tokens([p[0][:c] for p, c in zip(prompts, shared)]),
+                                       starts_d, spec=self.spec)
+            prefix = (k, v, starts_d)
         sides = []
         for side in range(self.spec.sides):
-            rows = [it.prompts[side] for it in take] + [(0,)] * pad
-            tokens = np.zeros((n, bucket_length(max(map(len, rows)))), np.int32)
-            for i, r in enumerate(rows):
-                tokens[i, : len(r)] = r
-            lens = np.array([len(r) for r in rows], np.int32)
-            lens_d = put_batch(lens, self.mesh)
-            sides.append((*segments.prefill(self.params, put_batch(tokens, self.mesh), lens_d, spec=self.spec), lens_d))
+            rest = [p[side][c:] for p, c in zip(prompts, shared)]
+            lens_d = put_batch(np.array([len(p[side]) for p in prompts], np.int32), self.mesh)
+            rest_d = put_batch(np.array([len(r) for r in rest], np.int32), self.mesh)
+            if prefix is None:
+                out = segments.prefill(self.params, self._tokens(rest), rest_d, spec=self.spec)
+            else:
+                out = segments.prefill_after(self.params, prefix[0], prefix[1], prefix[2],
+                                             self._tokens(rest, continuation=True), rest_d, spec=self.spec)
+            sides.append((*out, lens_d))
         slot_ids = np.array(free + [self.batch_size] * pad, np.int32)  # >= B: dropped
         ids = np.array([(it.record_index, it.gen_index, it.attempt) for it in take] + [(0, 0, 0)] * pad, np.uint32)
         for item, b in zip(take, free):
             slots[b] = _Slot(item, max(map(len, item.prompts)))
         return segments.insert(state, tuple(sides), self._put(slot_ids), self._put(ids),
-                               self._put(np.int32(self.spec.seed)), spec=self.spec)
+                               self._put(np.int32(self.spec.seed)), prefix, spec=self.spec)
+
+    def _tokens(self, rows: list, continuation: bool = False):
+        """Right-padded prompt tokens [N, bucket], split over the batch axes. The part of a prompt after
+        the shared prefix is often a few tokens (the naive side's is the end of its chat header):
+        up to 64 tokens, its width is a multiple of 16, not 32."""
+        width = max(map(len, rows))
+        width = -(-width // 16) * 16 if continuation and width <= 64 else bucket_length(width)
+        tokens = np.zeros((len(rows), width), np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = r
+        return put_batch(tokens, self.mesh)
 
     def _collect(self, out: segments.SegmentOut, slots: list) -> list[tuple[WorkItem, Completion]]:
         finished = []
@@ -140,6 +163,18 @@ class Engine:
                 finished.append((slot.item, Completion(slot.tokens, slot.logprobs, slot.naive, finish)))
                 slots[b] = None
         return finished
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """How many first tokens every prompt of a record shares, leaving each at least one of its own
+    (0 for a single prompt: nothing to share)."""
+    if len(prompts) < 2:
+        return 0
+    n = 0
+    limit = min(map(len, prompts)) - 1
+    while n < limit and all(p[n] == prompts[0][n] for p in prompts[1:]):
+        n += 1
+    return n
 
 
 def decode_all(engine: Engine, items: Sequence[WorkItem]) -> list[Completion]:

@@ -2,7 +2,8 @@
 slots, decode a segment of K steps, grow the cache.
 
 The state (`DecodeState`) holds B slots and R = B * sides rows (row b * sides + side; side 0 =
-expert or the only prompt, side 1 = naive). The state and the segment's output are registered
+expert or the only prompt, side 1 = naive); each side's keys and values are arrays of their own
+(models/decode.py says why). The state and the segment's output are registered
 dataclasses (`jax.tree_util.register_dataclass`), not `flax.struct.dataclass`: a standard
 dataclass with one decorator does the job, and the project does not depend on Flax. None of their
 fields is static, so every field is a leaf.
@@ -70,6 +71,8 @@ class EngineSpec:
     mesh: Mesh | None = None
     segment_steps: int = 16  # decode steps between host refills
     block: int = dataclasses.field(default_factory=default_block)  # cache slots per attention block
+    # Prefill the sides' shared first tokens once (False: each side whole; the same outputs, to round-off).
+    share_prefix: bool = True
 
     def __post_init__(self):
         if self.sides not in (1, 2):
@@ -104,8 +107,8 @@ def capacity_for(spec: EngineSpec, need: int, longest_prompt: int) -> int:
 class DecodeState:
     """The engine's device state for B slots and R = B * sides rows."""
 
-    cache_k: jax.Array  # [L, R, S, K, E] row r's tokens in slots [0, lengths_R[r]), position = slot
-    cache_v: jax.Array  # [L, R, S, K, E]
+    cache_k: tuple  # per side [L, B, K, S, E]: row b * sides + s's tokens in cache_k[s][:, b, :, :lengths]
+    cache_v: tuple  # per side [L, B, K, S, E]; a token's position = its slot
     lengths_R: jax.Array  # tokens in each row's cache
     last_RxD: jax.Array  # final-norm hidden of each row's last token (the next logits' input)
     keys_Bx2: jax.Array  # uint32: the attempt's key (raw key data, so it can live in a plain array)
@@ -131,8 +134,8 @@ class SegmentOut:
 
 # Layout of each state field: the row/slot axis over the batch axes, the cache's kv heads over `tensor`.
 _LAYOUT = {
-    "cache_k": P(None, BATCH_AXES, None, "tensor", None),
-    "cache_v": P(None, BATCH_AXES, None, "tensor", None),
+    "cache_k": P(None, BATCH_AXES, "tensor", None, None),
+    "cache_v": P(None, BATCH_AXES, "tensor", None, None),
     "lengths_R": P(BATCH_AXES),
     "last_RxD": P(BATCH_AXES, None),
     "keys_Bx2": P(BATCH_AXES, None),
@@ -148,9 +151,10 @@ def _constrain(state: DecodeState, spec: EngineSpec) -> DecodeState:
         return state
 
     def constrain(name):
-        x = getattr(state, name)
-        sharding = NamedSharding(spec.mesh, fit_spec(_LAYOUT[name], x.shape, spec.mesh))
-        return jax.lax.with_sharding_constraint(x, sharding)
+        def one(x):
+            return jax.lax.with_sharding_constraint(x, NamedSharding(spec.mesh, fit_spec(_LAYOUT[name], x.shape,
+                                                                                      spec.mesh)))
+        return jax.tree.map(one, getattr(state, name))
 
     return DecodeState(**{name: constrain(name) for name in _LAYOUT})
 
@@ -159,10 +163,10 @@ def _constrain(state: DecodeState, spec: EngineSpec) -> DecodeState:
 def init_state(*, spec: EngineSpec, batch: int, capacity: int) -> DecodeState:
     """Every slot empty (done), caches of `capacity` slots."""
     cfg, R, dtype = spec.cfg, batch * spec.sides, jnp.dtype(spec.dtype)
-    shape = (cfg.num_layers, R, capacity, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
     return _constrain(DecodeState(
-        cache_k=jnp.zeros(shape, dtype),
-        cache_v=jnp.zeros(shape, dtype),
+        cache_k=tuple(jnp.zeros(shape, dtype) for _ in range(spec.sides)),
+        cache_v=tuple(jnp.zeros(shape, dtype) for _ in range(spec.sides)),
         lengths_R=jnp.zeros((R,), jnp.int32),
         last_RxD=jnp.zeros((R, cfg.hidden_size), dtype),
         keys_Bx2=jnp.zeros((batch, 2), jnp.uint32),
@@ -176,9 +180,10 @@ def init_state(*, spec: EngineSpec, batch: int, capacity: int) -> DecodeState:
 @functools.partial(jax.jit, static_argnames=("spec", "capacity"))  # a bigger buffer: nothing to donate
 def grow(state: DecodeState, *, spec: EngineSpec, capacity: int) -> DecodeState:
     """The same state with caches of `capacity` slots (the live slots copied, the new ones zero)."""
-    extra = capacity - state.cache_k.shape[2]
-    pad = ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))
-    grown = dataclasses.replace(state, cache_k=jnp.pad(state.cache_k, pad), cache_v=jnp.pad(state.cache_v, pad))
+    extra = capacity - state.cache_k[0].shape[3]
+    pad = ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0))
+    grown = dataclasses.replace(state, cache_k=tuple(jnp.pad(c, pad) for c in state.cache_k),
+                                cache_v=tuple(jnp.pad(c, pad) for c in state.cache_v))
     return _constrain(grown, spec)
 
 
@@ -192,20 +197,49 @@ def prefill(params, tokens_NxP, lens_N, *, spec: EngineSpec):
     return cache["k"], cache["v"], last_NxD
 
 
+@functools.partial(jax.jit, static_argnames=("spec",))
+def prefill_after(params, prefix_k, prefix_v, prefix_lens_N, tokens_NxP, lens_N, *, spec: EngineSpec):
+    """`prefill` of right-padded prompt continuations: row n's tokens follow the `prefix_lens_N[n]`
+    tokens whose keys and values `prefix_k`, `prefix_v` [L, N, C, K, E] hold (a `prefill` of the
+    prefixes). Keys, values [L, N, P, K, E] of the continuations and the last hidden [N, D]."""
+    seg_NxP = (jnp.arange(tokens_NxP.shape[1])[None, :] < lens_N[:, None]).astype(jnp.int32)
+    hidden_NxPxD, k, v = transformer.extend(params, spec.cfg, prefix_k, prefix_v, prefix_lens_N, tokens_NxP, seg_NxP,
+                                            dtype=jnp.dtype(spec.dtype))
+    last_NxD = jnp.take_along_axis(hidden_NxPxD, (lens_N - 1)[:, None, None], axis=1)[:, 0]
+    return k, v, last_NxD
+
+
+def _write_rows(cache, slots_N, starts_N, new_LxNxPxKxE):
+    """Row slots_N[n]'s slots [starts_N[n], + P) of a side's cache [L, B, K, S, E] set to the new
+    keys or values (an index past the cache is dropped); the [n, p] index dimensions come first in
+    the update."""
+    cols_NxP = starts_N[:, None] + jnp.arange(new_LxNxPxKxE.shape[2])[None, :]
+    update = jnp.transpose(new_LxNxPxKxE, (1, 2, 0, 3, 4)).astype(cache.dtype)
+    return cache.at[:, slots_N[:, None], :, cols_NxP].set(update, mode="drop")
+
+
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnums=0)
-def insert(state: DecodeState, sides: tuple, slots_N, ids_Nx3, seed, *, spec: EngineSpec) -> DecodeState:
+def insert(state: DecodeState, sides: tuple, slots_N, ids_Nx3, seed, prefix=None, *, spec: EngineSpec) -> DecodeState:
     """Write prefilled prompts into slots `slots_N` (an entry >= B is padding: dropped) and reset them.
 
     `sides` holds one (k, v, last, lens) per side, written straight into the rows of the long-lived
-    cache: no per-batch cache is built and no sides are stacked. `ids_Nx3` = (record, generation,
-    attempt); the attempt key is fold_in(key(seed), record, generation, attempt).
+    cache: no per-batch cache is built and no sides are stacked. With a `prefix` (k, v, starts): the
+    prompts' shared first `starts[n]` tokens, prefilled once, go into every side's row at slots
+    [0, starts), each side's (k, v) hold the rest of its prompt and go at [starts, lens).
+    `ids_Nx3` = (record, generation, attempt); the attempt key is fold_in(key(seed), record,
+    generation, attempt).
     """
-    cache_k, cache_v, lengths_R, last_RxD = state.cache_k, state.cache_v, state.lengths_R, state.last_RxD
+    cache_k, cache_v, lengths_R, last_RxD = list(state.cache_k), list(state.cache_v), state.lengths_R, state.last_RxD
+    zeros_N = jnp.zeros_like(slots_N)
     for side, (k_LxNxPxKxE, v_LxNxPxKxE, last_NxD, lens_N) in enumerate(sides):
+        starts_N = zeros_N
+        if prefix is not None:  # first, so the prefix's padding slots are overwritten by the rest
+            prefix_k, prefix_v, starts_N = prefix
+            cache_k[side] = _write_rows(cache_k[side], slots_N, zeros_N, prefix_k)
+            cache_v[side] = _write_rows(cache_v[side], slots_N, zeros_N, prefix_v)
+        cache_k[side] = _write_rows(cache_k[side], slots_N, starts_N, k_LxNxPxKxE)
+        cache_v[side] = _write_rows(cache_v[side], slots_N, starts_N, v_LxNxPxKxE)
         rows_N = slots_N * spec.sides + side
-        cols_P = jnp.arange(k_LxNxPxKxE.shape[2])
-        cache_k = cache_k.at[:, rows_N[:, None], cols_P[None, :]].set(k_LxNxPxKxE.astype(cache_k.dtype), mode="drop")
-        cache_v = cache_v.at[:, rows_N[:, None], cols_P[None, :]].set(v_LxNxPxKxE.astype(cache_v.dtype), mode="drop")
         lengths_R = lengths_R.at[rows_N].set(lens_N, mode="drop")
         last_RxD = last_RxD.at[rows_N].set(last_NxD.astype(last_RxD.dtype), mode="drop")
 
@@ -217,8 +251,8 @@ def insert(state: DecodeState, sides: tuple, slots_N, ids_Nx3, seed, *, spec: En
 
     longest_N = jnp.max(jnp.stack([lens for *_, lens in sides]), axis=0)
     return _constrain(DecodeState(
-        cache_k=cache_k,
-        cache_v=cache_v,
+        cache_k=tuple(cache_k),
+        cache_v=tuple(cache_v),
         lengths_R=lengths_R,
         last_RxD=last_RxD,
         keys_Bx2=state.keys_Bx2.at[slots_N].set(jax.vmap(key_of)(ids_Nx3), mode="drop"),
@@ -269,7 +303,7 @@ def decode_segment(params, state: DecodeState, naive_prob, stop_ids, refill_at, 
     """
     sides, K = spec.sides, spec.segment_steps
     B = state.step_B.shape[0]
-    S = state.cache_k.shape[2]
+    S = state.cache_k[0].shape[3]
 
     def body(carry):
         k, st, (tokens_BxK, logprobs_BxK, naive_BxK), freed = carry
