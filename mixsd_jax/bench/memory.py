@@ -21,6 +21,7 @@ any other model is read from its HF directory's config.json (weights untouched).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -161,9 +162,26 @@ def tpu_target(topology: str, chip_bytes: str | None) -> Target:
 KERNELS = ("train_step", "opsd_step", "generate", "eval_decode", "eval_mc", "eval_kl", "export", "memit")
 
 
-def plan_lines(plan: dict, target: Target, *, kernels=KERNELS, eval_prompt_len: int = 1024,
-               eval_row_len: int = 2048, eval_window: int = 64, estimates: bool = True):
-    """Yield one line per compiled kernel, each kernel compiled in turn."""
+def plan_lines(plan: dict, target: Target, **options):
+    """Yield one line per compiled kernel, each kernel compiled in turn (for a TPU topology, with
+    the persistent compilation cache off while compiling: bench.tpu.no_persistent_cache)."""
+    lines = _plan_lines(plan, target, **options)
+    while True:
+        with compile_context(target):
+            line = next(lines, None)
+        if line is None:
+            return
+        yield line
+
+
+def compile_context(target: Target):
+    from mixsd_jax.bench.tpu import no_persistent_cache
+
+    return no_persistent_cache() if target.backend == "tpu" else contextlib.nullcontext()
+
+
+def _plan_lines(plan: dict, target: Target, *, kernels=KERNELS, eval_prompt_len: int = 1024,
+                eval_row_len: int = 2048, eval_window: int = 64, estimates: bool = True):
     from mixsd_jax.models.sharding import make_mesh, pad_rows
 
     model_cfg = model_config_for(plan["model"])
