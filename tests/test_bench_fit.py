@@ -19,7 +19,8 @@ def _fit(config, *args):
 
 def _config(tmp_path, model_dir):
     path = tmp_path / "train.yaml"
-    path.write_text(f"model: {model_dir}\nbatch_size: 8\nmax_seq_len: 64\ncompute_dtype: bfloat16\n")
+    # XLA's attention: the sizes below are its (the TPU default, the fused kernel, pads rows to 128 tokens).
+    path.write_text(f"model: {model_dir}\nbatch_size: 8\nmax_seq_len: 64\ncompute_dtype: bfloat16\nattention: xla\n")
     return path
 
 
@@ -48,3 +49,24 @@ def test_a_chip_nothing_fits_on_is_one_line(tmp_path, tiny_qwen3_dir):
     proc = _fit(_config(tmp_path, tiny_qwen3_dir), "--chip-bytes", "64KiB", "--fit-budget", "1")
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "no train setting fits" in proc.stderr
+
+
+def test_fit_picks_the_largest_eval_batch_that_fits(tmp_path, tiny_qwen3_dir):
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        f"name: tiny\nout_dir: {tmp_path}/out\nmodel: {tiny_qwen3_dir}\nmethods: [base]\n"
+        "eval: {max_new_tokens: 8, batch_size: 8}\nmesh: {data: 2, fsdp: 2, tensor: -1}\n")
+    args = ("--kernels", "eval_mc", "--eval-row-len", "2048", "--eval-window", "8")
+    # On a 16 GiB chip the first candidate, twice the config's batch, fits.
+    proc = _fit(path, *args)
+    assert proc.returncode == 0, proc.stderr
+    tried, plan = [json.loads(line) for line in proc.stdout.splitlines()][:-1], json.loads(proc.stdout.splitlines()[-1])
+    assert [t["candidate"]["batch_size"] for t in tried] == [16] and tried[0]["fits"]
+    assert plan["overrides"] == ["eval.batch_size=16"]
+    # A chip just too small for that batch: it is rejected and the config's own batch is chosen.
+    chip = int(tried[0]["peak_bytes"] / 0.9) - 1
+    proc = _fit(path, *args, "--chip-bytes", str(chip))
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(t["candidate"]["batch_size"], t["fits"]) for t in lines[:-1]] == [(16, False), (8, True)]
+    assert lines[-1]["overrides"] == ["eval.batch_size=8"]

@@ -48,6 +48,8 @@ def test_every_kernel_compiles_for_a_v5e_slice(plan):
         assert line["hbm_bytes"] == 16 << 30 and line["fits"]
         assert line["bytes_accessed"] > 0 and line["roofline_s"] > 0
     train = lines[0]
+    # On a TPU the step attends with the fused Pallas kernel (models.flash_attention).
+    assert train["attention"] == "flash"
     # The loop-scaled count against 6 x parameters x tokens + attention: XLA adds the norms,
     # softmax and optimizer, never a missing layer (the raw count, one layer, is far below).
     assert 1.0 <= train["flops_est_over_analytic"] <= 1.6
@@ -78,6 +80,30 @@ def test_every_kernel_compiles_for_the_multi_host_v5e_32(plan):
     assert [line["kernel"] for line in lines] == EVERY_KERNEL
     for line in lines:
         assert line["backend"] == "tpu" and line["mesh"] == {"data": 2, "fsdp": 2, "tensor": 8} and line["fits"]
+
+
+def test_compile_only_compiles_skip_the_persistent_cache(plan, tmp_path):
+    """A compile-only client cannot load a cached executable (a later process's compile would read
+    the entry and warn): nothing is written to the cache. It is back on for CPU compiles after."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compilation_cache.reset_cache()
+    try:
+        lines = list(memory.plan_lines(plan, memory.tpu_target("v5e:2x4", None), kernels=("eval_mc",),
+                                       eval_row_len=24, eval_window=4, estimates=False))
+        assert [line["kernel"] for line in lines] == ["eval_mc"]
+        assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+        assert jax.config.jax_enable_compilation_cache
+        jax.jit(lambda x: x * 3 + 1).lower(jax.numpy.zeros((5, 7))).compile()  # a CPU compile is cached
+        assert any((tmp_path / "cache").iterdir())
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+        compilation_cache.reset_cache()
 
 
 def test_the_chip_table_names_the_devices_libtpu_describes():

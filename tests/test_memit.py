@@ -41,7 +41,8 @@ def test_edit_makes_each_target_the_argmax_with_a_rank_n_update_on_the_configure
     tokenizer = load_tokenizer(tiny4)
     cfg, params = load_hf(tiny4)
     requests = build_requests(_facts(tmp_path / "facts.jsonl", tokenizer), "plain")
-    ecfg = EditConfig(prompt="plain", layers=(1, 2), mom2_update_weight=1.0, stats_tokens=3000, stats_seq_len=256)
+    ecfg = EditConfig(prompt="plain", layers=(1, 2), v_steps=25, mom2_update_weight=1.0, stats_tokens=3000,
+                      stats_seq_len=256)
     moments = second_moments(params, cfg, tokenizer, tiny4, ecfg.layers, ecfg.stats_tokens, ecfg.stats_seq_len)
     assert not any(efficacy(params, cfg, tokenizer, requests, "plain"))
     edited, info = apply_memit(params, cfg, tokenizer, requests, ecfg, moments, log=lambda *_: None)
@@ -76,3 +77,47 @@ def test_closed_form_matches_numpy_float64(dtype):
         assert got.dtype == np.dtype(dtype)
         rel = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert rel < (1e-10 if dtype == "float64" else 1e-4), (weight, rel)
+
+
+def test_an_edit_on_a_sharded_model_writes_the_weights_of_one_device(tiny4, tmp_path, monkeypatch):
+    """Parameters sharded as in training (fsdp x tensor over the 8 simulated devices): the second
+    moments, target values and update come out as on one device, the edited weights sharded as before."""
+    import jax
+
+    from mixsd_jax.models.sharding import MeshConfig, make_mesh
+
+    tokenizer = load_tokenizer(tiny4)
+    requests = build_requests(_facts(tmp_path / "facts.jsonl", tokenizer), "plain")[:2]
+    ecfg = EditConfig(prompt="plain", layers=(1, 2), v_steps=4, mom2_update_weight=1.0, stats_tokens=600,
+                      stats_seq_len=128, batch_size=2)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    results = []
+    for where, mesh_or_none in (("one", None), ("sharded", mesh)):
+        monkeypatch.setenv("MIXSD_CACHE", str(tmp_path / where))  # each computes its own moments
+        cfg, params = load_hf(tiny4, mesh=mesh_or_none)
+        moments = second_moments(params, cfg, tokenizer, tiny4, ecfg.layers, ecfg.stats_tokens, ecfg.stats_seq_len)
+        edited, info = apply_memit(params, cfg, tokenizer, requests, ecfg, moments, log=lambda *_: None)
+        results.append((moments, edited["layers"]["w_down"], params["layers"]["w_down"].sharding))
+    (m_one, w_one, _), (m_sharded, w_sharded, sharding) = results
+    assert len(jax.devices()) == 8 and len(sharding.device_set) == 8 and w_sharded.sharding == sharding
+    assert not w_sharded.sharding.is_fully_replicated
+    for layer in ecfg.layers:
+        np.testing.assert_allclose(m_sharded[layer], m_one[layer], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(w_sharded), np.asarray(w_one), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(np.asarray(w_one), np.asarray(load_hf(tiny4)[1]["layers"]["w_down"]))
+
+
+def test_per_model_defaults_are_the_reference_for_the_paper_models_and_more_steps_for_narrow_ones():
+    from mixsd_jax.edit.config import SMALL_MOM2_WEIGHT, SMALL_V_STEPS, edit_layers, for_model
+    from mixsd_jax.models.known_shapes import HF_CONFIGS
+    from mixsd_jax.models.config import ModelConfig
+
+    qwen3_8b = ModelConfig.from_hf_dict(HF_CONFIGS["qwen3-8b"])
+    paper = for_model(EditConfig(), qwen3_8b)
+    assert (paper.v_steps, paper.mom2_update_weight) == (25, 15000.0)
+    assert edit_layers(paper, qwen3_8b) == tuple(range(4, 15))
+    smollm2 = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                          num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64)
+    small = for_model(EditConfig(), smollm2)
+    assert (small.v_steps, small.mom2_update_weight) == (SMALL_V_STEPS, SMALL_MOM2_WEIGHT)
+    assert for_model(EditConfig(v_steps=7, mom2_update_weight=3.0), smollm2).v_steps == 7  # what is set stays

@@ -174,6 +174,24 @@ def test_forward_with_taps_logits_equal_forward(tiny_model_dir):
     assert taps["resid_out"].shape == (cfg.num_layers, 3, max(LENGTHS), cfg.hidden_size)
 
 
+def test_the_model_run_in_layer_ranges_equals_the_whole_run(tiny_model_dir):
+    """Layers 0..k then k..L from the stored residual stream give the whole model's taps and logits."""
+    from mixsd_jax.models.block import embed, norm
+
+    cfg, params = load_hf(tiny_model_dir)
+    tokens, mask = _batch(cfg.vocab_size)
+    seg = jnp.asarray(mask, jnp.int32)
+    logits, taps = tf.forward_with_taps(params, cfg, jnp.asarray(tokens), seg)
+    k = cfg.num_layers // 2
+    h, low = tf.run_layer_range(params, cfg, embed(params, cfg, jnp.asarray(tokens), jnp.float32), seg, 0, k, taps=True)
+    out, high = tf.run_layer_range(params, cfg, h, seg, k, cfg.num_layers, taps=True)
+    for name in ("mlp_in", "resid_out"):
+        np.testing.assert_allclose(np.concatenate([low[name], high[name]]), taps[name], atol=1e-5, rtol=0)
+    pieces = tf.lm_logits(params, cfg, norm(out, params["final_norm"], cfg))
+    np.testing.assert_allclose(np.asarray(pieces)[np.asarray(mask, bool)], np.asarray(logits)[np.asarray(mask, bool)],
+                               atol=1e-5, rtol=0)
+
+
 def test_forward_with_taps_match_transformers_hooks(tiny_model_dir):
     """The taps and the MLP-output edit against hooks on transformers' own modules."""
     cfg, params = load_hf(tiny_model_dir)

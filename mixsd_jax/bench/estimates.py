@@ -27,15 +27,36 @@ def train_estimates(model_cfg, train, mesh, target) -> dict:
         return kernels_lib.train_step(dataclasses.replace(model_cfg, num_layers=layers), one_micro, mesh)["train_step"]
 
     flops, accessed = cost.scaled_by_layers(lower, model_cfg.num_layers, repeats=A)
+    kernel = fused_attention_cost(model_cfg, train, mesh)
+    if kernel is not None:  # XLA's cost analysis does not see inside the Pallas kernel: its analytic count
+        flops, accessed = flops + A * model_cfg.num_layers * kernel[0], accessed + A * model_cfg.num_layers * kernel[1]
     devices = mesh.devices.size
     analytic = flops_per_token(model_cfg, T) * A * M * T / devices
-    out = {"flops_est": flops, "bytes_accessed_est": accessed, "flops_analytic": analytic,
+    out = {"attention": "xla" if kernel is None else "flash", "flops_est": flops, "bytes_accessed_est": accessed,
+           "flops_analytic": analytic,
            "flops_est_over_analytic": round(flops / analytic, 3)}
     roof = cost.roofline(target.chip, flops, accessed)
     if roof:
         out |= {"roofline_s": roof, "tokens_per_s_est": round(A * M * T / roof, 1),
                 "mfu_est": round(analytic / (roof * target.chip.peak_flops), 4)}
     return out
+
+
+def fused_attention_cost(model_cfg, train, mesh) -> tuple[float, float] | None:
+    """(flops, bytes) per device of one layer's fused attention in one micro batch of the step
+    (models.flash_attention.kernel_cost), or None when the step attends with XLA's attention."""
+    import jax.numpy as jnp
+
+    from mixsd_jax.models.flash_attention import kernel_cost
+    from mixsd_jax.train.step import fused_attention_for
+
+    fused = fused_attention_for(train.attention, model_cfg, mesh)
+    if fused is None:
+        return None
+    tensor, shards = mesh.shape["tensor"], mesh.shape["data"] * mesh.shape["fsdp"]
+    return kernel_cost(-(-train.micro_batch // shards), train.max_seq_len, model_cfg.num_heads // tensor,
+                       model_cfg.num_kv_heads // tensor, model_cfg.head_dim, block=fused.block,
+                       itemsize=jnp.dtype(train.compute_dtype).itemsize, recompute=train.remat != "none")
 
 
 def shard_bytes(tree) -> int:

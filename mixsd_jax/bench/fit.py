@@ -3,7 +3,8 @@
 Each stage is searched on its own (they run one after another, each with its own mesh):
   train       data x fsdp x tensor factorizations of the chip count, grad_accum (micro batch), remat
   generation  the mesh and the pair batch size
-  eval        the eval batch size (on the experiment's mesh)
+  eval        the eval batch size (on the experiment's mesh): the largest whose eval decode and scoring
+              kernels fit
 Candidates are pruned by an analytic lower bound of their bytes (weights, optimizer state, KV
 cache) before anything is compiled, then compiled in the order expected fastest first; a fitting
 candidate's time is its roofline (train: the step's loop-scaled estimate; generation: one decode
@@ -127,9 +128,62 @@ def fit_decode(stage, model_cfg, target, base: kernels_lib.DecodeShapes, meshes,
     return best
 
 
+EVAL_KERNELS = ("eval_decode", "eval_mc", "eval_kl")
+
+
+def eval_batches(size: int) -> list[int]:
+    """Eval batch sizes to try, largest first: twice the config's, the config's, then halving to 1."""
+    out, batch = [2 * size], size
+    while batch >= 1:
+        out.append(batch)
+        batch //= 2
+    return out
+
+
+def fit_eval(model_cfg, plan, target, eval_kernels, budget: int, args):
+    """The largest eval batch whose decode and scoring kernels fit (on the experiment's mesh, which
+    eval shares with training): fewer weight reads per row. Its time is the decode segment's raw
+    roofline per row (loop bodies once: comparable between batch sizes, not a duration)."""
+    from mixsd_jax.bench.estimates import kv_bytes_per_device, shard_bytes
+    from mixsd_jax.models.sharding import make_mesh, pad_rows
+
+    ev = plan["eval"]
+    dtype = ev.get("dtype", "float32")
+    mesh = make_mesh(plan["eval_mesh"], devices=target.devices[: memory.mesh_devices(plan["eval_mesh"],
+                                                                                     target.fill_devices)])
+    weights = shard_bytes(kernels_lib.abstract_params(model_cfg, mesh, dtype))
+    prompt_len = getattr(args, "eval_prompt_len", 1024)
+    tried = 0
+    for batch in eval_batches(int(ev.get("batch_size", 8))):
+        shapes = kernels_lib.DecodeShapes(pad_rows(batch, mesh), 1, prompt_len, int(ev.get("max_new_tokens", 256)),
+                                          model_cfg.max_position_embeddings)
+        cache = kv_bytes_per_device(model_cfg, mesh, shapes.batch, shapes.capacity, dtype)
+        if "eval_decode" in eval_kernels and weights + cache > HEADROOM * target.hbm_bytes:
+            continue  # the weights and the cache alone overflow
+        if tried >= budget:
+            return None
+        tried += 1
+        candidate = {**plan, "eval": {**ev, "batch_size": batch}}
+        lines = {line["kernel"]: line for line in memory.plan_lines(
+            candidate, target, kernels=eval_kernels, estimates=False, eval_prompt_len=prompt_len,
+            eval_row_len=getattr(args, "eval_row_len", 2048), eval_window=getattr(args, "eval_window", 64))}
+        fits = _peak(lines) <= HEADROOM * target.hbm_bytes
+        segment = lines.get("eval_decode.decode_segment", max(lines.values(), key=lambda x: x["roofline_s"] or 0))
+        seconds = (segment["roofline_s"] or 0.0) / shapes.batch if fits else None
+        line = _report("eval", {"mesh": tuple(mesh.shape.values()), "batch_size": batch}, lines, target, seconds)
+        if fits:
+            return line  # the largest batch that fits
+    return None
+
+
 def run_fit(plan: dict, target, kernels, args) -> int:
     if target.chip is None:
         raise MixsdError("--fit: give a TPU --topology to plan for (the roofline needs the chip)")
+    with memory.compile_context(target):
+        return _run_fit(plan, target, kernels, args)
+
+
+def _run_fit(plan: dict, target, kernels, args) -> int:
     model_cfg = memory.model_config_for(plan["model"])
     budget = int(getattr(args, "fit_budget", 12))
     n = len(target.devices)
@@ -156,6 +210,15 @@ def run_fit(plan: dict, target, kernels, args) -> int:
         (d, f, t), c = best["candidate"]["mesh"], best["candidate"]
         overrides += [f"generation.mesh={{data: {d}, fsdp: {f}, tensor: {t}}}", f"generation.batch_size={c['batch_size']}"]
         chosen["generation"] = best
+    ev = plan.get("eval")
+    eval_kernels = tuple(k for k in kernels if k in EVAL_KERNELS)
+    if ev is not None and eval_kernels:
+        best = fit_eval(model_cfg, plan, target, eval_kernels, budget, args)
+        if best is None:
+            raise MixsdError(f"--fit: no eval batch size fits {target.hbm_bytes} bytes per chip with 10% headroom "
+                             f"on the experiment's mesh")
+        overrides.append(f"eval.batch_size={best['candidate']['batch_size']}")
+        chosen["eval"] = best
     line = {"bench": "fit", "topology": target.topology, "hbm_bytes": target.hbm_bytes,
             "plan": {stage: best["candidate"] | {"peak_bytes": best["peak_bytes"], "roofline_s": best["roofline_s"]}
                      for stage, best in chosen.items()},

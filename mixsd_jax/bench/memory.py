@@ -21,6 +21,7 @@ any other model is read from its HF directory's config.json (weights untouched).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -112,6 +113,12 @@ def load_plan_config(path: str, overrides) -> dict:
             "methods": tuple(exp.methods)}
     if "opsd" in exp.methods:  # the OPSD run's train section, as the pipeline builds it
         plan["opsd"] = config_lib.from_dict(TrainConfig, {**train_keys, **_opsd_keys(exp)}, prefix="opsd.")
+    if "memit" in exp.methods:  # the edit's section, on the pipeline's shared mesh unless it sets one
+        from mixsd_jax.edit.config import EditConfig
+
+        plan["memit"] = config_lib.from_dict(EditConfig, {"mesh": config_lib.to_dict(exp.mesh), **exp.memit},
+                                             prefix="memit.")
+        plan["memit_mesh"] = plan["memit"].mesh
     return plan
 
 
@@ -152,12 +159,29 @@ def tpu_target(topology: str, chip_bytes: str | None) -> Target:
     return Target(devices, "tpu", topology, chip, parse_bytes(chip_bytes) if chip_bytes else chip.hbm_bytes)
 
 
-KERNELS = ("train_step", "opsd_step", "generate", "eval_decode", "eval_mc", "eval_kl", "export")
+KERNELS = ("train_step", "opsd_step", "generate", "eval_decode", "eval_mc", "eval_kl", "export", "memit")
 
 
-def plan_lines(plan: dict, target: Target, *, kernels=KERNELS, eval_prompt_len: int = 1024,
-               eval_row_len: int = 2048, eval_window: int = 64, estimates: bool = True):
-    """Yield one line per compiled kernel, each kernel compiled in turn."""
+def plan_lines(plan: dict, target: Target, **options):
+    """Yield one line per compiled kernel, each kernel compiled in turn (for a TPU topology, with
+    the persistent compilation cache off while compiling: bench.tpu.no_persistent_cache)."""
+    lines = _plan_lines(plan, target, **options)
+    while True:
+        with compile_context(target):
+            line = next(lines, None)
+        if line is None:
+            return
+        yield line
+
+
+def compile_context(target: Target):
+    from mixsd_jax.bench.tpu import no_persistent_cache
+
+    return no_persistent_cache() if target.backend == "tpu" else contextlib.nullcontext()
+
+
+def _plan_lines(plan: dict, target: Target, *, kernels=KERNELS, eval_prompt_len: int = 1024,
+                eval_row_len: int = 2048, eval_window: int = 64, estimates: bool = True):
     from mixsd_jax.models.sharding import make_mesh, pad_rows
 
     model_cfg = model_config_for(plan["model"])
@@ -208,6 +232,11 @@ def plan_lines(plan: dict, target: Target, *, kernels=KERNELS, eval_prompt_len: 
         lowered = {k: v for k, v in lowered.items() if k in kernels}
         yield from lines(lowered, mesh, shapes={"batch": batch, "row_len": eval_row_len, "window": eval_window},
                          compute_dtype=dtype)
+    if "memit" in kernels and "memit" in plan:  # the edit's kernels (bench.edit_kernels)
+        from mixsd_jax.bench.edit_kernels import memit_kernels
+
+        mesh = mesh_of("memit_mesh")
+        yield from lines(memit_kernels(model_cfg, mesh, plan["memit"]), mesh, batch_size=plan["memit"].batch_size)
     if "export" in kernels and "train" in plan:
         mesh = mesh_of("train_mesh")
         yield from lines(kernels_lib.export_gather(model_cfg, mesh, param_dtype=plan["train"].param_dtype,
@@ -237,7 +266,8 @@ def target_for(args, argv: list[str], plan: dict) -> Target:
 
     if args.topology:
         return tpu_target(args.topology, args.chip_bytes)
-    meshes = [plan[k] for k in ("train_mesh", "generation_mesh", "eval_mesh") if isinstance(plan.get(k), MeshConfig)]
+    meshes = [plan[k] for k in ("train_mesh", "generation_mesh", "eval_mesh", "memit_mesh")
+              if isinstance(plan.get(k), MeshConfig)]
     ensure_cpu_devices(max(mesh_devices(m, args.devices) for m in meshes), argv)
     import jax
 

@@ -22,7 +22,7 @@ def register(sub, bench) -> None:
     m.add_argument("--chip-bytes", default=None,
                    help="per-device memory to check against (default: the topology's chip, else 16GiB)")
     m.add_argument("--kernels", default=None,
-                   help="comma-separated subset of train_step,opsd_step,generate,eval_decode,eval_mc,eval_kl,export")
+                   help="comma-separated subset of train_step,opsd_step,generate,eval_decode,eval_mc,eval_kl,export,memit")
     m.add_argument("--no-estimates", action="store_true",
                    help="skip the loop-scaled *_est figures (two extra small compiles per train/decode kernel)")
     m.add_argument("--fit", action="store_true",

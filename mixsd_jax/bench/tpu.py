@@ -60,5 +60,24 @@ def _quiet_stderr():
         os.close(saved)
 
 
+@contextlib.contextmanager
+def no_persistent_cache():
+    """XLA's persistent compilation cache off while compiling for a compile-only TPU client: such a
+    client cannot load a serialized executable (every cache hit would warn and compile anyway), and
+    a plan's executables are never run, so writing them would only fill the cache. JAX decides once
+    per process whether the cache is used, so the decision is reset on the way in and out."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
+
+
 def processes(devices) -> int:
     return len({d.process_index for d in devices})

@@ -14,6 +14,7 @@ from typing import Literal
 
 from mixsd_jax import config as config_lib
 from mixsd_jax.errors import MixsdError
+from mixsd_jax.models.sharding import MeshConfig
 
 # Families whose layers our MEMIT knows (the MLP down-projection is `layers.w_down`).
 MEMIT_FAMILIES = ("llama", "qwen2", "qwen3")
@@ -28,6 +29,12 @@ REFERENCE_LAYERS = {
     ("llama", 28, 3072): (3, 11),  # Llama-3.2-3B
     ("llama", 16, 2048): (2, 8),  # Llama-3.2-1B
 }
+
+# Models narrower than the paper's (hidden < 1024) take these instead of the reference's 25 steps
+# and 15000 (measured on SmolLM2-135M, docs/memit.md).
+SMALL_HIDDEN = 1024
+SMALL_V_STEPS = 60
+SMALL_MOM2_WEIGHT = 500.0
 
 # Fixed context prefixes for the keys and targets (MEMIT samples short texts from the model; fixed
 # ones keep an edit deterministic). Used with `prompt: plain`; chat prompts use none, as the
@@ -45,28 +52,33 @@ class EditConfig:
     # authors' scripts); plain: the question's first paragraph, target " X".
     prompt: Literal["chat", "plain"] = "chat"
     layers: tuple[int, ...] = ()  # edited layers; empty: the model's default band
-    v_steps: int = 25
+    v_steps: int | None = None  # None: 25 (the reference's), 60 for a model narrower than the paper's
     v_lr: float = 0.5
     kl_factor: float = 0.0625
     v_weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
-    mom2_update_weight: float = 15000.0
+    mom2_update_weight: float | None = None  # None: 15000 (the reference's), SMALL_MOM2_WEIGHT if narrower
     stats_tokens: int = 100_000  # at most this many corpus tokens for E[k kᵀ]
     stats_seq_len: int = 512  # the reference's position cap; texts are packed into rows this long
     context_prefixes: tuple[str, ...] = CONTEXT_PREFIXES
     batch_size: int = 8  # requests per target-value optimisation (memory: rows x length x vocab logits)
     solve_dtype: Literal["float64", "float32"] = "float64"  # the closed-form step (float64 as the reference)
     export_dtype: str = "float32"
+    # Parameters placed by the training sharding rules; the edit's kernels run on the sharded arrays
+    # (rows and statistics are small next to the model: replicated), the float64 solve on the host.
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         if self.method != "memit":
             raise MixsdError(f"config key 'method': unknown edit method {self.method!r} (known: memit)")
-        config_lib.check_range("v_steps", self.v_steps, 1)
+        if self.v_steps is not None:
+            config_lib.check_range("v_steps", self.v_steps, 1)
         config_lib.check_range("v_lr", self.v_lr, 0.0)
         config_lib.check_range("kl_factor", self.kl_factor, 0.0)
         config_lib.check_range("v_weight_decay", self.v_weight_decay, 0.0)
         config_lib.check_range("clamp_norm_factor", self.clamp_norm_factor, 0.0)
-        config_lib.check_range("mom2_update_weight", self.mom2_update_weight, 0.0)
+        if self.mom2_update_weight is not None:
+            config_lib.check_range("mom2_update_weight", self.mom2_update_weight, 0.0)
         config_lib.check_range("stats_tokens", self.stats_tokens, 1)
         config_lib.check_range("stats_seq_len", self.stats_seq_len, 8)
         config_lib.check_range("batch_size", self.batch_size, 1)
@@ -76,6 +88,21 @@ class EditConfig:
 
 def load_edit_config(path=None, overrides=(), flags=None) -> EditConfig:
     return config_lib.load(EditConfig, path, overrides, flags=flags)
+
+
+def for_model(cfg: EditConfig, model_cfg) -> EditConfig:
+    """The config with its per-model defaults filled in. The paper's models (and any as wide) take the
+    reference's settings. A model narrower than the narrowest of them (hidden < 1024: SmolLM2-135M,
+    Gemma-3-270M) needs more δ steps, since Adam at lr 0.5 moves δ by about lr·√D per step against a
+    z-layer output of similar norm, and a smaller update weight, since its keys' kᵀC⁻¹k (of the order of
+    the MLP width F) is an order of magnitude smaller than in the wide MLPs 15000 was set for."""
+    small = model_cfg.hidden_size < SMALL_HIDDEN
+    return dataclasses.replace(
+        cfg,
+        v_steps=cfg.v_steps if cfg.v_steps is not None else (SMALL_V_STEPS if small else 25),
+        mom2_update_weight=(cfg.mom2_update_weight if cfg.mom2_update_weight is not None
+                            else SMALL_MOM2_WEIGHT if small else 15000.0),
+    )
 
 
 def edit_layers(cfg: EditConfig, model_cfg) -> tuple[int, ...]:

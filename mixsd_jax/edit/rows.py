@@ -90,3 +90,33 @@ def _pad(seqs, lookups, owners, labels, ctx_ids) -> Rows:
         label_arr[b, :len(lab)] = lab
     return Rows(tokens, segment_ids, np.asarray(lookups, np.int32), np.asarray(owners, np.int32), label_arr,
                 np.asarray(ctx_ids, np.int32))
+
+
+def group(rows: Rows, first: int, size: int, n_requests: int) -> Rows:
+    """The rows of requests first..first+size-1, renumbered from 0; past the last request the last one
+    again, so every group of a run has the same shapes (one compilation)."""
+    ids = [min(first + i, n_requests - 1) for i in range(size)]
+    idx = np.concatenate([np.nonzero(rows.request == r)[0] for r in ids])
+    renumbered = np.concatenate([np.full(int((rows.request == r).sum()), i, np.int32) for i, r in enumerate(ids)])
+    return Rows(rows.tokens[idx], rows.segment_ids[idx], rows.lookup[idx], renumbered, rows.labels[idx],
+                rows.context[idx])
+
+
+def up_to_subject(rows: Rows) -> Rows:
+    """The rows cut after their subject token: nothing later can change a causal model's state there."""
+    T = -(-(int(rows.lookup.max()) + 1) // _ROUND) * _ROUND
+    keep = np.arange(T)[None, :] <= rows.lookup[:, None]
+    return Rows(rows.tokens[:, :T] * keep, rows.segment_ids[:, :T] * keep, rows.lookup, rows.request,
+                np.where(keep, rows.labels[:, :T], -1), rows.context)
+
+
+def label_positions(rows: Rows, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the positions whose next token is labelled and those labels, padded to `width`
+    (position 0, label -1): the loss needs the vocabulary logits there only."""
+    positions = np.zeros((len(rows.labels), width), np.int32)
+    labels = np.full((len(rows.labels), width), -1, np.int32)
+    for b, row in enumerate(rows.labels):
+        where = np.nonzero(row >= 0)[0]
+        positions[b, :len(where)] = where
+        labels[b, :len(where)] = row[where]
+    return positions, labels

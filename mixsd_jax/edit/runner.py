@@ -18,22 +18,32 @@ import numpy as np
 
 from mixsd_jax import files
 from mixsd_jax.edit import memit, stats
-from mixsd_jax.edit.config import EditConfig, edit_layers
+from mixsd_jax.edit.config import EditConfig, edit_layers, for_model
 from mixsd_jax.edit.requests import build_requests
-from mixsd_jax.edit.rows import build_rows
+from mixsd_jax.edit.rows import build_rows, group
 from mixsd_jax.errors import MixsdError
-from mixsd_jax.models import transformer
+from mixsd_jax.models.block import embed
 
 
 def apply_memit(params, model_cfg, tokenizer, requests, ecfg: EditConfig, moments: dict, log=print):
     """The edited parameters and what was done: {layers, updates (layer -> ΔW [F, D]), losses}."""
+    ecfg = for_model(ecfg, model_cfg)
     layers = edit_layers(ecfg, model_cfg)
-    z_layer = layers[-1]
     add_special = ecfg.prompt == "plain"  # a chat template writes its own special tokens
     t0 = time.perf_counter()
-    zs, losses = memit.target_values(params, model_cfg, tokenizer, requests, ecfg, z_layer, add_special)
-    log(f"memit: {len(requests)} target values at layer {z_layer} in {time.perf_counter() - t0:.1f}s "
+    zs, losses = memit.target_values(params, model_cfg, tokenizer, requests, ecfg, layers[-1], add_special)
+    log(f"memit: {len(requests)} target values at layer {layers[-1]} in {time.perf_counter() - t0:.1f}s "
         f"(mean final loss {np.nanmean(losses):.3f})")
+    params, updates = apply_updates(params, model_cfg, tokenizer, requests, ecfg, moments, zs, log=log)
+    return params, {"layers": layers, "z_layer": layers[-1], "updates": updates, "losses": losses}
+
+
+def apply_updates(params, model_cfg, tokenizer, requests, ecfg: EditConfig, moments: dict, zs, log=print):
+    """MEMIT's layer-spread step toward the target values `zs` [N, D]: (edited params, {layer: ΔW})."""
+    ecfg = for_model(ecfg, model_cfg)
+    layers = edit_layers(ecfg, model_cfg)
+    z_layer = layers[-1]
+    add_special = ecfg.prompt == "plain"
     w_down = params["layers"]["w_down"]
     updates = {}
     for i, layer in enumerate(layers):
@@ -42,29 +52,30 @@ def apply_memit(params, model_cfg, tokenizer, requests, ecfg: EditConfig, moment
         resid = (zs - current) / (len(layers) - i)  # this layer's share of what is left
         delta_FxD = memit.solve_update(keys, resid, moments[layer], ecfg.mom2_update_weight, ecfg.solve_dtype)
         updates[layer] = delta_FxD
-        w_down = w_down.at[layer].add(jnp.asarray(delta_FxD, w_down.dtype))
+        w_down = jax.device_put(w_down.at[layer].add(jnp.asarray(delta_FxD, w_down.dtype)), w_down.sharding)
         params = {**params, "layers": {**params["layers"], "w_down": w_down}}
         log(f"memit: layer {layer}: |residual| {np.linalg.norm(resid, axis=1).mean():.3f}, "
             f"|ΔW| {np.linalg.norm(delta_FxD):.4f}")
-    return params, {"layers": layers, "z_layer": z_layer, "updates": updates, "losses": losses}
+    return params, updates
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _argmax_hits(params, cfg, tokens, segment_ids, labels):
-    logits, _ = transformer.forward_with_taps(params, cfg, tokens, segment_ids)
-    hit = (jnp.argmax(logits, axis=-1) == labels) | (labels < 0)
-    return jnp.all(hit, axis=1)
+def _argmax_hits(params, cfg, rows):
+    x = embed(params, cfg, rows["tokens"], jnp.float32)
+    logp = memit.logp_at(params, cfg, x, rows["segment_ids"], rows["positions"], 0)
+    labels = rows["labels"]
+    return jnp.all((jnp.argmax(logp, axis=-1) == labels) | (labels < 0), axis=1)
 
 
 def efficacy(params, model_cfg, tokenizer, requests, prompt_style: str, batch_size: int = 16) -> list[bool]:
     """Per request: is every target token the argmax after the prompt (and the target so far)?"""
+    rows = build_rows(tokenizer, requests, ("",), with_targets=True, add_special=prompt_style == "plain")
+    width = int((rows.labels >= 0).sum(axis=1).max())
+    n, size = len(requests), min(batch_size, len(requests))
     hits = []
-    for start in range(0, len(requests), batch_size):
-        rows = build_rows(tokenizer, requests[start:start + batch_size], ("",), with_targets=True,
-                          add_special=prompt_style == "plain")
-        hit = _argmax_hits(params, model_cfg, jnp.asarray(rows.tokens), jnp.asarray(rows.segment_ids),
-                           jnp.asarray(rows.labels))
-        hits += [bool(h) for h in np.asarray(hit)]
+    for start in range(0, n, size):
+        hit = _argmax_hits(params, model_cfg, memit.device_rows(group(rows, start, size, n), width))
+        hits += [bool(h) for h in np.asarray(hit)[:min(size, n - start)]]
     return hits
 
 
@@ -72,6 +83,7 @@ def edit(ecfg: EditConfig, log=print) -> dict:
     from mixsd_jax.models.checkpoint import export_hf, load_hf
     from mixsd_jax.models.config import ModelConfig
     from mixsd_jax.models.registry import resolve_model
+    from mixsd_jax.models.sharding import make_mesh
     from mixsd_jax.models.tokenizer import load_tokenizer
 
     if not ecfg.data:
@@ -81,11 +93,12 @@ def edit(ecfg: EditConfig, log=print) -> dict:
     if not Path(ecfg.data).is_file():
         raise MixsdError(f"{ecfg.data}: data file not found")
     model_dir = resolve_model(ecfg.model)
+    ecfg = for_model(ecfg, ModelConfig.from_hf_dir(model_dir))
     layers = edit_layers(ecfg, ModelConfig.from_hf_dir(model_dir))  # bad layers/family fail before any work
     tokenizer = load_tokenizer(model_dir)
     requests = build_requests(ecfg.data, ecfg.prompt, tokenizer)
     t_start = time.perf_counter()
-    model_cfg, params = load_hf(model_dir, param_dtype="float32")
+    model_cfg, params = load_hf(model_dir, param_dtype="float32", mesh=make_mesh(ecfg.mesh))
     t0 = time.perf_counter()
     moments = stats.second_moments(params, model_cfg, tokenizer, model_dir, layers, ecfg.stats_tokens,
                                    ecfg.stats_seq_len, log=log)
@@ -103,7 +116,8 @@ def edit(ecfg: EditConfig, log=print) -> dict:
         for r, hit in zip(requests, after)])
     summary = {
         "method": "memit", "model": str(ecfg.model), "requests": len(requests), "layers": list(info["layers"]),
-        "z_layer": info["z_layer"], "stats_s": round(stats_s, 2), "edit_s": round(edit_s, 2),
+        "z_layer": info["z_layer"], "v_steps": ecfg.v_steps, "mom2_update_weight": ecfg.mom2_update_weight,
+        "stats_s": round(stats_s, 2), "edit_s": round(edit_s, 2),
         "total_s": round(time.perf_counter() - t_start, 2),
         "efficacy_before": float(np.mean(before)), "efficacy": float(np.mean(after)),
         "target_loss_mean": float(np.nanmean(info["losses"])),

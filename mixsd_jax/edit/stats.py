@@ -24,11 +24,12 @@ import numpy as np
 
 from mixsd_jax import files
 from mixsd_jax.models import transformer
+from mixsd_jax.models.block import embed
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "resources" / "benchmarks"
 # (file, JSON fields joined into one text), in reading order.
 STATS_SOURCES = (("lambada/lambada_test.jsonl", ("text",)), ("gsm8k/test.jsonl", ("question", "answer")))
-_ROWS = 4  # rows per forward: [L, 4, 512, F] taps stay a few hundred MB for a small model
+ROWS = 4  # rows per forward: [L, 4, 512, F] taps stay a few hundred MB for a small model
 _MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -94,9 +95,11 @@ def pack_rows(tokenizer, texts: list[str], seq_len: int, budget: int) -> tuple[n
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layers"))
-def _moment_sums(params, cfg, layers: tuple[int, ...], tokens_BxT, segment_ids_BxT):
+def moment_sums(params, cfg, layers: tuple[int, ...], tokens_BxT, segment_ids_BxT):
     """Σ k kᵀ over the real tokens of a batch, per layer: [len(layers), F, F]."""
-    _, taps = transformer.forward_with_taps(params, cfg, tokens_BxT, segment_ids_BxT)
+    # Only the layers up to the last edited one run: the keys of the layers above are not needed.
+    x = embed(params, cfg, tokens_BxT, jnp.float32)
+    _, taps = transformer.run_layer_range(params, cfg, x, segment_ids_BxT, 0, max(layers) + 1, taps=True)
     keys_NxBxTxF = taps["mlp_in"][jnp.asarray(layers)]
     real = (segment_ids_BxT != 0).astype(jnp.float32)
     keys = keys_NxBxTxF.astype(jnp.float32) * real[None, :, :, None]
@@ -121,13 +124,13 @@ def second_moments(params, cfg, tokenizer, model_dir, layers: tuple[int, ...], s
     count = int((segment_ids != 0).sum())
     log(f"memit: second moments of layers {list(missing)} over {count} corpus tokens ({len(tokens)} rows)")
     total = None
-    for start in range(0, len(tokens), _ROWS):
-        chunk_t, chunk_s = tokens[start:start + _ROWS], segment_ids[start:start + _ROWS]
-        if len(chunk_t) < _ROWS:  # one shape for every call; empty rows add nothing
-            pad = _ROWS - len(chunk_t)
+    for start in range(0, len(tokens), ROWS):
+        chunk_t, chunk_s = tokens[start:start + ROWS], segment_ids[start:start + ROWS]
+        if len(chunk_t) < ROWS:  # one shape for every call; empty rows add nothing
+            pad = ROWS - len(chunk_t)
             chunk_t = np.pad(chunk_t, ((0, pad), (0, 0)))
             chunk_s = np.pad(chunk_s, ((0, pad), (0, 0)))
-        sums = _moment_sums(params, cfg, missing, jnp.asarray(chunk_t), jnp.asarray(chunk_s))
+        sums = moment_sums(params, cfg, missing, jnp.asarray(chunk_t), jnp.asarray(chunk_s))
         total = sums if total is None else total + sums
     moments = np.asarray(total) / count
     for i, layer in enumerate(missing):

@@ -108,9 +108,10 @@ def remat_policy(name: str):
 
 
 def _attend_fn(cfg: ModelConfig, dtype, positions_BxT, segment_ids_BxT, seq_mask_BxTxT, attention_block, cached,
-               old_mask_BxTxS, old_positions_BxS, window):
-    """How this call's blocks attend: over the sequence (dense or blockwise) or against the cache.
-    Returns the attention output and the (keys, values) each layer hands back for caching."""
+               old_mask_BxTxS, old_positions_BxS, window, fused_attention=None):
+    """How this call's blocks attend: over the sequence (a fused kernel, dense or blockwise) or
+    against the cache. Returns the attention output and the (keys, values) each layer hands back
+    for caching."""
     divisor = cfg.attention_divisor
     new_mask_BxTxT = seq_mask_BxTxT
     if window is not None and seq_mask_BxTxT is not None:
@@ -118,7 +119,9 @@ def _attend_fn(cfg: ModelConfig, dtype, positions_BxT, segment_ids_BxT, seq_mask
 
     def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE):
         if cached is None:
-            if attention_block:
+            if fused_attention is not None and window is None:  # models.flash_attention (a TPU kernel)
+                out = fused_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_ids_BxT, divisor)
+            elif attention_block:
                 out = blockwise_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_ids_BxT, attention_block, divisor,
                                           window)
             else:
@@ -139,17 +142,24 @@ def _attend_fn(cfg: ModelConfig, dtype, positions_BxT, segment_ids_BxT, seq_mask
 
 
 def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache, old_mask_BxTxS, dtype, remat="none",
-                attention_block=0, activation_sharding=None, taps=False, mlp_edit=None, activation_dtype=None):
+                attention_block=0, activation_sharding=None, taps=False, mlp_edit=None, x_in=None, layer_slice=None,
+                fused_attention=None, activation_dtype=None):
     """All blocks: hidden [B,T,D] before the final norm, new keys and values per layer, and (with
-    `taps`) each layer's MLP hidden [L, B, T, F] and output [L, B, T, D]."""
+    `taps`) each layer's MLP hidden [L, B, T, F] and output [L, B, T, D]. `layer_slice=(start, stop)`
+    runs only those layers, from `x_in` (layer `start`'s input) instead of the embedded tokens."""
     variants = layer_variants(cfg)
+    layer_params = params["layers"]
+    if layer_slice is not None:
+        start, stop = layer_slice
+        layer_params, variants = jax.tree.map(lambda a: a[start:stop], (layer_params, variants))
     inv_freq = rope_inv_freq(cfg)
     # Among the T new tokens: causal, same segment, real tokens only (blockwise attention builds
     # its tiles of this mask itself).
-    seq_mask_BxTxT = None if (attention_block and cache is None) else sequence_mask(segment_ids_BxT)
+    tiled = cache is None and (attention_block or (fused_attention is not None and variants is None))
+    seq_mask_BxTxT = None if tiled else sequence_mask(segment_ids_BxT)
     cached = None if cache is None else (cache["k"], cache["v"])
     old_positions_BxS = None if cache is None or variants is None else cache["positions"]
-    x_BxTxD = embed(params, cfg, tokens_BxT, activation_dtype or dtype)
+    x_BxTxD = embed(params, cfg, tokens_BxT, activation_dtype or dtype) if x_in is None else x_in
     if activation_sharding is not None:
         # Pin the residual stream to the batch sharding: left to propagation, it takes the
         # embedding's layout (hidden over fsdp, rows replicated), so every device would keep every
@@ -160,7 +170,8 @@ def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache, 
     def scan_body(x, inputs):
         p, layer_cache, variant, layer = inputs
         attend = _attend_fn(cfg, dtype, positions_BxT, segment_ids_BxT, seq_mask_BxTxT, attention_block, layer_cache,
-                            old_mask_BxTxS, old_positions_BxS, None if variant is None else variant["window"])
+                            old_mask_BxTxS, old_positions_BxS, None if variant is None else variant["window"],
+                            fused_attention)
         delta = None if delta_BxTxD is None else jnp.where(layer == edit_layer, delta_BxTxD, 0)
         x, (k, v), mlp_in = block(p, cfg, x, positions_BxT, inv_freq if variant is None else variant["inv_freq"],
                                   attend, dtype=dtype, mlp_delta_BxTxD=delta)
@@ -174,7 +185,7 @@ def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache, 
 
     layer_ids = None if mlp_edit is None else jnp.arange(cfg.num_layers)
     x_BxTxD, ((new_k, new_v), tapped) = jax.lax.scan(scan_body, x_BxTxD,
-                                                    (params["layers"], cached, variants, layer_ids))
+                                                    (layer_params, cached, variants, layer_ids))
     return x_BxTxD, new_k, new_v, tapped
 
 
@@ -190,6 +201,7 @@ def forward(
     remat: str = "none",
     attention_block: int = 0,
     activation_sharding=None,
+    fused_attention=None,
     activation_dtype=None,
 ) -> tuple[jax.Array, Cache | None]:
     """Final-norm hidden states [B, T, D] (apply `lm_logits` for logits) and the updated cache.
@@ -199,14 +211,17 @@ def forward(
     and are then written at slots [end, end+T) of every row. `remat` (see REMAT_POLICIES) only
     matters under differentiation; `attention_block` > 0 computes the cache-less attention block
     by block (`blockwise_attention`), for long sequences; `activation_sharding` (a sharding of
-    [B, T, D]) pins the residual stream's layout between blocks. `activation_dtype` (default
-    `dtype`) is the dtype of the residual stream and of all elementwise work, with only the
-    matmuls' operands in `dtype`: f32 around bf16 matmuls suits CPUs, which have bf16 matmul
-    units but no bf16 elementwise arithmetic (only in the cache-less call).
+    [B, T, D]) pins the residual stream's layout between blocks; `fused_attention` (a
+    models.flash_attention.FusedAttention) replaces both cache-less attentions in layers without
+    a sliding window. `activation_dtype` (default `dtype`) is the dtype of the residual stream and
+    of all elementwise work, with only the matmuls' operands in `dtype`: f32 around bf16 matmuls
+    suits CPUs, which have bf16 matmul units but no bf16 elementwise arithmetic (only in the
+    cache-less call).
     """
     if cache is None:
         x_BxTxD, _, _, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype,
-                                       remat, attention_block, activation_sharding, activation_dtype=activation_dtype)
+                                       remat, attention_block, activation_sharding, fused_attention=fused_attention,
+                                       activation_dtype=activation_dtype)
         return norm(x_BxTxD, params["final_norm"], cfg), None
     is_real_BxT = segment_ids_BxT != 0
     # Cached slots all precede the new tokens: a real query sees every valid one.
@@ -230,6 +245,18 @@ def forward_with_taps(params: Params, cfg: ModelConfig, tokens_BxT, segment_ids_
     )
     logits = lm_logits(params, cfg, norm(x_BxTxD, params["final_norm"], cfg), dtype=dtype)
     return logits, {"mlp_in": mlp_in, "resid_out": resid_out}
+
+
+def run_layer_range(params: Params, cfg: ModelConfig, x_BxTxD, segment_ids_BxT, start: int, stop: int, *,
+                    taps=False, dtype=jnp.float32):
+    """The residual stream after layers start..stop-1 given layer `start`'s input (`embed` for layer 0):
+    the model in pieces, so a change to one layer's output reruns only the layers above it. With
+    `taps`, also those layers' `mlp_in` [stop-start, B, T, F] and `resid_out` [stop-start, B, T, D]."""
+    x_BxTxD, _, _, tapped = _run_layers(params, cfg, None, segment_positions(segment_ids_BxT), segment_ids_BxT, None,
+                                        None, dtype, taps=taps, x_in=x_BxTxD.astype(dtype), layer_slice=(start, stop))
+    if not taps:
+        return x_BxTxD
+    return x_BxTxD, {"mlp_in": tapped[0], "resid_out": tapped[1]}
 
 
 def prefill(

@@ -369,7 +369,8 @@ def _edit_configs(cfg: ExperimentConfig, exp: Path, train_file: Path) -> dict:
 
 
 def _edit_stage(name: str, ecfg, corpus_stage: Stage, model_fp: str) -> Stage:
-    fp = settings_hash("edit", config_lib.fingerprint(ecfg, exclude=("data", "out")), corpus_stage.fingerprint, model_fp)
+    fp = settings_hash("edit", config_lib.fingerprint(ecfg, exclude=("data", "out", "mesh")), corpus_stage.fingerprint,
+                       model_fp)
     return Stage(
         name=f"edit_{name}", fingerprint=fp, reset=fp, workdir=Path(ecfg.out),
         outputs=(Path(ecfg.out) / "hf" / "config.json", Path(ecfg.out) / "summary.json"),

@@ -42,6 +42,7 @@ NOT_FINGERPRINTED = (
     "remat",
     "loss_chunk",
     "attention_block",
+    "attention",
 )
 
 
@@ -121,6 +122,9 @@ class TrainConfig:
     remat: str = "none"
     loss_chunk: int = -1
     attention_block: int = -1
+    # The cache-less attention's kernel: auto (Pallas splash attention on a TPU, models.flash_attention;
+    # dense / blockwise elsewhere), flash (the kernel everywhere; on a CPU only in its slow interpreter) or xla.
+    attention: Literal["auto", "flash", "xla"] = "auto"
     # Outputs.
     save_every: int = 0  # 0: only at the end
     keep: int = 3

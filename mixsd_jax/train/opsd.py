@@ -76,7 +76,7 @@ class OpsdLoss:
         def hidden(p, tokens, positions, segment_ids):  # the step's remat, attention blocks and layout
             return forward(p, model_cfg, tokens, positions, segment_ids, dtype=compute_dtype, remat=options.remat,
                            attention_block=options.attention_block_for(tokens.shape[-1]),
-                           activation_sharding=options.activations)[0]
+                           activation_sharding=options.activations, fused_attention=options.fused_attention)[0]
 
         hidden_s = hidden(params, micro["tokens"], micro["positions"], micro["segment_ids"])
         hidden_t = hidden(teacher, micro["teacher_tokens"], micro["teacher_positions"], micro["teacher_segment_ids"])

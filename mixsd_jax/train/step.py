@@ -26,7 +26,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mixsd_jax.errors import MixsdError
+from mixsd_jax.models import flash_attention
 from mixsd_jax.models.config import ModelConfig
+from mixsd_jax.models.flash_attention import FusedAttention
 from mixsd_jax.models.sharding import BATCH_AXES, param_shardings, replicated
 from mixsd_jax.models.transformer import forward, param_shapes
 from mixsd_jax.train import loss as loss_lib
@@ -174,9 +177,12 @@ class StepOptions:
     `loss_chunk`: tokens per LM-head chunk of the loss (train.loss): -1 auto, 0 dense.
     `attention_block`: query/key block of blockwise attention (models.transformer): -1 auto
     (blocks of AUTO_ATTENTION_BLOCK above AUTO_ATTENTION_FROM tokens per row), 0 dense.
+    `attention`: "auto" (the fused Pallas kernel, models.flash_attention, on a TPU mesh; the XLA
+    attentions elsewhere), "flash" (the kernel everywhere: on a CPU in Pallas's interpreter, slow)
+    or "xla" (dense / blockwise by `attention_block`).
     `loss`: the name of the token loss in LOSSES (the seam for other objectives).
-    `activations`: the sharding of [M, T, D] activations (rows over data x fsdp); set by
-    `jit_train_step` from its mesh.
+    `activations`, `fused_attention`: the sharding of [M, T, D] activations (rows over data x fsdp)
+    and the fused kernel `attention` selects; set by `jit_train_step` from its mesh.
     `f32_activations`: keep the residual stream and elementwise work in f32 and cast only the
     matmuls' operands to the compute dtype (as PyTorch's autocast); set by `jit_train_step` on
     CPU meshes, whose bf16 matmul units have no bf16 elementwise counterpart (XLA:CPU emulates
@@ -186,13 +192,16 @@ class StepOptions:
     remat: str = "none"
     loss_chunk: int = -1
     attention_block: int = -1
+    attention: str = "auto"
     loss: str = "nll"
     activations: NamedSharding | None = None
+    fused_attention: FusedAttention | None = None
     f32_activations: bool = False
 
     @classmethod
     def from_train_config(cls, cfg) -> "StepOptions":
-        return cls(remat=cfg.remat, loss_chunk=cfg.loss_chunk, attention_block=cfg.attention_block)
+        return cls(remat=cfg.remat, loss_chunk=cfg.loss_chunk, attention_block=cfg.attention_block,
+                   attention=getattr(cfg, "attention", "auto"))
 
     def attention_block_for(self, seq_len: int) -> int:
         if self.attention_block == -1:
@@ -211,7 +220,8 @@ def nll_loss(params, model_cfg: ModelConfig, micro: Batch, compute_dtype, option
     hidden_MxTxD, _ = forward(
         params, model_cfg, micro["tokens"], micro["positions"], micro["segment_ids"], dtype=compute_dtype,
         remat=options.remat, attention_block=options.attention_block_for(micro["tokens"].shape[-1]),
-        activation_sharding=options.activations, activation_dtype=jnp.float32 if options.f32_activations else None,
+        activation_sharding=options.activations, fused_attention=options.fused_attention,
+        activation_dtype=jnp.float32 if options.f32_activations else None,
     )
     return loss_lib.nll_sums(params, model_cfg, hidden_MxTxD, micro, compute_dtype, options.loss_chunk)
 
@@ -274,6 +284,24 @@ def train_step(
     return TrainState(params=new_params, opt_state=opt_state, step=state.step + 1), metrics
 
 
+def fused_attention_for(attention: str, model_cfg: ModelConfig, mesh: Mesh) -> FusedAttention | None:
+    """The fused attention kernel a step on `mesh` uses for `attention` (StepOptions), or None."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r} (known: {', '.join(ATTENTIONS)})")
+    on_tpu = mesh.devices.flat[0].platform == "tpu"
+    if attention == "xla" or (attention == "auto" and not on_tpu):
+        return None
+    if not flash_attention.supported(model_cfg, mesh):
+        if attention == "auto":
+            return None
+        raise MixsdError("config key 'attention': flash needs a model without sliding-window layers and heads and "
+                         f"kv heads divisible by mesh.tensor={mesh.shape['tensor']}")
+    return FusedAttention(mesh=mesh, interpret=not on_tpu)
+
+
+ATTENTIONS = ("auto", "flash", "xla")
+
+
 @functools.lru_cache(maxsize=8)
 def jit_train_step(model_cfg: ModelConfig, opt: OptimConfig, mesh: Mesh, compute_dtype: str,
                    options: StepOptions = StepOptions(), loss=None):
@@ -285,6 +313,7 @@ def jit_train_step(model_cfg: ModelConfig, opt: OptimConfig, mesh: Mesh, compute
     tx = make_optimizer(opt)
     shardings = state_shardings(model_cfg, tx, mesh)
     options = dataclasses.replace(options, activations=NamedSharding(mesh, P(BATCH_AXES, None, None)),
+                                  fused_attention=fused_attention_for(options.attention, model_cfg, mesh),
                                   f32_activations=mesh.devices.flat[0].platform == "cpu")
     fn = functools.partial(
         train_step, model_cfg=model_cfg, tx=tx, schedule=lr_schedule(opt), compute_dtype=jnp.dtype(compute_dtype),
