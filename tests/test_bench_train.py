@@ -50,3 +50,18 @@ def test_machine_report_judges_the_load_before_the_timed_work():
     assert idle["cores"] == len(os.sched_getaffinity(0)) and len(idle["load_avg"]) == 3 and "busy" not in idle
     busy = machine.report([idle["cores"] * 0.5 + 0.01, 0.0, 0.0])
     assert busy["load_avg_before"][0] > busy["cores"] / 2 and "before the timed work" in busy["busy"]
+
+
+def test_compare_interleaves_both_dtypes_of_both_sides(tiny_qwen3_dir):
+    """`bench train --compare`: ours in f32 and bf16, PyTorch in f32 and bf16 autocast, one timed
+    step of each per round; the ratio is our best side over PyTorch's best, per round."""
+    from mixsd_jax.bench.train import compare_train
+
+    line = compare_train(str(tiny_qwen3_dir), batch_size=8, seq_len=16, rounds=2, compute_dtype="bfloat16")
+    assert set(line["sides"]) == {"ours_float32", "ours_bfloat16", "torch_float32", "torch_bfloat16"}
+    assert all(len(side["step_s"]) == 2 for side in line["sides"].values())
+    best, theirs = line["sides"][line["ours_best"]], line["sides"][line["torch_best"]]
+    assert best["tokens_per_s"] == max(line["sides"][s]["tokens_per_s"] for s in ("ours_float32", "ours_bfloat16"))
+    assert line["ratio"]["min"] <= line["ratio"]["median"] <= line["ratio"]["max"]
+    assert line["ratio"]["min"] <= best["tokens_per_s_max"] / theirs["tokens_per_s_min"]
+    assert line["cpu_model"] and len(line["load_avg_before"]) == 3 and "ours_bfloat16_over_ours_float32" in line

@@ -47,6 +47,9 @@ def register(sub, bench) -> None:
     t.add_argument("--remat", default="none", help="layer-scan rematerialisation (train config key remat)")
     t.add_argument("--loss-chunk", type=int, default=-1, help="LM-head loss chunk (train config key loss_chunk)")
     t.add_argument("--attention-block", type=int, default=-1, help="attention block (train config key attention_block)")
+    t.add_argument("--compare", action="store_true",
+                   help="interleave ours in f32 and in --compute-dtype (default auto) with PyTorch in f32 and "
+                        "bf16 autocast, --steps rounds; reports each side and our best over PyTorch's best")
     t.set_defaults(func=_train)
 
     o = bench.add_parser("opsd", help="where an OPSD step's time goes: rollout, teacher+student forward, update")
@@ -79,7 +82,9 @@ def _model_and_steps(parser: argparse.ArgumentParser, *, steps: int, help_steps:
     parser.add_argument("--model", default=EMBEDDED_DEFAULT, help="HF-format directory or registry name")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=steps, help=help_steps)
-    parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--compute-dtype", default=None, choices=("float32", "bfloat16", "auto"),
+                        help="auto: bfloat16 on accelerators and on CPUs with AMX, else float32 "
+                             "(default: float32; auto with bench train --compare)")
     parser.add_argument("--random-init", action="store_true",
                         help="random weights from the model directory's config.json (no weight files needed)")
 
@@ -136,14 +141,28 @@ def _step_options(args):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mixsd_jax.bench.train import bench_train
+    from mixsd_jax.bench.train import bench_train, compare_train
 
+    if args.compare:
+        print(json.dumps(compare_train(
+            args.model, batch_size=args.batch_size, seq_len=args.seq_len, rounds=args.steps,
+            compute_dtype=args.compute_dtype or "auto", random_init=args.random_init, options=_step_options(args),
+        )))
+        return 0
     print(json.dumps(bench_train(
         args.model, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-        compute_dtype=args.compute_dtype, torch_compare=not args.no_torch, random_init=args.random_init,
+        compute_dtype=args.compute_dtype or "float32", torch_compare=not args.no_torch, random_init=args.random_init,
         peak_tflops=args.peak_tflops, options=_step_options(args),
     )))
     return 0
+
+
+def _resolved_dtype(name: str) -> str:
+    import jax
+
+    from mixsd_jax.train.precision import resolve_compute_dtype
+
+    return resolve_compute_dtype(name, jax.default_backend())
 
 
 def _opsd(args: argparse.Namespace) -> int:
@@ -152,7 +171,7 @@ def _opsd(args: argparse.Namespace) -> int:
     print(json.dumps(bench_opsd(
         args.model, data=args.data, batch_size=args.batch_size, num_rollouts=args.rollouts,
         max_new_tokens=args.max_new_tokens, max_seq_len=max(args.seq_len, 256), steps=args.steps,
-        compute_dtype=args.compute_dtype, random_init=args.random_init,
+        compute_dtype=_resolved_dtype(args.compute_dtype or "float32"), random_init=args.random_init,
     )))
     return 0
 

@@ -48,8 +48,9 @@ def load_params(model_dir, mesh, random_init: bool = False):
 
 
 def ours_stepper(model_dir, batch_size: int, seq_len: int, compute_dtype: str, random_init: bool = False,
-                 options=None):
-    """(one_step() that runs our train step to completion, ModelConfig)."""
+                 options=None, more_dtypes: tuple[str, ...] = ()):
+    """(one_step() that runs our train step to completion, ModelConfig); with `more_dtypes`, a
+    dict of one_step() by compute dtype instead (`compute_dtype` first), all advancing one state."""
     import jax
 
     from mixsd_jax.models.sharding import MeshConfig, make_mesh
@@ -62,18 +63,26 @@ def ours_stepper(model_dir, batch_size: int, seq_len: int, compute_dtype: str, r
     shardings = step_lib.state_shardings(cfg, tx, mesh)
     holder = {"state": step_lib.init_state(params, tx, shardings)}
     del params
-    step_fn = step_lib.jit_train_step(cfg, opt, mesh, compute_dtype, options or step_lib.StepOptions())
     batch = step_lib.device_batch(synthetic_batch(cfg.vocab_size, batch_size, seq_len), mesh)
 
-    def one_step():
-        holder["state"], metrics = step_fn(holder["state"], batch)
-        jax.block_until_ready((holder["state"], metrics))
+    def stepper(dtype):
+        step_fn = step_lib.jit_train_step(cfg, opt, mesh, dtype, options or step_lib.StepOptions())
 
-    return one_step, cfg
+        def one_step():
+            holder["state"], metrics = step_fn(holder["state"], batch)
+            jax.block_until_ready((holder["state"], metrics))
+
+        return one_step
+
+    if not more_dtypes:
+        return stepper(compute_dtype), cfg
+    return {dtype: stepper(dtype) for dtype in (compute_dtype, *more_dtypes)}, cfg
 
 
-def torch_stepper(model_dir, batch_size: int, seq_len: int, compute_dtype: str, random_init: bool = False):
-    """one_step() running a transformers forward/backward + clip + AdamW step to completion."""
+def torch_stepper(model_dir, batch_size: int, seq_len: int, compute_dtype: str, random_init: bool = False,
+                  more_dtypes: tuple[str, ...] = ()):
+    """one_step() running a transformers forward/backward + clip + AdamW step to completion, in f32
+    or under bf16 autocast; with `more_dtypes`, a dict of them by dtype sharing one model."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -88,19 +97,24 @@ def torch_stepper(model_dir, batch_size: int, seq_len: int, compute_dtype: str, 
     inputs = torch.from_numpy(batch["tokens"][0]).long().to(device)
     labels = torch.from_numpy(batch["targets"][0]).long().to(device)
 
-    def one_step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
-            logits = model(input_ids=inputs).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()  # waits for the device
-        if device == "cuda":
-            torch.cuda.synchronize()
+    def stepper(dtype):
+        def one_step():
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                logits = model(input_ids=inputs).logits
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.item()  # waits for the device
+            if device == "cuda":
+                torch.cuda.synchronize()
 
-    return one_step
+        return one_step
+
+    if not more_dtypes:
+        return stepper(compute_dtype)
+    return {dtype: stepper(dtype) for dtype in (compute_dtype, *more_dtypes)}
 
 
 def _timed(fn) -> float:
@@ -156,7 +170,10 @@ def bench_train(
     from mixsd_jax.models.registry import resolve_model
     from mixsd_jax.train.step import flops_per_token
 
+    from mixsd_jax.train.precision import resolve_compute_dtype
+
     model_dir = resolve_model(model)
+    asked_dtype, compute_dtype = compute_dtype, resolve_compute_dtype(compute_dtype, jax.default_backend())
     ours_step, cfg = ours_stepper(model_dir, batch_size, seq_len, compute_dtype, random_init, options)
     compile_s = _timed(ours_step)
     torch_step = None
@@ -179,6 +196,7 @@ def bench_train(
         "seq_len": seq_len,
         "steps": steps,
         "compute_dtype": compute_dtype,
+        **({"compute_dtype_asked": asked_dtype} if asked_dtype != compute_dtype else {}),
         "step_options": None if options is None else dataclasses.asdict(options),
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
@@ -207,5 +225,70 @@ def bench_train(
     if peak:
         result["peak_tflops"] = peak
         result["mfu"] = round(ours * flops / (peak * 1e12 * jax.device_count()), 4)
+    result.update(machine.report(load_before))
+    return result
+
+
+def _side_summary(tokens: int, step_s: list[float]) -> dict:
+    rates = [tokens / t for t in step_s]
+    return {"tokens_per_s": round(float(np.median(rates)), 2), "tokens_per_s_min": round(min(rates), 2),
+            "tokens_per_s_max": round(max(rates), 2), "step_s": [round(t, 4) for t in step_s]}
+
+
+def _pair_ratio(num_s: list[float], den_s: list[float]) -> dict:
+    """Speed of the `den` side over the `num` side per interleaved round (num time / den time)."""
+    ratios = [n / d for n, d in zip(num_s, den_s)]
+    return {"median": round(float(np.median(ratios)), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+
+
+def compare_train(
+    model: str,
+    *,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    rounds: int = 5,
+    compute_dtype: str = "auto",
+    random_init: bool = False,
+    options=None,
+) -> dict:
+    """Our step in f32 and in `compute_dtype` ("auto" resolved for this machine) against the
+    PyTorch step in f32 and under bf16 autocast, all four interleaved round by round (each side's
+    first step untimed). `ratio` is our best side over PyTorch's best side (by median tokens/s),
+    taken per round."""
+    import jax
+
+    from mixsd_jax.models.registry import resolve_model
+    from mixsd_jax.train.precision import resolve_compute_dtype
+
+    model_dir = resolve_model(model)
+    ours_dtype = resolve_compute_dtype(compute_dtype, jax.default_backend())
+    dtypes = ("float32",) if ours_dtype == "float32" else ("float32", ours_dtype)
+    ours, _ = ours_stepper(model_dir, batch_size, seq_len, dtypes[0], random_init, options, dtypes[1:])
+    theirs = torch_stepper(model_dir, batch_size, seq_len, "float32", random_init, ("bfloat16",))
+    sides = {**{f"ours_{d}": fn for d, fn in ours.items()}, **{f"torch_{d}": fn for d, fn in theirs.items()}}
+    first_step_s = {name: round(_timed(fn), 2) for name, fn in sides.items()}
+    load_before = machine.load()
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, fn in sides.items():
+            times[name].append(_timed(fn))
+    tokens = batch_size * seq_len
+    summary = {name: _side_summary(tokens, t) for name, t in times.items()}
+
+    def best(prefix):
+        return max((n for n in summary if n.startswith(prefix)), key=lambda n: summary[n]["tokens_per_s"])
+
+    ours_best, torch_best = best("ours_"), best("torch_")
+    result = {
+        "model": str(model), "batch_size": batch_size, "seq_len": seq_len, "rounds": rounds,
+        "compute_dtype_asked": compute_dtype, "compute_dtype": ours_dtype,
+        "step_options": None if options is None else dataclasses.asdict(options),
+        "backend": jax.default_backend(), "devices": jax.device_count(),
+        "first_step_s": first_step_s, "sides": summary,
+        "ours_best": ours_best, "torch_best": torch_best,
+        "ratio": _pair_ratio(times[torch_best], times[ours_best]),
+    }
+    if len(dtypes) > 1:
+        result[f"ours_{ours_dtype}_over_ours_float32"] = _pair_ratio(times["ours_float32"], times[f"ours_{ours_dtype}"])
     result.update(machine.report(load_before))
     return result

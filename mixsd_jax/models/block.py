@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mixsd_jax.models.config import ModelConfig, SLIDING
+from mixsd_jax.models.matmul import weight_matmul
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -90,15 +91,19 @@ def apply_rope(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Arr
 
 
 def linear(x, w, dtype):
-    # As one 2-D matmul over the flattened leading dims: differentiated, the weight gradient is
-    # then a plain [in, N] x [N, out] matmul. Through "...i,io->...o" on [B, T, in] it contracts
-    # two dims at once, which XLA:CPU runs off its fast matmul path (2x slower for SmolLM2's MLP).
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), w.astype(dtype))
+    # As one 2-D matmul over the flattened leading dims, whose backward pass stays on XLA:CPU's
+    # fast matmul path (models.matmul): through "...i,io->...o" on [B, T, in] the weight gradient
+    # would contract two dims at once, and a plain jnp.dot's gradient contracts over rows. The
+    # operands are cast to `dtype`; the result keeps x's dtype (f32 activations around bf16
+    # matmuls, see transformer.forward's `activation_dtype`).
+    y = weight_matmul(x.reshape(-1, x.shape[-1]), w, dtype, x.dtype)
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 def embed(params, cfg: ModelConfig, tokens, dtype) -> jax.Array:
-    x = params["embed"].astype(dtype)[tokens]
+    # Rows gathered from the master table, then cast: the gradient is a scatter into the table's
+    # own dtype, not into a `dtype` copy of the whole table.
+    x = params["embed"][tokens].astype(dtype)
     if cfg.scale_embeddings:  # in the compute dtype, as transformers' Gemma3TextScaledWordEmbedding
         x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
     return x

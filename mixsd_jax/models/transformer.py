@@ -143,7 +143,7 @@ def _attend_fn(cfg: ModelConfig, dtype, positions_BxT, segment_ids_BxT, seq_mask
 
 def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache, old_mask_BxTxS, dtype, remat="none",
                 attention_block=0, activation_sharding=None, taps=False, mlp_edit=None, x_in=None, layer_slice=None,
-                fused_attention=None):
+                fused_attention=None, activation_dtype=None):
     """All blocks: hidden [B,T,D] before the final norm, new keys and values per layer, and (with
     `taps`) each layer's MLP hidden [L, B, T, F] and output [L, B, T, D]. `layer_slice=(start, stop)`
     runs only those layers, from `x_in` (layer `start`'s input) instead of the embedded tokens."""
@@ -159,7 +159,7 @@ def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache, 
     seq_mask_BxTxT = None if tiled else sequence_mask(segment_ids_BxT)
     cached = None if cache is None else (cache["k"], cache["v"])
     old_positions_BxS = None if cache is None or variants is None else cache["positions"]
-    x_BxTxD = embed(params, cfg, tokens_BxT, dtype) if x_in is None else x_in
+    x_BxTxD = embed(params, cfg, tokens_BxT, activation_dtype or dtype) if x_in is None else x_in
     if activation_sharding is not None:
         # Pin the residual stream to the batch sharding: left to propagation, it takes the
         # embedding's layout (hidden over fsdp, rows replicated), so every device would keep every
@@ -202,6 +202,7 @@ def forward(
     attention_block: int = 0,
     activation_sharding=None,
     fused_attention=None,
+    activation_dtype=None,
 ) -> tuple[jax.Array, Cache | None]:
     """Final-norm hidden states [B, T, D] (apply `lm_logits` for logits) and the updated cache.
 
@@ -212,11 +213,15 @@ def forward(
     by block (`blockwise_attention`), for long sequences; `activation_sharding` (a sharding of
     [B, T, D]) pins the residual stream's layout between blocks; `fused_attention` (a
     models.flash_attention.FusedAttention) replaces both cache-less attentions in layers without
-    a sliding window.
+    a sliding window. `activation_dtype` (default `dtype`) is the dtype of the residual stream and
+    of all elementwise work, with only the matmuls' operands in `dtype`: f32 around bf16 matmuls
+    suits CPUs, which have bf16 matmul units but no bf16 elementwise arithmetic (only in the
+    cache-less call).
     """
     if cache is None:
         x_BxTxD, _, _, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype,
-                                       remat, attention_block, activation_sharding, fused_attention=fused_attention)
+                                       remat, attention_block, activation_sharding, fused_attention=fused_attention,
+                                       activation_dtype=activation_dtype)
         return norm(x_BxTxD, params["final_norm"], cfg), None
     is_real_BxT = segment_ids_BxT != 0
     # Cached slots all precede the new tokens: a real query sees every valid one.

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mixsd_jax.models.config import ModelConfig
+from mixsd_jax.models.matmul import weight_matmul
 
 # Auto-chunking threshold on tokens x vocab of a micro batch: above 2^27 f32 logits (512 MiB, one
 # Qwen3 row of ~880 tokens) the dense logits and their gradient dominate a step's memory.
@@ -26,18 +27,19 @@ AUTO_CHUNK_ELEMENTS = 1 << 27
 DEFAULT_CHUNK = 1024
 
 
-def head_weight(params, cfg: ModelConfig, dtype) -> tuple[jax.Array, str]:
-    """The LM head as (weight, einsum spec hidden x weight -> logits): tied [V, D] or [D, V]."""
+def head_weight(params, cfg: ModelConfig) -> tuple[jax.Array, bool]:
+    """The LM head's master weight and whether it is stored [V, D] (tied to the embedding) or [D, V]."""
     if cfg.tie_word_embeddings:
-        return params["embed"].astype(dtype), "nd,vd->nv"
-    return params["lm_head"].astype(dtype), "nd,dv->nv"
+        return params["embed"], True
+    return params["lm_head"], False
 
 
-def _logits(spec, hidden_MxTxD, weight):
-    # Flattened to [M*T, D] first: the head's weight gradient is then one plain matmul, where a
-    # contraction over both M and T leaves XLA:CPU's fast matmul path (see models.block.linear).
+def _logits(hidden_MxTxD, weight, vocab_major: bool):
+    # Flattened to [M*T, D] first, one matmul whose gradients stay on XLA:CPU's fast matmul path
+    # (models.matmul); f32 logits from the compute dtype's operands.
     M, T, D = hidden_MxTxD.shape
-    logits_NxV = jnp.einsum(spec, hidden_MxTxD.reshape(M * T, D), weight, preferred_element_type=jnp.float32)
+    logits_NxV = weight_matmul(hidden_MxTxD.reshape(M * T, D), weight, hidden_MxTxD.dtype, jnp.float32,
+                               w_out_in=vocab_major)
     return logits_NxV.reshape(M, T, -1)
 
 
@@ -54,13 +56,13 @@ def _sums(logits_MxTxV, targets_MxT, mask_MxT):
     return nll, correct
 
 
-def dense_nll_sums(hidden_MxTxD, weight, spec, targets_MxT, mask_MxT):
-    logits_MxTxV = _logits(spec, hidden_MxTxD, weight)
+def dense_nll_sums(hidden_MxTxD, weight, vocab_major, targets_MxT, mask_MxT):
+    logits_MxTxV = _logits(hidden_MxTxD, weight, vocab_major)
     nll, correct = _sums(logits_MxTxV, targets_MxT, mask_MxT)
     return nll, (jnp.sum(mask_MxT), correct)
 
 
-def chunked_nll_sums(hidden_MxTxD, weight, spec, targets_MxT, mask_MxT, chunk: int):
+def chunked_nll_sums(hidden_MxTxD, weight, vocab_major, targets_MxT, mask_MxT, chunk: int):
     """Chunks run along the sequence, all rows at once: the row axis keeps its sharding (rows
     over data x fsdp), so every device works on its own rows' chunk at each step."""
     M, T, D = hidden_MxTxD.shape
@@ -75,7 +77,7 @@ def chunked_nll_sums(hidden_MxTxD, weight, spec, targets_MxT, mask_MxT, chunk: i
     @jax.checkpoint
     def body(carry, xs):
         h_MxCxD, t_MxC, m_MxC = xs
-        logits_MxCxV = _logits(spec, h_MxCxD, weight)
+        logits_MxCxV = _logits(h_MxCxD, weight, vocab_major)
         nll, correct = _sums(logits_MxCxV, t_MxC, m_MxC)
         return (carry[0] + nll, carry[1] + correct), None
 
@@ -100,10 +102,10 @@ def resolve_chunk(loss_chunk: int, rows: int, seq_len: int, vocab: int) -> int:
 def nll_sums(params, cfg: ModelConfig, hidden_MxTxD, micro, compute_dtype, loss_chunk: int = -1):
     """(masked NLL sum, (mask count, correct count)) of a micro batch from its hidden states."""
     M, T, _ = hidden_MxTxD.shape
-    weight, spec = head_weight(params, cfg, compute_dtype)
+    weight, vocab_major = head_weight(params, cfg)
     hidden_MxTxD = hidden_MxTxD.astype(compute_dtype)
     mask_MxT = micro["loss_mask"].astype(jnp.float32)
     chunk = resolve_chunk(loss_chunk, M, T, cfg.vocab_size)
     if chunk:
-        return chunked_nll_sums(hidden_MxTxD, weight, spec, micro["targets"], mask_MxT, chunk)
-    return dense_nll_sums(hidden_MxTxD, weight, spec, micro["targets"], mask_MxT)
+        return chunked_nll_sums(hidden_MxTxD, weight, vocab_major, micro["targets"], mask_MxT, chunk)
+    return dense_nll_sums(hidden_MxTxD, weight, vocab_major, micro["targets"], mask_MxT)

@@ -183,6 +183,10 @@ class StepOptions:
     `loss`: the name of the token loss in LOSSES (the seam for other objectives).
     `activations`, `fused_attention`: the sharding of [M, T, D] activations (rows over data x fsdp)
     and the fused kernel `attention` selects; set by `jit_train_step` from its mesh.
+    `f32_activations`: keep the residual stream and elementwise work in f32 and cast only the
+    matmuls' operands to the compute dtype (as PyTorch's autocast); set by `jit_train_step` on
+    CPU meshes, whose bf16 matmul units have no bf16 elementwise counterpart (XLA:CPU emulates
+    bf16 elementwise work through f32 converts, slower than f32 itself).
     """
 
     remat: str = "none"
@@ -192,6 +196,7 @@ class StepOptions:
     loss: str = "nll"
     activations: NamedSharding | None = None
     fused_attention: FusedAttention | None = None
+    f32_activations: bool = False
 
     @classmethod
     def from_train_config(cls, cfg) -> "StepOptions":
@@ -216,6 +221,7 @@ def nll_loss(params, model_cfg: ModelConfig, micro: Batch, compute_dtype, option
         params, model_cfg, micro["tokens"], micro["positions"], micro["segment_ids"], dtype=compute_dtype,
         remat=options.remat, attention_block=options.attention_block_for(micro["tokens"].shape[-1]),
         activation_sharding=options.activations, fused_attention=options.fused_attention,
+        activation_dtype=jnp.float32 if options.f32_activations else None,
     )
     return loss_lib.nll_sums(params, model_cfg, hidden_MxTxD, micro, compute_dtype, options.loss_chunk)
 
@@ -307,7 +313,8 @@ def jit_train_step(model_cfg: ModelConfig, opt: OptimConfig, mesh: Mesh, compute
     tx = make_optimizer(opt)
     shardings = state_shardings(model_cfg, tx, mesh)
     options = dataclasses.replace(options, activations=NamedSharding(mesh, P(BATCH_AXES, None, None)),
-                                  fused_attention=fused_attention_for(options.attention, model_cfg, mesh))
+                                  fused_attention=fused_attention_for(options.attention, model_cfg, mesh),
+                                  f32_activations=mesh.devices.flat[0].platform == "cpu")
     fn = functools.partial(
         train_step, model_cfg=model_cfg, tx=tx, schedule=lr_schedule(opt), compute_dtype=jnp.dtype(compute_dtype),
         options=options,

@@ -1,0 +1,83 @@
+"""The weight matmul of every projection and of the LM head, with a backward pass written out.
+
+`weight_matmul(x_NxI, w, dtype)` multiplies activations [N, I] by a weight stored [I, O] (or
+[O, I] with `w_out_in`, the tied LM head) in the compute `dtype`, accumulating in f32. The weight
+is the f32 master copy: it is cast to `dtype` inside, and its gradient comes back in the master's
+dtype straight from an f32-accumulated matmul (never rounded through `dtype`).
+
+Why the backward pass is written by hand: XLA:CPU runs a matmul on its fast library path
+(YNNPACK, which uses AMX / AVX512-BF16 for bf16) only when both operands are row-major and the
+left one is contracted over its last dimension, and it runs a bf16 matmul in bf16 only when the
+result is f32. Autodiff of `jnp.dot` gives neither: the weight gradient x^T g contracts both
+operands over their first dimension, and every gradient matmul returns `dtype`. XLA then converts
+the operands to f32 and runs its generic matmul, 5-15x slower than the library's bf16 kernel on
+an AMX CPU. Here every matmul, forward and backward, has the form the library takes: bf16 x bf16
+-> f32, and the transposed activations of the weight gradient are materialised first (a copy of
+[I, N], small next to the matmul). On other backends the transpose is left to the compiler. f32
+compute keeps the plain matmul and autodiff's backward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _mm(a_NxK, b, b_contract: int):
+    """a [N, K] times b contracted over its dimension `b_contract` ([K, M] at 0, [M, K] at 1), f32."""
+    return jax.lax.dot_general(a_NxK, b, (((1,), (b_contract,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _cpu_transposed(a_NxK):
+    # The barrier keeps XLA from folding the transpose back into the matmul as a contraction over
+    # dimension 0 (which leaves the library path); through the [K, 1, N] reshape the barrier's
+    # value is a row-major array, which the library takes as it is.
+    N, K = a_NxK.shape
+    return jax.lax.optimization_barrier(a_NxK.T.reshape(K, 1, N)).reshape(K, N)
+
+
+def transposed(a_NxK):
+    """a^T [K, N], as a row-major copy on CPU (see the module doc); a plain transpose elsewhere."""
+    return jax.lax.platform_dependent(a_NxK, cpu=_cpu_transposed, default=lambda a: a.T)
+
+
+def _transposed_result(product_KxM):
+    # On CPU the barrier keeps XLA from folding the transpose into the matmul that produced
+    # `product` (a matmul with a transposed result has no library kernel).
+    return jax.lax.platform_dependent(product_KxM, cpu=lambda p: jax.lax.optimization_barrier(p).T,
+                                      default=lambda p: p.T)
+
+
+def weight_matmul(x_NxI, w, dtype, out_dtype=None, w_out_in: bool = False):
+    """x [N, I] times the weight w ([I, O], or [O, I] with `w_out_in`) in `dtype` with f32
+    accumulation: [N, O] in `out_dtype` (default `dtype`)."""
+    dtype, out_dtype = jnp.dtype(dtype), jnp.dtype(out_dtype or dtype)
+    if dtype == jnp.float32:
+        # f32 keeps autodiff's backward pass: XLA:CPU's generic f32 matmul is as fast as the
+        # library's here, and f32 results stay bit for bit what they were.
+        return _mm(x_NxI.astype(dtype), w.astype(dtype), 1 if w_out_in else 0).astype(out_dtype)
+    return _weight_matmul(x_NxI.astype(dtype), w, dtype, out_dtype, w_out_in)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _weight_matmul(x_NxI, w, dtype, out_dtype, w_out_in):
+    return _mm(x_NxI, w.astype(dtype), 1 if w_out_in else 0).astype(out_dtype)
+
+
+def _forward(x_NxI, w, dtype, out_dtype, w_out_in):
+    # The master weight is kept, not its `dtype` copy: inside the layer scan it is a slice of the
+    # parameters, which the backward pass reads without storing another stacked copy.
+    return _weight_matmul(x_NxI, w, dtype, out_dtype, w_out_in), (x_NxI, w)
+
+
+def _backward(dtype, out_dtype, w_out_in, residuals, g_NxO):
+    x_NxI, w = residuals
+    g_NxO = g_NxO.astype(dtype)
+    dx_NxI = _mm(g_NxO, w.astype(dtype), 0 if w_out_in else 1).astype(x_NxI.dtype)
+    dw_IxO = _mm(transposed(x_NxI), g_NxO, 0)
+    return dx_NxI, (_transposed_result(dw_IxO) if w_out_in else dw_IxO).astype(w.dtype)
+
+
+_weight_matmul.defvjp(_forward, _backward)
