@@ -1,6 +1,8 @@
 """The stage graph: which stages exist, which fingerprints a setting touches, and bad input caught
 before any expensive work (plans are built on a tiny real model; nothing is run)."""
 
+from pathlib import Path
+
 import pytest
 
 from mixsd_jax.errors import MixsdError
@@ -179,7 +181,14 @@ def test_memit_settings_are_checked_at_plan_time(tiny_llama_dir, tmp_path, overr
         _plan(tiny_llama_dir, tmp_path, "methods=[base, memit]", *overrides)
 
 
-@pytest.mark.parametrize("config", ["kgfact_small_qwen3_8b", "simpleqa_llama3p2_1b"])
+_SIMPLEQA_CSV = Path(__file__).parent.parent.parent / "shared/benchmarks/simpleqa/simple_qa_test_set.csv"
+
+
+@pytest.mark.parametrize("config", [
+    "kgfact_small_qwen3_8b",
+    pytest.param("simpleqa_llama3p2_1b", marks=pytest.mark.skipif(
+        not _SIMPLEQA_CSV.is_file(), reason="../shared/benchmarks/simpleqa not present (the config's corpus source)")),
+])
 def test_a_paper_config_dry_runs_without_its_weights(config, tmp_path, monkeypatch, capsys):
     """A user plans before downloading: the paper model's known shapes stand in for its directory."""
     from pathlib import Path

@@ -45,10 +45,11 @@ def test_tensor_parallel_decode_matches_one_device(mha_dir, axes):
     for a, b in zip(single, sharded):
         assert a.tokens == b.tokens and a.naive == b.naive and a.finish_reason == b.finish_reason
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
-    if axes["tensor"] == 4:  # the cache constraint splits the kv-head axis 4 ways ([L, R, S, KV, Dh])
+    if axes["tensor"] == 4:  # the cache constraint splits the kv-head axis 4 ways ([L, B, KV, S, Dh] per side)
         text = _lowered_text(engine)
-        constraint = r'sharding_constraint[^\n]*\[\{\}, \{"data", "fsdp"\}, \{\}, \{"tensor"\}, \{\}\]>'
-        assert len(re.findall(constraint, text)) == 2, "the K and V caches are not sharded over kv heads"
+        constraint = r'sharding_constraint[^\n]*\[\{\}, \{"data", "fsdp"\}, \{"tensor"\}, \{\}, \{\}\]>'
+        sides = engine.spec.sides
+        assert len(re.findall(constraint, text)) == 2 * sides, "the K and V caches are not sharded over kv heads"
 
 
 def _lowered_text(engine: Engine) -> str:
