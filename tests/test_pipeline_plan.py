@@ -191,8 +191,6 @@ _SIMPLEQA_CSV = Path(__file__).parent.parent.parent / "shared/benchmarks/simpleq
 ])
 def test_a_paper_config_dry_runs_without_its_weights(config, tmp_path, monkeypatch, capsys):
     """A user plans before downloading: the paper model's known shapes stand in for its directory."""
-    from pathlib import Path
-
     from mixsd_jax.cli import main
 
     monkeypatch.setenv("MIXSD_MODELS_DIR", str(tmp_path / "models"))  # empty: no model here
