@@ -7,23 +7,46 @@ on each host's own disk leaves every other host compiling every run: a run whose
 bucket keeps its cache there too (`<out_dir>/.jax_cache`, or `storage.compile_cache_dir`).
 MIXSD_XLA_CACHE=0 turns it off; a JAX cache directory the user configured
 (JAX_COMPILATION_CACHE_DIR) is kept.
+
+Every cache sits in a subfolder named by the host's processor (`cpu-<hash>`): XLA:CPU compiles
+for the instruction set of the machine it runs on, and JAX's cache key does not say which (its
+platform version is just "cpu"). A program compiled on a Xeon with AMX, read back from a shared
+home directory or bucket on an AMD host without AMX, dies with an illegal instruction instead of
+compiling again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
+
+
+def host_fingerprint(cpuinfo_path: str = "/proc/cpuinfo") -> str:
+    """`cpu-<12 hex>` from the processor's model and feature flags (Linux), else its architecture."""
+    ident = f"{platform.machine()} {platform.processor()}"
+    try:
+        with open(cpuinfo_path, encoding="utf-8") as cpuinfo:
+            lines = [line for line in cpuinfo if line.startswith(("model name", "flags", "Features"))]
+        # The first processor's lines describe them all (a host's cores are one kind).
+        ident += "".join(dict.fromkeys(lines))
+    except OSError:
+        pass
+    return "cpu-" + hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 
 def cache_location(storage_cfg=None, out_dir: str | None = None) -> str:
     from mixsd_jax import storage
 
     if storage_cfg is not None and storage_cfg.compile_cache_dir:
-        return str(storage.path(storage_cfg.compile_cache_dir))
-    if out_dir and storage.is_url(out_dir):
-        return str(storage.path(out_dir) / ".jax_cache")
-    from mixsd_jax.files import cache_dir
+        base = storage.path(storage_cfg.compile_cache_dir)
+    elif out_dir and storage.is_url(out_dir):
+        base = storage.path(out_dir) / ".jax_cache"
+    else:
+        from mixsd_jax.files import cache_dir
 
-    return str(cache_dir() / "xla")
+        base = cache_dir() / "xla"
+    return str(base / host_fingerprint())
 
 
 def enable(storage_cfg=None, out_dir: str | None = None) -> None:

@@ -4,15 +4,19 @@ Eight simulated CPU devices are configured before JAX is imported, so sharding t
 meshes; computations without a mesh still run on one device. XLA's persistent compilation cache
 is shared by the whole run (every pytest-xdist worker, every subprocess a test starts, which
 inherit the environment): most of the suite's time is compiling the same tiny-model kernels in
-another process.
+another process. It is named by the host's processor, as the project's own cache is: a temp folder
+carried to a machine of another kind must not hand it programs for instructions it lacks.
 """
 
 import os
 import tempfile
 
+from mixsd_jax.compile_cache import host_fingerprint
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"mixsd-jax-test-xla-{os.getuid()}"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"mixsd-jax-test-xla-{os.getuid()}", host_fingerprint()))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
