@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         if "jax" in sys.modules:  # a collective failed because a host was killed: it names that host
-            from mixsd_jax.multihost import wait_if_a_peer_died
+            from mixsd_jax.peer_watch import wait_if_a_peer_died
 
             wait_if_a_peer_died(exc)
         traceback.print_exc()
@@ -102,7 +102,7 @@ def _tell_other_hosts(message: str, exit_code: int) -> None:
         return
     import os
 
-    from mixsd_jax.multihost import report_failure
+    from mixsd_jax.peer_watch import report_failure
 
     report_failure(message)
     sys.stdout.flush()
