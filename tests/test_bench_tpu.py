@@ -137,3 +137,22 @@ def test_without_libtpu_the_error_names_the_extra(plan, tmp_path):
                 "--topology", "v5e:2x4")
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "install the [tpu] extra" in proc.stderr
+
+
+def test_a_kernel_bigger_than_the_chip_is_a_line_that_does_not_fit():
+    """XLA:TPU refuses to compile a program that needs more HBM than the chip has: the bench reports
+    it (fits false, XLA's figure as a lower bound of the peak) instead of stopping."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from mixsd_jax.bench import cost
+
+    target = memory.tpu_target("v5e:2x4", None)
+    x = jax.ShapeDtypeStruct((3 << 30,), jnp.float32, sharding=NamedSharding(Mesh(target.devices[:1], ("x",)), P()))
+    with memory.compile_context(target):
+        line = cost.measure(jax.jit(lambda x: jnp.cumsum(jnp.concatenate([x, x * 2])) * 3).lower(x),
+                            chip=target.chip, hbm_bytes=target.hbm_bytes)
+    assert line["fits"] is False and line["peak_is_lower_bound"]
+    assert line["peak_bytes"] >= 2 * x.size * 4 > target.hbm_bytes  # at least the 24 GiB concatenation
+    assert line["error"].startswith("RESOURCE_EXHAUSTED")

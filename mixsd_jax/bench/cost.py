@@ -11,6 +11,7 @@ XLA:TPU's cost model, not a measurement), and `roofline_s` uses it where it exis
 
 from __future__ import annotations
 
+import re
 import time
 
 GIB = 1 << 30
@@ -23,7 +24,15 @@ def compile_lines(lowered: dict, *, chip=None, hbm_bytes: int) -> dict:
 
 def measure(lowered, *, chip=None, hbm_bytes: int) -> dict:
     started = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except Exception as exc:  # XLA:TPU refuses a program bigger than the chip: that is the answer, not a crash
+        over = over_memory(str(exc))
+        if over is None:
+            raise
+        return {"peak_bytes": over, "peak_gib": round(over / GIB, 3), "peak_is_lower_bound": True,
+                "hbm_bytes": hbm_bytes, "fits": False, "flops": None, "bytes_accessed": None, "roofline_s": None,
+                "compile_s": round(time.perf_counter() - started, 1), "error": str(exc).splitlines()[0][:300]}
     compile_s = time.perf_counter() - started
     mem = compiled.memory_analysis()
     arg, out, alias, temp = (int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))
@@ -37,6 +46,20 @@ def measure(lowered, *, chip=None, hbm_bytes: int) -> dict:
         "compile_s": round(compile_s, 1),
     }
     return line
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?)B?\b")
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def over_memory(message: str) -> int | None:
+    """The bytes XLA says a program needs when it refuses to compile it for lack of device memory
+    ("RESOURCE_EXHAUSTED: ... required for HLO temporaries (17.50G) exceeds available HBM (15.75G)"):
+    the first size named, a lower bound of the program's peak; None for any other error."""
+    if "RESOURCE_EXHAUSTED" not in message or "memory" not in message.lower():
+        return None
+    found = _SIZE.search(message)
+    return int(float(found.group(1)) * _UNITS[found.group(2)[0]]) if found else 0
 
 
 def raw_cost(compiled) -> tuple[float, float]:

@@ -170,14 +170,15 @@ def _with_shardings(structs, shardings):
 
 
 def _state_at(spec, batch: int, capacity: int):
-    """The engine state's abstract arrays with the shardings init_state gives them."""
+    """The engine state's abstract arrays with the shardings init_state gives them (read from the
+    engine's layout, not from compiling init_state: a state too big for the chip must still be
+    measured by the kernels that use it)."""
     import jax
 
     from mixsd_jax.sampling import segments
 
-    shardings = segments.init_state.lower(spec=spec, batch=batch, capacity=capacity).compile().output_shardings
-    return _with_shardings(jax.eval_shape(lambda: segments.init_state(spec=spec, batch=batch, capacity=capacity)),
-                           shardings)
+    state = jax.eval_shape(lambda: segments.init_state(spec=spec, batch=batch, capacity=capacity))
+    return _with_shardings(state, segments.state_shardings(state, spec))
 
 
 def eval_scoring(model_cfg, mesh, *, batch: int, row_len: int, window: int, dtype: str, kl: bool) -> dict:

@@ -146,17 +146,19 @@ _LAYOUT = {
 }
 
 
+def state_shardings(state: DecodeState, spec: EngineSpec) -> DecodeState:
+    """The sharding of each field of `state` (arrays or their shapes) on the engine's mesh."""
+    def field(name):
+        return jax.tree.map(lambda x: NamedSharding(spec.mesh, fit_spec(_LAYOUT[name], x.shape, spec.mesh)),
+                            getattr(state, name))
+
+    return DecodeState(**{name: field(name) for name in _LAYOUT})
+
+
 def _constrain(state: DecodeState, spec: EngineSpec) -> DecodeState:
     if spec.mesh is None:
         return state
-
-    def constrain(name):
-        def one(x):
-            return jax.lax.with_sharding_constraint(x, NamedSharding(spec.mesh, fit_spec(_LAYOUT[name], x.shape,
-                                                                                      spec.mesh)))
-        return jax.tree.map(one, getattr(state, name))
-
-    return DecodeState(**{name: constrain(name) for name in _LAYOUT})
+    return jax.tree.map(jax.lax.with_sharding_constraint, state, state_shardings(state, spec))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "batch", "capacity"))
