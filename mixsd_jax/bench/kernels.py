@@ -181,8 +181,10 @@ def _state_at(spec, batch: int, capacity: int):
     return _with_shardings(state, segments.state_shardings(state, spec))
 
 
-def eval_scoring(model_cfg, mesh, *, batch: int, row_len: int, window: int, dtype: str, kl: bool) -> dict:
-    """MC / NLL window log-likelihoods, and KL(base || tuned) over whole rows (two weight sets)."""
+def eval_scoring(model_cfg, mesh, *, batch: int, row_len: int, window: int, dtype: str, kl: bool,
+                 kl_batch: int | None = None) -> dict:
+    """MC / NLL window log-likelihoods, and KL(base || tuned) over whole rows (two weight sets) on
+    `kl_batch` rows (default `batch`)."""
     import jax.numpy as jnp
 
     from mixsd_jax.eval.mc import window_logprobs
@@ -196,7 +198,8 @@ def eval_scoring(model_cfg, mesh, *, batch: int, row_len: int, window: int, dtyp
     if kl:
         from mixsd_jax.eval.analyses import kl_per_position
 
-        out["eval_kl"] = kl_per_position.lower(params, params, rows, rows, cfg=model_cfg, dtype=dtype)
+        kl_rows = struct((kl_batch or batch, row_len), jnp.int32, batch_sharding(mesh, 2))
+        out["eval_kl"] = kl_per_position.lower(params, params, kl_rows, kl_rows, cfg=model_cfg, dtype=dtype)
     return out
 
 

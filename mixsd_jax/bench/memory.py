@@ -227,11 +227,17 @@ def _plan_lines(plan: dict, target: Target, *, kernels=KERNELS, eval_prompt_len:
         yield from _decode_lines(lines, "eval_decode.", model_cfg, mesh, shapes, target, estimates, dtype=dtype,
                                  param_dtype=dtype)
     if "eval_mc" in kernels or "eval_kl" in kernels:
+        from mixsd_jax.eval.units import KL_MAX_BATCH
+
+        # KL holds two models' [rows, width, vocab] logits: the eval runs it on at most KL_MAX_BATCH rows.
+        kl_batch = pad_rows(min(int(ev.get("batch_size", 8)), KL_MAX_BATCH), mesh)
         lowered = kernels_lib.eval_scoring(model_cfg, mesh, batch=batch, row_len=eval_row_len, window=eval_window,
-                                           dtype=dtype, kl="eval_kl" in kernels)
-        lowered = {k: v for k, v in lowered.items() if k in kernels}
-        yield from lines(lowered, mesh, shapes={"batch": batch, "row_len": eval_row_len, "window": eval_window},
-                         compute_dtype=dtype)
+                                           dtype=dtype, kl="eval_kl" in kernels, kl_batch=kl_batch)
+        for name, low in lowered.items():
+            if name in kernels:
+                yield from lines({name: low}, mesh, compute_dtype=dtype,
+                                 shapes={"batch": kl_batch if name == "eval_kl" else batch, "row_len": eval_row_len,
+                                         "window": eval_window})
     if "memit" in kernels and "memit" in plan:  # the edit's kernels (bench.edit_kernels)
         from mixsd_jax.bench.edit_kernels import memit_kernels
 
