@@ -121,8 +121,10 @@ def _probe(plan, model, topology, kernels) -> str | None:
                       "shapes": _train_shapes(plan)})
 
 
-def table(path: str) -> int:
-    rows = [json.loads(x) for x in pathlib.Path(path).read_text().splitlines()]
+def table(path: str, only: str | None, kernels: tuple) -> int:
+    """The markdown table of the lines of configs matching `only` and of the kernel families `kernels`."""
+    rows = [r for r in map(json.loads, pathlib.Path(path).read_text().splitlines())
+            if (not only or only in r["config"]) and all(family(k) in kernels for k in r["kernel"].split(","))]
     print("| config | model | slice | kernel | mesh (data, fsdp, tensor) | peak / chip | fits | mfu_est | compile |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -136,11 +138,15 @@ def table(path: str) -> int:
         at_least = "≥ " if r.get("peak_is_lower_bound") else ""
         print(f"| {r['config']} | {r['model']} | {r['topology']} | {r['kernel']} | {mesh} | "
               f"{at_least}{r['peak_bytes'] / (1 << 30):.2f} GiB | {'yes' if r['fits'] else '**no**'} | {mfu} | {compiled} |")
-    listed = {(r["config"], str(r["model"])) for r in rows}
-    for name, _, _, model, topology in cases(None):
-        if (name, str(model)) not in listed:
+    listed = {(r["config"], str(r["model"]), family(r["kernel"])) for r in rows}
+    from mixsd_jax import config as config_lib
+
+    for name, path, _, model, topology in cases(only):
+        runs = set(config_lib.read_yaml(path).get("methods", []))  # the edit's kernels only where MEMIT runs
+        missing = [k for k in kernels if (name, str(model), k) not in listed and (k != "memit" or "memit" in runs)]
+        if missing:
             why = "no slice planned: shapes read from the model's config.json" if topology is None else "not compiled yet"
-            print(f"| {name} | {model} | {topology or ''} | | | {why} | | | |")
+            print(f"| {name} | {model} | {topology or ''} | {','.join(missing)} | | {why} | | | |")
     return 0
 
 
@@ -154,7 +160,11 @@ def main() -> int:
                         help="only write the lines of configs whose twin is already compiled; compile nothing")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and stop")
     args = parser.parse_args()
-    return table(args.out) if args.table else run(args)
+    if args.table:
+        from mixsd_jax.bench import memory
+
+        return table(args.out, args.only, memory.parse_kernels(args.kernels))
+    return run(args)
 
 
 if __name__ == "__main__":
