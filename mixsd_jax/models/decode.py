@@ -127,11 +127,24 @@ def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k:
                                                    (params["layers"], jnp.arange(cfg.num_layers), variants))
     rows_B = jnp.arange(B)
 
+    heads_K = jnp.arange(K)
+
     def write(cache, new_LxRxKxE, s):
-        # The new keys of side s's rows at their write slots; indexing [:, rows, :, slots] puts the
-        # (row) index dimension first: the update is [B, L, K, E].
-        new_BxLxKxE = by_side(jnp.moveaxis(new_LxRxKxE, 1, 0))[:, s]
-        return cache.at[:, rows_B, :, write_BxS[:, s]].set(new_BxLxKxE.astype(cache.dtype), mode="drop")
+        # The new keys of side s's rows at their write slots, one layer at a time with every (row,
+        # kv head) its own index: the scatter's only window is the minor E, which XLA:TPU writes in
+        # the cache's own layout. Scattering [K, E] windows of the whole [L, B, K, S, E] array made it
+        # hold the cache in an [L, B, S, K, E] layout inside the segment's loop: a copy of every cache
+        # array in and out of each segment (one cache of temporaries).
+        new_BxLxKxE = by_side(jnp.moveaxis(new_LxRxKxE, 1, 0))[:, s].astype(cache.dtype)
+
+        def one_layer(layer, cache):
+            rows_BxKxSxE = jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)
+            new_BxKxE = jax.lax.dynamic_index_in_dim(new_BxLxKxE, layer, 1, keepdims=False)
+            rows_BxKxSxE = rows_BxKxSxE.at[rows_B[:, None], heads_K[None, :], write_BxS[:, s][:, None]].set(
+                new_BxKxE, mode="drop")
+            return jax.lax.dynamic_update_index_in_dim(cache, rows_BxKxSxE, layer, 0)
+
+        return jax.lax.fori_loop(0, cache.shape[0], one_layer, cache)
 
     cache_k = tuple(write(c, k_LxRxKxE, s) for s, c in enumerate(cache_k))
     cache_v = tuple(write(c, v_LxRxKxE, s) for s, c in enumerate(cache_v))
