@@ -54,8 +54,8 @@ def test_paper_config_builds_its_plan(path, request, tmp_path):
     assert "train_mixsd_l0p7_t0p6" in names and "generate_mixsd_l0" in names
     gen = plan.stage("generate_mixsd_l0p5_t0p6").settings
     assert (gen.lambda_mix, gen.temperature, gen.topk, gen.max_new_tokens) == (0.5, 0.6, 64, 8192)
-    if "qwen3_1p7b" in path.name:  # 16 pairs fit a v5e:2x4's chips (configs/paper/tpu_plans.jsonl), 64 do not
-        assert gen.batch_size == 16
+    if "qwen3_1p7b" in path.name:  # 24 pairs fit a v5e:2x4's chips (configs/paper/tpu_plans.jsonl), 64 do not
+        assert gen.batch_size == 24
     if "qwen3_4b" in path.name:  # 32 pairs over 4-chip tensor groups fit a v5e:4x4's chips, 64 replicated do not
         assert (gen.batch_size, gen.mesh.tensor) == (32, 4)
     train = plan.stage("train_sft").settings
@@ -146,7 +146,7 @@ def test_scaling_config_builds_its_study(path, request, tmp_path):
         assert gen.seed == 1 and train.seed == 1 and gen.max_new_tokens == 8192
         big = name == "qwen3-8b"  # the 8B model's paper-config decode settings (configs/paper/README.md)
         # What fits their slice (configs/paper/README.md): pairs and the generation's tensor axis.
-        pairs, tensor = {"qwen3-8b": (8, 8), "qwen3-1.7b": (16, 1), "qwen3-4b-instruct-2507": (32, 4)}.get(name, (64, 1))
+        pairs, tensor = {"qwen3-8b": (8, 8), "qwen3-1.7b": (24, 1), "qwen3-4b-instruct-2507": (32, 4)}.get(name, (64, 1))
         assert gen.batch_size == pairs and gen.mesh.tensor == tensor
         assert plan.stage("eval").settings.batch_size == (24 if big else 32)
     if path.stem == "scaling_cpu":
