@@ -81,3 +81,57 @@ def _backward(dtype, out_dtype, w_out_in, residuals, g_NxO):
 
 
 _weight_matmul.defvjp(_forward, _backward)
+
+
+def _bmm(a_BxMxK, b, b_contract: int):
+    """Per batch entry, a [M, K] times b contracted over its dimension `b_contract` ([K, N] at 1,
+    [N, K] at 2), f32."""
+    return jax.lax.dot_general(a_BxMxK, b, (((2,), (b_contract,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+
+
+def _cpu_batch_transposed(a_BxMxK):
+    # As _cpu_transposed, per batch entry.
+    B, M, K = a_BxMxK.shape
+    return jax.lax.optimization_barrier(jnp.swapaxes(a_BxMxK, 1, 2).reshape(B, K, 1, M)).reshape(B, K, M)
+
+
+def batch_transposed(a_BxMxK):
+    """a^T [B, K, M] per batch entry, as a row-major copy on CPU; a plain transpose elsewhere."""
+    return jax.lax.platform_dependent(a_BxMxK, cpu=_cpu_batch_transposed, default=lambda a: jnp.swapaxes(a, 1, 2))
+
+
+def batch_matmul(a_BxMxK, b, dtype, out_dtype=None, b_nk: bool = False):
+    """Per batch entry, a [M, K] times b ([K, N], or [N, K] with `b_nk`) in `dtype` with f32
+    accumulation: [B, M, N] in `out_dtype` (default `dtype`). The batch axis leads every operand,
+    so forward and backward matmuls all have the library's form (the module doc); the gradients
+    come back in the operands' own dtypes."""
+    dtype, out_dtype = jnp.dtype(dtype), jnp.dtype(out_dtype or dtype)
+    return _batch_matmul(a_BxMxK, b, dtype, out_dtype, b_nk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _batch_matmul(a_BxMxK, b, dtype, out_dtype, b_nk):
+    return _bmm(a_BxMxK.astype(dtype), b.astype(dtype), 2 if b_nk else 1).astype(out_dtype)
+
+
+def _batch_forward(a_BxMxK, b, dtype, out_dtype, b_nk):
+    # The operands are kept in `dtype`: the backward pass needs no more, and they are half the
+    # size of f32 ones.
+    a_c, b_c = a_BxMxK.astype(dtype), b.astype(dtype)
+    out = _bmm(a_c, b_c, 2 if b_nk else 1).astype(out_dtype)
+    return out, (a_c, b_c, jnp.zeros((0,), a_BxMxK.dtype), jnp.zeros((0,), b.dtype))
+
+
+def _batch_backward(dtype, out_dtype, b_nk, residuals, g_BxMxN):
+    a_c, b_c, a_dtype, b_dtype = residuals
+    g_BxMxN = g_BxMxN.astype(dtype)
+    # da = g b^T: b [K, N] contracted over N (its last dimension), or b [N, K] over N (its first).
+    da = _bmm(g_BxMxN, b_c, 1 if b_nk else 2)
+    if b_nk:  # db [N, K] = g^T a
+        db = _bmm(batch_transposed(g_BxMxN), a_c, 1)
+    else:  # db [K, N] = a^T g
+        db = _bmm(batch_transposed(a_c), g_BxMxN, 1)
+    return da.astype(a_dtype.dtype), db.astype(b_dtype.dtype)
+
+
+_batch_matmul.defvjp(_batch_forward, _batch_backward)
