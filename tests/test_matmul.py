@@ -143,3 +143,21 @@ def test_low_precision_attention_runs_every_matmul_on_bf16_operands_on_cpu():
     plain_types = _dot_operand_types(jax.jit(jax.value_and_grad(plain, (0, 1, 2))).lower(q, kv, kv).compile().as_text())
     assert len(ours_types) == 6 and set(ours_types) == {("bf16", "bf16")}
     assert ("f32", "f32") in plain_types
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's handling of bf16 stacks")
+def test_bf16_residuals_stack_in_a_layer_scan_without_f32_copies_of_the_stack():
+    """Scanned over layers, the bf16 operands the backward pass keeps are stacked [L, N, I]; kept
+    as bf16, XLA:CPU converted the whole stack to f32 and back at every layer."""
+    L, N, I, O = 4, 64, 32, 48
+    x = jnp.ones((N, I), jnp.float32)
+    ws = jnp.ones((L, I, O), jnp.float32) / I
+
+    def loss(x, ws):
+        def layer(h, w):
+            return weight_matmul(h, w, jnp.bfloat16, jnp.float32)[:, :I], None
+        return jnp.sum(jax.lax.scan(layer, x, ws)[0])
+
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, ws).compile().as_text()
+    assert f"u16[{L},{N},{I}]" in hlo  # the stacked residual
+    assert f"f32[{L},{N},{I}]" not in hlo and f"bf16[{L},{N},{I}]" not in hlo
