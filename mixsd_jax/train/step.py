@@ -329,9 +329,9 @@ def jit_train_step(model_cfg: ModelConfig, opt: OptimConfig, mesh: Mesh, compute
     )
 
 
-def platform_of(mesh: Mesh) -> str:
-    """The platform of a mesh's devices: "cpu", "gpu" or "tpu"."""
-    return mesh.devices.flat[0].platform
+def platform_of(mesh: Mesh | None) -> str:
+    """The platform of a mesh's devices ("cpu", "gpu" or "tpu"); JAX's default one without a mesh."""
+    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
 
 
 def device_batch(batch_np: dict, mesh: Mesh) -> Batch:
