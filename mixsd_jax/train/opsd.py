@@ -307,7 +307,8 @@ def method(cfg, tokenizer, prompts, plan, model_dir, model_cfg, mesh, opt):
     from mixsd_jax.models.checkpoint import load_hf
 
     loss = loss_for(cfg)
-    jitted = step_lib.jit_train_step(model_cfg, opt, mesh, cfg.compute_dtype_on(step_lib.platform_of(mesh)),
+    dtype = cfg.compute_dtype_on(step_lib.platform_of(mesh))
+    jitted = step_lib.jit_train_step(model_cfg, opt, mesh, dtype,
                                      step_lib.StepOptions.from_train_config(cfg), loss=loss)
     if loss.frozen_teacher:
         # The base weights stay as loaded (not part of the state: a resume reloads the same bytes).
