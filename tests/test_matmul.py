@@ -1,6 +1,7 @@
-"""models.matmul: the weight matmul's hand-written backward pass (used for bf16 compute) equals
-autodiff of the plain matmul, keeps the master weight's gradient in f32, and on XLA:CPU runs every
-bf16 matmul of the backward pass on bf16 operands (the fast library path)."""
+"""models.matmul: the weight and batched matmuls' hand-written backward passes (used for bf16
+compute) equal autodiff of the plain matmul and finite differences, keep gradients in the inputs'
+dtype, and on XLA:CPU run every bf16 matmul of the backward pass on bf16 operands (the fast library
+path), the attention's too."""
 
 import re
 
@@ -9,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixsd_jax.models.matmul import _weight_matmul, weight_matmul
+from mixsd_jax.models.attention import attention, sequence_mask
+from mixsd_jax.models.matmul import _weight_matmul, batch_matmul, weight_matmul
 
 
 def _operands(x_shape, w_shape, seed=0):
@@ -78,3 +80,84 @@ def test_bf16_backward_matmuls_take_bf16_operands_on_cpu(w_out_in):
     plain_types = _dot_operand_types(jax.jit(jax.value_and_grad(plain, (0, 1))).lower(x, w).compile().as_text())
     assert len(ours_types) == 3 and set(ours_types) == {("bf16", "bf16")}
     assert ("f32", "f32") in plain_types
+
+
+@pytest.mark.parametrize("b_nk", [False, True])
+def test_batch_matmul_backward_equals_autodiff_of_the_einsum(b_nk):
+    """In f32, where the written backward pass and autodiff differ only by round-off."""
+    ka, kb, kc = jax.random.split(jax.random.key(2), 3)
+    a = jax.random.normal(ka, (3, 12, 5))
+    b = jax.random.normal(kb, (3, 7, 5) if b_nk else (3, 5, 7))
+    cot = jax.random.normal(kc, (3, 12, 7))
+    spec = "bmk,bnk->bmn" if b_nk else "bmk,bkn->bmn"
+
+    def ours(a, b):
+        return jnp.sum(batch_matmul(a, b, jnp.float32, jnp.float32, b_nk=b_nk) * cot)
+
+    def plain(a, b):
+        return jnp.sum(jnp.einsum(spec, a, b) * cot)
+
+    np.testing.assert_allclose(ours(a, b), plain(a, b), rtol=1e-6)
+    for x, y in zip(jax.grad(ours, (0, 1))(a, b), jax.grad(plain, (0, 1))(a, b)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_matmul_gradients_by_finite_differences():
+    """bf16 operands, f32 inputs: the gradients (returned in f32) match central differences of the
+    f32 product to bf16 round-off."""
+    a = jax.random.normal(jax.random.key(3), (2, 4, 3))
+    b = jax.random.normal(jax.random.key(4), (2, 5, 3))
+
+    def loss(a, b, dtype):
+        return jnp.sum(jnp.sin(batch_matmul(a, b, dtype, jnp.float32, b_nk=True)))
+
+    ga, gb = jax.grad(loss, (0, 1))(a, b, jnp.bfloat16)
+    assert ga.dtype == gb.dtype == jnp.float32
+    eps = 1e-2
+    for grad, arg in ((ga, 0), (gb, 1)):
+        x = (a, b)[arg]
+        for index in [(0, 0, 0), (1, 2, 1), (1, 3, 2)] if arg == 0 else [(0, 4, 0), (1, 1, 2)]:
+            bump = jnp.zeros_like(x).at[index].set(eps)
+            hi, lo = ((x + bump, b) if arg == 0 else (a, x + bump)), ((x - bump, b) if arg == 0 else (a, x - bump))
+            numeric = (loss(*hi, jnp.float32) - loss(*lo, jnp.float32)) / (2 * eps)
+            assert abs(float(grad[index]) - float(numeric)) < 0.05 * max(1.0, abs(float(numeric)))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's matmul paths")
+def test_low_precision_attention_runs_every_matmul_on_bf16_operands_on_cpu():
+    """QK^T and PV forward and their four gradient matmuls: bf16 x bf16 on XLA:CPU. The einsum
+    attention with bf16 operands leaves f32 x f32 matmuls in the backward pass."""
+    B, T, H, K, E = 2, 32, 6, 2, 16
+    q = jnp.ones((B, T, H, E), jnp.float32)
+    kv = jnp.ones((B, T, K, E), jnp.float32)
+    mask = sequence_mask(jnp.ones((B, T), jnp.int32))
+
+    def ours(q, k, v):
+        return jnp.sum(attention(q, k, v, mask, None, jnp.bfloat16))
+
+    def plain(q, k, v):
+        return jnp.sum(attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), mask)
+                       .astype(jnp.float32))
+
+    ours_types = _dot_operand_types(jax.jit(jax.value_and_grad(ours, (0, 1, 2))).lower(q, kv, kv).compile().as_text())
+    plain_types = _dot_operand_types(jax.jit(jax.value_and_grad(plain, (0, 1, 2))).lower(q, kv, kv).compile().as_text())
+    assert len(ours_types) == 6 and set(ours_types) == {("bf16", "bf16")}
+    assert ("f32", "f32") in plain_types
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's handling of bf16 stacks")
+def test_bf16_residuals_stack_in_a_layer_scan_without_f32_copies_of_the_stack():
+    """Scanned over layers, the bf16 operands the backward pass keeps are stacked [L, N, I]; kept
+    as bf16, XLA:CPU converted the whole stack to f32 and back at every layer."""
+    L, N, I, O = 4, 64, 32, 48
+    x = jnp.ones((N, I), jnp.float32)
+    ws = jnp.ones((L, I, O), jnp.float32) / I
+
+    def loss(x, ws):
+        def layer(h, w):
+            return weight_matmul(h, w, jnp.bfloat16, jnp.float32)[:, :I], None
+        return jnp.sum(jax.lax.scan(layer, x, ws)[0])
+
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, ws).compile().as_text()
+    assert f"u16[{L},{N},{I}]" in hlo  # the stacked residual
+    assert f"f32[{L},{N},{I}]" not in hlo and f"bf16[{L},{N},{I}]" not in hlo

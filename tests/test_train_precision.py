@@ -1,6 +1,9 @@
 """train.precision: what `compute_dtype: auto` resolves to, and this machine's CPU description."""
 
-from mixsd_jax.train.precision import cpu_info, resolve_compute_dtype
+from pathlib import Path
+
+from mixsd_jax.train.config import TrainConfig
+from mixsd_jax.train.precision import cpu_info, parse_cpuinfo, resolve_compute_dtype
 
 
 def test_auto_is_bf16_on_accelerators_and_on_cpus_with_amx():
@@ -23,3 +26,22 @@ def test_cpu_info_reads_this_linux_machine():
         text = f.read()
     assert model and model in text
     assert flags and all(flag in text for flag in flags)
+
+
+def test_the_amx_xeon_of_the_benchmarks_resolves_auto_to_bf16():
+    """Real /proc/cpuinfo text of the AMX Xeon that docs/benchmarks.md measured bf16 faster on;
+    the same processor with its AMX flags gone (AVX512-BF16 left) keeps f32."""
+    text = (Path(__file__).parent / "fixtures" / "cpuinfo_xeon_amx.txt").read_text()
+    model, flags = parse_cpuinfo(text)
+    assert model == "Intel(R) Xeon(R) Processor"
+    assert {"amx_bf16", "amx_tile", "avx512_bf16", "avx512f"} <= flags
+    assert resolve_compute_dtype("auto", "cpu", flags) == "bfloat16"
+    without_amx = frozenset(f for f in flags if not f.startswith("amx"))
+    assert resolve_compute_dtype("auto", "cpu", without_amx) == "float32"
+
+
+def test_train_config_resolves_auto_per_platform():
+    cfg = TrainConfig(compute_dtype="auto")
+    assert cfg.compute_dtype_on("tpu") == "bfloat16"
+    assert cfg.compute_dtype_on("cpu") == resolve_compute_dtype("auto", "cpu", cpu_info()[1])
+    assert TrainConfig().compute_dtype_on("tpu") == "float32"  # the default stays f32 everywhere

@@ -140,6 +140,28 @@ def test_bf16_compute_from_f32_master_weights(tiny_llama_dir):
     np.testing.assert_allclose(bf16, f32, rtol=2e-2)
 
 
+def test_cpu_bf16_step_gradients_follow_f32(tiny_llama_dir):
+    """The step a CPU mesh runs in bf16 (f32 activations, bf16 weight and attention matmuls with
+    their written backward passes) on packed rows: loss and every parameter's gradient close to the
+    f32 step's (which the tests above hold to PyTorch)."""
+    cfg, params = load_hf(tiny_llama_dir)
+    micro = jax.tree.map(lambda x: jnp.asarray(x[0]), _plan(tiny_llama_dir, batch_size=2, max_seq_len=256,
+                                                             packing=True).host_batch(0))
+
+    def loss_and_grads(dtype, f32_activations):
+        options = step_lib.StepOptions(f32_activations=f32_activations)
+        fn = jax.value_and_grad(lambda p: step_lib.micro_batch_sums(p, cfg, micro, dtype, options)[0])
+        return jax.jit(fn)(params)
+
+    nll32, g32 = loss_and_grads(jnp.float32, False)
+    nll16, g16 = loss_and_grads(jnp.bfloat16, True)
+    np.testing.assert_allclose(float(nll16), float(nll32), rtol=1e-2)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g16), jax.tree.leaves(g32)):
+        assert a.dtype == jnp.float32
+        error = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+        assert error < 3e-2, (jax.tree_util.keystr(path), error)
+
+
 def test_eight_devices_match_one(tiny_llama_dir):
     """data x fsdp x tensor = 2 x 2 x 2 shards the batch and every divisible parameter axis."""
     assert jax.device_count() >= 8

@@ -56,7 +56,8 @@ def fused_attention_cost(model_cfg, train, mesh) -> tuple[float, float] | None:
     tensor, shards = mesh.shape["tensor"], mesh.shape["data"] * mesh.shape["fsdp"]
     return kernel_cost(-(-train.micro_batch // shards), train.max_seq_len, model_cfg.num_heads // tensor,
                        model_cfg.num_kv_heads // tensor, model_cfg.head_dim, block=fused.block,
-                       itemsize=jnp.dtype(train.compute_dtype).itemsize, recompute=train.remat != "none")
+                       itemsize=jnp.dtype(train.compute_dtype_on(mesh.devices.flat[0].platform)).itemsize,
+                       recompute=train.remat != "none")
 
 
 def shard_bytes(tree) -> int:

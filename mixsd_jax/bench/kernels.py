@@ -59,7 +59,8 @@ def train_step(model_cfg, train_cfg, mesh, *, opsd: bool = False) -> dict:
     if not opsd:
         batch = {key: struct((A, M, T), jnp.float32 if key == "loss_mask" else jnp.int32, sh)
                  for key, sh in step_lib.batch_shardings(mesh).items()}
-        fn = step_lib.jit_train_step(model_cfg, opt, mesh, train_cfg.compute_dtype, options)
+        dtype = train_cfg.compute_dtype_on(step_lib.platform_of(mesh))
+        fn = step_lib.jit_train_step(model_cfg, opt, mesh, dtype, options)
         return {"train_step": fn.lower(state, batch)}
     from mixsd_jax.train.opsd import OPSD_KEYS, OpsdLoss
 
@@ -72,7 +73,8 @@ def train_step(model_cfg, train_cfg, mesh, *, opsd: bool = False) -> dict:
     shardings = step_lib.batch_shardings(mesh, OPSD_KEYS)
     batch = {key: struct((A, M, widths[key]), jnp.float32 if key == "loss_mask" else jnp.int32, shardings[key])
              for key in OPSD_KEYS}
-    fn = step_lib.jit_train_step(model_cfg, opt, mesh, train_cfg.compute_dtype, options, loss=loss)
+    dtype = train_cfg.compute_dtype_on(step_lib.platform_of(mesh))
+    fn = step_lib.jit_train_step(model_cfg, opt, mesh, dtype, options, loss=loss)
     teacher = (abstract_params(model_cfg, mesh, train_cfg.param_dtype),) if loss.frozen_teacher else ()
     return {"opsd_step": fn.lower(state, batch, *teacher)}
 

@@ -199,11 +199,11 @@ def _plan_lines(plan: dict, target: Target, *, kernels=KERNELS, eval_prompt_len:
 
     if "train_step" in kernels and "train" in plan:
         mesh, train = mesh_of("train_mesh"), plan["train"]
-        for line in lines(kernels_lib.train_step(model_cfg, train, mesh), mesh, **_train_info(train)):
+        for line in lines(kernels_lib.train_step(model_cfg, train, mesh), mesh, **_train_info(train, mesh)):
             yield line | (train_estimates(model_cfg, train, mesh, target) if estimates else {})
     if "opsd_step" in kernels and "opsd" in plan:
         mesh, opsd = mesh_of("train_mesh"), plan["opsd"]
-        yield from lines(kernels_lib.train_step(model_cfg, opsd, mesh, opsd=True), mesh, **_train_info(opsd))
+        yield from lines(kernels_lib.train_step(model_cfg, opsd, mesh, opsd=True), mesh, **_train_info(opsd, mesh))
     gen = plan.get("generation")
     if "generate" in kernels and gen is not None:
         mesh = mesh_of("generation_mesh")
@@ -249,10 +249,11 @@ def _plan_lines(plan: dict, target: Target, *, kernels=KERNELS, eval_prompt_len:
                                                    export_dtype=plan["train"].export_dtype), mesh)
 
 
-def _train_info(train) -> dict:
+def _train_info(train, mesh) -> dict:
     return {"shapes": {"grad_accum": train.grad_accum, "micro_batch": train.micro_batch,
                        "seq_len": train.max_seq_len},
-            "param_dtype": train.param_dtype, "compute_dtype": train.compute_dtype, "remat": train.remat}
+            "param_dtype": train.param_dtype, "compute_dtype": train.compute_dtype_on(mesh.devices.flat[0].platform),
+            "remat": train.remat}
 
 
 def _decode_lines(lines, prefix, model_cfg, mesh, shapes, target, estimates, *, dtype, param_dtype, topk=64):

@@ -17,6 +17,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mixsd_jax.models.matmul import batch_matmul
+
 MASKED = -1e30
 NO_WINDOW = 2**30  # the window of a full-attention layer in a model that also has sliding ones
 
@@ -36,7 +38,12 @@ def within_window(positions_q_BxT: jax.Array, positions_k_BxS: jax.Array, window
     return (positions_q_BxT[:, :, None] - positions_k_BxS[:, None, :]) < window
 
 
-def attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, divisor: float | None = None) -> jax.Array:
+def attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, divisor: float | None = None,
+              matmul_dtype=None) -> jax.Array:
+    """With `matmul_dtype`, both matmuls take operands in that dtype (the softmax stays f32) and
+    the output keeps q's dtype: `low_precision_attention`."""
+    if matmul_dtype is not None:
+        return low_precision_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, divisor, matmul_dtype)
     B, T, H, E = q_BxTxHxE.shape
     K = k_BxSxKxE.shape[2]
     q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
@@ -46,6 +53,27 @@ def attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, divisor: float | None
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxE.dtype)
     out = jnp.einsum("bkgts,bske->btkge", probs, v_BxSxKxE)
     return out.reshape(B, T, H * E)
+
+
+def low_precision_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, divisor, dtype) -> jax.Array:
+    """`attention` with its two matmuls in `dtype` (bf16 on a CPU with bf16 matmul units) around
+    f32 activations, as PyTorch's autocast runs it. Heads are moved next to the batch first so
+    QK^T and PV are batched matmuls over B*K, each [G*T, E] x [S, E] and [G*T, S] x [S, E] with
+    its batch axis leading: the form XLA:CPU's fast library path takes, forward and backward
+    (models.matmul.batch_matmul). The einsums of `attention` put the batch axes mid-array, and
+    XLA runs them (and their gradients) on its generic f32 matmul instead."""
+    B, T, H, E = q_BxTxHxE.shape
+    S, K = k_BxSxKxE.shape[1], k_BxSxKxE.shape[2]
+    G = H // K
+    q_BKxGTxE = jnp.transpose(q_BxTxHxE.astype(dtype).reshape(B, T, K, G, E), (0, 2, 3, 1, 4)).reshape(B * K, G * T, E)
+    k_BKxSxE, v_BKxSxE = (jnp.transpose(a.astype(dtype), (0, 2, 1, 3)).reshape(B * K, S, E)
+                          for a in (k_BxSxKxE, v_BxSxKxE))
+    scores = batch_matmul(q_BKxGTxE, k_BKxSxE, dtype, jnp.float32, b_nk=True).reshape(B, K, G, T, S)
+    scores = scores / (divisor or math.sqrt(E))
+    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, MASKED)
+    probs_BKxGTxS = jax.nn.softmax(scores, axis=-1).reshape(B * K, G * T, S)
+    out = batch_matmul(probs_BKxGTxS, v_BKxSxE, dtype, q_BxTxHxE.dtype).reshape(B, K, G, T, E)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, H * E)
 
 
 def blockwise_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_ids_BxT, block: int, divisor: float | None = None,

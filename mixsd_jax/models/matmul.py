@@ -50,6 +50,19 @@ def _transposed_result(product_KxM):
                                       default=lambda p: p.T)
 
 
+def _stashed(a):
+    # bf16 residuals are kept as their 16-bit patterns: inside the layer scan the backward pass's
+    # residuals are stacked with a dynamic-update-slice per layer, which XLA:CPU has no bf16 kernel
+    # for: it converts the whole stacked [L, ...] buffer to f32 and back at every layer (quadratic
+    # in depth; a quarter of the bf16 step's time on the embedded model). A uint16 stack is
+    # updated in place. A bitcast costs nothing on any backend.
+    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
+
+
+def _unstashed(a, dtype):
+    return jax.lax.bitcast_convert_type(a, dtype) if a.dtype == jnp.uint16 else a
+
+
 def weight_matmul(x_NxI, w, dtype, out_dtype=None, w_out_in: bool = False):
     """x [N, I] times the weight w ([I, O], or [O, I] with `w_out_in`) in `dtype` with f32
     accumulation: [N, O] in `out_dtype` (default `dtype`)."""
@@ -69,11 +82,12 @@ def _weight_matmul(x_NxI, w, dtype, out_dtype, w_out_in):
 def _forward(x_NxI, w, dtype, out_dtype, w_out_in):
     # The master weight is kept, not its `dtype` copy: inside the layer scan it is a slice of the
     # parameters, which the backward pass reads without storing another stacked copy.
-    return _weight_matmul(x_NxI, w, dtype, out_dtype, w_out_in), (x_NxI, w)
+    return _weight_matmul(x_NxI, w, dtype, out_dtype, w_out_in), (_stashed(x_NxI), w)
 
 
 def _backward(dtype, out_dtype, w_out_in, residuals, g_NxO):
     x_NxI, w = residuals
+    x_NxI = _unstashed(x_NxI, dtype)
     g_NxO = g_NxO.astype(dtype)
     dx_NxI = _mm(g_NxO, w.astype(dtype), 0 if w_out_in else 1).astype(x_NxI.dtype)
     dw_IxO = _mm(transposed(x_NxI), g_NxO, 0)
@@ -81,3 +95,58 @@ def _backward(dtype, out_dtype, w_out_in, residuals, g_NxO):
 
 
 _weight_matmul.defvjp(_forward, _backward)
+
+
+def _bmm(a_BxMxK, b, b_contract: int):
+    """Per batch entry, a [M, K] times b contracted over its dimension `b_contract` ([K, N] at 1,
+    [N, K] at 2), f32."""
+    return jax.lax.dot_general(a_BxMxK, b, (((2,), (b_contract,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+
+
+def _cpu_batch_transposed(a_BxMxK):
+    # As _cpu_transposed, per batch entry.
+    B, M, K = a_BxMxK.shape
+    return jax.lax.optimization_barrier(jnp.swapaxes(a_BxMxK, 1, 2).reshape(B, K, 1, M)).reshape(B, K, M)
+
+
+def batch_transposed(a_BxMxK):
+    """a^T [B, K, M] per batch entry, as a row-major copy on CPU; a plain transpose elsewhere."""
+    return jax.lax.platform_dependent(a_BxMxK, cpu=_cpu_batch_transposed, default=lambda a: jnp.swapaxes(a, 1, 2))
+
+
+def batch_matmul(a_BxMxK, b, dtype, out_dtype=None, b_nk: bool = False):
+    """Per batch entry, a [M, K] times b ([K, N], or [N, K] with `b_nk`) in `dtype` with f32
+    accumulation: [B, M, N] in `out_dtype` (default `dtype`). The batch axis leads every operand,
+    so forward and backward matmuls all have the library's form (the module doc); the gradients
+    come back in the operands' own dtypes."""
+    dtype, out_dtype = jnp.dtype(dtype), jnp.dtype(out_dtype or dtype)
+    return _batch_matmul(a_BxMxK, b, dtype, out_dtype, b_nk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _batch_matmul(a_BxMxK, b, dtype, out_dtype, b_nk):
+    return _bmm(a_BxMxK.astype(dtype), b.astype(dtype), 2 if b_nk else 1).astype(out_dtype)
+
+
+def _batch_forward(a_BxMxK, b, dtype, out_dtype, b_nk):
+    # The operands are kept in `dtype`: the backward pass needs no more, and they are half the
+    # size of f32 ones.
+    a_c, b_c = a_BxMxK.astype(dtype), b.astype(dtype)
+    out = _bmm(a_c, b_c, 2 if b_nk else 1).astype(out_dtype)
+    return out, (_stashed(a_c), _stashed(b_c), jnp.zeros((0,), a_BxMxK.dtype), jnp.zeros((0,), b.dtype))
+
+
+def _batch_backward(dtype, out_dtype, b_nk, residuals, g_BxMxN):
+    a_c, b_c, a_dtype, b_dtype = residuals
+    a_c, b_c = _unstashed(a_c, dtype), _unstashed(b_c, dtype)
+    g_BxMxN = g_BxMxN.astype(dtype)
+    # da = g b^T: b [K, N] contracted over N (its last dimension), or b [N, K] over N (its first).
+    da = _bmm(g_BxMxN, b_c, 1 if b_nk else 2)
+    if b_nk:  # db [N, K] = g^T a
+        db = _bmm(batch_transposed(g_BxMxN), a_c, 1)
+    else:  # db [K, N] = a^T g
+        db = _bmm(batch_transposed(a_c), g_BxMxN, 1)
+    return da.astype(a_dtype.dtype), db.astype(b_dtype.dtype)
+
+
+_batch_matmul.defvjp(_batch_forward, _batch_backward)

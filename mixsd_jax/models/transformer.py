@@ -108,10 +108,11 @@ def remat_policy(name: str):
 
 
 def _attend_fn(cfg: ModelConfig, dtype, positions_BxT, segment_ids_BxT, seq_mask_BxTxT, attention_block, cached,
-               old_mask_BxTxS, old_positions_BxS, window, fused_attention=None):
+               old_mask_BxTxS, old_positions_BxS, window, fused_attention=None, matmul_dtype=None):
     """How this call's blocks attend: over the sequence (a fused kernel, dense or blockwise) or
     against the cache. Returns the attention output and the (keys, values) each layer hands back
-    for caching."""
+    for caching. `matmul_dtype`: the dense attention's matmul dtype where it differs from the
+    activations' (`attention`)."""
     divisor = cfg.attention_divisor
     new_mask_BxTxT = seq_mask_BxTxT
     if window is not None and seq_mask_BxTxT is not None:
@@ -125,7 +126,7 @@ def _attend_fn(cfg: ModelConfig, dtype, positions_BxT, segment_ids_BxT, seq_mask
                 out = blockwise_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segment_ids_BxT, attention_block, divisor,
                                           window)
             else:
-                out = attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, new_mask_BxTxT, divisor)
+                out = attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, new_mask_BxTxT, divisor, matmul_dtype)
             return out, (k_BxTxKxE, v_BxTxKxE)
         k_old, v_old = cached
         old_mask = old_mask_BxTxS
@@ -166,12 +167,13 @@ def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache, 
         # row's activations for the backward pass.
         x_BxTxD = jax.lax.with_sharding_constraint(x_BxTxD, activation_sharding)
     edit_layer, delta_BxTxD = mlp_edit if mlp_edit is not None else (None, None)
+    mixed = activation_dtype is not None and jnp.dtype(activation_dtype) != jnp.dtype(dtype)
 
     def scan_body(x, inputs):
         p, layer_cache, variant, layer = inputs
         attend = _attend_fn(cfg, dtype, positions_BxT, segment_ids_BxT, seq_mask_BxTxT, attention_block, layer_cache,
                             old_mask_BxTxS, old_positions_BxS, None if variant is None else variant["window"],
-                            fused_attention)
+                            fused_attention, dtype if mixed else None)
         delta = None if delta_BxTxD is None else jnp.where(layer == edit_layer, delta_BxTxD, 0)
         x, (k, v), mlp_in = block(p, cfg, x, positions_BxT, inv_freq if variant is None else variant["inv_freq"],
                                   attend, dtype=dtype, mlp_delta_BxTxD=delta)

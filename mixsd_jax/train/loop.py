@@ -188,8 +188,8 @@ def _build_run(cfg: TrainConfig) -> Run:
         step_fn, next_batch, batch_stats = opsd.method(cfg, tokenizer, opsd_prompts, plan, model_dir, model_cfg,
                                                        mesh, opt)
     else:
-        step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, cfg.compute_dtype,
-                                          step_lib.StepOptions.from_train_config(cfg))
+        dtype = cfg.compute_dtype_on(step_lib.platform_of(mesh))
+        step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, dtype, step_lib.StepOptions.from_train_config(cfg))
         next_batch = lambda step, state: step_lib.device_batch(plan.host_batch(step), mesh)  # noqa: E731
         batch_stats = dict
     return Run(cfg, storage.path(cfg.out), model_dir, model_cfg, data, plan, total_steps, mesh, tx, shardings,

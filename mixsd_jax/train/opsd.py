@@ -227,7 +227,7 @@ class RolloutBatches:
             batch_size=min(o.rollout_batch_size, len(items)),
             stop_ids=tuple(self.tokenizer.stop_ids),
             seed=self.cfg.seed,
-            dtype=self.cfg.compute_dtype,
+            dtype=self.cfg.compute_dtype_on(step_lib.platform_of(self.mesh)),
             mesh=self.mesh,
         ))
         return [(prompt, list(done.tokens), done.finish_reason) for (prompt, _), done in zip(work, decode_all(engine, items))]
@@ -307,7 +307,8 @@ def method(cfg, tokenizer, prompts, plan, model_dir, model_cfg, mesh, opt):
     from mixsd_jax.models.checkpoint import load_hf
 
     loss = loss_for(cfg)
-    jitted = step_lib.jit_train_step(model_cfg, opt, mesh, cfg.compute_dtype,
+    dtype = cfg.compute_dtype_on(step_lib.platform_of(mesh))
+    jitted = step_lib.jit_train_step(model_cfg, opt, mesh, dtype,
                                      step_lib.StepOptions.from_train_config(cfg), loss=loss)
     if loss.frozen_teacher:
         # The base weights stay as loaded (not part of the state: a resume reloads the same bytes).

@@ -21,9 +21,13 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     """(model name, flags) of this machine's CPU from /proc/cpuinfo; ("", {}) where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            text = f.read()
+            return parse_cpuinfo(f.read())
     except OSError:
         return "", frozenset()
+
+
+def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
+    """(model name, flags) of the first processor in /proc/cpuinfo-format text."""
     model, flags = "", frozenset()
     for line in text.splitlines():
         key, _, value = line.partition(":")

@@ -314,7 +314,7 @@ def jit_train_step(model_cfg: ModelConfig, opt: OptimConfig, mesh: Mesh, compute
     shardings = state_shardings(model_cfg, tx, mesh)
     options = dataclasses.replace(options, activations=NamedSharding(mesh, P(BATCH_AXES, None, None)),
                                   fused_attention=fused_attention_for(options.attention, model_cfg, mesh),
-                                  f32_activations=mesh.devices.flat[0].platform == "cpu")
+                                  f32_activations=platform_of(mesh) == "cpu")
     fn = functools.partial(
         train_step, model_cfg=model_cfg, tx=tx, schedule=lr_schedule(opt), compute_dtype=jnp.dtype(compute_dtype),
         options=options,
@@ -327,6 +327,11 @@ def jit_train_step(model_cfg: ModelConfig, opt: OptimConfig, mesh: Mesh, compute
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,),
     )
+
+
+def platform_of(mesh: Mesh | None) -> str:
+    """The platform of a mesh's devices ("cpu", "gpu" or "tpu"); JAX's default one without a mesh."""
+    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
 
 
 def device_batch(batch_np: dict, mesh: Mesh) -> Batch:
