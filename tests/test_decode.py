@@ -1,5 +1,6 @@
 """One decode step over a shared cache: each side of a record reads only the blocks below its own bound."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,3 +35,19 @@ def test_naive_rows_never_read_the_blocks_only_expert_rows_reach(tiny_llama_dir)
     # The check can fail: with one bound for both sides the naive rows walk those blocks.
     shared = _step(params, cfg, cache_k, cache_v, lengths, [20, 20], block)
     assert np.isnan(shared[1::2]).all() and np.array_equal(shared[0::2], clean[0::2])
+
+
+def test_the_tpu_cache_write_one_layer_at_a_time_equals_the_whole_scatter():
+    """The TPU's per-layer write of a step's keys puts every value where the CPU's single scatter
+    does, a slot past the cache dropped."""
+    from mixsd_jax.models.decode import _write_step_per_layer, _write_step_whole
+
+    L, B, K, S, E = 3, 4, 2, 6, 5
+    cache = jax.random.normal(jax.random.key(0), (L, B, K, S, E))
+    new_BxLxKxE = jax.random.normal(jax.random.key(1), (B, L, K, E))
+    slots_B = jnp.array([0, 5, 2, S])  # the last row's slot is past the cache: dropped
+    whole = _write_step_whole(cache, new_BxLxKxE, slots_B)
+    np.testing.assert_array_equal(np.asarray(jax.jit(_write_step_per_layer)(cache, new_BxLxKxE, slots_B)),
+                                  np.asarray(whole))
+    np.testing.assert_array_equal(np.asarray(whole[:, 1, :, 5]), np.asarray(new_BxLxKxE[1]))
+    np.testing.assert_array_equal(np.asarray(whole[:, 3]), np.asarray(cache[:, 3]))

@@ -73,3 +73,19 @@ def test_state_is_a_pytree_and_empty_slots_stay_done(tiny_llama_dir):
     # The segment ends when the one live slot stops (6 tokens), not after 16 steps; empty slots emit nothing.
     assert out.step_B.tolist() == [0, 6, 0, 0] and out.finish_B[1] == MAX_NEW_TOKENS
     assert not np.asarray(out.tokens_BxK)[[0, 2, 3]].any() and not np.asarray(out.tokens_BxK)[1, 6:].any()
+
+
+def test_the_tpu_prompt_write_one_layer_at_a_time_equals_the_whole_scatter():
+    """Inserting prompts' keys one layer at a time (TPU) writes what the single scatter (CPU) does,
+    slots past the cache dropped."""
+    from mixsd_jax.sampling.segments import _write_rows_per_layer, _write_rows_whole
+
+    L, B, K, S, E, N, P = 2, 4, 2, 8, 3, 2, 5
+    cache = jax.random.normal(jax.random.key(0), (L, B, K, S, E))
+    new = jax.random.normal(jax.random.key(1), (L, N, P, K, E))
+    slots_N, starts_N = jnp.array([3, 0]), jnp.array([0, 6])  # the second row runs past the cache
+    whole = _write_rows_whole(cache, slots_N, starts_N, new)
+    np.testing.assert_array_equal(np.asarray(jax.jit(_write_rows_per_layer)(cache, slots_N, starts_N, new)),
+                                  np.asarray(whole))
+    np.testing.assert_array_equal(np.asarray(whole[:, 3, :, :P]), np.asarray(jnp.moveaxis(new[:, 0], 1, 2)))
+    np.testing.assert_array_equal(np.asarray(whole[:, 0, :, 6:]), np.asarray(jnp.moveaxis(new[:, 1, :2], 1, 2)))

@@ -125,27 +125,40 @@ def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k:
     x_Rx1xD = embed(params, cfg, tokens_R[:, None], dtype)
     x_Rx1xD, (k_LxRxKxE, v_LxRxKxE) = jax.lax.scan(layer_body, x_Rx1xD,
                                                    (params["layers"], jnp.arange(cfg.num_layers), variants))
-    rows_B = jnp.arange(B)
-
-    heads_K = jnp.arange(K)
-
     def write(cache, new_LxRxKxE, s):
-        # The new keys of side s's rows at their write slots, one layer at a time with every (row,
-        # kv head) its own index: the scatter's only window is the minor E, which XLA:TPU writes in
-        # the cache's own layout. Scattering [K, E] windows of the whole [L, B, K, S, E] array made it
-        # hold the cache in an [L, B, S, K, E] layout inside the segment's loop: a copy of every cache
-        # array in and out of each segment (one cache of temporaries).
         new_BxLxKxE = by_side(jnp.moveaxis(new_LxRxKxE, 1, 0))[:, s].astype(cache.dtype)
-
-        def one_layer(layer, cache):
-            rows_BxKxSxE = jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)
-            new_BxKxE = jax.lax.dynamic_index_in_dim(new_BxLxKxE, layer, 1, keepdims=False)
-            rows_BxKxSxE = rows_BxKxSxE.at[rows_B[:, None], heads_K[None, :], write_BxS[:, s][:, None]].set(
-                new_BxKxE, mode="drop")
-            return jax.lax.dynamic_update_index_in_dim(cache, rows_BxKxSxE, layer, 0)
-
-        return jax.lax.fori_loop(0, cache.shape[0], one_layer, cache)
+        return write_step(cache, new_BxLxKxE, write_BxS[:, s])
 
     cache_k = tuple(write(c, k_LxRxKxE, s) for s, c in enumerate(cache_k))
     cache_v = tuple(write(c, v_LxRxKxE, s) for s, c in enumerate(cache_v))
     return norm(x_Rx1xD[:, 0], params["final_norm"], cfg), cache_k, cache_v
+
+
+def write_step(cache_LxBxKxSxE, new_BxLxKxE, slots_B):
+    """Row b's new key (or value) of every layer at its slot `slots_B[b]` of the cache (a slot past
+    the cache is dropped)."""
+    return jax.lax.platform_dependent(cache_LxBxKxSxE, new_BxLxKxE, slots_B, tpu=_write_step_per_layer,
+                                      default=_write_step_whole)
+
+
+def _write_step_whole(cache, new_BxLxKxE, slots_B):
+    # One scatter into the whole array; indexing [:, rows, :, slots] puts the row index dimension
+    # first, so the update is [B, L, K, E].
+    return cache.at[:, jnp.arange(cache.shape[1]), :, slots_B].set(new_BxLxKxE, mode="drop")
+
+
+def _write_step_per_layer(cache, new_BxLxKxE, slots_B):
+    # On a TPU, one layer at a time with every (row, kv head) its own index: the scatter's only
+    # window is the minor E, which XLA:TPU writes in the cache's own layout. Scattering [K, E]
+    # windows of the whole [L, B, K, S, E] array made it hold the cache in an [L, B, S, K, E] layout
+    # inside the segment's loop: a copy of every cache array in and out of each segment (one cache
+    # of temporaries). On a CPU the loop costs more than it saves (the whole scatter stays there).
+    rows_B, heads_K = jnp.arange(cache.shape[1]), jnp.arange(cache.shape[2])
+
+    def one_layer(layer, cache):
+        rows_BxKxSxE = jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)
+        new_BxKxE = jax.lax.dynamic_index_in_dim(new_BxLxKxE, layer, 1, keepdims=False)
+        rows_BxKxSxE = rows_BxKxSxE.at[rows_B[:, None], heads_K[None, :], slots_B[:, None]].set(new_BxKxE, mode="drop")
+        return jax.lax.dynamic_update_index_in_dim(cache, rows_BxKxSxE, layer, 0)
+
+    return jax.lax.fori_loop(0, cache.shape[0], one_layer, cache)

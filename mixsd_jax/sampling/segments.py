@@ -213,12 +213,24 @@ def prefill_after(params, prefix_k, prefix_v, prefix_lens_N, tokens_NxP, lens_N,
 
 def _write_rows(cache, slots_N, starts_N, new_LxNxPxKxE):
     """Row slots_N[n]'s slots [starts_N[n], + P) of a side's cache [L, B, K, S, E] set to the new
-    keys or values (an index past the cache is dropped).
+    keys or values (an index past the cache is dropped)."""
+    return jax.lax.platform_dependent(cache, slots_N, starts_N, new_LxNxPxKxE, tpu=_write_rows_per_layer,
+                                      default=_write_rows_whole)
 
-    One layer at a time: a slot may live on any batch shard, so every device gathers every new row
-    before the scatter, and gathered whole that is N prompts of every layer per side (XLA:TPU kept
-    all four at once: 2.5 caches of temporaries for Qwen3-1.7B's 16 pairs on a v5e:2x4); per layer
-    it is 1/L of that, written in place into the donated cache."""
+
+def _write_rows_whole(cache, slots_N, starts_N, new_LxNxPxKxE):
+    # One scatter; the [n, p] index dimensions come first in the update.
+    cols_NxP = starts_N[:, None] + jnp.arange(new_LxNxPxKxE.shape[2])[None, :]
+    update = jnp.transpose(new_LxNxPxKxE, (1, 2, 0, 3, 4)).astype(cache.dtype)
+    return cache.at[:, slots_N[:, None], :, cols_NxP].set(update, mode="drop")
+
+
+def _write_rows_per_layer(cache, slots_N, starts_N, new_LxNxPxKxE):
+    # On a TPU, one layer at a time: a slot may live on any batch shard, so every device gathers
+    # every new row before the scatter, and gathered whole that is N prompts of every layer per side
+    # (XLA:TPU kept all four at once: 2.5 caches of temporaries for Qwen3-1.7B's 16 pairs on a
+    # v5e:2x4); per layer it is 1/L of that, written in place into the donated cache. On a CPU the
+    # loop costs more than it saves.
     cols_NxP = starts_N[:, None] + jnp.arange(new_LxNxPxKxE.shape[2])[None, :]
 
     def one_layer(layer, cache):
