@@ -250,9 +250,11 @@ def _plan_lines(plan: dict, target: Target, *, kernels=KERNELS, eval_prompt_len:
 
 
 def _train_info(train, mesh) -> dict:
+    from mixsd_jax.train.step import platform_of
+
     return {"shapes": {"grad_accum": train.grad_accum, "micro_batch": train.micro_batch,
                        "seq_len": train.max_seq_len},
-            "param_dtype": train.param_dtype, "compute_dtype": train.compute_dtype_on(mesh.devices.flat[0].platform),
+            "param_dtype": train.param_dtype, "compute_dtype": train.compute_dtype_on(platform_of(mesh)),
             "remat": train.remat}
 
 
