@@ -10,9 +10,9 @@ MIXSD_XLA_CACHE=0 turns it off; a JAX cache directory the user configured
 
 Every cache sits in a subfolder named by the host's processor (`cpu-<hash>`): XLA:CPU compiles
 for the instruction set of the machine it runs on, and JAX's cache key does not say which (its
-platform version is just "cpu"). A program compiled on a Xeon with AMX, read back from a shared
-home directory or bucket on an AMD host without AMX, dies with an illegal instruction instead of
-compiling again.
+platform version is just "cpu"). A program compiled on a Xeon with AMX and read back from a shared
+home directory or bucket on an AMD host without AMX may use instructions that host lacks; a
+subfolder per processor kind makes that host compile its own.
 """
 
 from __future__ import annotations

@@ -64,6 +64,22 @@ def smollm2_dir():
     return pull(EMBEDDED_DEFAULT)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test file. XLA:CPU maps every executable's code and
+    data into the process; a pytest-xdist worker that keeps all of a 2-worker run's programs passes
+    the kernel's 65,530 memory maps (vm.max_map_count) near the end of the suite, and the next
+    mmap kills it with a fatal signal (two CI runs died so, in different tests). Later files reload
+    what they share from the persistent cache."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 def pytest_collection_modifyitems(config, items):
     """A test that loads the embedded 135M model must be marked `slow`, so `-m "not slow"` skips it."""
     unmarked = [item.nodeid for item in items if "smollm2_dir" in item.fixturenames
