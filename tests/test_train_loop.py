@@ -138,6 +138,21 @@ def test_finished_run_extends_and_other_configs_are_refused(straight, tiny_llama
         train(short, progress=False)
 
 
+def test_auto_precision_is_recorded_resolved(tiny_llama_dir, corpus, tmp_path):
+    """A checkpoint names the dtype `auto` picked on this machine, so a resume where it would pick
+    another is refused by the fingerprint."""
+    from mixsd_jax.train.precision import resolve_compute_dtype
+
+    train(_cfg(tiny_llama_dir, corpus, tmp_path, "steps=1", "compute_dtype=auto"), progress=False)
+    ckpt = Checkpoints(tmp_path / "checkpoints")
+    picked = resolve_compute_dtype("auto", "cpu")
+    assert ckpt.read_meta(1)["config_fingerprinted"]["compute_dtype"] == picked
+    ckpt.close()
+    other = "bfloat16" if picked == "float32" else "float32"
+    with pytest.raises(MixsdError, match=r"differing keys: compute_dtype\)"):
+        train(_cfg(tiny_llama_dir, corpus, tmp_path, "steps=2", f"compute_dtype={other}"), progress=False)
+
+
 def test_memorizes_and_export_matches_in_transformers(tiny_llama_dir, corpus, tmp_path):
     from transformers import AutoModelForCausalLM
 

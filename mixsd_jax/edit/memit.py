@@ -122,8 +122,11 @@ def optimise_deltas(params, cfg, rows, kl, z_layer: int, target_len_R, hp, steps
     return target_init_RxD + deltas, loss_R, step
 
 
-def target_values(params, cfg, tokenizer, requests, ecfg, z_layer: int, add_special: bool) -> tuple[np.ndarray, list]:
+def target_values(params, cfg, tokenizer, requests, ecfg, z_layer: int, add_special: bool,
+                  progress: bool = False) -> tuple[np.ndarray, list]:
     """z [N, D] per request and each request's last loss (before its last step was skipped)."""
+    from tqdm import tqdm
+
     hp = (ecfg.v_lr, ecfg.kl_factor, ecfg.v_weight_decay, ecfg.clamp_norm_factor)
     ctxs = contexts(ecfg.prompt, ecfg.context_prefixes)
     n, size = len(requests), min(ecfg.batch_size, len(requests))
@@ -133,6 +136,7 @@ def target_values(params, cfg, tokenizer, requests, ecfg, z_layer: int, add_spec
     target_len = np.asarray([len(tokenizer.hf.encode(r.target, add_special_tokens=False)) for r in requests],
                             np.float32)
     zs, losses = [], []
+    bar = tqdm(total=n, desc="memit target values", unit="fact", disable=not progress)
     for start in range(0, n, size):
         ids = [min(start + i, n - 1) for i in range(size)]
         rows = device_rows(group(rows_all, start, size, n), width)
@@ -141,6 +145,8 @@ def target_values(params, cfg, tokenizer, requests, ecfg, z_layer: int, add_spec
         keep = min(size, n - start)
         zs.append(np.asarray(z)[:keep])
         losses += [float(x) for x in np.asarray(loss)[:keep]]
+        bar.update(keep)
+    bar.close()
     return np.concatenate(zs), losses
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixsd_jax import files
+from mixsd_jax import files, multihost
 from mixsd_jax.edit import memit, stats
 from mixsd_jax.edit.config import EditConfig, edit_layers, for_model
 from mixsd_jax.edit.requests import build_requests
@@ -25,13 +25,15 @@ from mixsd_jax.errors import MixsdError
 from mixsd_jax.models.block import embed
 
 
-def apply_memit(params, model_cfg, tokenizer, requests, ecfg: EditConfig, moments: dict, log=print):
+def apply_memit(params, model_cfg, tokenizer, requests, ecfg: EditConfig, moments: dict, log=print,
+                progress: bool = False):
     """The edited parameters and what was done: {layers, updates (layer -> ΔW [F, D]), losses}."""
     ecfg = for_model(ecfg, model_cfg)
     layers = edit_layers(ecfg, model_cfg)
     add_special = ecfg.prompt == "plain"  # a chat template writes its own special tokens
     t0 = time.perf_counter()
-    zs, losses = memit.target_values(params, model_cfg, tokenizer, requests, ecfg, layers[-1], add_special)
+    zs, losses = memit.target_values(params, model_cfg, tokenizer, requests, ecfg, layers[-1], add_special,
+                                     progress=progress)
     log(f"memit: {len(requests)} target values at layer {layers[-1]} in {time.perf_counter() - t0:.1f}s "
         f"(mean final loss {np.nanmean(losses):.3f})")
     params, updates = apply_updates(params, model_cfg, tokenizer, requests, ecfg, moments, zs, log=log)
@@ -79,7 +81,9 @@ def efficacy(params, model_cfg, tokenizer, requests, prompt_style: str, batch_si
     return hits
 
 
-def edit(ecfg: EditConfig, log=print) -> dict:
+def edit(ecfg: EditConfig, log=print, progress: bool = True) -> dict:
+    """Edits `ecfg.model` with `ecfg.data`'s facts and writes the outputs; progress bars (stats
+    pass, target values) on the primary process only."""
     from mixsd_jax.models.checkpoint import export_hf, load_hf
     from mixsd_jax.models.config import ModelConfig
     from mixsd_jax.models.registry import resolve_model
@@ -98,14 +102,15 @@ def edit(ecfg: EditConfig, log=print) -> dict:
     tokenizer = load_tokenizer(model_dir)
     requests = build_requests(ecfg.data, ecfg.prompt, tokenizer)
     t_start = time.perf_counter()
+    progress = progress and multihost.is_primary()
     model_cfg, params = load_hf(model_dir, param_dtype="float32", mesh=make_mesh(ecfg.mesh))
     t0 = time.perf_counter()
     moments = stats.second_moments(params, model_cfg, tokenizer, model_dir, layers, ecfg.stats_tokens,
-                                   ecfg.stats_seq_len, log=log)
+                                   ecfg.stats_seq_len, log=log, progress=progress)
     stats_s = time.perf_counter() - t0
     before = efficacy(params, model_cfg, tokenizer, requests, ecfg.prompt, ecfg.batch_size)
     t0 = time.perf_counter()
-    edited, info = apply_memit(params, model_cfg, tokenizer, requests, ecfg, moments, log=log)
+    edited, info = apply_memit(params, model_cfg, tokenizer, requests, ecfg, moments, log=log, progress=progress)
     jax.block_until_ready(edited)
     edit_s = time.perf_counter() - t0
     after = efficacy(edited, model_cfg, tokenizer, requests, ecfg.prompt, ecfg.batch_size)

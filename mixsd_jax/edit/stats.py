@@ -109,8 +109,10 @@ def moment_sums(params, cfg, layers: tuple[int, ...], tokens_BxT, segment_ids_Bx
 
 
 def second_moments(params, cfg, tokenizer, model_dir, layers: tuple[int, ...], stats_tokens: int, seq_len: int,
-                   log=print) -> dict[int, np.ndarray]:
+                   log=print, progress: bool = False) -> dict[int, np.ndarray]:
     """{layer: C [F, F] float32}; reads cached layers and computes the rest in one pass over the corpus."""
+    from tqdm import tqdm
+
     keys = {layer: stats_key(model_dir, layer, stats_tokens, seq_len) for layer in layers}
     out = {}
     for layer, key in keys.items():
@@ -124,7 +126,7 @@ def second_moments(params, cfg, tokenizer, model_dir, layers: tuple[int, ...], s
     count = int((segment_ids != 0).sum())
     log(f"memit: second moments of layers {list(missing)} over {count} corpus tokens ({len(tokens)} rows)")
     total = None
-    for start in range(0, len(tokens), ROWS):
+    for start in tqdm(range(0, len(tokens), ROWS), desc="memit second moments", unit="batch", disable=not progress):
         chunk_t, chunk_s = tokens[start:start + ROWS], segment_ids[start:start + ROWS]
         if len(chunk_t) < ROWS:  # one shape for every call; empty rows add nothing
             pad = ROWS - len(chunk_t)

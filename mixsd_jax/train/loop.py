@@ -178,6 +178,9 @@ def _build_run(cfg: TrainConfig) -> Run:
         )
     total_steps = cfg.steps or plan.total_steps(cfg.epochs)
     mesh = make_mesh(cfg.mesh)
+    # `auto` resolved before the fingerprint, so a checkpoint names the dtype its steps ran in: a
+    # resume where `auto` picks another (another CPU kind) is refused, not continued in a mix.
+    cfg = dataclasses.replace(cfg, compute_dtype=cfg.compute_dtype_on(step_lib.platform_of(mesh)))
     _check_micro_batch(cfg, mesh)
     opt = step_lib.OptimConfig.from_train_config(cfg, total_steps)
     tx = step_lib.make_optimizer(opt)
@@ -188,8 +191,8 @@ def _build_run(cfg: TrainConfig) -> Run:
         step_fn, next_batch, batch_stats = opsd.method(cfg, tokenizer, opsd_prompts, plan, model_dir, model_cfg,
                                                        mesh, opt)
     else:
-        dtype = cfg.compute_dtype_on(step_lib.platform_of(mesh))
-        step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, dtype, step_lib.StepOptions.from_train_config(cfg))
+        step_fn = step_lib.jit_train_step(model_cfg, opt, mesh, cfg.compute_dtype,
+                                          step_lib.StepOptions.from_train_config(cfg))
         next_batch = lambda step, state: step_lib.device_batch(plan.host_batch(step), mesh)  # noqa: E731
         batch_stats = dict
     return Run(cfg, storage.path(cfg.out), model_dir, model_cfg, data, plan, total_steps, mesh, tx, shardings,
