@@ -1,8 +1,9 @@
 """Loop-scaled cost figures of the train step and of one decode step: estimates, not measurements.
 
-Each is XLA:TPU's cost model (bench.cost.scaled_by_layers: the kernel compiled with 0 and 1
-layers and no other loop, extrapolated to L layers and repeated over the micro batches) turned into a time by the
-chip's peaks (bench.chips). They are checked against the analytic count: `flops_analytic` = 6 x
+Each is XLA:TPU's cost model turned into a time by the chip's peaks (bench.chips): the train step's
+scaled by bench.cost.scaled_by_layers (the kernel compiled with 0 and 1 layers and no other loop,
+extrapolated to L layers and repeated over the micro batches), one decode step's from segments
+compiled with 3 and 4 layers (decode_estimates). They are checked against the analytic count: `flops_analytic` = 6 x
 matmul parameters x tokens + causal attention (train.step.flops_per_token), per device.
 """
 
@@ -79,24 +80,41 @@ def kv_bytes_per_device(model_cfg, mesh, rows: int, slots: int, dtype: str) -> i
             * jnp.dtype(dtype).itemsize)
 
 
+LOOPED_LAYERS = (3, 4)  # the decode segments compiled to scale one step: see decode_estimates
+
+
 def decode_estimates(model_cfg, mesh, shapes, target, *, dtype: str, param_dtype: str, topk: int = 64,
                      live: int | None = None) -> dict:
     """One decode step of a full batch whose rows hold `live` tokens (default: their ceiling).
 
-    XLA counts the segment's step loop once and the attention's block loop once. A 1-layer
-    segment is one step with one KV block read; its cost less the step's head (LM head and draw,
-    compiled alone) is one layer, scaled to L layers; the live rows' other blocks are added at one
-    read of their K and V each. `bytes_per_step_ideal` = this device's weight shard + its live KV
-    rows, read once; the ratio is what the cache layout and the kernels waste.
+    XLA counts a loop body once, whatever its trip count: the segment's step loop, its layer loop
+    and the attention's block loop. With n layers the segment's one step costs
+    program(n) = H + B + n * U: H outside the layer loop (the step's head: LM head and draw), B the
+    layer loop's body counted once (a layer, one KV block of its attention, the cache writes, which
+    on a TPU are loops over the layers of their own), U any per-layer work XLA unrolls (on a CPU the
+    step's cache write is one scatter of every layer's rows). The real step is H + L * (B + U).
+    H is the head compiled alone; B and U come from the segment compiled with 3 and 4 layers
+    (U = their difference, B = program(4) - H - 4U): programs whose layer loop is a real loop, as
+    in the L-layer one. Not 1 or 2: XLA removes a 1-trip loop, and then materialises each weight's
+    layer slice and prefetches it on chip, counting each weight byte about 5 times; with 2 layers
+    XLA:TPU prefetches the whole 2-layer weight stack on chip before the loop, which it cannot do
+    with 36. From 3 layers on a Qwen3-8B step on v5e costs the same with 3, 4, 5, 6 or all 36 layers
+    (U = 0 within 0.1%). Two programs also differ in which small buffers XLA places on chip, so a
+    negative difference is that noise, not unrolled work, and counts as U = 0.
+
+    The live rows' other KV blocks are added at one read of their K and V each.
+    `bytes_per_step_ideal` = this device's weight shard + its live KV rows, read once; the ratio is
+    what the cache layout and the kernels waste. XLA's cost analysis does not tell memory spaces
+    apart (its keys are per operand and output, not per memory): an on-chip prefetch's copy is
+    counted as bytes accessed like an HBM read.
     """
     live = live or min(shapes.max_model_len, shapes.prompt_len + shapes.max_new_tokens)
-    one = dataclasses.replace(model_cfg, num_layers=1)
-    f1, b1 = cost.raw_cost(kernels_lib.decode_segment(one, mesh, shapes, dtype=dtype, param_dtype=param_dtype,
-                                                      topk=topk).compile())
-    fh, bh = cost.raw_cost(kernels_lib.decode_head(one, mesh, shapes, dtype=dtype, param_dtype=param_dtype,
-                                                   topk=topk).compile())
-    L = model_cfg.num_layers
-    flops, accessed = f1 + (L - 1) * (f1 - fh), b1 + (L - 1) * (b1 - bh)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, topk=topk)
+    head = cost.raw_cost(kernels_lib.decode_head(dataclasses.replace(model_cfg, num_layers=1), mesh, shapes,
+                                                 **kw).compile())
+    low, high = (cost.raw_cost(kernels_lib.decode_segment(dataclasses.replace(model_cfg, num_layers=n), mesh,
+                                                          shapes, **kw).compile()) for n in LOOPED_LAYERS)
+    flops, accessed = (layer_scaled(h, lo, hi, model_cfg.num_layers) for h, lo, hi in zip(head, low, high))
     rows = shapes.batch * shapes.sides
     blocks = -(-live // shapes.block)
     accessed += (blocks - 1) * kv_bytes_per_device(model_cfg, mesh, rows, shapes.block, dtype)
@@ -108,3 +126,11 @@ def decode_estimates(model_cfg, mesh, shapes, target, *, dtype: str, param_dtype
     if roof:
         out |= {"step_roofline_s": roof, "tokens_per_s_est": round(shapes.batch / roof, 1)}
     return out
+
+
+def layer_scaled(head: float, low: float, high: float, layers: int) -> float:
+    """H + L * (B + U) from the head alone (H) and the LOOPED_LAYERS segments' costs (low, high)."""
+    n_low, n_high = LOOPED_LAYERS
+    unrolled = max(0.0, (high - low) / (n_high - n_low))
+    body = high - head - n_high * unrolled
+    return head + layers * (body + unrolled)

@@ -24,7 +24,7 @@ def register(sub, bench) -> None:
     m.add_argument("--kernels", default=None,
                    help="comma-separated subset of train_step,opsd_step,generate,eval_decode,eval_mc,eval_kl,export,memit")
     m.add_argument("--no-estimates", action="store_true",
-                   help="skip the loop-scaled *_est figures (two extra small compiles per train/decode kernel)")
+                   help="skip the loop-scaled *_est figures (2 more small compiles per train kernel, 3 per decode)")
     m.add_argument("--fit", action="store_true",
                    help="search mesh factorizations, micro batches, remat and batch sizes for the fastest plan "
                    "whose every kernel fits with 10%% headroom; print it and its key=value overrides")

@@ -152,13 +152,14 @@ def _write_step_per_layer(cache, new_BxLxKxE, slots_B):
     # window is the minor E, which XLA:TPU writes in the cache's own layout. Scattering [K, E]
     # windows of the whole [L, B, K, S, E] array made it hold the cache in an [L, B, S, K, E] layout
     # inside the segment's loop: a copy of every cache array in and out of each segment (one cache
-    # of temporaries). On a CPU the loop costs more than it saves (the whole scatter stays there).
+    # of temporaries). The scatter indexes the whole array, layer included: taking the layer's
+    # [B, K, S, E] out first and putting it back made XLA:TPU copy that layer's cache on chip and
+    # write it back to HBM, every layer of every step (twice the step's KV reads, in writes). On a
+    # CPU the loop costs more than it saves (the whole scatter stays there).
     rows_B, heads_K = jnp.arange(cache.shape[1]), jnp.arange(cache.shape[2])
 
     def one_layer(layer, cache):
-        rows_BxKxSxE = jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)
         new_BxKxE = jax.lax.dynamic_index_in_dim(new_BxLxKxE, layer, 1, keepdims=False)
-        rows_BxKxSxE = rows_BxKxSxE.at[rows_B[:, None], heads_K[None, :], slots_B[:, None]].set(new_BxKxE, mode="drop")
-        return jax.lax.dynamic_update_index_in_dim(cache, rows_BxKxSxE, layer, 0)
+        return cache.at[layer, rows_B[:, None], heads_K[None, :], slots_B[:, None]].set(new_BxKxE, mode="drop")
 
     return jax.lax.fori_loop(0, cache.shape[0], one_layer, cache)

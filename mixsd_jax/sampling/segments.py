@@ -229,15 +229,15 @@ def _write_rows_per_layer(cache, slots_N, starts_N, new_LxNxPxKxE):
     # On a TPU, one layer at a time: a slot may live on any batch shard, so every device gathers
     # every new row before the scatter, and gathered whole that is N prompts of every layer per side
     # (XLA:TPU kept all four at once: 2.5 caches of temporaries for Qwen3-1.7B's 16 pairs on a
-    # v5e:2x4); per layer it is 1/L of that, written in place into the donated cache. On a CPU the
-    # loop costs more than it saves.
+    # v5e:2x4); per layer it is 1/L of that, written in place into the donated cache by a scatter
+    # that indexes the whole array, layer included (taking the layer's [B, K, S, E] out and putting
+    # it back made XLA:TPU copy that layer's cache on chip and write it back). On a CPU the loop
+    # costs more than it saves.
     cols_NxP = starts_N[:, None] + jnp.arange(new_LxNxPxKxE.shape[2])[None, :]
 
     def one_layer(layer, cache):
-        rows_BxKxSxE = jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)
         new_NxPxKxE = jax.lax.dynamic_index_in_dim(new_LxNxPxKxE, layer, 0, keepdims=False).astype(cache.dtype)
-        rows_BxKxSxE = rows_BxKxSxE.at[slots_N[:, None], :, cols_NxP].set(new_NxPxKxE, mode="drop")
-        return jax.lax.dynamic_update_index_in_dim(cache, rows_BxKxSxE, layer, 0)
+        return cache.at[layer, slots_N[:, None], :, cols_NxP].set(new_NxPxKxE, mode="drop")
 
     return jax.lax.fori_loop(0, cache.shape[0], one_layer, cache)
 
