@@ -17,6 +17,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mixsd_jax.models.config import ModelConfig, SLIDING
 from mixsd_jax.models.matmul import weight_matmul
@@ -40,43 +41,53 @@ def norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
     return (x32 * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
 
 
-def _inv_freq(theta: float, head_dim: int) -> jax.Array:
-    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def _inv_freq(theta: float, head_dim: int) -> np.ndarray:
+    # As transformers computes them, each step rounded to float32 (the exponent, theta to that
+    # power, its reciprocal), and on the host, so that every jitted function gets this same
+    # constant. Traced, XLA folds 1/theta**x into one correctly rounded step instead, which differs
+    # from transformers' table in the last bit at about a third of the entries; a frequency's last
+    # bit moves the angle at position p by p times as much, so past a few hundred tokens the
+    # logits drift from the reference by far more than float32 round-off.
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    power = np.power(np.float64(np.float32(theta)), exponent.astype(np.float64)).astype(np.float32)
+    return np.float32(1.0) / power
 
 
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-    """RoPE frequencies of the full-attention layers (every layer, for most models)."""
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """RoPE frequencies (float32, a host constant) of the full-attention layers (every layer, for
+    most models)."""
     inv_freq = _inv_freq(cfg.rope_theta, cfg.head_dim)
     s = cfg.rope_scaling
     if s is None:
         return inv_freq
     if s.rope_type == "linear":
-        return inv_freq / s.factor
-    # llama3: long wavelengths slowed by `factor`, short kept, a smooth blend in between.
+        return inv_freq / np.float32(s.factor)
+    # llama3: long wavelengths slowed by `factor`, short kept, a smooth blend in between; float32
+    # arithmetic throughout (numpy keeps float32 against Python scalars), as transformers'.
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = jnp.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(s.factor), inv_freq)
+    smooth = (np.float32(s.original_max_position_embeddings) / wavelen - np.float32(s.low_freq_factor)) / np.float32(
         s.high_freq_factor - s.low_freq_factor
     )
-    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    blended = (1 - smooth) * scaled / np.float32(s.factor) + smooth * scaled
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return jnp.where(is_medium, blended, scaled)
+    return np.where(is_medium, blended, scaled).astype(np.float32)
 
 
 def layer_variants(cfg: ModelConfig) -> dict | None:
     """Per-layer RoPE frequencies [L, E/2] and attention windows [L] of a model with sliding-window
-    layers (scanned with the layer weights), or None when every layer is the same."""
+    layers (host arrays, scanned with the layer weights), or None when every layer is the same."""
     from mixsd_jax.models.attention import NO_WINDOW
 
     if not cfg.has_sliding_layers:
         return None
-    sliding = jnp.asarray([t == SLIDING for t in cfg.layer_types])
+    sliding = np.asarray([t == SLIDING for t in cfg.layer_types])
     local, full = _inv_freq(cfg.local_rope_theta, cfg.head_dim), rope_inv_freq(cfg)
     return {
-        "inv_freq": jnp.where(sliding[:, None], local[None], full[None]),
-        "window": jnp.where(sliding, cfg.sliding_window, NO_WINDOW).astype(jnp.int32),
+        "inv_freq": np.where(sliding[:, None], local[None], full[None]),
+        "window": np.where(sliding, cfg.sliding_window, NO_WINDOW).astype(np.int32),
     }
 
 
