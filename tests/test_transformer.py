@@ -99,6 +99,39 @@ def test_llama3_rope_scaling_changes_frequencies(tiny_llama_dir):
     assert scaled[-1] == pytest.approx(plain[-1] / cfg.rope_scaling.factor)  # low ones slowed
 
 
+@pytest.mark.parametrize("name", ["gemma3-270m", "gemma3-4b", "qwen3-4b-instruct-2507", "llama-3.2-3b-instruct"])
+def test_rope_frequencies_under_jit_are_transformers_own(name):
+    """The RoPE frequencies a jitted forward uses (plain, linear and llama3 scaling, local and
+    global layers) are transformers' float32 buffers for the same config.json: a last-bit
+    difference moves the angle at position p by p times as much. Transformers' float32 pow is not
+    correctly rounded at one entry of some tables, so one entry may differ there, by one ulp."""
+    from transformers import AutoConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    from mixsd_jax.models.block import layer_variants
+    from mixsd_jax.models.config import SLIDING
+    from mixsd_jax.models.known_shapes import HF_CONFIGS, known_model_config
+
+    fields = HF_CONFIGS[name]
+    rotary = {"gemma3_text": Gemma3RotaryEmbedding, "llama": LlamaRotaryEmbedding,
+              "qwen3": Qwen3RotaryEmbedding}[fields["model_type"]](AutoConfig.for_model(**fields))
+    cfg = known_model_config(name)
+    if cfg.has_sliding_layers:
+        table_LxE2 = np.asarray(jax.jit(lambda: jnp.asarray(layer_variants(cfg)["inv_freq"]))())
+        sliding = cfg.layer_types.index(SLIDING)
+        full = next(i for i, t in enumerate(cfg.layer_types) if t != SLIDING)
+        pairs = [(table_LxE2[sliding], rotary.sliding_attention_inv_freq), (table_LxE2[full], rotary.full_attention_inv_freq)]
+    else:
+        pairs = [(np.asarray(jax.jit(lambda: jnp.asarray(tf.rope_inv_freq(cfg)))()), rotary.inv_freq)]
+    for ours, theirs in pairs:
+        theirs = theirs.numpy()
+        assert ours.dtype == theirs.dtype == np.float32
+        assert (ours != theirs).sum() <= 1
+        np.testing.assert_array_max_ulp(ours, theirs, maxulp=1)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_forward_with_taps_matches_transformers_hidden_states_hooks_and_an_mlp_edit(tiny_llama_dir, tiny_gemma3_dir,
                                                                                  family):
