@@ -21,17 +21,13 @@ import hashlib
 import os
 import platform
 
+from mixsd_jax.cpu import read_cpuinfo
+
 
 def host_fingerprint(cpuinfo_path: str = "/proc/cpuinfo") -> str:
     """`cpu-<12 hex>` from the processor's model and feature flags (Linux), else its architecture."""
-    ident = f"{platform.machine()} {platform.processor()}"
-    try:
-        with open(cpuinfo_path, encoding="utf-8") as cpuinfo:
-            lines = [line for line in cpuinfo if line.startswith(("model name", "flags", "Features"))]
-        # The first processor's lines describe them all (a host's cores are one kind).
-        ident += "".join(dict.fromkeys(lines))
-    except OSError:
-        pass
+    model, flags = read_cpuinfo(cpuinfo_path)
+    ident = f"{platform.machine()} {platform.processor()} {model} {' '.join(sorted(flags))}"
     return "cpu-" + hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 

@@ -36,16 +36,16 @@ def test_parity_on_a_tiny_model(capsys, tiny_qwen3_dir):
 
 
 def test_parity_holds_a_prompt_past_the_window_to_the_references_own_spread(capsys, tiny_gemma3_dir):
-    """Gemma 3 (window 16): the long prompt is checked apart, beside transformers' spread under a
-    one-ulp change of its RoPE tables, which a random tiny model barely amplifies."""
+    """Gemma 3 (window 16): the long prompt is checked apart, beside transformers' spread under
+    correctly rounded RoPE tables, which a random tiny model barely amplifies."""
     from mixsd_jax.sampling.parity import parity_passed
 
     rc, out, _ = run(capsys, "models", "parity", str(tiny_gemma3_dir))
     result = json.loads(out.strip().splitlines()[-1])
     assert rc == 0 and parity_passed(result) and result["greedy_tokens"] == 32
     assert result["longest_prompt"] > 16 and result["long_prompt_logit_diff"] <= 1e-3
-    assert 0 < result["long_prompt_rope_ulp_spread"] < 1e-3
-    assert not parity_passed(result | {"long_prompt_logit_diff": 3 * result["long_prompt_rope_ulp_spread"] + 1e-3})
+    assert 0 < result["long_prompt_rope_rounding_spread"] < 1e-3
+    assert not parity_passed(result | {"long_prompt_logit_diff": 3 * result["long_prompt_rope_rounding_spread"] + 1e-3})
 
 
 def test_parity_without_pytorch_is_one_line(tiny_llama_dir):

@@ -234,14 +234,14 @@ def decode_head(model_cfg, mesh, shapes: DecodeShapes, *, dtype: str, param_dtyp
     import jax
     import jax.numpy as jnp
 
-    from mixsd_jax.models import transformer as tf
+    from mixsd_jax.models import transformer
     from mixsd_jax.models.sharding import batch_sharding
 
     spec = engine_spec(model_cfg, mesh, shapes, dtype, topk)
 
     @jax.jit
     def head(params, last_BxD, keys_Bx2):
-        logits = tf.lm_logits(params, model_cfg, last_BxD, dtype=jnp.dtype(dtype))
+        logits = transformer.lm_logits(params, model_cfg, last_BxD, dtype=jnp.dtype(dtype))
         return spec.sampler.next_tokens(logits, jax.random.wrap_key_data(keys_Bx2))
 
     B = shapes.batch

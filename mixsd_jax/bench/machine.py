@@ -22,7 +22,8 @@ def load() -> list[float]:
 def report(load_before: list[float]) -> dict:
     """{load_avg_before, load_avg (now), cores, cpu_model, cpu_flags (those that decide the matmul
     path)} and `busy` (also printed to stderr) when it was busy."""
-    from mixsd_jax.train.precision import REPORTED_CPU_FLAGS, cpu_info
+    from mixsd_jax.cpu import cpu_info
+    from mixsd_jax.train.precision import REPORTED_CPU_FLAGS
 
     n = cores()
     model, flags = cpu_info()

@@ -9,34 +9,11 @@ CPUs emulate bf16 arithmetic, slower than f32.
 
 from __future__ import annotations
 
-import functools
+from mixsd_jax.cpu import cpu_info
 
 BF16_CPU_FLAGS = ("amx_bf16",)
 # The CPU flags a benchmark line reports: what decides the matmul path and its speed.
 REPORTED_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_fp16")
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_info() -> tuple[str, frozenset[str]]:
-    """(model name, flags) of this machine's CPU from /proc/cpuinfo; ("", {}) where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return parse_cpuinfo(f.read())
-    except OSError:
-        return "", frozenset()
-
-
-def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
-    """(model name, flags) of the first processor in /proc/cpuinfo-format text."""
-    model, flags = "", frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and not model:
-            model = value.strip()
-        elif key == "flags" and not flags:
-            flags = frozenset(value.split())
-    return model, flags
 
 
 def cpu_has_bf16_matmul(flags: frozenset[str] | None = None) -> bool:
