@@ -12,6 +12,8 @@ the micro-batch scan's trip count, which does not change what a chip holds) are 
 the line is repeated with `same_as`. Lines already in --out are kept and not recompiled, so an
 interrupted run resumes (per config and kernel family: `--kernels generate` adds the generation
 kernels of configs whose train step is already there). Compile times are those of the host that ran it (see `host_load`).
+`--reestimate` recomputes the train steps' `*_est` figures of --out in place (bench.estimates), keeping
+the compiled figures: the lines' `estimates_host_load` says when.
 """
 
 from __future__ import annotations
@@ -95,6 +97,41 @@ def run(args) -> int:
     return 0
 
 
+TRAIN_ESTIMATES = ("attention", "flops_est", "bytes_accessed_est", "flops_analytic", "flops_est_over_analytic",
+                   "roofline_s", "tokens_per_s_est", "mfu_est", "estimates_host_load")
+
+
+def reestimate(args) -> int:
+    """The train steps' estimates of --out recomputed; `same as` lines take their twin's. The file is
+    rewritten after each config, so an interrupted run keeps what it did."""
+    from mixsd_jax.bench import memory
+    from mixsd_jax.bench.estimates import train_estimates
+    from mixsd_jax.models.sharding import make_mesh
+
+    out = pathlib.Path(args.out)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    plans = {(name, str(model)): (path, overrides, topology) for name, path, overrides, model, topology in cases(args.only)}
+    for line in lines:
+        where = plans.get((line["config"], line["model"]))
+        if line["kernel"] != "train_step" or "same_as" in line or "error" in line or where is None:
+            continue
+        path, overrides, topology = where
+        plan, target = memory.load_plan_config(path, overrides), memory.tpu_target(topology, None)
+        mesh = make_mesh(plan["train_mesh"], devices=target.devices[: memory.mesh_devices(plan["train_mesh"],
+                                                                                          target.fill_devices)])
+        with memory.compile_context(target):
+            line |= train_estimates(memory.model_config_for(plan["model"]), plan["train"], mesh, target)
+        line["estimates_host_load"] = round(os.getloadavg()[0], 1)
+        print(json.dumps({k: line.get(k) for k in ("config", "model", *TRAIN_ESTIMATES)}), flush=True)
+        twins = {(x["config"], x["model"]): x for x in lines if x["kernel"] == "train_step" and "same_as" not in x}
+        for other in lines:
+            twin = twins.get((other.get("same_as"), other["model"]))
+            if other["kernel"] == "train_step" and twin is not None:
+                other |= {k: twin[k] for k in TRAIN_ESTIMATES if k in twin}
+        out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return 0
+
+
 def family(kernel: str) -> str:
     """The --kernels name a compiled kernel's line belongs to (`generate.insert` -> `generate`)."""
     return {"export_gather": "export"}.get(kernel, kernel.split(".")[0])
@@ -158,13 +195,15 @@ def main() -> int:
     parser.add_argument("--no-estimates", action="store_true")
     parser.add_argument("--reuse-only", action="store_true",
                         help="only write the lines of configs whose twin is already compiled; compile nothing")
+    parser.add_argument("--reestimate", action="store_true",
+                        help="recompute the train steps' *_est figures of --out in place; compile only for them")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and stop")
     args = parser.parse_args()
     if args.table:
         from mixsd_jax.bench import memory
 
         return table(args.out, args.only, memory.parse_kernels(args.kernels))
-    return run(args)
+    return reestimate(args) if args.reestimate else run(args)
 
 
 if __name__ == "__main__":

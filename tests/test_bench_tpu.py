@@ -12,7 +12,7 @@ import pytest
 
 from mixsd_jax.bench import memory
 from mixsd_jax.bench.chips import CHIPS, chip_for
-from mixsd_jax.bench.tpu import processes, topology_devices
+from mixsd_jax.bench.tpu import no_persistent_cache, processes, topology_devices
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,33 @@ def test_a_decode_step_is_scaled_from_segments_whose_layer_loop_is_a_loop():
     assert layer_scaled(head[0], three[0], four[0], 6) == pytest.approx(head[0] + 6 * (one[0] - head[0]), rel=0.005)
     wide = segment(4, kernels.DecodeShapes(8, 2, 200, 4096 - 217, 4096, block=128))
     assert wide[1] == pytest.approx(four[1], rel=0.02)
+
+
+def test_a_train_step_is_scaled_from_programs_whose_layer_loops_are_loops():
+    """The step's forward and backward layer scans stay loops on XLA:TPU, so the 6-layer program
+    counts the 3-layer one's flops plus 3 layers of the work outside the loops (the optimizer's
+    update of the stacked parameters, well under 1% of a layer), and the 0-, 3- and 6-layer
+    programs scaled to 6 layers (estimates.layer_scaled) match the analytic count, 6 x matmul
+    parameters x tokens plus the dense attention's full square: XLA adds norms, softmax, loss and
+    the optimizer (4% at this width), never a missing layer (5/6 of the count)."""
+    import dataclasses
+
+    from mixsd_jax.bench.estimates import layer_scaled, train_step_cost
+    from mixsd_jax.models.config import ModelConfig
+    from mixsd_jax.models.sharding import MeshConfig, make_mesh
+    from mixsd_jax.train.config import TrainConfig
+    from mixsd_jax.train.step import flops_per_token
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), devices=topology_devices("v5e:2x4"))
+    cfg = ModelConfig("qwen3", vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=6,
+                      num_heads=2, num_kv_heads=2, head_dim=128, qk_norm=True)
+    train = TrainConfig(batch_size=4, max_seq_len=128, compute_dtype="bfloat16", attention="xla", attention_block=0)
+    with no_persistent_cache():  # a compile-only client cannot load what the cache would hold
+        head, three, six = (train_step_cost(dataclasses.replace(cfg, num_layers=n), train, mesh)[0]
+                            for n in (0, 3, 6))
+    assert 0 < six - three < 0.03 * (three - head)
+    scaled = layer_scaled(head, three, six, 6, looped=(3, 6))
+    assert 1.0 <= scaled / (flops_per_token(cfg, 128) * 4 * 128 / mesh.devices.size) <= 1.06
 
 
 def test_every_kernel_compiles_for_the_multi_host_v5e_32(plan):

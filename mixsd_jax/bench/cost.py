@@ -3,10 +3,9 @@
 `memory_analysis()` is exact for the compiled program. `cost_analysis()` is XLA's cost model and
 counts a loop body once, whatever its trip count: the layer scan, the micro-batch scan, the decode
 segment's step loop and the attention's block loop all read as one iteration. So the raw `flops`
-/ `bytes_accessed` of a kernel with loops undercount it. `scaled_by_layers` recovers the real
-count by compiling the same kernel with 0 and 1 layers (no loop left to miscount: the 1-layer
-scan runs once) and extrapolating to L layers; the result is named `*_est` (an estimate from
-XLA:TPU's cost model, not a measurement), and `roofline_s` uses it where it exists.
+/ `bytes_accessed` of a kernel with loops undercount it. bench.estimates recovers the real count
+from the same kernel compiled with few layers and scaled to L; the result is named `*_est` (an
+estimate from XLA:TPU's cost model, not a measurement).
 """
 
 from __future__ import annotations
@@ -73,12 +72,3 @@ def roofline(chip, flops: float, accessed: float) -> float | None:
     if chip is None:
         return None
     return max(flops / chip.peak_flops, accessed / chip.hbm_bytes_per_s)
-
-
-def scaled_by_layers(lower_with_layers, layers: int, repeats: int = 1) -> tuple[float, float]:
-    """(flops, bytes) of `repeats` x an L-layer program from its 0- and 1-layer compiles:
-    repeats * (f0 + L * (f1 - f0)). `lower_with_layers(n)` lowers the kernel with n layers and
-    every other loop at one trip."""
-    f0, b0 = raw_cost(lower_with_layers(0).compile())
-    f1, b1 = raw_cost(lower_with_layers(1).compile())
-    return repeats * (f0 + layers * (f1 - f0)), repeats * (b0 + layers * (b1 - b0))

@@ -1,10 +1,11 @@
 """Loop-scaled cost figures of the train step and of one decode step: estimates, not measurements.
 
-Each is XLA:TPU's cost model turned into a time by the chip's peaks (bench.chips): the train step's
-scaled by bench.cost.scaled_by_layers (the kernel compiled with 0 and 1 layers and no other loop,
-extrapolated to L layers and repeated over the micro batches), one decode step's from segments
-compiled with 3 and 4 layers (decode_estimates). They are checked against the analytic count: `flops_analytic` = 6 x
-matmul parameters x tokens + causal attention (train.step.flops_per_token), per device.
+Each is XLA:TPU's cost model turned into a time by the chip's peaks (bench.chips), scaled to L
+layers by layer_scaled from programs whose layer loop is a real loop (LOOPED_LAYERS): the train
+step's from its 0-, 3- and 4-layer programs with no other loop, repeated over the micro batches
+(train_estimates), one decode step's from its head and its 3- and 4-layer segments
+(decode_estimates). The train step's flops are checked against the analytic count:
+`flops_analytic` = 6 x matmul parameters x tokens + attention (train.step.flops_per_token), per device.
 """
 
 from __future__ import annotations
@@ -16,18 +17,26 @@ from mixsd_jax.bench import cost, kernels as kernels_lib
 
 
 def train_estimates(model_cfg, train, mesh, target) -> dict:
-    """flops/bytes of the whole step, its roofline, tokens per second and MFU (estimates)."""
+    """flops/bytes of the whole step, its roofline, tokens per second and MFU (estimates).
+
+    The step compiled with one micro batch, dense attention and one LM-head chunk has no loop but
+    its layers': the forward scan and the backward scan (which, with remat, recomputes the layer's
+    forward), each a loop whose body XLA counts once. So, as for decode (decode_estimates), the
+    n-layer program counts H + B + n U (H: embedding, LM head, loss and the optimizer's update of
+    the non-layer parameters; B: one forward and one backward layer; U: the per-layer work outside
+    the loops, mostly the optimizer's update of the stacked layer parameters), and the step is
+    A x (H + L (B + U)) over A micro batches. H is the 0-layer program; B and U come from the 3-
+    and 4-layer ones (layer_scaled). Not a 1-layer program: XLA removes its 1-trip loops and counts
+    its weights' and activations' traffic as unrolled code, not as the loop body the L-layer
+    program runs (its flops are the same). The optimizer's update is counted A times, not once: a
+    pass over the parameter shards, small against A micro batches of long rows.
+    """
     from mixsd_jax.train.step import flops_per_token
 
     A, M, T = train.grad_accum, train.micro_batch, train.max_seq_len
-    # No loop but the layer scan: one micro batch, dense attention and one LM-head chunk (the
-    # blockwise attention computes every block, masked ones too, so its matmuls are the dense ones).
-    one_micro = dataclasses.replace(train, grad_accum=1, batch_size=M, attention_block=0, loss_chunk=0)
-
-    def lower(layers):
-        return kernels_lib.train_step(dataclasses.replace(model_cfg, num_layers=layers), one_micro, mesh)["train_step"]
-
-    flops, accessed = cost.scaled_by_layers(lower, model_cfg.num_layers, repeats=A)
+    head, low, high = (train_step_cost(dataclasses.replace(model_cfg, num_layers=n), train, mesh)
+                       for n in (0, *LOOPED_LAYERS))
+    flops, accessed = (A * layer_scaled(h, lo, hi, model_cfg.num_layers) for h, lo, hi in zip(head, low, high))
     kernel = fused_attention_cost(model_cfg, train, mesh)
     if kernel is not None:  # XLA's cost analysis does not see inside the Pallas kernel: its analytic count
         flops, accessed = flops + A * model_cfg.num_layers * kernel[0], accessed + A * model_cfg.num_layers * kernel[1]
@@ -41,6 +50,15 @@ def train_estimates(model_cfg, train, mesh, target) -> dict:
         out |= {"roofline_s": roof, "tokens_per_s_est": round(A * M * T / roof, 1),
                 "mfu_est": round(analytic / (roof * target.chip.peak_flops), 4)}
     return out
+
+
+def train_step_cost(model_cfg, train, mesh) -> tuple[float, float]:
+    """XLA's raw (flops, bytes) of the step with no loop but the layer scans: one micro batch,
+    dense attention and one LM-head chunk (the blockwise attention computes every block, masked
+    ones too, so its matmuls are the dense ones)."""
+    one_micro = dataclasses.replace(train, grad_accum=1, batch_size=train.micro_batch, attention_block=0,
+                                    loss_chunk=0)
+    return cost.raw_cost(kernels_lib.train_step(model_cfg, one_micro, mesh)["train_step"].compile())
 
 
 def fused_attention_cost(model_cfg, train, mesh) -> tuple[float, float] | None:
@@ -80,7 +98,9 @@ def kv_bytes_per_device(model_cfg, mesh, rows: int, slots: int, dtype: str) -> i
             * jnp.dtype(dtype).itemsize)
 
 
-LOOPED_LAYERS = (3, 4)  # the decode segments compiled to scale one step: see decode_estimates
+# The layer counts of the programs an estimate is scaled from (layer_scaled): the fewest whose
+# layer loop XLA:TPU keeps a loop (decode_estimates says why not 1 or 2).
+LOOPED_LAYERS = (3, 4)
 
 
 def decode_estimates(model_cfg, mesh, shapes, target, *, dtype: str, param_dtype: str, topk: int = 64,
@@ -128,9 +148,11 @@ def decode_estimates(model_cfg, mesh, shapes, target, *, dtype: str, param_dtype
     return out
 
 
-def layer_scaled(head: float, low: float, high: float, layers: int) -> float:
-    """H + L * (B + U) from the head alone (H) and the LOOPED_LAYERS segments' costs (low, high)."""
-    n_low, n_high = LOOPED_LAYERS
+def layer_scaled(head: float, low: float, high: float, layers: int, looped: tuple[int, int] = LOOPED_LAYERS) -> float:
+    """H + L * (B + U) from the cost of the head alone (H) and of the programs with `looped` layers
+    (low, high), each H + B + n U: B the layer loops' bodies counted once, U the per-layer work
+    outside them (their difference per layer; a negative one is placement noise and counts as 0)."""
+    n_low, n_high = looped
     unrolled = max(0.0, (high - low) / (n_high - n_low))
     body = high - head - n_high * unrolled
     return head + layers * (body + unrolled)
