@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixsd_jax.models import transformer as tf
+from mixsd_jax.models import transformer
 from mixsd_jax.models.checkpoint import load_hf
 from mixsd_jax.models.tiny import GEMMA3_WINDOW
 from mixsd_jax.models.tokenizer import load_tokenizer
@@ -52,15 +52,15 @@ def test_padded_batch_logits_match_transformers(tiny_gemma3_dir, attention_block
     with torch.no_grad():
         want = _reference(tiny_gemma3_dir)(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
     seg = jnp.asarray(mask, jnp.int32)
-    hidden, _ = tf.forward(params, cfg, jnp.asarray(tokens, jnp.int32), tf.padded_positions(seg), seg,
+    hidden, _ = transformer.forward(params, cfg, jnp.asarray(tokens, jnp.int32), transformer.padded_positions(seg), seg,
                            attention_block=attention_block)
-    got = np.asarray(tf.lm_logits(params, cfg, hidden))
+    got = np.asarray(transformer.lm_logits(params, cfg, hidden))
     for i, n in enumerate(mask.sum(1)):
         np.testing.assert_allclose(got[i, :n], want.numpy()[i, :n], atol=1e-4, rtol=1e-3)
     # The window binds: without it the long row's late positions differ.
     unwindowed = cfg.__class__(**{**cfg.__dict__, "layer_types": None, "sliding_window": None})
-    hidden, _ = tf.forward(params, unwindowed, jnp.asarray(tokens, jnp.int32), tf.padded_positions(seg), seg)
-    assert np.abs(np.asarray(tf.lm_logits(params, unwindowed, hidden))[0, 40] - want.numpy()[0, 40]).max() > 1e-2
+    hidden, _ = transformer.forward(params, unwindowed, jnp.asarray(tokens, jnp.int32), transformer.padded_positions(seg), seg)
+    assert np.abs(np.asarray(transformer.lm_logits(params, unwindowed, hidden))[0, 40] - want.numpy()[0, 40]).max() > 1e-2
 
 
 def test_cached_decoding_matches_transformers(tiny_gemma3_dir):
@@ -75,15 +75,15 @@ def test_cached_decoding_matches_transformers(tiny_gemma3_dir):
         want = ref(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
     ptokens, pmask = _padded(prompts)
     pseg = jnp.asarray(pmask, jnp.int32)
-    _, cache = tf.prefill(params, cfg, jnp.asarray(ptokens, jnp.int32), tf.padded_positions(pseg), pseg,
+    _, cache = transformer.prefill(params, cfg, jnp.asarray(ptokens, jnp.int32), transformer.padded_positions(pseg), pseg,
                           ptokens.shape[1] + steps)
-    step = jax.jit(lambda p, t, pos, c: tf.forward(p, cfg, t, pos, jnp.ones_like(t), c))
+    step = jax.jit(lambda p, t, pos, c: transformer.forward(p, cfg, t, pos, jnp.ones_like(t), c))
     for k in range(1, steps):
         # Step k feeds generated token k-1 (at position len+k-1); positions pass the window.
         pos = np.array([len(p) + k - 1 for p in prompts])
         fed = np.array([s[i] for s, i in zip(seqs, pos)])
         hidden, cache = step(params, jnp.asarray(fed[:, None], jnp.int32), jnp.asarray(pos[:, None], jnp.int32), cache)
-        got = np.asarray(tf.lm_logits(params, cfg, hidden[:, 0]))
+        got = np.asarray(transformer.lm_logits(params, cfg, hidden[:, 0]))
         np.testing.assert_allclose(got, want[np.arange(len(prompts)), pos], atol=1e-4, rtol=1e-3)
 
 
@@ -208,7 +208,7 @@ def test_known_shapes_give_the_published_parameter_counts():
     from mixsd_jax.models.known_shapes import known_model_config
 
     def billions(name):
-        shapes = tf.param_shapes(known_model_config(name))
+        shapes = transformer.param_shapes(known_model_config(name))
         return sum(math.prod(s) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))) / 1e9
 
     counts = [billions(n) for n in ("google/gemma-3-270m", "gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b")]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mixsd_jax.models import transformer as tf
+from mixsd_jax.models import transformer
 from mixsd_jax.models.checkpoint import load_hf
 
 LENGTHS = [12, 7, 3]
@@ -29,8 +29,8 @@ def _hf_logits(model_dir, tokens, mask):
 
 def _ours(params, cfg, tokens, mask, dtype=jnp.float32):
     seg = jnp.asarray(mask, jnp.int32)
-    hidden, _ = tf.forward(params, cfg, jnp.asarray(tokens), tf.padded_positions(seg), seg, dtype=dtype)
-    return np.asarray(tf.lm_logits(params, cfg, hidden, dtype=dtype))
+    hidden, _ = transformer.forward(params, cfg, jnp.asarray(tokens), transformer.padded_positions(seg), seg, dtype=dtype)
+    return np.asarray(transformer.lm_logits(params, cfg, hidden, dtype=dtype))
 
 
 def test_padded_batch_matches_transformers(tiny_model_dir):
@@ -51,18 +51,18 @@ def test_cached_decoding_matches_full_forward(tiny_model_dir):
     prompt_lens = np.array([6, 3, 5])
     P = prompt_lens.max()
     seg = (np.arange(P)[None] < prompt_lens[:, None]).astype(np.int32)
-    cache = tf.init_cache(cfg, 3, P + total)
-    hidden, cache = tf.forward(params, cfg, jnp.asarray(tokens[:, :P] * seg), tf.padded_positions(jnp.asarray(seg)),
+    cache = transformer.init_cache(cfg, 3, P + total)
+    hidden, cache = transformer.forward(params, cfg, jnp.asarray(tokens[:, :P] * seg), transformer.padded_positions(jnp.asarray(seg)),
                                jnp.asarray(seg), cache)
-    prefill_logits = np.asarray(tf.lm_logits(params, cfg, hidden))
+    prefill_logits = np.asarray(transformer.lm_logits(params, cfg, hidden))
     for row, n in enumerate(prompt_lens):
         np.testing.assert_allclose(prefill_logits[row, :n], full[row, :n], atol=1e-4)
-    step = jax.jit(lambda p, t, pos, c: tf.forward(p, cfg, t, pos, jnp.ones_like(t), c))
+    step = jax.jit(lambda p, t, pos, c: transformer.forward(p, cfg, t, pos, jnp.ones_like(t), c))
     pos = prompt_lens.copy()
     for _ in range(total - P):
         next_tok = tokens[np.arange(3), pos][:, None]
         hidden, cache = step(params, jnp.asarray(next_tok), jnp.asarray(pos[:, None]), cache)
-        logits = np.asarray(tf.lm_logits(params, cfg, hidden))[:, 0]
+        logits = np.asarray(transformer.lm_logits(params, cfg, hidden))[:, 0]
         np.testing.assert_allclose(logits, full[np.arange(3), pos], atol=1e-4)
         pos += 1
 
@@ -74,8 +74,8 @@ def test_packed_segments_do_not_attend_across_documents(tiny_llama_dir):
     packed = np.concatenate([a, b], axis=1)
     seg = jnp.asarray([[1] * 5 + [2] * 4])
     pos = jnp.asarray([list(range(5)) + list(range(4))])
-    hidden, _ = tf.forward(params, cfg, jnp.asarray(packed), pos, seg)
-    logits = np.asarray(tf.lm_logits(params, cfg, hidden))[0]
+    hidden, _ = transformer.forward(params, cfg, jnp.asarray(packed), pos, seg)
+    logits = np.asarray(transformer.lm_logits(params, cfg, hidden))[0]
     np.testing.assert_allclose(logits[:5], _ours(params, cfg, a, np.ones_like(a))[0], atol=1e-5)
     np.testing.assert_allclose(logits[5:], _ours(params, cfg, b, np.ones_like(b))[0], atol=1e-5)
 
@@ -93,8 +93,8 @@ def test_bf16_compute_is_close_to_f32(tiny_qwen3_dir):
 def test_llama3_rope_scaling_changes_frequencies(tiny_llama_dir):
     cfg, _ = load_hf(tiny_llama_dir)
     assert cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "llama3"
-    scaled = np.asarray(tf.rope_inv_freq(cfg))
-    plain = np.asarray(tf.rope_inv_freq(cfg.__class__(**{**cfg.__dict__, "rope_scaling": None})))
+    scaled = np.asarray(transformer.rope_inv_freq(cfg))
+    plain = np.asarray(transformer.rope_inv_freq(cfg.__class__(**{**cfg.__dict__, "rope_scaling": None})))
     assert scaled[0] == pytest.approx(plain[0])  # high frequencies kept
     assert scaled[-1] == pytest.approx(plain[-1] / cfg.rope_scaling.factor)  # low ones slowed
 
@@ -124,7 +124,7 @@ def test_rope_frequencies_under_jit_are_transformers_own(name):
         full = next(i for i, t in enumerate(cfg.layer_types) if t != SLIDING)
         pairs = [(table_LxE2[sliding], rotary.sliding_attention_inv_freq), (table_LxE2[full], rotary.full_attention_inv_freq)]
     else:
-        pairs = [(np.asarray(jax.jit(lambda: jnp.asarray(tf.rope_inv_freq(cfg)))()), rotary.inv_freq)]
+        pairs = [(np.asarray(jax.jit(lambda: jnp.asarray(transformer.rope_inv_freq(cfg)))()), rotary.inv_freq)]
     for ours, theirs in pairs:
         theirs = theirs.numpy()
         assert ours.dtype == theirs.dtype == np.float32
@@ -151,7 +151,7 @@ def test_forward_with_taps_matches_transformers_hidden_states_hooks_and_an_mlp_e
     for hook in hooks:
         hook.remove()
     seg = jnp.asarray(mask, jnp.int32)
-    logits, taps = tf.forward_with_taps(params, cfg, jnp.asarray(tokens), seg)
+    logits, taps = transformer.forward_with_taps(params, cfg, jnp.asarray(tokens), seg)
     real = mask.astype(bool)
     L = cfg.num_layers
     assert taps["mlp_in"].shape == (L, 2, 20, cfg.intermediate_size)
@@ -173,7 +173,7 @@ def test_forward_with_taps_matches_transformers_hidden_states_hooks_and_an_mlp_e
     with torch.no_grad():
         edited_ref = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
     hook.remove()
-    edited, _ = tf.forward_with_taps(params, cfg, jnp.asarray(tokens), seg, mlp_edit=(1, jnp.asarray(delta)))
+    edited, _ = transformer.forward_with_taps(params, cfg, jnp.asarray(tokens), seg, mlp_edit=(1, jnp.asarray(delta)))
     np.testing.assert_allclose(np.asarray(edited)[real], edited_ref[real], atol=1e-4)
     assert np.abs(edited_ref[real] - ref.logits.numpy()[real]).max() > 1e-2
 
@@ -199,7 +199,7 @@ def _torch_taps(model_dir, tokens, mask, edit=None):
 def test_forward_with_taps_logits_equal_forward(tiny_model_dir):
     cfg, params = load_hf(tiny_model_dir)
     tokens, mask = _batch(cfg.vocab_size)
-    logits, taps = tf.forward_with_taps(params, cfg, jnp.asarray(tokens), jnp.asarray(mask, jnp.int32))
+    logits, taps = transformer.forward_with_taps(params, cfg, jnp.asarray(tokens), jnp.asarray(mask, jnp.int32))
     ours = _ours(params, cfg, tokens, mask)
     for row, n in enumerate(LENGTHS):
         np.testing.assert_allclose(np.asarray(logits)[row, :n], ours[row, :n], atol=1e-5, rtol=0)
@@ -214,13 +214,13 @@ def test_the_model_run_in_layer_ranges_equals_the_whole_run(tiny_model_dir):
     cfg, params = load_hf(tiny_model_dir)
     tokens, mask = _batch(cfg.vocab_size)
     seg = jnp.asarray(mask, jnp.int32)
-    logits, taps = tf.forward_with_taps(params, cfg, jnp.asarray(tokens), seg)
+    logits, taps = transformer.forward_with_taps(params, cfg, jnp.asarray(tokens), seg)
     k = cfg.num_layers // 2
-    h, low = tf.run_layer_range(params, cfg, embed(params, cfg, jnp.asarray(tokens), jnp.float32), seg, 0, k, taps=True)
-    out, high = tf.run_layer_range(params, cfg, h, seg, k, cfg.num_layers, taps=True)
+    h, low = transformer.run_layer_range(params, cfg, embed(params, cfg, jnp.asarray(tokens), jnp.float32), seg, 0, k, taps=True)
+    out, high = transformer.run_layer_range(params, cfg, h, seg, k, cfg.num_layers, taps=True)
     for name in ("mlp_in", "resid_out"):
         np.testing.assert_allclose(np.concatenate([low[name], high[name]]), taps[name], atol=1e-5, rtol=0)
-    pieces = tf.lm_logits(params, cfg, norm(out, params["final_norm"], cfg))
+    pieces = transformer.lm_logits(params, cfg, norm(out, params["final_norm"], cfg))
     np.testing.assert_allclose(np.asarray(pieces)[np.asarray(mask, bool)], np.asarray(logits)[np.asarray(mask, bool)],
                                atol=1e-5, rtol=0)
 
@@ -235,14 +235,14 @@ def test_forward_with_taps_match_transformers_hooks(tiny_model_dir):
     for edit in (None, (edit_layer, delta)):
         ref_logits, ref_in, ref_out = _torch_taps(tiny_model_dir, tokens, mask, edit)
         mlp_edit = None if edit is None else (edit_layer, jnp.asarray(delta))
-        logits, taps = tf.forward_with_taps(params, cfg, jnp.asarray(tokens), jnp.asarray(mask, jnp.int32),
+        logits, taps = transformer.forward_with_taps(params, cfg, jnp.asarray(tokens), jnp.asarray(mask, jnp.int32),
                                             mlp_edit=mlp_edit)
         for row, n in enumerate(LENGTHS):
             np.testing.assert_allclose(np.asarray(logits)[row, :n], ref_logits[row, :n], atol=1e-4, rtol=0)
             np.testing.assert_allclose(np.asarray(taps["mlp_in"])[:, row, :n], ref_in[:, row, :n], atol=1e-5, rtol=0)
             np.testing.assert_allclose(np.asarray(taps["resid_out"])[:, row, :n], ref_out[:, row, :n], atol=1e-4, rtol=0)
     # The edit moved the edited row's last block output from its position on, and nothing else.
-    _, plain = tf.forward_with_taps(params, cfg, jnp.asarray(tokens), jnp.asarray(mask, jnp.int32))
+    _, plain = transformer.forward_with_taps(params, cfg, jnp.asarray(tokens), jnp.asarray(mask, jnp.int32))
     moved = np.abs(np.asarray(taps["resid_out"] - plain["resid_out"])[-1]).max(axis=-1) > 1e-6
     assert moved[0, 4:LENGTHS[0]].all() and not moved[0, :4].any() and not moved[1:].any()
 
@@ -251,7 +251,7 @@ def test_forward_with_taps_restarts_positions_per_segment(tiny_llama_dir):
     cfg, params = load_hf(tiny_llama_dir)
     tokens, _ = _batch(cfg.vocab_size, [9], seed=5)
     packed_seg = jnp.asarray([[1] * 5 + [2] * 4], jnp.int32)
-    packed, _ = tf.forward_with_taps(params, cfg, jnp.asarray(tokens), packed_seg)
-    first, _ = tf.forward_with_taps(params, cfg, jnp.asarray(tokens[:, :5]), jnp.ones((1, 5), jnp.int32))
-    second, _ = tf.forward_with_taps(params, cfg, jnp.asarray(tokens[:, 5:]), jnp.ones((1, 4), jnp.int32))
+    packed, _ = transformer.forward_with_taps(params, cfg, jnp.asarray(tokens), packed_seg)
+    first, _ = transformer.forward_with_taps(params, cfg, jnp.asarray(tokens[:, :5]), jnp.ones((1, 5), jnp.int32))
+    second, _ = transformer.forward_with_taps(params, cfg, jnp.asarray(tokens[:, 5:]), jnp.ones((1, 4), jnp.int32))
     np.testing.assert_allclose(np.asarray(packed), np.concatenate([first, second], axis=1), atol=1e-5)
