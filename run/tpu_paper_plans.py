@@ -106,6 +106,7 @@ def reestimate(args) -> int:
     rewritten after each config, so an interrupted run keeps what it did."""
     from mixsd_jax.bench import memory
     from mixsd_jax.bench.estimates import train_estimates
+    from mixsd_jax.files import atomic_write_text
     from mixsd_jax.models.sharding import make_mesh
 
     out = pathlib.Path(args.out)
@@ -128,7 +129,7 @@ def reestimate(args) -> int:
             twin = twins.get((other.get("same_as"), other["model"]))
             if other["kernel"] == "train_step" and twin is not None:
                 other |= {k: twin[k] for k in TRAIN_ESTIMATES if k in twin}
-        out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        atomic_write_text(out, "".join(json.dumps(x) + "\n" for x in lines))
     return 0
 
 
