@@ -22,6 +22,12 @@ def tiny4(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("tiny4"), "qwen3", layers=4)
 
 
+@pytest.fixture(scope="module")
+def tiny4_gemma3(tmp_path_factory):
+    """Gemma 3: the MLP output passes a post-MLP RMSNorm before the residual add."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny4_gemma3"), "gemma3", layers=4)
+
+
 def _facts(path, tokenizer):
     """One record per subject, the subject ending the question (its last token is the prompt's
     last), each target a word that is one token of the tiny vocabulary."""
@@ -35,8 +41,10 @@ def _facts(path, tokenizer):
     return path
 
 
-def test_edit_makes_each_target_the_argmax_with_a_rank_n_update_on_the_configured_layers(tiny4, tmp_path,
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_edit_makes_each_target_the_argmax_with_a_rank_n_update_on_the_configured_layers(family, request, tmp_path,
                                                                                           monkeypatch):
+    tiny4 = request.getfixturevalue({"qwen3": "tiny4", "gemma3": "tiny4_gemma3"}[family])
     monkeypatch.setenv("MIXSD_CACHE", str(tmp_path / "cache"))
     tokenizer = load_tokenizer(tiny4)
     cfg, params = load_hf(tiny4)
@@ -55,6 +63,24 @@ def test_edit_makes_each_target_the_argmax_with_a_rank_n_update_on_the_configure
         assert np.linalg.matrix_rank(after[layer] - before[layer], tol=1e-6) == len(requests)
     for name in ("wq", "w_up", "w_gate"):  # nothing but the down-projections moves
         assert np.array_equal(np.asarray(params["layers"][name]), np.asarray(edited["layers"][name]))
+
+
+def test_the_residual_through_a_post_mlp_norm_is_what_the_norm_lets_through():
+    """Gemma's n(o) = (1 + w)·o / rms(o): the mapped change moves n(o) by r, less r's part along n(o)."""
+    rng = np.random.default_rng(0)
+    D, eps = 48, 1e-6
+    o, w, r = rng.normal(size=(3, D)) * 3.0, rng.normal(size=D) * 0.2, rng.normal(size=(3, D)) * 1e-4
+
+    def n(x):
+        return (1.0 + w) * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+    moved = n(o + memit.through_post_mlp_norm(r, o, w, eps)) - n(o)
+    # To first order n(o + Δ) - n(o) = (1 + w)/rms · (Δ - ô ôᵀΔ) with ô = o/|o|: Δ = rms·r/(1 + w) gives
+    # r - (1 + w)·ô ôᵀ(r/(1 + w)).
+    o_hat = o / np.linalg.norm(o, axis=1, keepdims=True)
+    want = r - (1.0 + w) * o_hat * np.sum(o_hat * r / (1.0 + w), axis=1, keepdims=True)
+    np.testing.assert_allclose(moved, want, atol=1e-3 * np.abs(r).max())  # second order: |r|² / |o|
+    assert np.linalg.norm(want - r) < 0.5 * np.linalg.norm(r)  # most of r gets through
 
 
 def _numpy_update(keys_NxF, resid_NxD, mom2_FxF, weight):

@@ -17,7 +17,7 @@ from mixsd_jax.errors import MixsdError
 from mixsd_jax.models.sharding import MeshConfig
 
 # Families whose layers our MEMIT knows (the MLP down-projection is `layers.w_down`).
-MEMIT_FAMILIES = ("llama", "qwen2", "qwen3")
+MEMIT_FAMILIES = ("llama", "qwen2", "qwen3", "gemma3_text")
 
 # The paper's models, told apart by (family, layers, hidden size) so a local directory of any name
 # gets its reference band: first and last edited layer, inclusive.

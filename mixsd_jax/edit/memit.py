@@ -155,23 +155,39 @@ def keys_and_outputs(params, cfg, rows, layer, z_layer: int):
     x = embed(params, cfg, rows["tokens"], jnp.float32)
     _, taps = transformer.run_layer_range(params, cfg, x, rows["segment_ids"], 0, z_layer + 1, taps=True)
     b = jnp.arange(rows["tokens"].shape[0])
-    return taps["mlp_in"][layer][b, rows["lookup"]], taps["resid_out"][z_layer][b, rows["lookup"]]
+    k_BxF = taps["mlp_in"][layer][b, rows["lookup"]]
+    # The down projection's output there, before any post-MLP norm (see through_post_mlp_norm).
+    out_BxD = k_BxF @ params["layers"]["w_down"][layer].astype(jnp.float32)
+    return k_BxF, out_BxD, taps["resid_out"][z_layer][b, rows["lookup"]]
 
 
 def keys_and_current(params, cfg, tokenizer, requests, ecfg, layer: int, z_layer: int, add_special: bool):
     """Per request: the key at `layer` (mean over the prompt alone and the mean over the prefixed
-    prompts, MEMIT's two context kinds) and the z layer's output now, from the prompt alone."""
+    prompts, MEMIT's two context kinds), and from the prompt alone the down projection's output at
+    `layer` and the z layer's output now."""
     ctxs = contexts(ecfg.prompt, ecfg.context_prefixes)
     n, size = len(requests), min(ecfg.batch_size, len(requests))
     rows_all = up_to_subject(build_rows(tokenizer, requests, ctxs, with_targets=False, add_special=add_special))
-    keys, current = [], []
+    keys, outs, current = [], [], []
     for start in range(0, n, size):
-        k, z = keys_and_outputs(params, cfg, device_rows(group(rows_all, start, size, n)), layer, z_layer)
+        k, out, z = keys_and_outputs(params, cfg, device_rows(group(rows_all, start, size, n)), layer, z_layer)
         per, keep = len(ctxs), min(size, n - start)
         k_RxCxF = np.asarray(k, np.float64).reshape(size, per, -1)[:keep]
         keys.append(k_RxCxF[:, 0] if per == 1 else (k_RxCxF[:, 0] + k_RxCxF[:, 1:].mean(axis=1)) / 2)
+        outs.append(np.asarray(out, np.float64).reshape(size, per, -1)[:keep, 0])
         current.append(np.asarray(z, np.float64).reshape(size, per, -1)[:keep, 0])
-    return np.concatenate(keys), np.concatenate(current)
+    return np.concatenate(keys), np.concatenate(outs), np.concatenate(current)
+
+
+def through_post_mlp_norm(resid_NxD, out_NxD, weight_D, eps: float) -> np.ndarray:
+    """The down-projection output change that moves the residual stream by `resid`, for a model whose
+    MLP output reaches the residual through an RMSNorm with weights stored as `1 + w` (Gemma 3).
+
+    With n(o) = (1 + w)·o / rms(o), the change Δ = rms(o)·r / (1 + w) gives n(o + Δ) = n(o) + r to first
+    order, less r's component along n(o) itself: the norm fixes its output's scale, so that part no
+    layer can add (what a layer leaves undone, the next layers' residuals take up)."""
+    rms_N = np.sqrt(np.mean(np.square(out_NxD), axis=1) + eps)
+    return rms_N[:, None] * resid_NxD / (1.0 + np.asarray(weight_D, np.float64))
 
 
 @jax.jit

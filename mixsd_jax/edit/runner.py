@@ -49,9 +49,12 @@ def apply_updates(params, model_cfg, tokenizer, requests, ecfg: EditConfig, mome
     w_down = params["layers"]["w_down"]
     updates = {}
     for i, layer in enumerate(layers):
-        keys, current = memit.keys_and_current(params, model_cfg, tokenizer, requests, ecfg, layer, z_layer,
-                                               add_special)
+        keys, out, current = memit.keys_and_current(params, model_cfg, tokenizer, requests, ecfg, layer, z_layer,
+                                                    add_special)
         resid = (zs - current) / (len(layers) - i)  # this layer's share of what is left
+        if model_cfg.sandwich_norms:  # Gemma 3: the MLP's output is normed before the residual adds it
+            resid = memit.through_post_mlp_norm(resid, out, params["layers"]["post_mlp_norm"][layer],
+                                                model_cfg.rms_norm_eps)
         delta_FxD = memit.solve_update(keys, resid, moments[layer], ecfg.mom2_update_weight, ecfg.solve_dtype)
         updates[layer] = delta_FxD
         w_down = jax.device_put(w_down.at[layer].add(jnp.asarray(delta_FxD, w_down.dtype)), w_down.sharding)
