@@ -23,16 +23,14 @@ def test_the_edit_kernels_compile_with_the_sharded_parameters_per_device(tmp_pat
                            "memit", "--no-estimates"], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
     lines = {line["kernel"]: line for line in map(json.loads, proc.stdout.splitlines())}
-    assert list(lines) == ["memit.stats", "memit.v_optimise", "memit.keys", "memit.update"]
+    assert list(lines) == ["memit.stats", "memit.v_optimise", "memit.keys"]  # the solve runs on the host
     cfg = ModelConfig.from_hf_dir(tiny_qwen3_dir)
-    F, D = cfg.intermediate_size, cfg.hidden_size
+    F = cfg.intermediate_size
     for line in lines.values():
         assert line["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2} and line["fits"] and line["batch_size"] == 4
     # The statistics' output: Σ k kᵀ of the 2 edited layers, float32, whole or split over the devices.
     stats_bytes = lines["memit.stats"]["output_bytes"]
     assert stats_bytes in [2 * F * F * 4 // k for k in (1, 2, 4, 8)]
-    # The update's arguments: keys [4, F], residuals [4, D], C [F, F] and λ, replicated.
-    assert lines["memit.update"]["argument_bytes"] == (4 * F + 4 * D + F * F + 1) * 4
     # Parameters sharded over fsdp x tensor: the passes hold less than the whole float32 model.
     shapes = jax.tree.leaves(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
     whole = 4 * sum(math.prod(shape) for shape in shapes)

@@ -58,13 +58,13 @@ def test_a_selecting_plan_saves_exports_and_evaluates_the_selected_model(tiny_ll
         plan("selection.every=2", "selection.rule=median")
 
 
-def test_pipeline_selects_a_saved_step(tiny_llama_dir, tmp_path):
+def test_pipeline_selects_a_saved_step_and_prunes_what_the_report_does_not_read(tiny_llama_dir, tmp_path):
     out_dir = tmp_path / "exp"
     config = {
         "name": "tiny-select", "out_dir": str(out_dir), "model": str(tiny_llama_dir),
         "corpus": {"kind": "kgfact", "preset": "tiny", "num_entities": 2, "seed": 42},
         "methods": ["base", "sft"], "criterion": "entity_phrase",
-        "selection": {"every": 2, "rule": "last", "max_new_tokens": 4, "batch_size": 8},
+        "selection": {"every": 2, "rule": "last", "max_new_tokens": 4, "batch_size": 8, "prune": True},
         "train": {"steps": 4, "batch_size": 2, "max_seq_len": 128, "async_checkpoints": False, "lr": 1e-3, "keep": 1},
         "eval": {"suites": ["memorization"], "splits": ["recall"], "limit": 3, "max_new_tokens": 4, "batch_size": 4},
     }
@@ -83,6 +83,13 @@ def test_pipeline_selects_a_saved_step(tiny_llama_dir, tmp_path):
     results = json.loads((out_dir / "eval" / "results.json").read_text())
     assert results["checkpoints"]["sft"]["model_dir"] == str(link)
     assert "selected step 4" in proc.stdout and "wall time per stage" in proc.stdout and "select_sft" in proc.stdout
+    # selection.prune: the Orbax checkpoints and the unchosen export are gone, and every stage stays done.
+    run_dir = out_dir / "train" / "sft"
+    assert not (run_dir / "checkpoints").exists() and (run_dir / "hf" / "config.json").exists()
+    assert sorted(f.name for f in (run_dir / "exports").iterdir()) == ["step_4"]
+    again = subprocess.run([sys.executable, "-m", "mixsd_jax.cli", "pipeline", "--config", str(path), "--dry-run"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and not {"pending", "partial", "changed"} & set(again.stdout.split()), again.stdout
 
 
 def test_recall_is_decoded_on_the_runs_mesh_with_the_rows_of_one_device(tiny_qwen3_dir, tmp_path):

@@ -3,8 +3,8 @@ abstract inputs, for `mixsd bench memory`:
   memit.stats       Σ k kᵀ of every edited layer over one batch of statistics rows
   memit.v_optimise  one group's target values: the base pass up to the z layer and every δ step
   memit.keys        the keys and z-layer outputs of one group (run once per edited layer)
-  memit.update      the closed-form step of one layer ((λC + KᵀK)⁻¹KᵀR, float32 here: the edit
-                    itself solves in float64 on the host CPU, so this line is the device's worst case)
+The closed-form step ((λC + KᵀK)⁻¹KᵀR per layer) is not a device kernel: the edit solves it in float64
+on the host CPU (edit/memit.solve_update; an [F, F] system, 1.2 GB for Qwen3-8B's F = 12,288).
 Shapes: a group is `batch_size` requests with one row per context of `row_len` tokens (a chat
 prompt and its target), targets up to `label_width` tokens, "{subject} is a" rows of `kl_len`.
 """
@@ -39,7 +39,6 @@ def memit_kernels(model_cfg, mesh, ecfg, *, row_len: int = 128, label_width: int
         return out
 
     hp = (ecfg.v_lr, ecfg.kl_factor, ecfg.v_weight_decay, ecfg.clamp_norm_factor)
-    F, D = model_cfg.intermediate_size, model_cfg.hidden_size
     return {
         "memit.stats": stats.moment_sums.lower(params, model_cfg, layers,
                                                struct((stats_rows, ecfg.stats_seq_len), jnp.int32, rep),
@@ -49,8 +48,4 @@ def memit_kernels(model_cfg, mesh, ecfg, *, row_len: int = 128, label_width: int
             struct((R,), jnp.float32, rep), hp, struct((), jnp.int32, rep)),
         "memit.keys": memit.keys_and_outputs.lower(params, model_cfg, int_rows(B, row_len),
                                                    struct((), jnp.int32, rep), layers[-1]),
-        "memit.update": memit.closed_form_update.lower(struct((R, F), jnp.float32, rep),
-                                                       struct((R, D), jnp.float32, rep),
-                                                       struct((F, F), jnp.float32, rep),
-                                                       struct((), jnp.float32, rep)),
     }

@@ -211,7 +211,8 @@ def build_plan(cfg: ExperimentConfig, corpus_root: Path | None = None, dry_run: 
             name=f"train_{name}", fingerprint=fp, reset=reset, workdir=storage.path(tcfg.out),
             outputs=(storage.path(tcfg.out) / "hf" / storage.COMMIT_MARKER if storage.is_url(tcfg.out)
                      else storage.path(tcfg.out) / "hf" / "config.json", storage.path(tcfg.out) / "summary.json"),
-            inputs=(source,), run=stage_runners.train_runner(tcfg),
+            inputs=(source,),
+            run=stage_runners.train_runner(tcfg, prune_checkpoints=bool(cfg.selection.every and cfg.selection.prune)),
             description=f"train {name} on {data}", settings=tcfg,
         ))
         train_fps[name] = fp
@@ -278,7 +279,7 @@ def _selection_stages(cfg: ExperimentConfig, exp: Path, runs, corpus_dir: Path, 
             continue
         inputs.append(f"select_{name}")
         workdir = exp / "select" / name
-        fp = settings_hash("select", config_lib.to_dict(cfg.selection), cfg.criterion, train_fps[name],
+        fp = settings_hash("select", selection.fingerprint_settings(cfg.selection), cfg.criterion, train_fps[name],
                    decode["param_dtype"], decode["dtype"])
         method = "mixsd" if lam is not None else method_run(cfg, name)  # the reference: SFT first peak, MixSD/OPSD last
         stages.append(Stage(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from mixsd_jax import config as config_lib
+from mixsd_jax import storage
 from mixsd_jax.errors import MixsdError
 
 # Training facts per corpus kind (the split that asks the training questions themselves).
@@ -33,6 +34,10 @@ class SelectionConfig:
     max_new_tokens: int = 48
     batch_size: int = 16
     limit: int | None = None  # training facts the curve asks (a seeded subset); None = all
+    # Keep only what the report reads: a trained run's Orbax checkpoints are deleted when it ends
+    # (its final `hf/` stays), the exports not chosen once it is selected. For studies whose exports
+    # fill the disk; a later change of `rule` then finds one step, and extending a run starts over.
+    prune: bool = False
 
     def __post_init__(self):
         from mixsd_jax.eval.selection import RULES
@@ -44,6 +49,11 @@ class SelectionConfig:
             config_lib.check_range("selection.limit", self.limit, 1)
         if self.rule not in RULES:
             raise MixsdError(f"config key 'selection.rule': unknown rule {self.rule!r} (known: {', '.join(RULES)})")
+
+
+def fingerprint_settings(sel: SelectionConfig) -> dict:
+    """What changes a selection's result (`prune` only deletes files afterwards)."""
+    return {k: v for k, v in config_lib.to_dict(sel).items() if k != "prune"}
 
 
 def train_overrides(sel: SelectionConfig) -> dict:
@@ -58,8 +68,6 @@ def model_link(exp: Path, run: str) -> Path:
 def _point_at(link, chosen) -> None:
     """`link` names the chosen export: a relative symlink swapped in atomically on a local disk; in
     a bucket a copy of its files, the marker last (the eval stage waits for the stage record)."""
-    from mixsd_jax import storage
-
     if storage.is_url(link):
         storage.remove(link)
         for f in sorted(storage.path(chosen).iterdir(), key=lambda f: f.name):
@@ -109,6 +117,10 @@ def selection_runner(run: str, method: str, train_dir: Path, corpus_dir: Path, c
         if is_primary():  # every process computed the same curve; one writes it
             _point_at(model_link(workdir.parent.parent, run), steps[chosen])
             atomic_write_json(workdir / "selection.json", summary)
+            if sel.prune:
+                for step, folder in steps.items():
+                    if step != chosen:
+                        storage.remove(folder)
         barrier(f"select {run}")
         print(f"select {run}: step {chosen} ({applied}; recall {curve[index]['correct']}/{curve[index]['n']})")
         return summary

@@ -63,11 +63,19 @@ def edit_runner(ecfg) -> Callable[[], dict]:
     return run
 
 
-def train_runner(tcfg) -> Callable[[], dict]:
+def train_runner(tcfg, prune_checkpoints: bool = False) -> Callable[[], dict]:
+    """`prune_checkpoints` (selection.prune): the run's Orbax checkpoints are deleted once it is
+    trained; its exports are what the later stages read."""
     def run() -> dict:
+        from mixsd_jax import multihost, storage
         from mixsd_jax.train.loop import train
 
-        return train(tcfg, progress=True)
+        summary = train(tcfg, progress=True)
+        if prune_checkpoints:
+            multihost.barrier(f"trained {tcfg.out}")  # every host's last checkpoint write has ended
+            if multihost.is_primary():
+                storage.remove(storage.path(tcfg.out) / "checkpoints")
+        return summary
 
     return run
 
