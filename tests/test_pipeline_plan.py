@@ -166,6 +166,8 @@ def test_memit_is_an_edit_stage_evaluated_like_a_training_run(tiny_llama_dir, tm
     changed = _fps(_plan(tiny_llama_dir, tmp_path, "methods=[base, sft, memit]", "lambdas=[]", "memit.layers=[0]"))
     assert _changed(base, changed) == ["edit_memit", "eval"]
     # Selection by training recall picks among checkpoints; an edit has one model, evaluated as is.
+    seeded = _plan(tiny_llama_dir, tmp_path, "methods=[base, sft, memit]", "lambdas=[]", "seeds=[1, 2]")
+    assert [s.name for s in seeded.stages] == ["corpus", "train_sft_s1", "train_sft_s2", "edit_memit_s1", "eval"]
     selected = _plan(tiny_llama_dir, tmp_path, "methods=[base, sft, memit]", "lambdas=[]", "selection.every=2")
     assert "select_memit" not in [s.name for s in selected.stages]
     assert "edit_memit" in selected.stage("eval").inputs and "select_sft" in selected.stage("eval").inputs

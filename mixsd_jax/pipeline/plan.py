@@ -51,7 +51,7 @@ def mixsd_run_name(lam: float, temperature: float) -> str:
 
 def trained_runs(cfg: ExperimentConfig) -> list[tuple[str, float | None, float | None]]:
     """(run name, λ, T) per training run, in report order; λ is None for SFT and OPSD. With `seeds`,
-    one run per seed, named `<run>_s<seed>` (see `run_groups`)."""
+    one run per seed, named `<run>_s<seed>` (see `run_groups`); MEMIT's one edit is `memit_s<first>`."""
     runs: list[tuple[str, float | None, float | None]] = []
     if "sft" in cfg.methods:
         runs.append(("sft", None, None))
@@ -62,7 +62,9 @@ def trained_runs(cfg: ExperimentConfig) -> list[tuple[str, float | None, float |
     if "mixsd" in cfg.methods:
         runs += [(mixsd_run_name(lam, t), lam, t) for t in cfg.temperatures for lam in cfg.lambdas]
     if cfg.seeds:
-        runs = [(f"{name}_s{seed}", lam, t) for name, lam, t in runs for seed in cfg.seeds]
+        # An edit samples nothing: one run, under the first seed, stands for all of them.
+        runs = [(f"{name}_s{seed}", lam, t) for name, lam, t in runs
+                for seed in (cfg.seeds[:1] if name in EDIT_METHODS else cfg.seeds)]
     return runs
 
 
