@@ -74,8 +74,7 @@ def run(args) -> int:
             # Same shapes as a config already compiled: the train step only differs in grad_accum.
             probe = _probe(plan, model, topology, kernels)
             if probe is not None and probe in by_shape:
-                twin = by_shape[probe]
-                line = {**twin, "config": name, "same_as": twin["config"], "shapes": _train_shapes(plan)}
+                line = twin_line(by_shape[probe], name, _train_shapes(plan))
                 sink.write(json.dumps(line) + "\n")
                 sink.flush()
                 continue
@@ -99,6 +98,17 @@ def run(args) -> int:
 
 TRAIN_ESTIMATES = ("attention", "flops_est", "bytes_accessed_est", "flops_analytic", "flops_est_over_analytic",
                    "roofline_s", "tokens_per_s_est", "mfu_est", "estimates_host_load")
+# Whole-step figures: a step of `grad_accum` micro batches does that many micro batches' work. (The
+# compiled `flops` and `bytes_accessed` count the micro-batch loop's body once, so they stay; rates
+# and ratios such as tokens_per_s_est and mfu_est stay too.)
+PER_STEP_ESTIMATES = ("flops_est", "bytes_accessed_est", "flops_analytic", "roofline_s")
+
+
+def twin_line(twin: dict, config: str, shapes: dict) -> dict:
+    """The line of `config`, whose train step compiles to `twin`'s but may scan more or fewer micro batches."""
+    ratio = shapes["grad_accum"] / twin["shapes"]["grad_accum"]
+    line = {**twin, "config": config, "same_as": twin["config"], "shapes": shapes}
+    return line | {k: twin[k] * ratio for k in PER_STEP_ESTIMATES if k in twin}
 
 
 def reestimate(args) -> int:
@@ -129,6 +139,7 @@ def reestimate(args) -> int:
             twin = twins.get((other.get("same_as"), other["model"]))
             if other["kernel"] == "train_step" and twin is not None:
                 other |= {k: twin[k] for k in TRAIN_ESTIMATES if k in twin}
+                other |= twin_line(twin, other["config"], other["shapes"])
         atomic_write_text(out, "".join(json.dumps(x) + "\n" for x in lines))
     return 0
 
