@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 # The slice each paper model is planned on: 8 chips for the small models (mesh 1, 4, 2), 16 for
 # Qwen3-4B (1, 4, 4: 8 chips of 16 GiB do not hold its step), 32 for Qwen3-8B (1, 4, 8).
 SLICES = {"qwen3-0.6b": "v5e:2x4", "qwen3-1.7b": "v5e:2x4", "llama-3.2-1b-instruct": "v5e:2x4",
-          "qwen3-4b-instruct-2507": "v5e:4x4", "qwen3-8b": "v5e:4x8"}
+          "llama-3.2-3b-instruct": "v5e:2x4", "qwen3-4b-instruct-2507": "v5e:4x4", "qwen3-8b": "v5e:4x8"}
 
 
 def cases(only: str | None):
