@@ -79,8 +79,12 @@ def test_the_residual_through_a_post_mlp_norm_is_what_the_norm_lets_through():
     # r - (1 + w)·ô ôᵀ(r/(1 + w)).
     o_hat = o / np.linalg.norm(o, axis=1, keepdims=True)
     want = r - (1.0 + w) * o_hat * np.sum(o_hat * r / (1.0 + w), axis=1, keepdims=True)
-    np.testing.assert_allclose(moved, want, atol=1e-3 * np.abs(r).max())  # second order: |r|² / |o|
+    # Second order (|r|² / |o|) and the damping of small gains (τ = g's rms / 20: 0.3% at g ≈ 1) aside.
+    np.testing.assert_allclose(moved, want, atol=1e-2 * np.abs(r).max())
     assert np.linalg.norm(want - r) < 0.5 * np.linalg.norm(r)  # most of r gets through
+    w[0] = -1.0  # a dimension the norm zeroes: no change asked of it, rather than an unbounded one
+    delta = memit.through_post_mlp_norm(r, o, w, eps)
+    assert np.isfinite(delta).all() and not delta[:, 0].any()
 
 
 def _numpy_update(keys_NxF, resid_NxD, mom2_FxF, weight):

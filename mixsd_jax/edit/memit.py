@@ -183,11 +183,16 @@ def through_post_mlp_norm(resid_NxD, out_NxD, weight_D, eps: float) -> np.ndarra
     """The down-projection output change that moves the residual stream by `resid`, for a model whose
     MLP output reaches the residual through an RMSNorm with weights stored as `1 + w` (Gemma 3).
 
-    With n(o) = (1 + w)·o / rms(o), the change Δ = rms(o)·r / (1 + w) gives n(o + Δ) = n(o) + r to first
+    With n(o) = g·o / rms(o), g = 1 + w, the change Δ = rms(o)·r / g gives n(o + Δ) = n(o) + r to first
     order, less r's component along n(o) itself: the norm fixes its output's scale, so that part no
-    layer can add (what a layer leaves undone, the next layers' residuals take up)."""
+    layer can add (what a layer leaves undone, the next layers' residuals take up). Trained Gemma
+    norms have gains near 0 in some dimensions, where 1/g would ask for an unbounded change: the
+    inverse is damped there, g / (g² + τ²) with τ a twentieth of g's root mean square, so those
+    dimensions are left to the later layers."""
+    gain_D = 1.0 + np.asarray(weight_D, np.float64)
+    tau2 = (0.05 ** 2) * np.mean(np.square(gain_D))
     rms_N = np.sqrt(np.mean(np.square(out_NxD), axis=1) + eps)
-    return rms_N[:, None] * resid_NxD / (1.0 + np.asarray(weight_D, np.float64))
+    return rms_N[:, None] * resid_NxD * (gain_D / (np.square(gain_D) + tau2))
 
 
 @jax.jit

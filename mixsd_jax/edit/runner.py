@@ -56,6 +56,9 @@ def apply_updates(params, model_cfg, tokenizer, requests, ecfg: EditConfig, mome
             resid = memit.through_post_mlp_norm(resid, out, params["layers"]["post_mlp_norm"][layer],
                                                 model_cfg.rms_norm_eps)
         delta_FxD = memit.solve_update(keys, resid, moments[layer], ecfg.mom2_update_weight, ecfg.solve_dtype)
+        if not np.isfinite(delta_FxD).all():  # never write a broken model: say where it went wrong
+            raise MixsdError(f"memit: layer {layer}'s update is not finite (|residual| "
+                             f"{np.linalg.norm(resid, axis=1).max():.3g}); try a larger mom2_update_weight")
         updates[layer] = delta_FxD
         w_down = jax.device_put(w_down.at[layer].add(jnp.asarray(delta_FxD, w_down.dtype)), w_down.sharding)
         params = {**params, "layers": {**params["layers"], "w_down": w_down}}
