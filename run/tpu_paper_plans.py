@@ -138,8 +138,7 @@ def reestimate(args) -> int:
         for other in lines:
             twin = twins.get((other.get("same_as"), other["model"]))
             if other["kernel"] == "train_step" and twin is not None:
-                other |= {k: twin[k] for k in TRAIN_ESTIMATES if k in twin}
-                other |= twin_line(twin, other["config"], other["shapes"])
+                other |= twin_line(twin, other["config"], other["shapes"])  # the twin's estimates, scaled
         atomic_write_text(out, "".join(json.dumps(x) + "\n" for x in lines))
     return 0
 
