@@ -6,10 +6,11 @@
 
 Each config of configs/paper/ is compiled (`mixsd bench memory`'s plan_lines) for the slice its
 model is planned on (SLICES below: the slice whose chip count the config's mesh and batch sizes are
-set for), a scaling study once per model (`model=NAME`). Configs whose kernels have the same shapes
-on the same slice (the KGFact, KGFunc and SimpleQA configs of one model differ only in `grad_accum`,
-the micro-batch scan's trip count, which does not change what a chip holds) are compiled once and
-the line is repeated with `same_as`. Lines already in --out are kept and not recompiled, so an
+set for), a scaling study once per model (`model=NAME`), one kernel family at a time. A family whose
+program is built from the same settings as one already compiled (`signature`: the KGFact, KGFunc,
+MQuAKE and SimpleQA configs of one model differ only in schedules, data and `grad_accum`, the
+micro-batch scan's trip count, which does not change what a chip holds) is compiled once and its
+lines are repeated with `same_as`. Lines already in --out are kept and not recompiled, so an
 interrupted run resumes (per config and kernel family: `--kernels generate` adds the generation
 kernels of configs whose train step is already there). Compile times are those of the host that ran it (see `host_load`).
 `--reestimate` recomputes the train steps' `*_est` figures of --out in place (bench.estimates), keeping
@@ -19,6 +20,7 @@ the compiled figures: the lines' `estimates_host_load` says when.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -49,51 +51,110 @@ def cases(only: str | None):
             yield name, path, overrides, model, SLICES.get(str(model))
 
 
-def shape_key(line: dict) -> str:
-    keep = {k: line.get(k) for k in ("model", "topology", "kernel", "mesh", "param_dtype", "compute_dtype", "remat")}
-    shapes = {k: v for k, v in (line.get("shapes") or {}).items() if k != "grad_accum"}
-    return json.dumps({**keep, "shapes": shapes}, sort_keys=True)
-
-
 def run(args) -> int:
     from mixsd_jax.bench import memory
 
     out = pathlib.Path(args.out)
     done = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
     seen = {(d["config"], d["model"], family(d["kernel"])) for d in done}
-    by_shape = {shape_key(d): d for d in done if "same_as" not in d and "error" not in d}
     kernels = memory.parse_kernels(args.kernels)
+    plans = {}
+
+    def plan_of(name, path, overrides, model):
+        if (name, model) not in plans:
+            plans[name, model] = memory.load_plan_config(path, overrides)
+        return plans[name, model]
+
+    # The compiled lines of each kernel family, by what decides its program: a config whose family
+    # has the same signature as one already compiled gets that one's lines as `same as` lines.
+    by_signature = {}
+    where = {(name, str(model)): (path, overrides, topology) for name, path, overrides, model, topology in cases(None)}
+    for d in done:
+        if "same_as" in d or "error" in d or (d["config"], d["model"]) not in where:
+            continue
+        path, overrides, topology = where[d["config"], d["model"]]
+        sig = signature(plan_of(d["config"], path, overrides, d["model"]), family(d["kernel"]), d["model"], topology)
+        by_signature.setdefault(sig, {"config": d["config"], "lines": []})
+        if by_signature[sig]["config"] == d["config"]:
+            by_signature[sig]["lines"].append(d)
     with out.open("a") as sink:
         for name, path, overrides, model, topology in cases(args.only):
             if topology is None:
                 print(f"{name} {model}: no slice planned (unknown model shapes)", file=sys.stderr)
                 continue
-            if all((name, str(model), k) in seen for k in kernels):
-                continue
-            plan = memory.load_plan_config(path, overrides)
-            # Same shapes as a config already compiled: the train step only differs in grad_accum.
-            probe = _probe(plan, model, topology, kernels)
-            if probe is not None and probe in by_shape:
-                line = twin_line(by_shape[probe], name, _train_shapes(plan))
-                sink.write(json.dumps(line) + "\n")
-                sink.flush()
-                continue
-            if args.reuse_only:
-                continue
-            target = memory.tpu_target(topology, None)
-            try:
-                for line in memory.plan_lines(plan, target, kernels=kernels, estimates=not args.no_estimates):
-                    line = {"config": name, **line, "host_load": round(os.getloadavg()[0], 1)}
-                    by_shape.setdefault(shape_key(line), line)
-                    sink.write(json.dumps(line) + "\n")
+            plan = plan_of(name, path, overrides, str(model))
+            for kernel in kernels:
+                if (name, str(model), kernel) in seen or not runs(plan, kernel):
+                    continue
+                sig = signature(plan, kernel, str(model), topology)
+                if sig in by_signature:  # the same program as a config already compiled
+                    for twin in by_signature[sig]["lines"]:
+                        sink.write(json.dumps(twin_line(twin, name, _train_shapes(plan, kernel))) + "\n")
                     sink.flush()
-                    print(json.dumps({k: line.get(k) for k in ("config", "kernel", "peak_gib", "fits", "compile_s",
-                                                                "mfu_est")}), flush=True)
-            except Exception as exc:  # one config's failure (a mesh that does not divide) must not stop the rest
-                sink.write(json.dumps({"config": name, "model": str(model), "kernel": ",".join(kernels),
-                                       "topology": topology, "error": str(exc).splitlines()[0]}) + "\n")
-                sink.flush()
+                    continue
+                if args.reuse_only:
+                    continue
+                compiled = compile_family(plan, name, str(model), topology, kernel, not args.no_estimates, sink)
+                if compiled:
+                    by_signature[sig] = {"config": name, "lines": compiled}
     return 0
+
+
+def compile_family(plan, name, model, topology, kernel, estimates, sink) -> list:
+    """Compile one kernel family of one config; its lines are appended to `sink` as they come (a
+    failure, such as a mesh that does not divide, is one `error` line and does not stop the rest)."""
+    from mixsd_jax.bench import memory
+
+    lines = []
+    try:
+        for line in memory.plan_lines(plan, memory.tpu_target(topology, None), kernels=(kernel,), estimates=estimates):
+            line = {"config": name, **line, "host_load": round(os.getloadavg()[0], 1)}
+            lines.append(line)
+            sink.write(json.dumps(line) + "\n")
+            sink.flush()
+            print(json.dumps({k: line.get(k) for k in ("config", "kernel", "peak_gib", "fits", "compile_s",
+                                                        "mfu_est")}), flush=True)
+    except Exception as exc:
+        sink.write(json.dumps({"config": name, "model": model, "kernel": kernel, "topology": topology,
+                               "error": str(exc).splitlines()[0]}) + "\n")
+        sink.flush()
+        return []
+    return lines
+
+
+# What each kernel family's compiled program is built from: the plan sections it reads (besides the
+# model and the slice). Keys that only steer the schedule, the data or the loop's trip count are left
+# out, so configs that differ only there share one compile. Anything else that differs compiles anew.
+FAMILY_SECTIONS = {"train_step": ("train", "train_mesh"), "opsd_step": ("opsd", "train_mesh"),
+                   "generate": ("generation", "generation_mesh"),
+                   "eval_decode": ("eval", "eval_mesh", "generation"), "eval_mc": ("eval", "eval_mesh", "generation"),
+                   "eval_kl": ("eval", "eval_mesh", "generation"), "export": ("train", "train_mesh"),
+                   "memit": ("memit", "memit_mesh")}
+NOT_IN_PROGRAM = {"grad_accum", "lr", "epochs", "steps", "warmup_steps", "schedule", "seed", "save_every", "limit",
+                  "max_retries", "suites", "benchmarks", "data_root", "data", "out_dir", "resume"}
+
+
+def runs(plan: dict, kernel: str) -> bool:
+    """Whether the config runs this kernel family at all (OPSD and MEMIT only where they are methods)."""
+    return all(section in plan for section in FAMILY_SECTIONS[kernel])
+
+
+def signature(plan: dict, kernel: str, model: str, topology: str) -> str:
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items() if k not in NOT_IN_PROGRAM}
+        return value
+
+    sections = {s: plain(plan.get(s)) for s in FAMILY_SECTIONS[kernel]}
+    step = {"train_step": "train", "export": "train", "opsd_step": "opsd"}.get(kernel)
+    if step is not None:
+        # A step holds one micro batch (batch_size = micro_batch × grad_accum), and OPSD's prompt
+        # template is text the rollouts are made from, not part of the step's program.
+        sections[step]["batch_size"] = plan[step].micro_batch
+        (sections[step].get("opsd") or {}).pop("prompt", None)
+    return json.dumps({"model": model, "topology": topology, "kernel": kernel, **sections}, sort_keys=True, default=str)
 
 
 TRAIN_ESTIMATES = ("attention", "flops_est", "bytes_accessed_est", "flops_analytic", "flops_est_over_analytic",
@@ -104,11 +165,14 @@ TRAIN_ESTIMATES = ("attention", "flops_est", "bytes_accessed_est", "flops_analyt
 PER_STEP_ESTIMATES = ("flops_est", "bytes_accessed_est", "flops_analytic", "roofline_s")
 
 
-def twin_line(twin: dict, config: str, shapes: dict) -> dict:
-    """The line of `config`, whose train step compiles to `twin`'s but may scan more or fewer micro batches."""
+def twin_line(twin: dict, config: str, shapes: dict | None) -> dict:
+    """The line of `config`, whose kernel compiles to `twin`'s; a train step may scan more or fewer
+    micro batches (`shapes`: the config's own), which scales its per-step estimates."""
+    line = {**twin, "config": config, "same_as": twin["config"]}
+    if shapes is None:
+        return line
     ratio = shapes["grad_accum"] / twin["shapes"]["grad_accum"]
-    line = {**twin, "config": config, "same_as": twin["config"], "shapes": shapes}
-    return line | {k: twin[k] * ratio for k in PER_STEP_ESTIMATES if k in twin}
+    return line | {"shapes": shapes} | {k: twin[k] * ratio for k in PER_STEP_ESTIMATES if k in twin}
 
 
 def reestimate(args) -> int:
@@ -148,25 +212,13 @@ def family(kernel: str) -> str:
     return {"export_gather": "export"}.get(kernel, kernel.split(".")[0])
 
 
-def _train_shapes(plan) -> dict:
-    t = plan["train"]
-    return {"grad_accum": t.grad_accum, "micro_batch": t.micro_batch, "seq_len": t.max_seq_len}
-
-
-def _probe(plan, model, topology, kernels) -> str | None:
-    """The shape key of the train step this plan would compile (only a train-step-only run is deduplicated)."""
-    if tuple(kernels) != ("train_step",):
+def _train_shapes(plan, kernel: str) -> dict | None:
+    """A train or OPSD step's own micro-batch shapes (None for the other kernels)."""
+    section = {"train_step": "train", "opsd_step": "opsd"}.get(kernel)
+    if section is None:
         return None
-    from mixsd_jax.bench import memory
-    from mixsd_jax.models.sharding import make_mesh
-
-    target = memory.tpu_target(topology, None)
-    mesh_cfg = plan["train_mesh"]
-    mesh = make_mesh(mesh_cfg, devices=target.devices[: memory.mesh_devices(mesh_cfg, len(target.devices))])
-    t = plan["train"]
-    return shape_key({"model": str(model), "topology": topology, "kernel": "train_step", "mesh": dict(mesh.shape),
-                      "param_dtype": t.param_dtype, "compute_dtype": t.compute_dtype, "remat": t.remat,
-                      "shapes": _train_shapes(plan)})
+    t = plan[section]
+    return {"grad_accum": t.grad_accum, "micro_batch": t.micro_batch, "seq_len": t.max_seq_len}
 
 
 def table(path: str, only: str | None, kernels: tuple) -> int:
