@@ -29,12 +29,14 @@ def _plan(path: Path, request, tmp_path):
     overrides = [f"model={_stand_in(path.name, request)}", f"out_dir={tmp_path / 'exp'}"]
     if path.name.startswith("simpleqa"):
         overrides.append(f"corpus.source={_simpleqa_csv(tmp_path)}")
+    if path.name.startswith("mquake"):  # a small file in MQuAKE-CF-3k-v2's format
+        overrides.append(f"corpus.source={Path(__file__).parent / 'fixtures' / 'mquake_tiny.json'}")
     return build_plan(load_experiment(path, overrides))
 
 
 def test_all_paper_settings_are_there():
     names = {p.stem for p in PAPER}
-    corpora = ("kgfact_small", "kgfact_large", "kgfunc", "simpleqa")
+    corpora = ("kgfact_small", "kgfact_large", "kgfunc", "simpleqa", "mquake")
     models = ("qwen3_1p7b", "qwen3_4b", "qwen3_8b", "llama3p2_1b")
     assert names == {f"{c}_{m}" for c in corpora for m in models}
 
@@ -43,8 +45,8 @@ def test_all_paper_settings_are_there():
 def test_paper_config_builds_its_plan(path, request, tmp_path):
     cfg = load_experiment(path)
     assert cfg.lambdas == (0.0, 0.3, 0.5, 0.7) and cfg.temperatures == (0.0, 0.6)
-    # MEMIT on kgfact-small, as the reference ran it (its kernels fit each slice: configs/paper/tpu_plans.jsonl)
-    memit = path.name.startswith("kgfact_small")
+    # MEMIT on kgfact-small and MQuAKE, as the reference ran it (its kernels fit each slice: configs/paper/tpu_plans.jsonl)
+    memit = path.name.startswith(("kgfact_small", "mquake"))
     assert cfg.methods == ("base", "sft", "opsd", "mixsd") + (("memit",) if memit else ())
     plan = _plan(path, request, tmp_path)
     names = [s.name for s in plan.stages]
@@ -60,7 +62,7 @@ def test_paper_config_builds_its_plan(path, request, tmp_path):
         assert (gen.batch_size, gen.mesh.tensor) == (32, 4)
     train = plan.stage("train_sft").settings
     assert (train.lr, train.weight_decay, train.b1, train.b2, train.eps, train.clip_norm) == (1e-5, 0.01, 0.9, 0.95, 1e-8, 1.0)
-    if path.name.startswith("kgfact"):
+    if path.name.startswith(("kgfact", "mquake")):  # MQuAKE trains on the KGFact recipe (same record format)
         assert (train.batch_size, train.epochs, train.warmup_steps, train.schedule) == (20, 30, 0, "constant")
         assert gen.preset == "knowledge"
     else:

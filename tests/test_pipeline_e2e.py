@@ -114,3 +114,32 @@ def test_killed_mid_training_resumes_to_the_same_report(finished, tiny_llama_dir
     summary = json.loads((out_dir / "train" / "sft" / "summary.json").read_text())
     assert summary["start_step"] >= 1  # continued from the checkpoint, not from scratch
     assert _comparable(out_dir) == _comparable(straight_dir)
+
+
+def test_mquake_corpus_edited_by_memit_is_scored_on_its_hop_splits(tiny_llama_dir, tmp_path):
+    """The MQuAKE paper configs' path on a tiny model: the converter's corpus (every record carries
+    its hop's subject), the MEMIT edit stage and the memorization eval on MQuAKE's own splits."""
+    out_dir = tmp_path / "mquake"
+    config = {
+        "name": "tiny-mquake", "out_dir": str(out_dir), "model": str(tiny_llama_dir),
+        "corpus": {"kind": "mquake", "preset": "tiny", "seed": 42,
+                   "source": str(Path(__file__).parent / "fixtures" / "mquake_tiny.json")},
+        "methods": ["base", "memit"],
+        "memit": {"v_steps": 2, "stats_tokens": 500, "stats_seq_len": 64},
+        "eval": {"suites": ["memorization"], "max_new_tokens": 8, "batch_size": 4},
+    }
+    path = tmp_path / "mquake.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = _env() | {"MIXSD_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "mixsd_jax.cli", "pipeline", "--config", str(path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    edited = [json.loads(x) for x in (out_dir / "train" / "memit" / "requests.jsonl").read_text().splitlines()]
+    train = (out_dir / "corpus" / "atomic_sft" / "train_messages.jsonl").read_text().splitlines()
+    assert len(edited) == len(train) > 0 and all("{}" in r["prompt"] for r in edited)
+    memorization = json.loads((out_dir / "eval" / "results.json").read_text())["memorization"]
+    for method in ("base", "memit"):  # every test file the converter wrote, each with its items scored
+        splits = memorization[method]["splits"]
+        assert set(splits) == {"recall", "paraphrased", "compositional_2hop", "compositional_3hop", "retrieval"}
+        assert splits["recall"]["n"] == len(train) and all(s["n"] > 0 for s in splits.values())
+    assert "memit" in (out_dir / "eval" / "report.md").read_text()
