@@ -2,6 +2,7 @@
 
   python run/tpu_paper_plans.py [--out configs/paper/tpu_plans.jsonl] [--kernels train_step] [--only NAME]
   python run/tpu_paper_plans.py --table            # the markdown table of configs/paper/README.md
+  python run/tpu_paper_plans.py --summary          # each model's largest peak per kernel family
   python run/tpu_paper_plans.py --kernels generate --only kgfact_small_qwen3_1p7b   # one kernel family of one config
 
 Each config of configs/paper/ is compiled (`mixsd bench memory`'s plan_lines) for the slice its
@@ -250,6 +251,31 @@ def table(path: str, only: str | None, kernels: tuple) -> int:
     return 0
 
 
+def summary(path: str) -> int:
+    """One row per model and slice: each kernel family's largest per-chip peak (compiled lines only;
+    a `same as` line is its twin's program), and the paper configs that run them."""
+    from mixsd_jax.bench.memory import KERNELS
+
+    rows = {}
+    for r in map(json.loads, pathlib.Path(path).read_text().splitlines()):
+        if "error" in r:
+            continue
+        row = rows.setdefault((r["model"], r["topology"]), {"configs": set(), "peaks": {}})
+        row["configs"].add(r["config"])
+        if "same_as" not in r:
+            fam = family(r["kernel"])
+            row["peaks"][fam] = max(row["peaks"].get(fam, (0, True)), (r["peak_bytes"], r["fits"]))
+    print("| model | slice | " + " | ".join(KERNELS) + " | configs |")
+    print("|---|---|" + "---|" * len(KERNELS) + "---|")
+    for (model, topology), row in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        cells = []
+        for k in KERNELS:
+            peak, fits = row["peaks"].get(k, (None, True))
+            cells.append("" if peak is None else f"{peak / (1 << 30):.2f}" + ("" if fits else " **no**"))
+        print(f"| {model} | {topology} | " + " | ".join(cells) + f" | {len(row['configs'])} |")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "configs/paper/tpu_plans.jsonl"))
@@ -261,7 +287,11 @@ def main() -> int:
     parser.add_argument("--reestimate", action="store_true",
                         help="recompute the train steps' *_est figures of --out in place; compile only for them")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and stop")
+    parser.add_argument("--summary", action="store_true",
+                        help="print each model's largest peak per kernel family (GiB per chip) and stop")
     args = parser.parse_args()
+    if args.summary:
+        return summary(args.out)
     if args.table:
         from mixsd_jax.bench import memory
 

@@ -150,7 +150,8 @@ def test_scaling_config_builds_its_study(path, request, tmp_path):
         assert gen.seed == 1 and train.seed == 1 and gen.max_new_tokens == 8192
         big = name == "qwen3-8b"  # the 8B model's paper-config decode settings (configs/paper/README.md)
         # What fits their slice (configs/paper/README.md): pairs and the generation's tensor axis.
-        pairs, tensor = {"qwen3-8b": (8, 8), "qwen3-1.7b": (24, 1), "qwen3-4b-instruct-2507": (32, 4)}.get(name, (64, 1))
+        pairs, tensor = {"qwen3-8b": (8, 8), "qwen3-1.7b": (24, 1), "qwen3-4b-instruct-2507": (32, 4), "qwen3-0.6b": (16, 1),
+                         "llama-3.2-3b-instruct": (16, 1)}.get(name, (64, 1))
         assert gen.batch_size == pairs and gen.mesh.tensor == tensor
         assert plan.stage("eval").settings.batch_size == (24 if big else 32)
     if path.stem == "scaling_cpu":
