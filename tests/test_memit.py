@@ -49,42 +49,21 @@ def test_edit_makes_each_target_the_argmax_with_a_rank_n_update_on_the_configure
     tokenizer = load_tokenizer(tiny4)
     cfg, params = load_hf(tiny4)
     requests = build_requests(_facts(tmp_path / "facts.jsonl", tokenizer), "plain")
-    ecfg = EditConfig(prompt="plain", layers=(1, 2), v_steps=25, mom2_update_weight=1.0, stats_tokens=3000,
+    layers = (1, 2)
+    ecfg = EditConfig(prompt="plain", layers=layers, v_steps=25, mom2_update_weight=1.0, stats_tokens=3000,
                       stats_seq_len=256)
     moments = second_moments(params, cfg, tokenizer, tiny4, ecfg.layers, ecfg.stats_tokens, ecfg.stats_seq_len)
     assert not any(efficacy(params, cfg, tokenizer, requests, "plain"))
     edited, info = apply_memit(params, cfg, tokenizer, requests, ecfg, moments, log=lambda *_: None)
     assert all(efficacy(edited, cfg, tokenizer, requests, "plain"))
-    assert info["layers"] == (1, 2) and info["z_layer"] == 2
+    assert info["layers"] == layers and info["z_layer"] == 2
     before, after = np.asarray(params["layers"]["w_down"]), np.asarray(edited["layers"]["w_down"])
     changed = [i for i in range(cfg.num_layers) if not np.array_equal(before[i], after[i])]
-    assert changed == [1, 2]
-    for layer in (1, 2):
+    assert changed == list(layers)
+    for layer in layers:
         assert np.linalg.matrix_rank(after[layer] - before[layer], tol=1e-6) == len(requests)
     for name in ("wq", "w_up", "w_gate"):  # nothing but the down-projections moves
         assert np.array_equal(np.asarray(params["layers"][name]), np.asarray(edited["layers"][name]))
-
-
-def test_the_residual_through_a_post_mlp_norm_is_what_the_norm_lets_through():
-    """Gemma's n(o) = (1 + w)·o / rms(o): the mapped change moves n(o) by r, less r's part along n(o)."""
-    rng = np.random.default_rng(0)
-    D, eps = 48, 1e-6
-    o, w, r = rng.normal(size=(3, D)) * 3.0, rng.normal(size=D) * 0.2, rng.normal(size=(3, D)) * 1e-4
-
-    def n(x):
-        return (1.0 + w) * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
-
-    moved = n(o + memit.through_post_mlp_norm(r, o, w, eps)) - n(o)
-    # To first order n(o + Δ) - n(o) = (1 + w)/rms · (Δ - ô ôᵀΔ) with ô = o/|o|: Δ = rms·r/(1 + w) gives
-    # r - (1 + w)·ô ôᵀ(r/(1 + w)).
-    o_hat = o / np.linalg.norm(o, axis=1, keepdims=True)
-    want = r - (1.0 + w) * o_hat * np.sum(o_hat * r / (1.0 + w), axis=1, keepdims=True)
-    # Second order (|r|² / |o|) and the damping of small gains (τ = g's rms / 20: 0.3% at g ≈ 1) aside.
-    np.testing.assert_allclose(moved, want, atol=1e-2 * np.abs(r).max())
-    assert np.linalg.norm(want - r) < 0.5 * np.linalg.norm(r)  # most of r gets through
-    w[0] = -1.0  # a dimension the norm zeroes: no change asked of it, rather than an unbounded one
-    delta = memit.through_post_mlp_norm(r, o, w, eps)
-    assert np.isfinite(delta).all() and not delta[:, 0].any()
 
 
 def _numpy_update(keys_NxF, resid_NxD, mom2_FxF, weight):
@@ -151,3 +130,44 @@ def test_per_model_defaults_are_the_reference_for_the_paper_models_and_more_step
     small = for_model(EditConfig(), smollm2)
     assert (small.v_steps, small.mom2_update_weight) == (SMALL_V_STEPS, SMALL_MOM2_WEIGHT)
     assert for_model(EditConfig(v_steps=7, mom2_update_weight=3.0), smollm2).v_steps == 7  # what is set stays
+
+
+def test_sandwich_norms_keep_the_requests_other_tokens_and_find_one_target_per_layer(tiny4_gemma3, tmp_path, monkeypatch):
+    """Gemma 3 norms each MLP output before the residual add: a write meant for the subject token also
+    turns around the normed output of any other token whose MLP output is small. With its defaults
+    (keep_other_tokens on there) the edit leaves the other tokens' down-projection outputs of the
+    requests' own rows nearly as they were, and each edited layer has its own target value."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from mixsd_jax.edit.config import for_model
+    from mixsd_jax.edit.rows import build_rows
+    from mixsd_jax.models import transformer
+    from mixsd_jax.models.block import embed
+
+    monkeypatch.setenv("MIXSD_CACHE", str(tmp_path / "cache"))
+    tokenizer = load_tokenizer(tiny4_gemma3)
+    cfg, params = load_hf(tiny4_gemma3)
+    requests = build_requests(_facts(tmp_path / "facts.jsonl", tokenizer), "plain")
+    assert for_model(EditConfig(), cfg).keep_other_tokens
+    assert not for_model(EditConfig(), dataclasses.replace(cfg, sandwich_norms=False)).keep_other_tokens
+    rows = build_rows(tokenizer, requests, ("",), with_targets=True, add_special=True)
+    others = (rows.segment_ids > 0) & (np.arange(rows.tokens.shape[1])[None] != rows.lookup[:, None])
+
+    def outputs(p, layer):
+        x = embed(p, cfg, jnp.asarray(rows.tokens), jnp.float32)
+        _, taps = transformer.run_layer_range(p, cfg, x, jnp.asarray(rows.segment_ids), 0, layer + 1, taps=True)
+        return np.asarray(taps["mlp_in"][layer] @ p["layers"]["w_down"][layer])[others]
+
+    change = {}
+    for keep in (False, True):
+        ecfg = EditConfig(prompt="plain", layers=(1, 2), v_steps=25, mom2_update_weight=1.0, stats_tokens=3000,
+                          stats_seq_len=256, keep_other_tokens=keep)
+        moments = second_moments(params, cfg, tokenizer, tiny4_gemma3, ecfg.layers, ecfg.stats_tokens, ecfg.stats_seq_len)
+        edited, _ = apply_memit(params, cfg, tokenizer, requests, ecfg, moments, log=lambda *_: None)
+        assert all(efficacy(edited, cfg, tokenizer, requests, "plain"))
+        change[keep] = np.linalg.norm(outputs(edited, 2) - outputs(params, 2)) / np.linalg.norm(outputs(params, 2))
+    assert change[True] < 0.2 * change[False], change
+    zs, _ = memit.target_values(params, cfg, tokenizer, requests, ecfg, (1, 2), True)
+    assert zs.shape == (len(requests), 2, cfg.hidden_size)

@@ -165,11 +165,7 @@ def test_forward_with_taps_matches_transformers_hidden_states_hooks_and_an_mlp_e
                                    ref.hidden_states[layer + 1].numpy()[real], atol=1e-4)
     # An edit of layer 1's MLP output, as a forward hook adding the same vector in transformers.
     delta = np.random.default_rng(1).standard_normal((2, 20, cfg.hidden_size)).astype(np.float32)
-    hook = layers[1].mlp.register_forward_hook(lambda m, args, out: out + torch.tensor(delta))
-    if family == "gemma3":  # Gemma's MLP output is normed again before the residual add: edit after that norm
-        hook.remove()
-        hook = layers[1].post_feedforward_layernorm.register_forward_hook(
-            lambda m, args, out: out + torch.tensor(delta))
+    hook = layers[1].mlp.register_forward_hook(lambda m, args, out: out + torch.tensor(delta))  # Gemma: before its post-MLP norm
     with torch.no_grad():
         edited_ref = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
     hook.remove()

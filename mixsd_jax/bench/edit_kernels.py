@@ -44,7 +44,7 @@ def memit_kernels(model_cfg, mesh, ecfg, *, row_len: int = 128, label_width: int
                                                struct((stats_rows, ecfg.stats_seq_len), jnp.int32, rep),
                                                struct((stats_rows, ecfg.stats_seq_len), jnp.int32, rep)),
         "memit.v_optimise": memit.optimise_deltas.lower(
-            params, model_cfg, int_rows(B, row_len, label_width), int_rows(R, kl_len), layers[-1],
+            params, model_cfg, int_rows(B, row_len, label_width), int_rows(R, kl_len), tuple(layers),
             struct((R,), jnp.float32, rep), hp, struct((), jnp.int32, rep)),
         "memit.keys": memit.keys_and_outputs.lower(params, model_cfg, int_rows(B, row_len),
                                                    struct((), jnp.int32, rep), layers[-1]),

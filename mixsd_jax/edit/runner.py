@@ -32,7 +32,7 @@ def apply_memit(params, model_cfg, tokenizer, requests, ecfg: EditConfig, moment
     layers = edit_layers(ecfg, model_cfg)
     add_special = ecfg.prompt == "plain"  # a chat template writes its own special tokens
     t0 = time.perf_counter()
-    zs, losses = memit.target_values(params, model_cfg, tokenizer, requests, ecfg, layers[-1], add_special,
+    zs, losses = memit.target_values(params, model_cfg, tokenizer, requests, ecfg, layers, add_special,
                                      progress=progress)
     log(f"memit: {len(requests)} target values at layer {layers[-1]} in {time.perf_counter() - t0:.1f}s "
         f"(mean final loss {np.nanmean(losses):.3f})")
@@ -41,7 +41,8 @@ def apply_memit(params, model_cfg, tokenizer, requests, ecfg: EditConfig, moment
 
 
 def apply_updates(params, model_cfg, tokenizer, requests, ecfg: EditConfig, moments: dict, zs, log=print):
-    """MEMIT's layer-spread step toward the target values `zs` [N, D]: (edited params, {layer: ΔW})."""
+    """MEMIT's layer-spread step toward the target values `zs` [N, sites, D] (memit.target_values):
+    (edited params, {layer: ΔW})."""
     ecfg = for_model(ecfg, model_cfg)
     layers = edit_layers(ecfg, model_cfg)
     z_layer = layers[-1]
@@ -51,11 +52,15 @@ def apply_updates(params, model_cfg, tokenizer, requests, ecfg: EditConfig, mome
     for i, layer in enumerate(layers):
         keys, out, current = memit.keys_and_current(params, model_cfg, tokenizer, requests, ecfg, layer, z_layer,
                                                     add_special)
-        resid = (zs - current) / (len(layers) - i)  # this layer's share of what is left
-        if model_cfg.sandwich_norms:  # Gemma 3: the MLP's output is normed before the residual adds it
-            resid = memit.through_post_mlp_norm(resid, out, params["layers"]["post_mlp_norm"][layer],
-                                                model_cfg.rms_norm_eps)
-        delta_FxD = memit.solve_update(keys, resid, moments[layer], ecfg.mom2_update_weight, ecfg.solve_dtype)
+        if model_cfg.sandwich_norms:  # each layer's own target, a down-projection output (memit.py)
+            resid = zs[:, i] - out
+        else:  # this layer's share of what is left between the z layer's output and its target
+            resid = (zs[:, 0] - current) / (len(layers) - i)
+        mom2 = moments[layer]
+        if ecfg.keep_other_tokens:  # the requests' other tokens keep their outputs, each weighing as a fact's key
+            mom2 = mom2 + memit.other_token_moments(params, model_cfg, tokenizer, requests, ecfg, layer,
+                                                    add_special) / ecfg.mom2_update_weight
+        delta_FxD = memit.solve_update(keys, resid, mom2, ecfg.mom2_update_weight, ecfg.solve_dtype)
         if not np.isfinite(delta_FxD).all():  # never write a broken model: say where it went wrong
             raise MixsdError(f"memit: layer {layer}'s update is not finite (|residual| "
                              f"{np.linalg.norm(resid, axis=1).max():.3g}); try a larger mom2_update_weight")

@@ -146,8 +146,8 @@ def block(p, cfg: ModelConfig, x_BxTxD, positions_BxT, inv_freq, attend: Callabl
           mlp_delta_BxTxD=None):
     """One decoder block: (new hidden [B, T, D], attend's kv, the MLP's hidden [B, T, F]).
 
-    `mlp_delta_BxTxD`, if given, is added to the MLP's output (after Gemma's post-MLP norm: what
-    the MLP adds to the residual stream)."""
+    `mlp_delta_BxTxD`, if given, is added to the MLP's output, the down projection's (before Gemma's
+    post-MLP norm, as a forward hook on transformers' `mlp` module adds it)."""
     h = norm(x_BxTxD, p["attn_norm"], cfg)
     q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = qkv(p, cfg, h, positions_BxT, inv_freq, dtype)
     attn_BxTxHE, kv = attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE)
@@ -157,8 +157,8 @@ def block(p, cfg: ModelConfig, x_BxTxD, positions_BxT, inv_freq, attend: Callabl
     x_BxTxD = x_BxTxD + out
     mlp_in_BxTxF = mlp_hidden(p, cfg, norm(x_BxTxD, p["mlp_norm"], cfg), dtype)
     out = linear(mlp_in_BxTxF, p["w_down"], dtype)
-    if cfg.sandwich_norms:
-        out = norm(out, p["post_mlp_norm"], cfg)
     if mlp_delta_BxTxD is not None:
         out = out + mlp_delta_BxTxD.astype(out.dtype)
+    if cfg.sandwich_norms:
+        out = norm(out, p["post_mlp_norm"], cfg)
     return x_BxTxD + out, kv, mlp_in_BxTxF

@@ -185,7 +185,7 @@ def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache, 
         # prevent_cse=False: inside a scan the recomputation cannot be merged away anyway.
         scan_body = jax.checkpoint(scan_body, policy=remat_policy(remat), prevent_cse=False)
 
-    layer_ids = None if mlp_edit is None else jnp.arange(cfg.num_layers)
+    layer_ids = None if mlp_edit is None else jnp.arange(*(layer_slice or (0, cfg.num_layers)))
     x_BxTxD, ((new_k, new_v), tapped) = jax.lax.scan(scan_body, x_BxTxD,
                                                     (layer_params, cached, variants, layer_ids))
     return x_BxTxD, new_k, new_v, tapped
@@ -240,7 +240,7 @@ def forward_with_taps(params: Params, cfg: ModelConfig, tokens_BxT, segment_ids_
     """Logits [B, T, V] of right-padded or packed rows (positions restart at each segment) and, per
     layer, the MLP's hidden (the down projection's input) `mlp_in` [L, B, T, F] and the residual
     stream after the layer `resid_out` [L, B, T, D]. `mlp_edit=(layer, delta_BxTxD)` adds `delta`
-    to that layer's MLP output (what the MLP adds to the residual stream); `layer` may be traced."""
+    to that layer's MLP output (the down projection's, before any post-MLP norm); `layer` may be traced."""
     x_BxTxD, _, _, (mlp_in, resid_out) = _run_layers(
         params, cfg, tokens_BxT, segment_positions(segment_ids_BxT), segment_ids_BxT, None, None, dtype, taps=True,
         mlp_edit=mlp_edit,
@@ -250,12 +250,14 @@ def forward_with_taps(params: Params, cfg: ModelConfig, tokens_BxT, segment_ids_
 
 
 def run_layer_range(params: Params, cfg: ModelConfig, x_BxTxD, segment_ids_BxT, start: int, stop: int, *,
-                    taps=False, dtype=jnp.float32):
+                    taps=False, mlp_edit=None, dtype=jnp.float32):
     """The residual stream after layers start..stop-1 given layer `start`'s input (`embed` for layer 0):
     the model in pieces, so a change to one layer's output reruns only the layers above it. With
-    `taps`, also those layers' `mlp_in` [stop-start, B, T, F] and `resid_out` [stop-start, B, T, D]."""
+    `taps`, also those layers' `mlp_in` [stop-start, B, T, F] and `resid_out` [stop-start, B, T, D];
+    `mlp_edit` as in `forward_with_taps` (the layer numbered in the whole model)."""
     x_BxTxD, _, _, tapped = _run_layers(params, cfg, None, segment_positions(segment_ids_BxT), segment_ids_BxT, None,
-                                        None, dtype, taps=taps, x_in=x_BxTxD.astype(dtype), layer_slice=(start, stop))
+                                        None, dtype, taps=taps, mlp_edit=mlp_edit, x_in=x_BxTxD.astype(dtype),
+                                        layer_slice=(start, stop))
     if not taps:
         return x_BxTxD
     return x_BxTxD, {"mlp_in": tapped[0], "resid_out": tapped[1]}
