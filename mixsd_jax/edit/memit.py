@@ -73,17 +73,17 @@ def _with_delta(h_BxTxD, lookup_B, delta_BxD):
 
 
 def _start(params, cfg, rows, layers: tuple[int, ...]):
-    """The stored base pass the δ steps start from, and the values δ is added to, [B, sites, D].
-    Residual sites: the z layer's output (and it is also the start). Down-projection sites (sandwich
-    norms): the first edited layer's input, and each edited layer's down-projection output."""
+    """The stored base pass the δ steps start from, the values δ is added to [B, sites, D], and the
+    z layer's output. Residual sites: the z layer's output (also the start). Down-projection sites
+    (sandwich norms): the first edited layer's input, and each edited layer's down-projection output."""
     x = embed(params, cfg, rows["tokens"], jnp.float32)
     b = jnp.arange(x.shape[0])
     if not cfg.sandwich_norms:
         h = transformer.run_layer_range(params, cfg, x, rows["segment_ids"], 0, layers[-1] + 1)
-        return h, h[b, rows["lookup"]][:, None]
+        return h, h[b, rows["lookup"]][:, None], h
     h = transformer.run_layer_range(params, cfg, x, rows["segment_ids"], 0, layers[0])
-    _, outs = _edited_pass(params, cfg, h, rows, layers, None)
-    return h, outs
+    at_z, outs = _edited_pass(params, cfg, h, rows, layers, None)
+    return h, outs, at_z
 
 
 def _edited_pass(params, cfg, h_BxTxD, rows, layers: tuple[int, ...], deltas_BxSxD):
@@ -142,12 +142,11 @@ def optimise_deltas(params, cfg, rows, kl, layers: tuple[int, ...], target_len_R
     v_lr, clamp = hp[0], hp[3]
     R = target_len_R.shape[0]
     z_layer = layers[-1]
-    h, at_sites_BxSxD = _start(params, cfg, rows, layers)
-    h_kl, _ = _start(params, cfg, kl, layers)
+    h, at_sites_BxSxD, _ = _start(params, cfg, rows, layers)
+    h_kl, _, kl_at_z = _start(params, cfg, kl, layers)
     first_B = jnp.concatenate([jnp.ones((1,), bool), rows["request"][1:] != rows["request"][:-1]])
     target_init_RxSxD = jax.ops.segment_sum(at_sites_BxSxD * first_B[:, None, None], rows["request"], R)
-    kl_base = h_kl if not cfg.sandwich_norms else _edited_pass(params, cfg, h_kl, kl, layers, None)[0]
-    kl_init_RxV = logp_at(params, cfg, kl_base, kl["segment_ids"], kl["lookup"][:, None], z_layer + 1)[:, 0]
+    kl_init_RxV = logp_at(params, cfg, kl_at_z, kl["segment_ids"], kl["lookup"][:, None], z_layer + 1)[:, 0]
     max_norm_RxS = clamp * jnp.linalg.norm(target_init_RxSxD, axis=-1)
     step_RxSx1 = (SANDWICH_STEP * jnp.sqrt(jnp.mean(target_init_RxSxD ** 2, axis=-1, keepdims=True))
                   if cfg.sandwich_norms else jnp.ones((R, 1, 1), jnp.float32))
