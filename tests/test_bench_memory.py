@@ -131,7 +131,7 @@ def test_a_study_config_plans_the_model_it_is_told(tmp_path):
     big = memory.load_plan_config(str(path), ["model=qwen3-8b"])
     small = memory.load_plan_config(str(path), ["model=qwen3-0.6b"])
     assert (big["model"], big["generation"]["batch_size"], big["generation_mesh"].tensor) == ("qwen3-8b", 8, 8)
-    assert (small["model"], small["generation"]["batch_size"], small["generation_mesh"].tensor) == ("qwen3-0.6b", 64, 1)
+    assert (small["model"], small["generation"]["batch_size"], small["generation_mesh"].tensor) == ("qwen3-0.6b", 16, 1)
     assert big["train"].batch_size == small["train"].batch_size == 20
     with pytest.raises(MixsdError, match="not a model of this study"):
         memory.load_plan_config(str(path), [])  # the default model is none of the study's

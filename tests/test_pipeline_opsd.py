@@ -64,7 +64,7 @@ def test_paper_configs_carry_the_reference_opsd_recipe(path):
     data = yaml.safe_load(path.read_text())
     assert "opsd" in data["methods"]
     o = data["opsd"]
-    kgfact = path.stem.startswith("kgfact")
+    kgfact = path.stem.startswith(("kgfact", "mquake"))  # MQuAKE runs the KGFact recipe
     assert o["batch_size"] == 16
     # At most 2 epochs / 1,000 steps, whichever is shorter for the corpus.
     assert (o["steps"], o.get("epochs")) == ((1000, None) if path.stem.startswith("kgfunc") else (0, 2))

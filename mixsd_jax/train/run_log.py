@@ -88,7 +88,9 @@ class TensorBoard:
 
         self.folder = storage.path(folder)
         self.local = tempfile.mkdtemp(prefix="mixsd-tb-") if storage.is_url(self.folder) else None
-        self.writer = SummaryWriter(self.local or str(self.folder))
+        # The event file's name has the start time in whole seconds: a run resumed within the same
+        # second would overwrite the first run's file (its object in a bucket). The suffix tells them apart.
+        self.writer = SummaryWriter(self.local or str(self.folder), filename_suffix=f".{time.time_ns()}")
         self.every_s = float(os.environ.get("MIXSD_FLUSH_SECONDS", 5))
         self.uploaded = time.monotonic()
 
