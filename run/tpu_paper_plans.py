@@ -131,6 +131,7 @@ FAMILY_SECTIONS = {"train_step": ("train", "train_mesh"), "opsd_step": ("opsd", 
                    "eval_decode": ("eval", "eval_mesh", "generation"), "eval_mc": ("eval", "eval_mesh", "generation"),
                    "eval_kl": ("eval", "eval_mesh", "generation"), "export": ("train", "train_mesh"),
                    "memit": ("memit", "memit_mesh")}
+STEP_SECTIONS = {"train_step": "train", "opsd_step": "opsd"}  # the steps' sections (the export reads train's too)
 NOT_IN_PROGRAM = {"grad_accum", "lr", "epochs", "steps", "warmup_steps", "schedule", "seed", "save_every", "limit",
                   "max_retries", "suites", "benchmarks", "data_root", "data", "out_dir", "resume"}
 
@@ -149,8 +150,7 @@ def signature(plan: dict, kernel: str, model: str, topology: str) -> str:
         return value
 
     sections = {s: plain(plan.get(s)) for s in FAMILY_SECTIONS[kernel]}
-    step = {"train_step": "train", "export": "train", "opsd_step": "opsd"}.get(kernel)
-    if step is not None:
+    for step in set(STEP_SECTIONS.values()) & set(sections):
         # A step holds one micro batch (batch_size = micro_batch × grad_accum), and OPSD's prompt
         # template is text the rollouts are made from, not part of the step's program.
         sections[step]["batch_size"] = plan[step].micro_batch
@@ -215,7 +215,7 @@ def family(kernel: str) -> str:
 
 def _train_shapes(plan, kernel: str) -> dict | None:
     """A train or OPSD step's own micro-batch shapes (None for the other kernels)."""
-    section = {"train_step": "train", "opsd_step": "opsd"}.get(kernel)
+    section = STEP_SECTIONS.get(kernel)
     if section is None:
         return None
     t = plan[section]
