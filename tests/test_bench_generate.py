@@ -51,6 +51,11 @@ def test_default_workload_reports_every_ratio(tiny_llama_dir):
     for name in ("mix_step_over_plain_step", "mix_decode_step_over_plain_decode_step", "mix_over_torch_mix",
                  "mix_over_hf"):
         _ratio_keys(result, name)
+    # PyTorch ran in both dtypes; its best is the faster one (per round, so at least the faster median).
+    assert result["torch_dtypes"] == ["float32", "bfloat16"]
+    for job in ("torch_mix", "hf"):
+        per_dtype = [result[f"{job}_tokens_per_s_{d}"] for d in result["torch_dtypes"]]
+        assert result[f"{job}_tokens_per_s"] >= max(per_dtype) > 0
 
 
 def test_blocks_workload_interleaves_block_sizes(tiny_llama_dir, capsys):

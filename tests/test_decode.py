@@ -51,3 +51,33 @@ def test_the_tpu_cache_write_one_layer_at_a_time_equals_the_whole_scatter():
                                   np.asarray(whole))
     np.testing.assert_array_equal(np.asarray(whole[:, 1, :, 5]), np.asarray(new_BxLxKxE[1]))
     np.testing.assert_array_equal(np.asarray(whole[:, 3]), np.asarray(cache[:, 3]))
+
+
+def test_a_bf16_cache_kept_as_bits_decodes_bit_for_bit_as_a_bf16_cache(tiny_qwen2_dir):
+    """The CPU's bf16 path (caches and the layer scan's weights as uint16 bit patterns, f32
+    activations) gives exactly what the same step gives over plain bf16 arrays."""
+    from mixsd_jax.models.matmul import from_bits, to_bits
+
+    cfg, params = load_hf(tiny_qwen2_dir, "bfloat16")
+    L, K, E, S = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 32
+    lengths = jnp.asarray([20, 6, 17, 3], jnp.int32)
+    write = jnp.asarray([20, 6, 17, S], jnp.int32)  # the last row is not decoding: its write is dropped
+    rng = np.random.default_rng(0)
+    caches = [tuple(jnp.asarray(rng.standard_normal((L, 2, K, S, E)), jnp.bfloat16) for _ in range(2))
+              for _ in range(2)]
+
+    def step(cache_k, cache_v, bits):
+        return decode_step(params, cfg, jnp.arange(4, dtype=jnp.int32) + 5, lengths, write, cache_k, cache_v,
+                           jnp.asarray([20, 6], jnp.int32), dtype=jnp.bfloat16, block=8,
+                           activation_dtype=jnp.float32, bf16_as_bits=bits)
+
+    plain_hidden, plain_k, plain_v = step(*caches, bits=False)
+    bits_hidden, bits_k, bits_v = step(*(tuple(to_bits(c) for c in side) for side in caches), bits=True)
+    assert plain_hidden.dtype == jnp.float32 and bits_k[0].dtype == jnp.uint16
+    np.testing.assert_array_equal(np.asarray(bits_hidden), np.asarray(plain_hidden))
+    for plain, bits in zip(plain_k + plain_v, bits_k + bits_v):
+        np.testing.assert_array_equal(np.asarray(from_bits(bits, jnp.bfloat16), np.float32),
+                                      np.asarray(plain, np.float32))
+    # The step wrote its keys: slot 20 of row 0 changed, the dropped row's did not.
+    assert not np.array_equal(np.asarray(plain_k[0][:, 0, :, 20], np.float32),
+                              np.asarray(caches[0][0][:, 0, :, 20], np.float32))

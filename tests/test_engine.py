@@ -183,10 +183,11 @@ def test_a_sequence_reaching_max_model_len_ends_with_max_model_len(tiny_llama_di
 PROMPTS = [(5, 6, 7, 8, 9), (10, 11), (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13), (40,), (7, 7, 7, 7)]
 
 
-def _mixing(params, cfg, *, batch_size, naive_prob, temperature=1.0, max_new_tokens=12, mesh=None, segment_steps=16):
+def _mixing(params, cfg, *, batch_size, naive_prob, temperature=1.0, max_new_tokens=12, mesh=None, segment_steps=16,
+            dtype="float32"):
     return Engine(params, EngineSpec(cfg, Sampler(temperature, 16), sides=2, max_new_tokens=max_new_tokens,
                                      max_model_len=4096, batch_size=batch_size, seed=7, naive_prob=naive_prob,
-                                     mesh=mesh, segment_steps=segment_steps))
+                                     mesh=mesh, segment_steps=segment_steps, dtype=dtype))
 
 
 def test_greedy_decode_equals_transformers_generate(tiny_model_dir):
@@ -240,8 +241,9 @@ def test_naive_fraction_is_lambda_within_binomial_error(tiny_llama_dir):
     assert abs(picks.mean() - lam) < 4 * sigma
 
 
-def _mixed(params, cfg, batch_size, mesh=None, segment_steps=16):
-    engine = _mixing(params, cfg, batch_size=batch_size, naive_prob=0.5, mesh=mesh, segment_steps=segment_steps)
+def _mixed(params, cfg, batch_size, mesh=None, segment_steps=16, dtype="float32"):
+    engine = _mixing(params, cfg, batch_size=batch_size, naive_prob=0.5, mesh=mesh, segment_steps=segment_steps,
+                     dtype=dtype)
     items = [WorkItem((PROMPTS[i % 5], PROMPTS[(i + 2) % 5]), record_index=i, attempt=i % 2) for i in range(8)]
     return [(o.tokens, o.naive, o.finish_reason) for o in decode_all(engine, items)]
 
@@ -259,6 +261,23 @@ def test_output_independent_of_batch_size_slots_and_device_count(tiny_qwen2_dir)
     items = [WorkItem((PROMPTS[0], PROMPTS[1]), 0, attempt=a) for a in (0, 1)]
     a0, a1 = decode_all(_mixing(params, cfg, batch_size=2, naive_prob=0.5), items)
     assert a0.tokens != a1.tokens
+
+
+def test_bf16_on_a_cpu_keeps_its_caches_as_bits_and_stays_independent_of_slots_and_devices(tiny_qwen2_dir):
+    """bf16 compute on a CPU (f32 activations, bf16 caches and weights sliced as uint16 bit patterns)
+    keeps the step rule's independence of batch size, slots and device count."""
+    from mixsd_jax.sampling import segments
+
+    cfg, params = load_hf(tiny_qwen2_dir, "bfloat16")
+    spec = _mixing(params, cfg, batch_size=8, naive_prob=0.5, dtype="bfloat16").spec
+    assert spec.cache_dtype == np.uint16 and spec.activation_dtype == np.float32
+    assert segments.init_state(spec=spec, batch=8, capacity=16).cache_k[0].dtype == np.uint16
+    reference = _mixed(params, cfg, 8, dtype="bfloat16")
+    assert _mixed(params, cfg, 1, dtype="bfloat16") == reference
+    assert _mixed(params, cfg, 3, segment_steps=5, dtype="bfloat16") == reference
+    mesh = make_mesh(MeshConfig(data=8))
+    _, sharded = load_hf(tiny_qwen2_dir, "bfloat16", mesh=mesh)
+    assert _mixed(sharded, cfg, 8, mesh=mesh, dtype="bfloat16") == reference
 
 
 def test_shared_prefix_is_what_every_prompt_of_a_record_begins_with():

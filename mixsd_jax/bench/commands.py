@@ -26,8 +26,12 @@ def register(sub, bench) -> None:
     b.add_argument("--records", type=int, default=None, help="records (capacity: 16; longtail: 32)")
     b.add_argument("--max-new-tokens", type=int, default=None, help="default: 64; longtail: 512")
     b.add_argument("--lambda", dest="lambda_", type=float, default=0.3)
-    b.add_argument("--dtype", default="float32")
-    b.add_argument("--param-dtype", default="float32")
+    b.add_argument("--dtype", default="auto", choices=("float32", "bfloat16", "auto"),
+                   help="our compute dtype (auto: bfloat16 on accelerators and CPUs with AMX, else float32)")
+    b.add_argument("--param-dtype", default="auto",
+                   help="our weights' storage dtype (auto: the compute dtype; decoding keeps no master copy)")
+    b.add_argument("--torch-dtypes", default="float32,bfloat16", type=lambda s: tuple(s.split(",")),
+                   help="PyTorch's dtypes, comma-separated: the ratios take its faster one in each round")
     b.add_argument("--mesh", nargs="?", const="data=-1", default=None, metavar="AXIS=N[,AXIS=N]",
                    help="run our side on a mesh, e.g. --mesh tensor=4 (tensor-parallel decode); default: one device")
     b.add_argument("--repeats", type=int, default=5, help="timed rounds of the interleaved A/B pairs")
@@ -109,9 +113,12 @@ def _generate(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or (32 if workload == "default" else 16)
     max_new_tokens = args.max_new_tokens or (512 if workload == "longtail" else 64)
     records = args.records or (16 if workload == "capacity" else 32)
-    print(json.dumps(bench_generate(args.model, workload, batch_size, max_new_tokens, args.lambda_, args.dtype,
+    dtype = _resolved_dtype(args.dtype)
+    param_dtype = dtype if args.param_dtype == "auto" else args.param_dtype
+    print(json.dumps(bench_generate(args.model, workload, batch_size, max_new_tokens, args.lambda_, dtype,
                                     args.repeats, with_torch=not args.no_hf, records=records, mesh_cfg=mesh_cfg,
-                                    param_dtype=args.param_dtype, block=args.block, blocks=args.blocks)),
+                                    param_dtype=param_dtype, block=args.block, blocks=args.blocks,
+                                    torch_dtypes=args.torch_dtypes)),
           flush=True)
     return 0
 

@@ -4,10 +4,11 @@ Workloads (each prints one JSON line; ratios as median with `_min`/`_max` over t
 - `default`: B records x N tokens, no stop tokens, so every contender does exactly the same work:
   our MixSD mix, our plain decode, the same MixSD job written the way a PyTorch user would
   (transformers, two live DynamicCaches, one Python loop per token, LM head on the chosen side
-  only) and transformers' plain `generate`. Keys: mix_step_over_plain_step (whole jobs, prefill
-  included: the expert prompts are the longer), mix_decode_step_over_plain_decode_step (decode steps
-  alone: each job less the same job stopped after its first segment), mix_over_torch_mix,
-  mix_over_hf (throughput ratios: > 1 means ours is faster).
+  only) and transformers' plain `generate`, PyTorch's in each of `torch_dtypes`. Keys:
+  mix_step_over_plain_step (whole jobs, prefill included: the expert prompts are the longer),
+  mix_decode_step_over_plain_decode_step (decode steps alone: each job less the same job stopped
+  after its first segment), mix_over_torch_mix, mix_over_hf (throughput ratios against PyTorch's
+  faster dtype in each round: > 1 means ours is faster).
 - `capacity`: 16 records decoded with max_new_tokens 64 and 8192, a stop set that ends every
   record within 48 tokens (mostly after 24), so both do the same steps. Key: capacity_ratio (time 8192 / time 64).
 - `longtail`: KGFunc records (answers of very different lengths) with retries, continuous batching
@@ -110,9 +111,11 @@ def _engine(params, cfg, **kw):
 def bench_generate(model: str, workload: str = "default", batch_size: int = 32, max_new_tokens: int = 64,
                    lambda_mix: float = 0.3, dtype: str = "float32", repeats: int = 5, with_torch: bool = True,
                    records: int | None = None, mesh_cfg=None, param_dtype: str = "float32",
-                   block: int | None = None, blocks: list[int] | None = None) -> dict:
+                   block: int | None = None, blocks: list[int] | None = None,
+                   torch_dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict:
     """One workload's JSON dict. `mesh_cfg` (a MeshConfig): our side runs on that mesh (records over
     data x fsdp, parameters and KV heads over `tensor`); `param_dtype`: our weights' storage dtype;
+    `torch_dtypes`: the dtypes PyTorch's side runs in (the ratios take its faster one per round);
     `block`: the engine's attention block (None: its default for the backend); `blocks`: the block
     sizes the `blocks` workload compares."""
     import jax
@@ -133,8 +136,8 @@ def bench_generate(model: str, workload: str = "default", batch_size: int = 32, 
         result = _longtail(loaded, model, records or 32, batch_size, max_new_tokens, lambda_mix, dtype, repeats, mesh,
                            block)
     else:
-        result = _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh,
-                          block)
+        result = _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats,
+                          torch_dtypes if with_torch else (), mesh, block)
     where = {"param_dtype": param_dtype, "block": default_block() if block is None else block,
              "default_block": default_block(),
              "mesh": None if mesh is None else dict(mesh.shape), "processes": jax.process_count(),
@@ -180,15 +183,15 @@ def _mix_and_plain_keys(mix: list[float], plain: list[float], tokens: int, suffi
             **_stats(f"mix_step_over_plain_step{suffix}", [m / p for m, p in zip(mix, plain)])}
 
 
-def _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, with_torch, mesh, block) -> dict:
+def _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, torch_dtypes, mesh, block) -> dict:
     model_dir, cfg, params, tok = loaded
     expert, naive = _prompts(tok, _kgfact_records(batch_size), "knowledge")
     fns = _mix_and_plain(params, cfg, expert, naive, max_new_tokens, lambda_mix, dtype, mesh, block,
                          first_segment=True)
-    if with_torch:
-        peer = _TorchPeer(model_dir, tok.pad_id, dtype)
-        fns["torch_mix"] = lambda: peer.mix(expert, naive, max_new_tokens, lambda_mix)
-        fns["hf"] = lambda: peer.generate(naive, max_new_tokens)
+    for torch_dtype in torch_dtypes:
+        peer = _TorchPeer(model_dir, tok.pad_id, torch_dtype)
+        fns[f"torch_mix_{torch_dtype}"] = lambda peer=peer: peer.mix(expert, naive, max_new_tokens, lambda_mix)
+        fns[f"hf_{torch_dtype}"] = lambda peer=peer: peer.generate(naive, max_new_tokens)
     times = _interleaved(fns, repeats)
     tokens = batch_size * max_new_tokens
     result = {
@@ -202,11 +205,16 @@ def _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repea
         result.update(_stats("mix_decode_step_over_plain_decode_step", [
             (m - mf) / (p - pf) for m, mf, p, pf in zip(times["mix"], times["mix_first"], times["plain"],
                                                         times["plain_first"])]))
-    if with_torch:
-        result["torch_mix_tokens_per_s"] = round(tokens / statistics.median(times["torch_mix"]), 2)
-        result["hf_tokens_per_s"] = round(tokens / statistics.median(times["hf"]), 2)
-        result.update(_stats("mix_over_torch_mix", [t / m for m, t in zip(times["mix"], times["torch_mix"])]))
-        result.update(_stats("mix_over_hf", [h / m for m, h in zip(times["mix"], times["hf"])]))
+    if torch_dtypes:
+        result["torch_dtypes"] = list(torch_dtypes)
+        for peer_job in ("torch_mix", "hf"):
+            for torch_dtype in torch_dtypes:
+                result[f"{peer_job}_tokens_per_s_{torch_dtype}"] = round(
+                    tokens / statistics.median(times[f"{peer_job}_{torch_dtype}"]), 2)
+            # PyTorch's best: its faster dtype in each round.
+            best = [min(round_times) for round_times in zip(*(times[f"{peer_job}_{d}"] for d in torch_dtypes))]
+            result[f"{peer_job}_tokens_per_s"] = round(tokens / statistics.median(best), 2)
+            result.update(_stats(f"mix_over_{peer_job}", [t / m for m, t in zip(times["mix"], best)]))
     return result
 
 

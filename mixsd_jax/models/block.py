@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixsd_jax.models.config import ModelConfig, SLIDING
-from mixsd_jax.models.matmul import weight_matmul
+from mixsd_jax.models.matmul import from_bits, to_bits, weight_matmul
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -89,6 +89,21 @@ def layer_variants(cfg: ModelConfig) -> dict | None:
         "inv_freq": np.where(sliding[:, None], local[None], full[None]),
         "window": np.where(sliding, cfg.sliding_window, NO_WINDOW).astype(np.int32),
     }
+
+
+def layers_as_bits(layers, as_bits: bool = True):
+    """The stacked layer weights for a layer scan, bf16 ones as their bit patterns when `as_bits`.
+
+    For XLA:CPU, which has no bf16 dynamic-slice: it converts every stacked bf16 weight to f32 once
+    per call, then slices each layer's f32 copy and converts it back to bf16 (three times the
+    traffic of the weights themselves at every step, and an f32 copy of the model in memory). A
+    uint16 stack is sliced as it is. The scan body undoes it with `layer_from_bits`."""
+    return jax.tree.map(to_bits, layers) if as_bits else layers
+
+
+def layer_from_bits(p):
+    """One layer's weights from `layers_as_bits` (unchanged when they were not bits)."""
+    return jax.tree.map(lambda a: from_bits(a, jnp.bfloat16), p)
 
 
 def apply_rope(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:

@@ -35,8 +35,23 @@ import jax
 import jax.numpy as jnp
 
 from mixsd_jax.models.attention import MASKED
-from mixsd_jax.models.block import block as decoder_block, embed, layer_variants, norm, rope_inv_freq
+from mixsd_jax.models.block import (block as decoder_block, embed, layer_from_bits, layer_variants, layers_as_bits, norm,
+                                    rope_inv_freq)
 from mixsd_jax.models.config import ModelConfig
+from mixsd_jax.models.matmul import from_bits, to_bits
+
+
+def values_dtype(cache) -> jnp.dtype:
+    """The dtype of the keys or values a cache holds: bf16 for a cache of bf16 bit patterns (uint16,
+    the engine's bf16 caches on a CPU: XLA:CPU writes into a bf16 array by converting all of it
+    to f32 and back, and into a uint16 one in place; matmul.to_bits)."""
+    return jnp.dtype(jnp.bfloat16) if cache.dtype == jnp.uint16 else cache.dtype
+
+
+def stored(x, cache):
+    """Keys or values `x` as `cache` stores them."""
+    x = x.astype(values_dtype(cache))
+    return to_bits(x) if cache.dtype == jnp.uint16 else x
 
 
 def _block_attention(q_BxKxGxE, k_self_BxKxE, v_self_BxKxE, cache_k, cache_v, layer, lengths_B, bound, block,
@@ -48,9 +63,12 @@ def _block_attention(q_BxKxGxE, k_self_BxKxE, v_self_BxKxE, cache_k, cache_v, la
     B, K, G, E = q_BxKxGxE.shape
 
     def read(cache, start):
-        return jax.lax.dynamic_slice(cache, (layer, 0, 0, start, 0), (1, B, K, block, E))[0]
+        return from_bits(jax.lax.dynamic_slice(cache, (layer, 0, 0, start, 0), (1, B, K, block, E))[0], jnp.bfloat16)
     scale = 1.0 / divisor
     vdtype = v_self_BxKxE.dtype
+    # Both matmuls in the cache's compute dtype (bf16 x bf16 -> f32 where it is bf16): a query of
+    # another dtype would have every cache block converted to it first.
+    out_dtype, q_BxKxGxE = q_BxKxGxE.dtype, q_BxKxGxE.astype(vdtype)
     m_BxKxG = jnp.einsum("bkge,bke->bkg", q_BxKxGxE, k_self_BxKxE, preferred_element_type=jnp.float32) * scale
     l_BxKxG = jnp.ones_like(m_BxKxG)
     acc_BxKxGxE = jnp.broadcast_to(v_self_BxKxE[:, :, None, :], (B, K, G, E)).astype(jnp.float32)
@@ -77,17 +95,20 @@ def _block_attention(q_BxKxGxE, k_self_BxKxE, v_self_BxKxE, cache_k, cache_v, la
     n_blocks = (bound + block - 1) // block
     first_block = 0 if window is None else jnp.maximum(first - window + 1, 0) // block
     _, l_BxKxG, acc_BxKxGxE = jax.lax.fori_loop(first_block, n_blocks, one_block, (m_BxKxG, l_BxKxG, acc_BxKxGxE))
-    return (acc_BxKxGxE / l_BxKxG[..., None]).astype(vdtype).reshape(B, K * G * E)
+    return (acc_BxKxGxE / l_BxKxG[..., None]).astype(out_dtype).reshape(B, K * G * E)
 
 
 def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k: tuple, cache_v: tuple, bounds, *,
-                dtype, block):
+                dtype, block, activation_dtype=None, bf16_as_bits=False):
     """Feed one token per row; returns (final-norm hidden [R, D], cache_k, cache_v).
 
     `cache_k`, `cache_v`: one [L, B, K, S, E] array per side (R = B * sides rows, row b * sides + s
     in side s's row b). `write_R` is the slot each row's new key/value goes to (a row that is not
     decoding passes the capacity S: the write is dropped). `bounds` [sides]: no row of side s reads a
-    slot at or past bounds[s].
+    slot at or past bounds[s]. `activation_dtype` (default `dtype`): the residual stream's and the
+    elementwise work's dtype, with the matmuls' operands in `dtype` (transformer.forward).
+    `bf16_as_bits` (for XLA:CPU): the layer scan slices bf16 weights and stacks the new keys and
+    values as their bit patterns (block.layers_as_bits).
     """
     sides = len(cache_k)
     R, B = tokens_R.shape[0], tokens_R.shape[0] // sides
@@ -103,8 +124,8 @@ def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k:
 
     def attend(layer, window, q_Rx1xHxE, k_Rx1xKxE, v_Rx1xKxE):
         # Through the cache dtype first, so this step sees its own key exactly as later steps will.
-        k_RxKxE = k_Rx1xKxE[:, 0].astype(cache_k[0].dtype).astype(dtype)
-        v_RxKxE = v_Rx1xKxE[:, 0].astype(cache_v[0].dtype).astype(dtype)
+        k_RxKxE = k_Rx1xKxE[:, 0].astype(values_dtype(cache_k[0])).astype(dtype)
+        v_RxKxE = v_Rx1xKxE[:, 0].astype(values_dtype(cache_v[0])).astype(dtype)
         q_BxSxKxGxE = by_side(q_Rx1xHxE[:, 0].reshape(R, K, H // K, E))
         k_BxSxKxE, v_BxSxKxE = by_side(k_RxKxE), by_side(v_RxKxE)
         attn = jnp.stack([
@@ -112,21 +133,23 @@ def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k:
                              lengths_BxS[:, s], bounds[s], block, cfg.attention_divisor, window, firsts[s])
             for s in range(sides)
         ], axis=1).reshape(R, 1, -1)
-        return attn, (k_RxKxE, v_RxKxE)
+        return attn, (stored(k_RxKxE, cache_k[0]), stored(v_RxKxE, cache_v[0]))
 
     def layer_body(x_Rx1xD, inputs):
         p, layer, variant = inputs
+        p = layer_from_bits(p)
         window = None if variant is None else variant["window"]
         x_Rx1xD, kv, _ = decoder_block(p, cfg, x_Rx1xD, positions_Rx1,
                                        inv_freq if variant is None else variant["inv_freq"],
                                        functools.partial(attend, layer, window), dtype=dtype)
         return x_Rx1xD, kv
 
-    x_Rx1xD = embed(params, cfg, tokens_R[:, None], dtype)
+    x_Rx1xD = embed(params, cfg, tokens_R[:, None], activation_dtype or dtype)
     x_Rx1xD, (k_LxRxKxE, v_LxRxKxE) = jax.lax.scan(layer_body, x_Rx1xD,
-                                                   (params["layers"], jnp.arange(cfg.num_layers), variants))
+                                                   (layers_as_bits(params["layers"], bf16_as_bits),
+                                                    jnp.arange(cfg.num_layers), variants))
     def write(cache, new_LxRxKxE, s):
-        new_BxLxKxE = by_side(jnp.moveaxis(new_LxRxKxE, 1, 0))[:, s].astype(cache.dtype)
+        new_BxLxKxE = by_side(jnp.moveaxis(new_LxRxKxE, 1, 0))[:, s]  # already as the cache stores it
         return write_step(cache, new_BxLxKxE, write_BxS[:, s])
 
     cache_k = tuple(write(c, k_LxRxKxE, s) for s, c in enumerate(cache_k))

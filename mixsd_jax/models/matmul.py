@@ -50,16 +50,20 @@ def _transposed_result(product_KxM):
                                       default=lambda p: p.T)
 
 
-def _stashed(a):
-    # bf16 residuals are kept as their 16-bit patterns: inside the layer scan the backward pass's
-    # residuals are stacked with a dynamic-update-slice per layer, which XLA:CPU has no bf16 kernel
-    # for: it converts the whole stacked [L, ...] buffer to f32 and back at every layer (quadratic
-    # in depth; a quarter of the bf16 step's time on the embedded model). A uint16 stack is
-    # updated in place. A bitcast costs nothing on any backend.
+def to_bits(a):
+    """A bf16 array as its 16-bit patterns (uint16; other dtypes unchanged), for in-place updates.
+
+    XLA:CPU has no bf16 kernel for dynamic-update-slice or scatter: it converts the whole target
+    to f32 and back around every update. Inside the layer scan the backward pass's residuals are
+    stacked that way per layer (quadratic in depth; a quarter of the bf16 step's time on the
+    embedded model), and the decode engine writes each step's keys and values into its caches that
+    way (the whole caches converted twice a step). A uint16 target is updated in place. A bitcast
+    costs nothing on any backend."""
     return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
 
 
-def _unstashed(a, dtype):
+def from_bits(a, dtype):
+    """`to_bits` undone: a uint16 array as `dtype` (bf16); other arrays unchanged."""
     return jax.lax.bitcast_convert_type(a, dtype) if a.dtype == jnp.uint16 else a
 
 
@@ -82,12 +86,12 @@ def _weight_matmul(x_NxI, w, dtype, out_dtype, w_out_in):
 def _forward(x_NxI, w, dtype, out_dtype, w_out_in):
     # The master weight is kept, not its `dtype` copy: inside the layer scan it is a slice of the
     # parameters, which the backward pass reads without storing another stacked copy.
-    return _weight_matmul(x_NxI, w, dtype, out_dtype, w_out_in), (_stashed(x_NxI), w)
+    return _weight_matmul(x_NxI, w, dtype, out_dtype, w_out_in), (to_bits(x_NxI), w)
 
 
 def _backward(dtype, out_dtype, w_out_in, residuals, g_NxO):
     x_NxI, w = residuals
-    x_NxI = _unstashed(x_NxI, dtype)
+    x_NxI = from_bits(x_NxI, dtype)
     g_NxO = g_NxO.astype(dtype)
     dx_NxI = _mm(g_NxO, w.astype(dtype), 0 if w_out_in else 1).astype(x_NxI.dtype)
     dw_IxO = _mm(transposed(x_NxI), g_NxO, 0)
@@ -133,12 +137,12 @@ def _batch_forward(a_BxMxK, b, dtype, out_dtype, b_nk):
     # size of f32 ones.
     a_c, b_c = a_BxMxK.astype(dtype), b.astype(dtype)
     out = _bmm(a_c, b_c, 2 if b_nk else 1).astype(out_dtype)
-    return out, (_stashed(a_c), _stashed(b_c), jnp.zeros((0,), a_BxMxK.dtype), jnp.zeros((0,), b.dtype))
+    return out, (to_bits(a_c), to_bits(b_c), jnp.zeros((0,), a_BxMxK.dtype), jnp.zeros((0,), b.dtype))
 
 
 def _batch_backward(dtype, out_dtype, b_nk, residuals, g_BxMxN):
     a_c, b_c, a_dtype, b_dtype = residuals
-    a_c, b_c = _unstashed(a_c, dtype), _unstashed(b_c, dtype)
+    a_c, b_c = from_bits(a_c, dtype), from_bits(b_c, dtype)
     g_BxMxN = g_BxMxN.astype(dtype)
     # da = g b^T: b [K, N] contracted over N (its last dimension), or b [N, K] over N (its first).
     da = _bmm(g_BxMxN, b_c, 1 if b_nk else 2)

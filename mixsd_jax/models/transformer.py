@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from mixsd_jax.models.attention import (
     attention, attention_with_cache, blockwise_attention, sequence_mask, within_window,
 )
-from mixsd_jax.models.block import block, embed, layer_variants, norm, rope_inv_freq
+from mixsd_jax.models.block import block, embed, layer_from_bits, layer_variants, layers_as_bits, norm, rope_inv_freq
 from mixsd_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -144,10 +144,12 @@ def _attend_fn(cfg: ModelConfig, dtype, positions_BxT, segment_ids_BxT, seq_mask
 
 def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache, old_mask_BxTxS, dtype, remat="none",
                 attention_block=0, activation_sharding=None, taps=False, mlp_edit=None, x_in=None, layer_slice=None,
-                fused_attention=None, activation_dtype=None):
+                fused_attention=None, activation_dtype=None, bf16_as_bits=False):
     """All blocks: hidden [B,T,D] before the final norm, new keys and values per layer, and (with
     `taps`) each layer's MLP hidden [L, B, T, F] and output [L, B, T, D]. `layer_slice=(start, stop)`
-    runs only those layers, from `x_in` (layer `start`'s input) instead of the embedded tokens."""
+    runs only those layers, from `x_in` (layer `start`'s input) instead of the embedded tokens.
+    `bf16_as_bits` (for XLA:CPU): the scan slices bf16 weights as their bit patterns
+    (block.layers_as_bits)."""
     variants = layer_variants(cfg)
     layer_params = params["layers"]
     if layer_slice is not None:
@@ -171,6 +173,7 @@ def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache, 
 
     def scan_body(x, inputs):
         p, layer_cache, variant, layer = inputs
+        p = layer_from_bits(p)
         attend = _attend_fn(cfg, dtype, positions_BxT, segment_ids_BxT, seq_mask_BxTxT, attention_block, layer_cache,
                             old_mask_BxTxS, old_positions_BxS, None if variant is None else variant["window"],
                             fused_attention, dtype if mixed else None)
@@ -187,7 +190,8 @@ def _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache, 
 
     layer_ids = None if mlp_edit is None else jnp.arange(*(layer_slice or (0, cfg.num_layers)))
     x_BxTxD, ((new_k, new_v), tapped) = jax.lax.scan(scan_body, x_BxTxD,
-                                                    (layer_params, cached, variants, layer_ids))
+                                                    (layers_as_bits(layer_params, bf16_as_bits), cached, variants,
+                                                     layer_ids))
     return x_BxTxD, new_k, new_v, tapped
 
 
@@ -273,9 +277,13 @@ def prefill(
     *,
     dtype=jnp.float32,
     cache_dtype=None,
+    activation_dtype=None,
+    bf16_as_bits=False,
 ) -> tuple[jax.Array, Cache]:
-    """Forward a (right-padded) batch of prompts and return a cache of `slots` slots holding them."""
-    x_BxTxD, new_k, new_v, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype)
+    """Forward a (right-padded) batch of prompts and return a cache of `slots` slots holding them
+    (`activation_dtype` as in `forward`, `bf16_as_bits` as in `_run_layers`)."""
+    x_BxTxD, new_k, new_v, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype,
+                                           activation_dtype=activation_dtype, bf16_as_bits=bf16_as_bits)
     B, T = tokens_BxT.shape
     cache = init_cache(cfg, B, slots, cache_dtype or dtype)
     zero = jnp.zeros((), jnp.int32)
@@ -284,11 +292,12 @@ def prefill(
 
 
 def extend(params: Params, cfg: ModelConfig, cache_k, cache_v, cache_lens_B, tokens_BxT, segment_ids_BxT, *,
-           dtype=jnp.float32):
+           dtype=jnp.float32, activation_dtype=None, bf16_as_bits=False):
     """Forward right-padded tokens that continue rows whose first `cache_lens_B` tokens are already in
     slots [0, cache_lens) of `cache_k`, `cache_v` [L, B, S, K, E] (a `prefill`'s keys and values,
     positions = slots). Returns final-norm hidden [B, T, D] and the new tokens' keys and values
-    [L, B, T, K, E]: what `prefill` of the whole rows gives for these tokens."""
+    [L, B, T, K, E]: what `prefill` of the whole rows gives for these tokens (`activation_dtype` as
+    in `forward`, `bf16_as_bits` as in `_run_layers`)."""
     slots_S = jnp.arange(cache_k.shape[2])
     is_real_BxT = segment_ids_BxT != 0
     positions_BxT = (cache_lens_B[:, None] + jnp.arange(tokens_BxT.shape[1])[None, :]) * is_real_BxT
@@ -297,7 +306,8 @@ def extend(params: Params, cfg: ModelConfig, cache_k, cache_v, cache_lens_B, tok
         cache["positions"] = jnp.broadcast_to(slots_S[None, :], (tokens_BxT.shape[0], slots_S.shape[0]))
     old_mask_BxTxS = is_real_BxT[:, :, None] & (slots_S[None, :] < cache_lens_B[:, None])[:, None, :]
     x_BxTxD, new_k, new_v, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, cache,
-                                           old_mask_BxTxS, dtype)
+                                           old_mask_BxTxS, dtype, activation_dtype=activation_dtype,
+                                           bf16_as_bits=bf16_as_bits)
     return norm(x_BxTxD, params["final_norm"], cfg), new_k, new_v
 
 

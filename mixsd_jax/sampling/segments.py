@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mixsd_jax.errors import MixsdError
 from mixsd_jax.models import transformer
 from mixsd_jax.models.config import ModelConfig
-from mixsd_jax.models.decode import decode_step
+from mixsd_jax.models.decode import decode_step, stored
 from mixsd_jax.models.sharding import BATCH_AXES, fit_spec, pad_rows
 from mixsd_jax.sampling.strategies import Sampler
 from mixsd_jax.sampling.work import EXPERT, MAX_MODEL_LEN, MAX_NEW_TOKENS, NAIVE, RUNNING, STOP
@@ -81,6 +81,25 @@ class EngineSpec:
             if getattr(self, name) < 1:
                 raise MixsdError(f"engine: {name} must be >= 1, got {getattr(self, name)}")
         object.__setattr__(self, "stop_ids", tuple(sorted({int(t) for t in self.stop_ids})))
+
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the engine runs on CPU devices (XLA:CPU: f32 activations, bf16 kept as bits)."""
+        return (jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform) == "cpu"
+
+    @property
+    def activation_dtype(self) -> jnp.dtype:
+        """The residual stream's dtype: f32 around bf16 matmuls on a CPU (which has bf16 matmul units
+        but emulates bf16 elementwise arithmetic, as the train step's `f32_activations`), the compute
+        dtype elsewhere."""
+        return jnp.dtype(jnp.float32 if self.on_cpu else self.dtype)
+
+    @property
+    def cache_dtype(self) -> jnp.dtype:
+        """The caches' storage dtype: the compute dtype, except a bf16 cache on a CPU, kept as its bit
+        patterns (uint16; models.decode.values_dtype says why)."""
+        bits = self.on_cpu and jnp.dtype(self.dtype) == jnp.bfloat16
+        return jnp.dtype(jnp.uint16 if bits else self.dtype)
 
     @property
     def slots(self) -> int:
@@ -164,13 +183,13 @@ def _constrain(state: DecodeState, spec: EngineSpec) -> DecodeState:
 @functools.partial(jax.jit, static_argnames=("spec", "batch", "capacity"))
 def init_state(*, spec: EngineSpec, batch: int, capacity: int) -> DecodeState:
     """Every slot empty (done), caches of `capacity` slots."""
-    cfg, R, dtype = spec.cfg, batch * spec.sides, jnp.dtype(spec.dtype)
+    cfg, R = spec.cfg, batch * spec.sides
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
     return _constrain(DecodeState(
-        cache_k=tuple(jnp.zeros(shape, dtype) for _ in range(spec.sides)),
-        cache_v=tuple(jnp.zeros(shape, dtype) for _ in range(spec.sides)),
+        cache_k=tuple(jnp.zeros(shape, spec.cache_dtype) for _ in range(spec.sides)),
+        cache_v=tuple(jnp.zeros(shape, spec.cache_dtype) for _ in range(spec.sides)),
         lengths_R=jnp.zeros((R,), jnp.int32),
-        last_RxD=jnp.zeros((R, cfg.hidden_size), dtype),
+        last_RxD=jnp.zeros((R, cfg.hidden_size), spec.activation_dtype),
         keys_Bx2=jnp.zeros((batch, 2), jnp.uint32),
         step_B=jnp.zeros((batch,), jnp.int32),
         done_B=jnp.ones((batch,), bool),
@@ -194,7 +213,8 @@ def prefill(params, tokens_NxP, lens_N, *, spec: EngineSpec):
     """Keys, values [L, N, P, K, E] and last hidden [N, D] of right-padded prompts."""
     seg_NxP = (jnp.arange(tokens_NxP.shape[1])[None, :] < lens_N[:, None]).astype(jnp.int32)
     hidden_NxPxD, cache = transformer.prefill(params, spec.cfg, tokens_NxP, transformer.padded_positions(seg_NxP),
-                                              seg_NxP, tokens_NxP.shape[1], dtype=jnp.dtype(spec.dtype))
+                                              seg_NxP, tokens_NxP.shape[1], dtype=jnp.dtype(spec.dtype),
+                                              activation_dtype=spec.activation_dtype, bf16_as_bits=spec.on_cpu)
     last_NxD = jnp.take_along_axis(hidden_NxPxD, (lens_N - 1)[:, None, None], axis=1)[:, 0]
     return cache["k"], cache["v"], last_NxD
 
@@ -206,7 +226,8 @@ def prefill_after(params, prefix_k, prefix_v, prefix_lens_N, tokens_NxP, lens_N,
     prefixes). Keys, values [L, N, P, K, E] of the continuations and the last hidden [N, D]."""
     seg_NxP = (jnp.arange(tokens_NxP.shape[1])[None, :] < lens_N[:, None]).astype(jnp.int32)
     hidden_NxPxD, k, v = transformer.extend(params, spec.cfg, prefix_k, prefix_v, prefix_lens_N, tokens_NxP, seg_NxP,
-                                            dtype=jnp.dtype(spec.dtype))
+                                            dtype=jnp.dtype(spec.dtype), activation_dtype=spec.activation_dtype,
+                                            bf16_as_bits=spec.on_cpu)
     last_NxD = jnp.take_along_axis(hidden_NxPxD, (lens_N - 1)[:, None, None], axis=1)[:, 0]
     return k, v, last_NxD
 
@@ -221,7 +242,7 @@ def _write_rows(cache, slots_N, starts_N, new_LxNxPxKxE):
 def _write_rows_whole(cache, slots_N, starts_N, new_LxNxPxKxE):
     # One scatter; the [n, p] index dimensions come first in the update.
     cols_NxP = starts_N[:, None] + jnp.arange(new_LxNxPxKxE.shape[2])[None, :]
-    update = jnp.transpose(new_LxNxPxKxE, (1, 2, 0, 3, 4)).astype(cache.dtype)
+    update = stored(jnp.transpose(new_LxNxPxKxE, (1, 2, 0, 3, 4)), cache)
     return cache.at[:, slots_N[:, None], :, cols_NxP].set(update, mode="drop")
 
 
@@ -236,7 +257,7 @@ def _write_rows_per_layer(cache, slots_N, starts_N, new_LxNxPxKxE):
     cols_NxP = starts_N[:, None] + jnp.arange(new_LxNxPxKxE.shape[2])[None, :]
 
     def one_layer(layer, cache):
-        new_NxPxKxE = jax.lax.dynamic_index_in_dim(new_LxNxPxKxE, layer, 0, keepdims=False).astype(cache.dtype)
+        new_NxPxKxE = stored(jax.lax.dynamic_index_in_dim(new_LxNxPxKxE, layer, 0, keepdims=False), cache)
         return cache.at[layer, slots_N[:, None], :, cols_NxP].set(new_NxPxKxE, mode="drop")
 
     return jax.lax.fori_loop(0, cache.shape[0], one_layer, cache)
@@ -346,7 +367,8 @@ def decode_segment(params, state: DecodeState, naive_prob, stop_ids, refill_at, 
         hidden_RxD, cache_k, cache_v = decode_step(
             params, spec.cfg, jnp.repeat(token_B, sides), lengths_R, jnp.where(running_R, lengths_R, S),
             st.cache_k, st.cache_v, jnp.max(jnp.where(running_R, lengths_R, 0).reshape(B, sides), axis=0),
-            dtype=jnp.dtype(spec.dtype), block=spec.block,
+            dtype=jnp.dtype(spec.dtype), block=spec.block, activation_dtype=spec.activation_dtype,
+            bf16_as_bits=spec.on_cpu,
         )
         st = dataclasses.replace(
             st,
