@@ -222,7 +222,7 @@ def forward(
     a sliding window. `activation_dtype` (default `dtype`) is the dtype of the residual stream and
     of all elementwise work, with only the matmuls' operands in `dtype`: f32 around bf16 matmuls
     suits CPUs, which have bf16 matmul units but no bf16 elementwise arithmetic (only in the
-    cache-less call).
+    cache-less call; `prefill` and `extend` take it too).
     """
     if cache is None:
         x_BxTxD, _, _, _ = _run_layers(params, cfg, tokens_BxT, positions_BxT, segment_ids_BxT, None, None, dtype,
