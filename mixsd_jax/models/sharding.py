@@ -58,6 +58,11 @@ class MeshConfig:
             raise MixsdError(f"mesh: axis sizes must be positive with at most one -1, got {sizes}")
 
 
+def platform_of(mesh: Mesh | None) -> str:
+    """The platform of a mesh's devices ("cpu", "gpu" or "tpu"); JAX's default one without a mesh."""
+    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+
+
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]

@@ -28,7 +28,7 @@ from mixsd_jax.errors import MixsdError
 from mixsd_jax.models import transformer
 from mixsd_jax.models.config import ModelConfig
 from mixsd_jax.models.decode import decode_step, stored
-from mixsd_jax.models.sharding import BATCH_AXES, fit_spec, pad_rows
+from mixsd_jax.models.sharding import BATCH_AXES, fit_spec, pad_rows, platform_of
 from mixsd_jax.sampling.strategies import Sampler
 from mixsd_jax.sampling.work import EXPERT, MAX_MODEL_LEN, MAX_NEW_TOKENS, NAIVE, RUNNING, STOP
 
@@ -92,7 +92,7 @@ class EngineSpec:
     @property
     def on_cpu(self) -> bool:
         """Whether the engine runs on CPU devices (XLA:CPU: f32 activations, bf16 kept as bits)."""
-        return (jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform) == "cpu"
+        return platform_of(self.mesh) == "cpu"
 
     @property
     def activation_dtype(self) -> jnp.dtype:

@@ -30,7 +30,7 @@ from mixsd_jax.errors import MixsdError
 from mixsd_jax.models import flash_attention
 from mixsd_jax.models.config import ModelConfig
 from mixsd_jax.models.flash_attention import FusedAttention
-from mixsd_jax.models.sharding import BATCH_AXES, param_shardings, replicated
+from mixsd_jax.models.sharding import BATCH_AXES, param_shardings, platform_of, replicated
 from mixsd_jax.models.transformer import forward, param_shapes
 from mixsd_jax.train import loss as loss_lib
 
@@ -327,11 +327,6 @@ def jit_train_step(model_cfg: ModelConfig, opt: OptimConfig, mesh: Mesh, compute
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,),
     )
-
-
-def platform_of(mesh: Mesh | None) -> str:
-    """The platform of a mesh's devices ("cpu", "gpu" or "tpu"); JAX's default one without a mesh."""
-    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
 
 
 def device_batch(batch_np: dict, mesh: Mesh) -> Batch:
