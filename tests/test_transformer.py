@@ -251,3 +251,32 @@ def test_forward_with_taps_restarts_positions_per_segment(tiny_llama_dir):
     first, _ = transformer.forward_with_taps(params, cfg, jnp.asarray(tokens[:, :5]), jnp.ones((1, 5), jnp.int32))
     second, _ = transformer.forward_with_taps(params, cfg, jnp.asarray(tokens[:, 5:]), jnp.ones((1, 4), jnp.int32))
     np.testing.assert_allclose(np.asarray(packed), np.concatenate([first, second], axis=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_gemma3_dir"])
+def test_extend_gives_the_whole_rows_prefill_in_f32_and_in_bf16_around_f32_activations(model, request):
+    """`extend` continues rows from a prefix's cache (the engine's shared-prefix prefill); in bf16
+    matmuls around f32 activations (the CPU engine) it takes its own attention path."""
+    cfg, params = load_hf(request.getfixturevalue(model))
+    lengths, prefix_lens = np.array([30, 22, 9]), np.array([20, 4, 8])  # past the tiny Gemma 3's window
+    tokens, mask = _batch(cfg.vocab_size, list(lengths), seed=2)
+    T, C = tokens.shape[1], prefix_lens.max()
+    rest = np.zeros((3, T), np.int64)
+    for row, (n, c) in enumerate(zip(lengths, prefix_lens)):
+        rest[row, : n - c] = tokens[row, c:n]
+    prefix_seg = (np.arange(C)[None] < prefix_lens[:, None]).astype(np.int32)
+    rest_seg = (np.arange(T)[None] < (lengths - prefix_lens)[:, None]).astype(np.int32)
+    whole_seg = jnp.asarray(mask, jnp.int32)
+    for dtype, activations, atol in ((jnp.float32, None, 1e-5), (jnp.bfloat16, jnp.float32, 1e-2)):
+        whole, _ = transformer.prefill(params, cfg, jnp.asarray(tokens), transformer.padded_positions(whole_seg),
+                                       whole_seg, T, dtype=dtype, activation_dtype=activations)
+        _, cache = transformer.prefill(params, cfg, jnp.asarray(tokens[:, :C] * prefix_seg),
+                                       transformer.padded_positions(jnp.asarray(prefix_seg)), jnp.asarray(prefix_seg),
+                                       C, dtype=dtype, activation_dtype=activations)
+        hidden, _, _ = transformer.extend(params, cfg, cache["k"], cache["v"], jnp.asarray(prefix_lens),
+                                          jnp.asarray(rest), jnp.asarray(rest_seg), dtype=dtype,
+                                          activation_dtype=activations)
+        assert hidden.dtype == (activations or dtype)
+        for row, (n, c) in enumerate(zip(lengths, prefix_lens)):
+            np.testing.assert_allclose(np.asarray(hidden[row, : n - c], np.float32),
+                                       np.asarray(whole[row, c:n], np.float32), atol=atol, rtol=0)
