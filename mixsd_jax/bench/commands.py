@@ -38,7 +38,8 @@ def register(sub, bench) -> None:
     b.add_argument("--no-hf", "--no-torch", dest="no_hf", action="store_true",
                    help="skip the transformers measurements")
     b.add_argument("--block", type=int, default=None,
-                   help="cache slots per attention block of our engine (default: on CPU 32 in bf16, 128 in f32; 512 elsewhere)")
+                   help="cache slots per attention block of our engine (default: on CPU 32 in bf16 and 128 in f32, "
+                        "512 elsewhere)")
     b.add_argument("--blocks", default="64,128", type=lambda s: [int(x) for x in s.split(",")],
                    help="block sizes the blocks workload compares, comma-separated (default: 64,128)")
     b.set_defaults(func=_generate)
