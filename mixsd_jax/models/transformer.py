@@ -111,8 +111,8 @@ def _attend_fn(cfg: ModelConfig, dtype, positions_BxT, segment_ids_BxT, seq_mask
                old_mask_BxTxS, old_positions_BxS, window, fused_attention=None, matmul_dtype=None):
     """How this call's blocks attend: over the sequence (a fused kernel, dense or blockwise) or
     against the cache. Returns the attention output and the (keys, values) each layer hands back
-    for caching. `matmul_dtype`: the dense attention's matmul dtype where it differs from the
-    activations' (`attention`)."""
+    for caching. `matmul_dtype`: the matmul dtype of the dense and the cached attention where it
+    differs from the activations' (`attention`)."""
     divisor = cfg.attention_divisor
     new_mask_BxTxT = seq_mask_BxTxT
     if window is not None and seq_mask_BxTxT is not None:
