@@ -131,15 +131,15 @@ def bench_generate(model: str, workload: str = "default", batch_size: int = 32, 
                            block)
     elif workload == "blocks":
         result = _blocks(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats, mesh,
-                         blocks or [default_block(dtype)])
+                         blocks or [default_block(dtype, mesh)])
     elif workload == "longtail":
         result = _longtail(loaded, model, records or 32, batch_size, max_new_tokens, lambda_mix, dtype, repeats, mesh,
                            block)
     else:
         result = _default(loaded, model, batch_size, max_new_tokens, lambda_mix, dtype, repeats,
                           torch_dtypes if with_torch else (), mesh, block)
-    where = {"param_dtype": param_dtype, "block": default_block(dtype) if block is None else block,
-             "default_block": default_block(dtype),
+    where = {"param_dtype": param_dtype, "block": default_block(dtype, mesh) if block is None else block,
+             "default_block": default_block(dtype, mesh),
              "mesh": None if mesh is None else dict(mesh.shape), "processes": jax.process_count(),
              "devices": jax.device_count(), "platform": jax.devices()[0].platform}
     return {**result, **where, **machine.report(load_before)}

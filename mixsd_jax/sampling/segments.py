@@ -33,13 +33,14 @@ from mixsd_jax.sampling.strategies import Sampler
 from mixsd_jax.sampling.work import EXPERT, MAX_MODEL_LEN, MAX_NEW_TOKENS, NAIVE, RUNNING, STOP
 
 
-def default_block(dtype="float32") -> int:
+def default_block(dtype="float32", mesh: Mesh | None = None) -> int:
     """Cache slots per attention block: an accelerator pays per loop iteration (kernel launches), so
     fewer, bigger blocks; a CPU pays for every slot it reads, so blocks closer to the live length:
     128 in f32, 32 in bf16, where XLA:CPU copies each block it reads out of the cache (MixSD's
     decode 1.35x faster than at 128, plain decoding unchanged: docs/benchmarks.md). f32 keeps 128,
-    so f32 outputs stay those pinned (blocks change the order of attention's sums)."""
-    if jax.default_backend() != "cpu":
+    so f32 outputs stay those pinned (blocks change the order of attention's sums). The platform
+    is the mesh's (`platform_of`), as `EngineSpec.on_cpu`'s."""
+    if platform_of(mesh) != "cpu":
         return 512
     return 32 if jnp.dtype(dtype) == jnp.bfloat16 else 128
 
@@ -81,7 +82,7 @@ class EngineSpec:
 
     def __post_init__(self):
         if self.block is None:
-            object.__setattr__(self, "block", default_block(self.dtype))
+            object.__setattr__(self, "block", default_block(self.dtype, self.mesh))
         if self.sides not in (1, 2):
             raise MixsdError(f"engine: sides must be 1 or 2, got {self.sides}")
         for name in ("batch_size", "max_new_tokens", "max_model_len", "segment_steps", "block"):
