@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command itself, not a library call: run its allocations on huge pages
+        from mixsd_jax.huge_pages import reexec_with_huge_pages
+
+        reexec_with_huge_pages(sys.argv[1:])
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     # argparse places trailing positionals only once; `key=value` overrides may come anywhere.
