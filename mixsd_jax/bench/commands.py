@@ -27,7 +27,7 @@ def register(sub, bench) -> None:
     b.add_argument("--max-new-tokens", type=int, default=None, help="default: 64; longtail: 512")
     b.add_argument("--lambda", dest="lambda_", type=float, default=0.3)
     b.add_argument("--dtype", default="auto", choices=("float32", "bfloat16", "auto"),
-                   help="our compute dtype (auto: bfloat16 on accelerators and CPUs with AMX, else float32)")
+                   help="our compute dtype (auto: bfloat16 on accelerators and CPUs with AMX or AVX512-BF16, else float32)")
     b.add_argument("--param-dtype", default="auto",
                    help="our weights' storage dtype (auto: the compute dtype; decoding keeps no master copy)")
     b.add_argument("--torch-dtypes", default="float32,bfloat16", type=lambda s: tuple(s.split(",")),
@@ -88,7 +88,7 @@ def _model_and_steps(parser: argparse.ArgumentParser, *, steps: int, help_steps:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=steps, help=help_steps)
     parser.add_argument("--compute-dtype", default=None, choices=("float32", "bfloat16", "auto"),
-                        help="auto: bfloat16 on accelerators and on CPUs with AMX, else float32 "
+                        help="auto: bfloat16 on accelerators and on CPUs with AMX or AVX512-BF16, else float32 "
                              "(default: float32; auto with bench train --compare)")
     parser.add_argument("--random-init", action="store_true",
                         help="random weights from the model directory's config.json (no weight files needed)")
