@@ -91,7 +91,7 @@ def layer_variants(cfg: ModelConfig) -> dict | None:
     }
 
 
-def layers_as_bits(layers, as_bits: bool = True):
+def layers_as_bits(layers, as_bits: bool):
     """The stacked layer weights for a layer scan, bf16 ones as their bit patterns when `as_bits`.
 
     For XLA:CPU, which has no bf16 dynamic-slice: it converts every stacked bf16 weight to f32 once
