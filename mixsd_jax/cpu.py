@@ -1,8 +1,8 @@
 """This host's processor as /proc/cpuinfo describes it: its model name and feature flags.
 
 Two choices follow from it: the compute dtype `auto` picks on a CPU (train.precision: bf16 where
-AMX or AVX512-BF16 runs bf16 matmuls) and the compilation cache's folder (compile_cache: XLA:CPU compiles for the
-host's instruction set). Benchmark lines report it (bench.machine).
+AMX or AVX512-BF16 runs bf16 matmuls) and the compilation cache's folder (compile_cache: XLA:CPU
+compiles for the host's instruction set). Benchmark lines report it (bench.machine).
 """
 
 from __future__ import annotations

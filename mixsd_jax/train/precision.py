@@ -3,8 +3,8 @@
 bf16 compute (with f32 master weights and optimizer state) is the fast choice on TPUs and GPUs,
 and on CPUs with bf16 matmul instructions, where XLA:CPU's library path (models.matmul) runs bf16
 matmuls on AMX tiles or AVX512-BF16 dot products. Measured (docs/benchmarks.md): the SmolLM2 train
-step 2.3x faster in bf16 than in f32 on an AMD EPYC with AVX512-BF16 and no AMX, and 1.9x on an
-Intel Xeon with AMX. Other CPUs emulate bf16 arithmetic, slower than f32, so `auto` keeps f32 there.
+step 2.1-2.9x faster in bf16 than in f32 on an AMD EPYC with AVX512-BF16 and no AMX, and 1.9x on
+an Intel Xeon with AMX. Other CPUs emulate bf16 arithmetic, slower than f32, so `auto` keeps f32 there.
 """
 
 from __future__ import annotations
