@@ -19,7 +19,7 @@ PACKAGE = Path(mixsd_jax.__file__).parent
 # and `edit` share a floor but are siblings: none imports another (checked below).
 FLOORS = {
     "errors": 0, "files": 0, "storage": 0, "config": 0, "multihost": 0, "peer_watch": 0, "answers": 0, "compile_cache": 0,
-    "cpu": 0,
+    "cpu": 0, "huge_pages": 0,
     "models": 1,
     "data": 2,
     "sampling": 3,
