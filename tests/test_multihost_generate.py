@@ -156,8 +156,10 @@ def test_killed_two_process_run_on_a_bucket_resumes_to_the_local_bytes(tiny_llam
     assert 2 <= len(chunks) < len(WORDS) * 2 and chunks[0] == "000000.jsonl", chunks
     paths = _in_process(tiny_llama_dir, records, out, mesh_data=1)
     assert _files(paths) == one_device
-    assert not partial.exists() and sorted(p.name for p in storage.path(out).iterdir()) == sorted(
-        [paths.final.name, paths.rejected.name, paths.summary.name, ".jax_cache"])  # the run's shared XLA cache
+    # Besides the outputs, only the run's shared XLA cache, there once a compile took over the cache's
+    # 2 s threshold (the tiny model's may not, on an idle machine).
+    outputs = {p.name for p in storage.path(out).iterdir()} - {".jax_cache"}
+    assert not partial.exists() and outputs == {paths.final.name, paths.rejected.name, paths.summary.name}
     assert not list(mh.ROOT.glob("gs:*")) and not list(tmp_path.rglob("gs:*"))
 
 
