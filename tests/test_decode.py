@@ -3,22 +3,24 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mixsd_jax.models.checkpoint import load_hf
 from mixsd_jax.models.decode import decode_step
 
 
-def _step(params, cfg, cache_k, cache_v, lengths, bounds, block):
+def _step(params, cfg, cache_k, cache_v, lengths, bounds, block, one_read=False):
     """One step of rows (expert, naive, expert, naive, ...) over per-side caches [sides, L, B, K, S, E]."""
     R = len(lengths)
     lengths = jnp.asarray(lengths, jnp.int32)
     hidden, _, _ = decode_step(params, cfg, jnp.arange(R, dtype=jnp.int32) + 5, lengths, lengths,
                                tuple(jnp.asarray(c) for c in cache_k), tuple(jnp.asarray(c) for c in cache_v),
-                               jnp.asarray(bounds, jnp.int32), dtype=jnp.float32, block=block)
+                               jnp.asarray(bounds, jnp.int32), dtype=jnp.float32, block=block, one_read=one_read)
     return np.asarray(hidden)
 
 
-def test_naive_rows_never_read_the_blocks_only_expert_rows_reach(tiny_llama_dir):
+@pytest.mark.parametrize("one_read", [False, True])
+def test_naive_rows_never_read_the_blocks_only_expert_rows_reach(tiny_llama_dir, one_read):
     cfg, params = load_hf(tiny_llama_dir)
     L, K, E, S, block = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 32, 8
     # Two records, rows (expert, naive) each: the expert rows hold 20 and 17 tokens, the naive rows 6 and 3.
@@ -26,14 +28,14 @@ def test_naive_rows_never_read_the_blocks_only_expert_rows_reach(tiny_llama_dir)
     rng = np.random.default_rng(0)
     cache_k = rng.standard_normal((2, L, 2, K, S, E)).astype(np.float32)
     cache_v = rng.standard_normal((2, L, 2, K, S, E)).astype(np.float32)
-    clean = _step(params, cfg, cache_k, cache_v, lengths, [20, 6], block)
+    clean = _step(params, cfg, cache_k, cache_v, lengths, [20, 6], block, one_read)
     # NaN values in the naive rows' blocks past their bound (slots 8+): reading them would poison the
     # result (a masked score's zero weight times NaN is NaN), so finite equal outputs show they were never read.
     cache_v[1, :, :, :, block:] = np.nan
-    poisoned = _step(params, cfg, cache_k, cache_v, lengths, [20, 6], block)
+    poisoned = _step(params, cfg, cache_k, cache_v, lengths, [20, 6], block, one_read)
     np.testing.assert_array_equal(poisoned, clean)
     # The check can fail: with one bound for both sides the naive rows walk those blocks.
-    shared = _step(params, cfg, cache_k, cache_v, lengths, [20, 20], block)
+    shared = _step(params, cfg, cache_k, cache_v, lengths, [20, 20], block, one_read)
     assert np.isnan(shared[1::2]).all() and np.array_equal(shared[0::2], clean[0::2])
 
 
@@ -81,3 +83,30 @@ def test_a_bf16_cache_kept_as_bits_decodes_bit_for_bit_as_a_bf16_cache(tiny_qwen
     # The step wrote its keys: slot 20 of row 0 changed, the dropped row's did not.
     assert not np.array_equal(np.asarray(plain_k[0][:, 0, :, 20], np.float32),
                               np.asarray(caches[0][0][:, 0, :, 20], np.float32))
+
+
+@pytest.mark.parametrize("block", [8, 16])
+def test_one_read_gives_the_walk_s_attention(tiny_qwen2_dir, block):
+    """Reading the live blocks at once (the CPU's bf16 decode) gives what walking them gives, to
+    bf16 round-off (each block's probabilities are rounded against another running maximum), for
+    rows of different lengths on both sides. The first layer's new keys and values come before any
+    attention: they are the walk's bit for bit."""
+    from mixsd_jax.models.matmul import to_bits
+
+    cfg, params = load_hf(tiny_qwen2_dir, "bfloat16")
+    L, K, E, S = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 32
+    lengths = jnp.asarray([20, 6, 17, 3, 31, 9], jnp.int32)  # (expert, naive) x 3 records
+    write = jnp.asarray([20, 6, 17, 3, 31, S], jnp.int32)  # the last row is not decoding
+    rng = np.random.default_rng(1)
+    caches = [tuple(to_bits(jnp.asarray(rng.standard_normal((L, 3, K, S, E)), jnp.bfloat16)) for _ in range(2))
+              for _ in range(2)]
+
+    def step(one_read):
+        return decode_step(params, cfg, jnp.arange(6, dtype=jnp.int32) + 5, lengths, write, *caches,
+                           jnp.asarray([31, 9], jnp.int32), dtype=jnp.bfloat16, block=block,
+                           activation_dtype=jnp.float32, bf16_as_bits=True, one_read=one_read)
+
+    (walk_hidden, walk_k, walk_v), (read_hidden, read_k, read_v) = step(False), step(True)
+    np.testing.assert_allclose(np.asarray(read_hidden), np.asarray(walk_hidden), rtol=0, atol=3e-2)
+    for walk, read in zip(walk_k + walk_v, read_k + read_v):
+        np.testing.assert_array_equal(np.asarray(read[0]), np.asarray(walk[0]))

@@ -121,7 +121,8 @@ def test_engine_lambda_0_and_1_give_transformers_greedy_on_one_device_and_a_tens
             assert all(flag == (lam == 1.0) for flag in naive_flags)
 
 
-def test_decode_step_never_reads_the_blocks_before_the_window(tiny_gemma3_dir):
+@pytest.mark.parametrize("one_read", [False, True])
+def test_decode_step_never_reads_the_blocks_before_the_window(tiny_gemma3_dir, one_read):
     from mixsd_jax.models.decode import decode_step
 
     cfg, params = load_hf(tiny_gemma3_dir)
@@ -134,7 +135,7 @@ def test_decode_step_never_reads_the_blocks_before_the_window(tiny_gemma3_dir):
     def step(cache_v):
         hidden, _, _ = decode_step(params, cfg, jnp.asarray([5, 6], jnp.int32), lengths, lengths,
                                    (jnp.asarray(cache_k),), (jnp.asarray(cache_v),), jnp.asarray([40], jnp.int32),
-                                   dtype=jnp.float32, block=block)
+                                   dtype=jnp.float32, block=block, one_read=one_read)
         return np.asarray(hidden)
 
     clean = step(cache_v)

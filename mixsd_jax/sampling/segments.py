@@ -110,6 +110,13 @@ class EngineSpec:
         return jnp.dtype(jnp.uint16 if bits else self.dtype)
 
     @property
+    def one_read_attention(self) -> bool:
+        """Whether a decode step reads each side's live cache blocks at once (models.decode
+        `_one_read_attention`) instead of walking them: in bf16 on a CPU, where it is faster. f32 on a
+        CPU keeps the walk, so its outputs stay those pinned (the read changes the order of the sums)."""
+        return self.cache_dtype == jnp.uint16
+
+    @property
     def slots(self) -> int:
         """`batch_size` rounded up so every batch shard gets whole slots."""
         return pad_rows(self.batch_size, self.mesh)
@@ -376,7 +383,7 @@ def decode_segment(params, state: DecodeState, naive_prob, stop_ids, refill_at, 
             params, spec.cfg, jnp.repeat(token_B, sides), lengths_R, jnp.where(running_R, lengths_R, S),
             st.cache_k, st.cache_v, jnp.max(jnp.where(running_R, lengths_R, 0).reshape(B, sides), axis=0),
             dtype=jnp.dtype(spec.dtype), block=spec.block, activation_dtype=spec.activation_dtype,
-            bf16_as_bits=spec.on_cpu,
+            bf16_as_bits=spec.on_cpu, one_read=spec.one_read_attention,
         )
         st = dataclasses.replace(
             st,
