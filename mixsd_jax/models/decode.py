@@ -24,6 +24,10 @@ A sliding-window layer (Gemma 3) also starts its walk late: at the block holding
 inside the window of the side's shortest decoding row, so it reads at most its window (plus one
 block, and the spread of the side's lengths) whatever the context length.
 
+On a CPU in bf16 (`one_read`) the same blocks are read at once instead of walked: XLA:CPU pays for
+every loop iteration of small ops (a block's copy, two tiny matmuls, the softmax update), where an
+accelerator pays for every block it holds on chip.
+
 The layer itself is `block.block`, the one training and prefill use; only the attention differs.
 """
 
@@ -102,9 +106,7 @@ def _one_read_attention(q_BxKxGxE, k_self_BxKxE, v_self_BxKxE, cache_k, cache_v,
                         divisor, window=None, first=None):
     """`_block_attention`'s result from one read of the blocks it would walk: the slots from the
     walk's first block up to `bound`, rounded out to whole blocks, as one matmul per operand (a
-    `lax.switch` over the possible block counts, so each branch has static shapes). XLA:CPU pays
-    for every loop iteration of small ops (a block's copy, two tiny matmuls, the softmax update):
-    in bf16 on a CPU one read made plain decoding 1.26x faster and MixSD's 1.10x (docs/benchmarks.md)."""
+    `lax.switch` over the possible block counts, so each branch has static shapes)."""
     B, K, G, E = q_BxKxGxE.shape
     S = cache_k.shape[3]
     scale = 1.0 / divisor
@@ -151,7 +153,8 @@ def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k:
     slot at or past bounds[s]. `activation_dtype` (default `dtype`): the residual stream's and the
     elementwise work's dtype, with the matmuls' operands in `dtype` (transformer.forward).
     `bf16_as_bits` (for XLA:CPU): the layer scan slices bf16 weights and stacks the new keys and
-    values as their bit patterns (block.layers_as_bits).
+    values as their bit patterns (block.layers_as_bits). `one_read` (for XLA:CPU): each side's
+    attention reads the blocks below its bound at once instead of walking them (`_one_read_attention`).
     """
     sides = len(cache_k)
     R, B = tokens_R.shape[0], tokens_R.shape[0] // sides
