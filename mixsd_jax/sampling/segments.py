@@ -37,9 +37,11 @@ def default_block(dtype="float32", mesh: Mesh | None = None) -> int:
     """Cache slots per attention block: an accelerator pays per loop iteration (kernel launches), so
     fewer, bigger blocks; a CPU pays for every slot it reads, so blocks closer to the live length:
     128 in f32, 32 in bf16, where XLA:CPU copies each block it reads out of the cache (MixSD's
-    decode 1.35x faster than at 128, plain decoding unchanged: docs/benchmarks.md). f32 keeps 128,
-    so f32 outputs stay those pinned (blocks change the order of attention's sums). The platform
-    is the mesh's (`platform_of`), as `EngineSpec.on_cpu`'s."""
+    decode 1.35x faster than at 128 when it walked them, plain decoding unchanged; now that bf16
+    reads its live blocks at once, `EngineSpec.one_read_attention`, 32 is the read's granularity,
+    and 16 measured no faster: docs/benchmarks.md). f32 keeps 128, so f32 outputs stay those pinned
+    (blocks change the order of attention's sums). The platform is the mesh's (`platform_of`), as
+    `EngineSpec.on_cpu`'s."""
     if platform_of(mesh) != "cpu":
         return 512
     return 32 if jnp.dtype(dtype) == jnp.bfloat16 else 128
