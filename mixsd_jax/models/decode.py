@@ -58,6 +58,32 @@ def stored(x, cache):
     return to_bits(x) if cache.dtype == jnp.uint16 else x
 
 
+def _read_slots(cache, layer, start, width, dtype):
+    """Slots [start, start + width) of one layer of a side's cache [L, B, K, S, E]: [B, K, width, E]
+    in `dtype` (a bf16 cache kept as bits read back as bf16 first)."""
+    _, B, K, _, E = cache.shape
+    sliced = jax.lax.dynamic_slice(cache, (layer, 0, 0, start, 0), (1, B, K, width, E))[0]
+    return from_bits(sliced, jnp.bfloat16).astype(dtype)
+
+
+def _masked_scores(q_BxKxGxE, k_BxKxWxE, start, lengths_B, window, scale):
+    """Scaled scores of the queries against keys at slots [start, start + W), MASKED where a row
+    does not see the slot (at or past its length, or outside its `window`)."""
+    s = jnp.einsum("bkge,bkse->bkgs", q_BxKxGxE, k_BxKxWxE, preferred_element_type=jnp.float32) * scale
+    slots_S = start + jnp.arange(k_BxKxWxE.shape[2])
+    seen_BxS = slots_S[None, :] < lengths_B[:, None]
+    if window is not None:
+        seen_BxS = seen_BxS & (slots_S[None, :] > (lengths_B - window)[:, None])
+    return jnp.where(seen_BxS[:, None, None, :], s, MASKED)
+
+
+def _blocks_to_read(bound, block, window, first):
+    """(first block, end block) of a side's cache that its rows may see: up to `bound`, and with a
+    `window` from the block of slot `first - window + 1` (`first`: the side's shortest decoding row)."""
+    first_block = 0 if window is None else jnp.maximum(first - window + 1, 0) // block
+    return first_block, (bound + block - 1) // block
+
+
 def _block_attention(q_BxKxGxE, k_self_BxKxE, v_self_BxKxE, cache_k, cache_v, layer, lengths_B, bound, block,
                      divisor, window=None, first=None):
     """softmax(q · [cache[:lengths], self]) · values for one side's rows, over the blocks of its
@@ -65,9 +91,6 @@ def _block_attention(q_BxKxGxE, k_self_BxKxE, v_self_BxKxE, cache_k, cache_v, la
     `window` behind its new token, and the walk starts at the block of slot `first - window + 1`
     (`first`: the side's shortest decoding row's length)."""
     B, K, G, E = q_BxKxGxE.shape
-
-    def read(cache, start):
-        return from_bits(jax.lax.dynamic_slice(cache, (layer, 0, 0, start, 0), (1, B, K, block, E))[0], jnp.bfloat16)
     scale = 1.0 / divisor
     vdtype = v_self_BxKxE.dtype
     # Both matmuls in the cache's compute dtype (bf16 x bf16 -> f32 where it is bf16): a query of
@@ -80,24 +103,19 @@ def _block_attention(q_BxKxGxE, k_self_BxKxE, v_self_BxKxE, cache_k, cache_v, la
     def one_block(i, carry):
         m, l, acc = carry
         start = i * block
-        k_BxKxSxE, v_BxKxSxE = read(cache_k, start).astype(vdtype), read(cache_v, start).astype(vdtype)
-        s = jnp.einsum("bkge,bkse->bkgs", q_BxKxGxE, k_BxKxSxE, preferred_element_type=jnp.float32) * scale
-        slots_S = start + jnp.arange(block)
-        seen_BxS = slots_S[None, :] < lengths_B[:, None]
-        if window is not None:
-            seen_BxS = seen_BxS & (slots_S[None, :] > (lengths_B - window)[:, None])
-        s = jnp.where(seen_BxS[:, None, None, :], s, MASKED)
+        s = _masked_scores(q_BxKxGxE, _read_slots(cache_k, layer, start, block, vdtype), start, lengths_B, window,
+                           scale)
         m_new = jnp.maximum(m, s.max(axis=-1))
         correction = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
         l = l * correction + p.sum(axis=-1)
         acc = acc * correction[..., None] + jnp.einsum(
-            "bkgs,bkse->bkge", p.astype(vdtype), v_BxKxSxE, preferred_element_type=jnp.float32
+            "bkgs,bkse->bkge", p.astype(vdtype), _read_slots(cache_v, layer, start, block, vdtype),
+            preferred_element_type=jnp.float32
         )
         return m_new, l, acc
 
-    n_blocks = (bound + block - 1) // block
-    first_block = 0 if window is None else jnp.maximum(first - window + 1, 0) // block
+    first_block, n_blocks = _blocks_to_read(bound, block, window, first)
     _, l_BxKxG, acc_BxKxGxE = jax.lax.fori_loop(first_block, n_blocks, one_block, (m_BxKxG, l_BxKxG, acc_BxKxGxE))
     return (acc_BxKxGxE / l_BxKxG[..., None]).astype(out_dtype).reshape(B, K * G * E)
 
@@ -113,27 +131,18 @@ def _one_read_attention(q_BxKxGxE, k_self_BxKxE, v_self_BxKxE, cache_k, cache_v,
     vdtype = v_self_BxKxE.dtype
     out_dtype, q_BxKxGxE = q_BxKxGxE.dtype, q_BxKxGxE.astype(vdtype)
     s_self_BxKxG = jnp.einsum("bkge,bke->bkg", q_BxKxGxE, k_self_BxKxE, preferred_element_type=jnp.float32) * scale
-    first_block = 0 if window is None else jnp.maximum(first - window + 1, 0) // block
-    n_blocks = (bound + block - 1) // block
+    first_block, n_blocks = _blocks_to_read(bound, block, window, first)
     counts = -(-S // block)  # a branch per number of blocks read: 1 .. every block of the cache
 
     def over(width):
         def attend():
             start = jnp.minimum(first_block * block, S - width)  # the read stays inside the cache
-
-            def read(cache):
-                sliced = jax.lax.dynamic_slice(cache, (layer, 0, 0, start, 0), (1, B, K, width, E))[0]
-                return from_bits(sliced, jnp.bfloat16).astype(vdtype)
-
-            s = jnp.einsum("bkge,bkse->bkgs", q_BxKxGxE, read(cache_k), preferred_element_type=jnp.float32) * scale
-            slots_S = start + jnp.arange(width)
-            seen_BxS = slots_S[None, :] < lengths_B[:, None]
-            if window is not None:
-                seen_BxS = seen_BxS & (slots_S[None, :] > (lengths_B - window)[:, None])
-            s = jnp.where(seen_BxS[:, None, None, :], s, MASKED)
+            s = _masked_scores(q_BxKxGxE, _read_slots(cache_k, layer, start, width, vdtype), start, lengths_B,
+                               window, scale)
             m = jnp.maximum(s.max(axis=-1), s_self_BxKxG)  # every row sees its own new token
             p, p_self = jnp.exp(s - m[..., None]), jnp.exp(s_self_BxKxG - m)
-            acc = jnp.einsum("bkgs,bkse->bkge", p.astype(vdtype), read(cache_v), preferred_element_type=jnp.float32)
+            acc = jnp.einsum("bkgs,bkse->bkge", p.astype(vdtype), _read_slots(cache_v, layer, start, width, vdtype),
+                             preferred_element_type=jnp.float32)
             acc = acc + p_self[..., None] * v_self_BxKxE[:, :, None, :].astype(jnp.float32)
             return acc / (p.sum(axis=-1) + p_self)[..., None]
         return attend
