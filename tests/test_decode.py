@@ -110,3 +110,52 @@ def test_one_read_gives_the_walk_s_attention(tiny_qwen2_dir, block):
     np.testing.assert_allclose(np.asarray(read_hidden), np.asarray(walk_hidden), rtol=0, atol=3e-2)
     for walk, read in zip(walk_k + walk_v, read_k + read_v):
         np.testing.assert_array_equal(np.asarray(read[0]), np.asarray(walk[0]))
+
+
+def _shared_prefix_caches(L, B, K, S, E, shared, dtype, seed):
+    """Random (expert, naive) caches [L, B, K, S, E] whose row b holds the same first `shared[b]`
+    slots on both sides, as the engine's insert leaves a shared prefix."""
+    rng = np.random.default_rng(seed)
+    caches = rng.standard_normal((2, 2, L, B, K, S, E)).astype(np.float32)  # (k, v) x (expert, naive)
+    for b, n in enumerate(shared):
+        caches[:, 1, :, b, :, :n] = caches[:, 0, :, b, :, :n]
+    return caches
+
+
+def _as_caches(caches, dtype):
+    from mixsd_jax.models.matmul import to_bits
+
+    side = lambda c: to_bits(jnp.asarray(c, dtype)) if dtype == jnp.bfloat16 else jnp.asarray(c)  # noqa: E731
+    return tuple(side(c) for c in caches[0]), tuple(side(c) for c in caches[1])
+
+
+@pytest.mark.parametrize("model, dtype, atol", [("qwen2", jnp.bfloat16, 3e-2), ("gemma3", jnp.float32, 2e-5)])
+def test_naive_rows_read_their_shared_prefix_from_the_expert_cache(tiny_qwen2_dir, tiny_gemma3_dir, model, dtype,
+                                                                    atol):
+    """MixSD's sides share their prompts' first tokens, prefilled once into both caches: with
+    `shared_B` the naive rows read those slots in the expert cache's read. The attention is the one
+    read of both caches' (bf16: to round-off; f32 with Gemma 3's sliding windows: to f32 round-off),
+    and the naive cache's shared slots are never read."""
+    cfg, params = load_hf(tiny_qwen2_dir if model == "qwen2" else tiny_gemma3_dir, jnp.dtype(dtype).name)
+    L, K, E, S, block = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 48, 8
+    lengths = jnp.asarray([40, 26, 37, 21, 45, 30], jnp.int32)  # (expert, naive) x 3 records
+    write = jnp.asarray([40, 26, 37, 21, S, S], jnp.int32)  # the last record is not decoding
+    shared = [19, 9, 21]  # the expert read covers them; the naive reads start past them
+    caches = _shared_prefix_caches(L, 3, K, S, E, shared, dtype, seed=2)
+
+    def step(caches, shared_B):
+        hidden, _, _ = decode_step(params, cfg, jnp.arange(6, dtype=jnp.int32) + 5, lengths, write,
+                                   *_as_caches(caches, dtype), jnp.asarray([40, 26], jnp.int32), dtype=dtype,
+                                   block=block, activation_dtype=jnp.float32, bf16_as_bits=dtype == jnp.bfloat16,
+                                   one_read=True, shared_B=None if shared_B is None else jnp.asarray(shared_B))
+        return np.asarray(hidden)
+
+    one_read, shared_read = step(caches, None), step(caches, shared)
+    np.testing.assert_allclose(shared_read[:4], one_read[:4], rtol=0, atol=atol)
+    # NaN in the naive cache's shared slots: finite equal outputs show they were never read.
+    poisoned = caches.copy()
+    for b, n in enumerate(shared):
+        poisoned[1, 1, :, b, :, :n] = np.nan
+    np.testing.assert_array_equal(step(poisoned, shared), shared_read)
+    # The check can fail: the naive rows' one read of their own cache reads them.
+    assert np.isnan(step(poisoned, None)[1:4:2]).all()

@@ -94,9 +94,9 @@ def test_the_tpu_prompt_write_one_layer_at_a_time_equals_the_whole_scatter():
 
 def test_default_block_on_a_cpu_follows_the_dtype(tiny_llama_dir):
     """f32 walks 128-slot blocks (its pinned outputs); bf16, whose blocks XLA:CPU copies out of the
-    cache, reads its live 32-slot blocks at once; an explicit block is kept."""
+    cache, reads its live 16-slot blocks at once; an explicit block is kept."""
     cfg, _ = load_hf(tiny_llama_dir)
     spec = functools.partial(EngineSpec, cfg, Sampler(0.0), sides=2, max_new_tokens=8, max_model_len=64, batch_size=4)
-    assert spec().block == 128 and spec(dtype="bfloat16").block == 32
+    assert spec().block == 128 and spec(dtype="bfloat16").block == 16
     assert spec(dtype="bfloat16").one_read_attention and not spec().one_read_attention
-    assert spec(dtype="bfloat16", block=16).block == 16
+    assert spec(dtype="bfloat16", block=32).block == 32

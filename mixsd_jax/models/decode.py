@@ -26,7 +26,9 @@ block, and the spread of the side's lengths) whatever the context length.
 
 On a CPU in bf16 (`one_read`) the same blocks are read at once instead of walked: XLA:CPU pays for
 every loop iteration of small ops (a block's copy, two tiny matmuls, the softmax update), where an
-accelerator pays for every block it holds on chip.
+accelerator pays for every block it holds on chip. There, with `shared_B` (a MixSD record's prompts
+share their first tokens, prefilled once into both sides' rows), the naive rows read those slots in
+the expert cache's read, alongside the expert rows' queries, and their own cache only past them.
 
 The layer itself is `block.block`, the one training and prefill use; only the attention differs.
 """
@@ -66,15 +68,24 @@ def _read_slots(cache, layer, start, width, dtype):
     return from_bits(sliced, jnp.bfloat16).astype(dtype)
 
 
+def _seen(slots, lengths_B, window, below_B=None, from_B=None):
+    """[B, W]: whether each row sees each of the slots `slots` ([W], or [B, W] per row): before its
+    length (or `below_B`), from `from_B` on, and inside its `window` (behind its new token)."""
+    slots_BxW = jnp.broadcast_to(slots, (lengths_B.shape[0], slots.shape[-1]))
+    seen_BxW = slots_BxW < (lengths_B if below_B is None else below_B)[:, None]
+    if window is not None:
+        seen_BxW = seen_BxW & (slots_BxW > (lengths_B - window)[:, None])
+    if from_B is not None:
+        seen_BxW = seen_BxW & (slots_BxW >= from_B[:, None])
+    return seen_BxW
+
+
 def _masked_scores(q_BxKxGxE, k_BxKxWxE, start, lengths_B, window, scale):
     """Scaled scores of the queries against keys at slots [start, start + W), MASKED where a row
     does not see the slot (at or past its length, or outside its `window`)."""
     s = jnp.einsum("bkge,bkse->bkgs", q_BxKxGxE, k_BxKxWxE, preferred_element_type=jnp.float32) * scale
-    slots_S = start + jnp.arange(k_BxKxWxE.shape[2])
-    seen_BxS = slots_S[None, :] < lengths_B[:, None]
-    if window is not None:
-        seen_BxS = seen_BxS & (slots_S[None, :] > (lengths_B - window)[:, None])
-    return jnp.where(seen_BxS[:, None, None, :], s, MASKED)
+    seen_BxW = _seen(start + jnp.arange(k_BxKxWxE.shape[2]), lengths_B, window)
+    return jnp.where(seen_BxW[:, None, None, :], s, MASKED)
 
 
 def _blocks_to_read(bound, block, window, first):
@@ -152,8 +163,94 @@ def _one_read_attention(q_BxKxGxE, k_self_BxKxE, v_self_BxKxE, cache_k, cache_v,
     return out.astype(out_dtype).reshape(B, K * G * E)
 
 
+def _read_rows(cache, layer, starts_B, width, dtype):
+    """Slots [starts_B[b], + width) of row b of one layer of a side's cache [L, B, K, S, E]:
+    [B, K, width, E] in `dtype` (one gather; each start at most S - width)."""
+    _, _, K, _, E = cache.shape
+    def row(cache_LxKxSxE, start):
+        return jax.lax.dynamic_slice(cache_LxKxSxE, (layer, 0, start, 0), (1, K, width, E))[0]
+
+    rows = jax.vmap(row, in_axes=(1, 0))(cache, starts_B)
+    return from_bits(rows, jnp.bfloat16).astype(dtype)
+
+
+def _softmax_part(s_BxKxQxW, v_BxKxWxE):
+    """(max, sum of exps, exp-weighted values) of scores over one part of the slots: parts combine
+    in `_combine_parts` to the softmax over all of them."""
+    m = s_BxKxQxW.max(axis=-1)
+    p = jnp.exp(s_BxKxQxW - m[..., None])
+    acc = jnp.einsum("bkqs,bkse->bkqe", p.astype(v_BxKxWxE.dtype), v_BxKxWxE, preferred_element_type=jnp.float32)
+    return m, p.sum(axis=-1), acc
+
+
+def _combine_parts(*parts):
+    """softmax(scores) · values over the union of the parts' slots. A part whose slots are all
+    masked weighs exp(MASKED - m) = 0: every query's parts include its own new token."""
+    m = functools.reduce(jnp.maximum, [part[0] for part in parts])
+    l = sum(part[1] * jnp.exp(part[0] - m) for part in parts)
+    acc = sum(part[2] * jnp.exp(part[0] - m)[..., None] for part in parts)
+    return acc / l[..., None]
+
+
+def _shared_prefix_attention(q_BxSxKxGxE, k_self_BxSxKxE, v_self_BxSxKxE, cache_k, cache_v, layer, lengths_BxS,
+                             shared_B, bounds, block, divisor, window, firsts, reach):
+    """`_one_read_attention` of both sides of MixSD rows whose first `shared_B[b]` slots hold the same
+    keys and values on both sides (the prompts' shared prefix, prefilled once): the expert's cache
+    is read once for both sides' queries (the naive rows see its slots below `shared_B`), and the
+    naive cache only from each row's `shared_B` on, up to `reach` slots (a gather of per-row
+    windows, whole blocks wide): the naive read skips its prompt's shared part (54 of its 60 prompt
+    tokens on `mixsd bench generate`'s workload), for a second set of queries in the expert's read.
+    Returns [B, 2, K * G * E]."""
+    B, _, K, G, E = q_BxSxKxGxE.shape
+    S = cache_k[0].shape[3]
+    scale = 1.0 / divisor
+    vdtype = v_self_BxSxKxE.dtype
+    out_dtype, q_BxSxKxGxE = q_BxSxKxGxE.dtype, q_BxSxKxGxE.astype(vdtype)
+    len_e, len_n = lengths_BxS[:, 0], lengths_BxS[:, 1]
+    s_self_BxSxKxG = jnp.einsum("bskge,bske->bskg", q_BxSxKxGxE, k_self_BxSxKxE,
+                                preferred_element_type=jnp.float32) * scale
+    v_self_BxSxKxGxE = jnp.broadcast_to(v_self_BxSxKxE[:, :, :, None, :], (B, 2, K, G, E)).astype(jnp.float32)
+    self_parts = [(s_self_BxSxKxG[:, side], jnp.ones_like(s_self_BxSxKxG[:, side]), v_self_BxSxKxGxE[:, side])
+                  for side in range(2)]
+    counts = -(-S // block)
+    q_BxKx2GxE = jnp.concatenate([q_BxSxKxGxE[:, 0], q_BxSxKxGxE[:, 1]], axis=2)
+    first_block, n_blocks = _blocks_to_read(bounds[0], block, window, jnp.minimum(firsts[0], firsts[1]))
+
+    def expert_cache(width):
+        def read():
+            start = jnp.minimum(first_block * block, S - width)
+            slots_W = start + jnp.arange(width)
+            s = jnp.einsum("bkqe,bkse->bkqs", q_BxKx2GxE, _read_slots(cache_k[0], layer, start, width, vdtype),
+                           preferred_element_type=jnp.float32) * scale
+            seen_Bx2xW = jnp.stack([_seen(slots_W, len_e, window),
+                                    _seen(slots_W, len_n, window, below_B=shared_B)], axis=1)
+            seen_Bx1x2GxW = jnp.repeat(seen_Bx2xW, G, axis=1)[:, None]
+            return _softmax_part(jnp.where(seen_Bx1x2GxW, s, MASKED),
+                                 _read_slots(cache_v[0], layer, start, width, vdtype))
+        return read
+
+    def naive_cache(width):
+        def read():
+            starts_B = jnp.minimum(shared_B, S - width)
+            slots_BxW = starts_B[:, None] + jnp.arange(width)[None, :]
+            k_BxKxWxE = _read_rows(cache_k[1], layer, starts_B, width, vdtype)
+            s = jnp.einsum("bkge,bkse->bkgs", q_BxSxKxGxE[:, 1], k_BxKxWxE, preferred_element_type=jnp.float32) * scale
+            seen_BxW = _seen(slots_BxW, len_n, window, from_B=shared_B)
+            return _softmax_part(jnp.where(seen_BxW[:, None, None, :], s, MASKED),
+                                 _read_rows(cache_v[1], layer, starts_B, width, vdtype))
+        return read
+
+    branch = lambda n: jnp.clip(n - 1, 0, counts - 1)  # noqa: E731 - n blocks -> its branch
+    m, l, acc = jax.lax.switch(branch(n_blocks - first_block), [expert_cache(min(n * block, S))
+                                                                for n in range(1, counts + 1)])
+    own = jax.lax.switch(branch(-(-reach // block)), [naive_cache(min(n * block, S)) for n in range(1, counts + 1)])
+    expert = _combine_parts((m[:, :, :G], l[:, :, :G], acc[:, :, :G]), self_parts[0])
+    naive = _combine_parts((m[:, :, G:], l[:, :, G:], acc[:, :, G:]), own, self_parts[1])
+    return jnp.stack([expert, naive], axis=1).astype(out_dtype).reshape(B, 2, K * G * E)
+
+
 def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k: tuple, cache_v: tuple, bounds, *,
-                dtype, block, activation_dtype=None, bf16_as_bits=False, one_read=False):
+                dtype, block, activation_dtype=None, bf16_as_bits=False, one_read=False, shared_B=None):
     """Feed one token per row; returns (final-norm hidden [R, D], cache_k, cache_v).
 
     `cache_k`, `cache_v`: one [L, B, K, S, E] array per side (R = B * sides rows, row b * sides + s
@@ -164,6 +261,9 @@ def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k:
     `bf16_as_bits` (for XLA:CPU): the layer scan slices bf16 weights and stacks the new keys and
     values as their bit patterns (block.layers_as_bits). `one_read` (for XLA:CPU): each side's
     attention reads the blocks below its bound at once instead of walking them (`_one_read_attention`).
+    `shared_B` (with `one_read` and two sides): slot b's first `shared_B[b]` slots hold the same keys
+    and values on both sides, and the naive rows read them from the expert's cache
+    (`_shared_prefix_attention`).
     """
     sides = len(cache_k)
     R, B = tokens_R.shape[0], tokens_R.shape[0] // sides
@@ -176,6 +276,9 @@ def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k:
     lengths_BxS, write_BxS = by_side(lengths_R), by_side(write_R)
     # The shortest decoding row of each side: where a sliding window's walk over the cache starts.
     firsts = jnp.min(jnp.where(write_BxS < S, lengths_BxS, S), axis=0)
+    shared_read = one_read and sides == 2 and shared_B is not None
+    if shared_read:  # the naive cache slots past the shared prefix that a decoding naive row reads
+        reach = jnp.max(jnp.where(write_BxS[:, 1] < S, lengths_BxS[:, 1] - shared_B, 0))
 
     def attend(layer, window, q_Rx1xHxE, k_Rx1xKxE, v_Rx1xKxE):
         # Through the cache dtype first, so this step sees its own key exactly as later steps will.
@@ -183,6 +286,10 @@ def decode_step(params, cfg: ModelConfig, tokens_R, lengths_R, write_R, cache_k:
         v_RxKxE = v_Rx1xKxE[:, 0].astype(values_dtype(cache_v[0])).astype(dtype)
         q_BxSxKxGxE = by_side(q_Rx1xHxE[:, 0].reshape(R, K, H // K, E))
         k_BxSxKxE, v_BxSxKxE = by_side(k_RxKxE), by_side(v_RxKxE)
+        if shared_read:
+            attn = _shared_prefix_attention(q_BxSxKxGxE, k_BxSxKxE, v_BxSxKxE, cache_k, cache_v, layer, lengths_BxS,
+                                            shared_B, bounds, block, cfg.attention_divisor, window, firsts, reach)
+            return attn.reshape(R, 1, -1), (stored(k_RxKxE, cache_k[0]), stored(v_RxKxE, cache_v[0]))
         attention = _one_read_attention if one_read else _block_attention
         attn = jnp.stack([
             attention(q_BxSxKxGxE[:, s], k_BxSxKxE[:, s], v_BxSxKxE[:, s], cache_k[s], cache_v[s], layer,

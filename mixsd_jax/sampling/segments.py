@@ -36,15 +36,15 @@ from mixsd_jax.sampling.work import EXPERT, MAX_MODEL_LEN, MAX_NEW_TOKENS, NAIVE
 def default_block(dtype="float32", mesh: Mesh | None = None) -> int:
     """Cache slots per attention block: an accelerator pays per loop iteration (kernel launches), so
     fewer, bigger blocks; a CPU pays for every slot it reads, so blocks closer to the live length:
-    128 in f32, 32 in bf16, where XLA:CPU copies each block it reads out of the cache (MixSD's
-    decode 1.35x faster than at 128 when it walked them, plain decoding unchanged; now that bf16
-    reads its live blocks at once, `EngineSpec.one_read_attention`, 32 is the read's granularity,
-    and 16 measured no faster: docs/benchmarks.md). f32 keeps 128, so f32 outputs stay those pinned
-    (blocks change the order of attention's sums). The platform is the mesh's (`platform_of`), as
-    `EngineSpec.on_cpu`'s."""
+    128 in f32, 16 in bf16, where XLA:CPU copies each block it reads out of the cache. bf16 reads its
+    live blocks at once (`EngineSpec.one_read_attention`), so the block is only the read's
+    granularity: 16 took 0.88x the MixSD job's time of 32 and 0.89x plain decoding's (five
+    interleaved process pairs), 8 no less than 16 (docs/benchmarks.md). f32 keeps 128, so f32
+    outputs stay those pinned (blocks change the order of attention's sums). The platform is the
+    mesh's (`platform_of`), as `EngineSpec.on_cpu`'s."""
     if platform_of(mesh) != "cpu":
         return 512
-    return 32 if jnp.dtype(dtype) == jnp.bfloat16 else 128
+    return 16 if jnp.dtype(dtype) == jnp.bfloat16 else 128
 
 
 def _traced(**kw):
@@ -152,6 +152,7 @@ class DecodeState:
     done_B: jax.Array  # stopped (an empty slot is done)
     finish_B: jax.Array  # why it stopped (work.FINISH_NAMES codes)
     longest_B: jax.Array  # the record's longest prompt (the max_model_len rule counts it)
+    shared_B: jax.Array  # the first slots that hold the same keys and values on every side (a shared prefix)
 
 
 @jax.tree_util.register_dataclass
@@ -179,6 +180,7 @@ _LAYOUT = {
     "done_B": P(BATCH_AXES),
     "finish_B": P(BATCH_AXES),
     "longest_B": P(BATCH_AXES),
+    "shared_B": P(BATCH_AXES),
 }
 
 
@@ -212,6 +214,7 @@ def init_state(*, spec: EngineSpec, batch: int, capacity: int) -> DecodeState:
         done_B=jnp.ones((batch,), bool),
         finish_B=jnp.zeros((batch,), jnp.int32),
         longest_B=jnp.zeros((batch,), jnp.int32),
+        shared_B=jnp.zeros((batch,), jnp.int32),
     ), spec)
 
 
@@ -322,6 +325,7 @@ def insert(state: DecodeState, sides: tuple, slots_N, ids_Nx3, seed, prefix=None
         done_B=state.done_B.at[slots_N].set(False, mode="drop"),
         finish_B=state.finish_B.at[slots_N].set(RUNNING, mode="drop"),
         longest_B=state.longest_B.at[slots_N].set(longest_N, mode="drop"),
+        shared_B=state.shared_B.at[slots_N].set(zeros_N if prefix is None else prefix[2], mode="drop"),
     ), spec)
 
 
@@ -385,7 +389,7 @@ def decode_segment(params, state: DecodeState, naive_prob, stop_ids, refill_at, 
             params, spec.cfg, jnp.repeat(token_B, sides), lengths_R, jnp.where(running_R, lengths_R, S),
             st.cache_k, st.cache_v, jnp.max(jnp.where(running_R, lengths_R, 0).reshape(B, sides), axis=0),
             dtype=jnp.dtype(spec.dtype), block=spec.block, activation_dtype=spec.activation_dtype,
-            bf16_as_bits=spec.on_cpu, one_read=spec.one_read_attention,
+            bf16_as_bits=spec.on_cpu, one_read=spec.one_read_attention, shared_B=st.shared_B,
         )
         st = dataclasses.replace(
             st,
