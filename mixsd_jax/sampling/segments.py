@@ -38,8 +38,8 @@ def default_block(dtype="float32", mesh: Mesh | None = None) -> int:
     fewer, bigger blocks; a CPU pays for every slot it reads, so blocks closer to the live length:
     128 in f32, 16 in bf16, where XLA:CPU copies each block it reads out of the cache. bf16 reads its
     live blocks at once (`EngineSpec.one_read_attention`), so the block is only the read's
-    granularity: 16 took 0.88x the MixSD job's time of 32 and 0.89x plain decoding's (five
-    interleaved process pairs), 8 no less than 16 (docs/benchmarks.md). f32 keeps 128, so f32
+    granularity: 16 took 0.96x the MixSD job's time of 32 and 0.97x plain decoding's (interleaved in
+    one idle process, the same tokens), and 8 no less than 16 (docs/benchmarks.md). f32 keeps 128, so f32
     outputs stay those pinned (blocks change the order of attention's sums). The platform is the
     mesh's (`platform_of`), as `EngineSpec.on_cpu`'s."""
     if platform_of(mesh) != "cpu":
