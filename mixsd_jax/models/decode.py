@@ -80,11 +80,11 @@ def _seen(slots, lengths_B, window, below_B=None, from_B=None):
     return seen_BxW
 
 
-def _masked_scores(q_BxKxGxE, k_BxKxWxE, start, lengths_B, window, scale):
-    """Scaled scores of the queries against keys at slots [start, start + W), MASKED where a row
-    does not see the slot (at or past its length, or outside its `window`)."""
+def _masked_scores(q_BxKxGxE, k_BxKxWxE, slots, lengths_B, window, scale, from_B=None):
+    """Scaled scores of the queries against keys at `slots` ([W], or [B, W] per row), MASKED where a
+    row does not see the slot (at or past its length, before `from_B`, or outside its `window`)."""
     s = jnp.einsum("bkge,bkse->bkgs", q_BxKxGxE, k_BxKxWxE, preferred_element_type=jnp.float32) * scale
-    seen_BxW = _seen(start + jnp.arange(k_BxKxWxE.shape[2]), lengths_B, window)
+    seen_BxW = _seen(slots, lengths_B, window, from_B=from_B)
     return jnp.where(seen_BxW[:, None, None, :], s, MASKED)
 
 
@@ -114,8 +114,8 @@ def _block_attention(q_BxKxGxE, k_self_BxKxE, v_self_BxKxE, cache_k, cache_v, la
     def one_block(i, carry):
         m, l, acc = carry
         start = i * block
-        s = _masked_scores(q_BxKxGxE, _read_slots(cache_k, layer, start, block, vdtype), start, lengths_B, window,
-                           scale)
+        s = _masked_scores(q_BxKxGxE, _read_slots(cache_k, layer, start, block, vdtype), start + jnp.arange(block),
+                           lengths_B, window, scale)
         m_new = jnp.maximum(m, s.max(axis=-1))
         correction = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
@@ -148,8 +148,8 @@ def _one_read_attention(q_BxKxGxE, k_self_BxKxE, v_self_BxKxE, cache_k, cache_v,
     def over(width):
         def attend():
             start = jnp.minimum(first_block * block, S - width)  # the read stays inside the cache
-            s = _masked_scores(q_BxKxGxE, _read_slots(cache_k, layer, start, width, vdtype), start, lengths_B,
-                               window, scale)
+            s = _masked_scores(q_BxKxGxE, _read_slots(cache_k, layer, start, width, vdtype), start + jnp.arange(width),
+                               lengths_B, window, scale)
             m = jnp.maximum(s.max(axis=-1), s_self_BxKxG)  # every row sees its own new token
             p, p_self = jnp.exp(s - m[..., None]), jnp.exp(s_self_BxKxG - m)
             acc = jnp.einsum("bkgs,bkse->bkge", p.astype(vdtype), _read_slots(cache_v, layer, start, width, vdtype),
@@ -167,6 +167,7 @@ def _read_rows(cache, layer, starts_B, width, dtype):
     """Slots [starts_B[b], + width) of row b of one layer of a side's cache [L, B, K, S, E]:
     [B, K, width, E] in `dtype` (one gather; each start at most S - width)."""
     _, _, K, _, E = cache.shape
+
     def row(cache_LxKxSxE, start):
         return jax.lax.dynamic_slice(cache_LxKxSxE, (layer, 0, start, 0), (1, K, width, E))[0]
 
@@ -232,12 +233,9 @@ def _shared_prefix_attention(q_BxSxKxGxE, k_self_BxSxKxE, v_self_BxSxKxE, cache_
     def naive_cache(width):
         def read():
             starts_B = jnp.minimum(shared_B, S - width)
-            slots_BxW = starts_B[:, None] + jnp.arange(width)[None, :]
-            k_BxKxWxE = _read_rows(cache_k[1], layer, starts_B, width, vdtype)
-            s = jnp.einsum("bkge,bkse->bkgs", q_BxSxKxGxE[:, 1], k_BxKxWxE, preferred_element_type=jnp.float32) * scale
-            seen_BxW = _seen(slots_BxW, len_n, window, from_B=shared_B)
-            return _softmax_part(jnp.where(seen_BxW[:, None, None, :], s, MASKED),
-                                 _read_rows(cache_v[1], layer, starts_B, width, vdtype))
+            s = _masked_scores(q_BxSxKxGxE[:, 1], _read_rows(cache_k[1], layer, starts_B, width, vdtype),
+                               starts_B[:, None] + jnp.arange(width)[None, :], len_n, window, scale, from_B=shared_B)
+            return _softmax_part(s, _read_rows(cache_v[1], layer, starts_B, width, vdtype))
         return read
 
     branch = lambda n: jnp.clip(n - 1, 0, counts - 1)  # noqa: E731 - n blocks -> its branch
