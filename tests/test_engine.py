@@ -270,12 +270,13 @@ def test_output_independent_of_batch_size_slots_and_device_count(tiny_qwen2_dir)
 def test_bf16_on_a_cpu_keeps_its_caches_as_bits_and_stays_independent_of_slots_and_devices(tiny_qwen2_dir):
     """bf16 compute on a CPU (f32 activations, bf16 caches and weights sliced as uint16 bit patterns,
     attention reading the live blocks at once, the naive rows reading a shared prefix from the
-    expert's cache) keeps the step rule's independence of batch size, slots and device count."""
+    expert's cache, the prefix taken from the naive prompts prefilled whole) keeps the step rule's independence of batch size, slots and device count."""
     from mixsd_jax.sampling import segments
 
     cfg, params = load_hf(tiny_qwen2_dir, "bfloat16")
     spec = _mixing(params, cfg, batch_size=8, naive_prob=0.5, dtype="bfloat16").spec
     assert spec.cache_dtype == np.uint16 and spec.activation_dtype == np.float32 and spec.one_read_attention
+    assert spec.naive_whole  # the naive prompts prefilled whole, the expert's continued from them
     assert segments.init_state(spec=spec, batch=8, capacity=16).cache_k[0].dtype == np.uint16
     reference = _mixed(params, cfg, 8, dtype="bfloat16")
     assert _mixed(params, cfg, 1, dtype="bfloat16") == reference
@@ -295,8 +296,11 @@ def test_shared_prefix_is_what_every_prompt_of_a_record_begins_with():
     assert shared_prefix(((1, 2, 3),)) == 0
 
 
+@pytest.mark.parametrize("naive_whole", [False, True])
 @pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_gemma3_dir"])
-def test_prefilling_the_shared_prefix_once_gives_what_prefilling_each_side_gives(model, request):
+def test_prefilling_the_shared_prefix_once_gives_what_prefilling_each_side_gives(model, naive_whole, request):
+    """The shared prefix prefilled once (`naive_whole`: as the naive prompts' first tokens, prefilled
+    whole) and each side continued from it decodes as each side prefilled whole."""
     from mixsd_jax.sampling.engine import shared_prefix
 
     cfg, params = load_hf(request.getfixturevalue(model))
@@ -314,7 +318,7 @@ def test_prefilling_the_shared_prefix_once_gives_what_prefilling_each_side_gives
     def run(share_prefix, work):
         engine = Engine(params, EngineSpec(cfg, Sampler(0.6, 16), sides=2, max_new_tokens=10, max_model_len=4096,
                                            batch_size=4, seed=3, naive_prob=0.4, segment_steps=4, block=16,
-                                           share_prefix=share_prefix))
+                                           share_prefix=share_prefix, naive_whole=naive_whole))
         return decode_all(engine, work)
 
     for work in (items, nothing_shared):

@@ -81,10 +81,19 @@ class EngineSpec:
     block: int | None = None  # cache slots per attention block (None: default_block for the dtype and platform)
     # Prefill the sides' shared first tokens once (False: each side whole; the same outputs, to round-off).
     share_prefix: bool = True
+    # With share_prefix and two sides, prefill the naive (last) side's prompts whole and continue the
+    # expert's after their shared tokens, instead of prefilling the prefix and continuing both sides:
+    # one prefill call fewer, at the prefix's width when the naive prompt is mostly the shared prefix
+    # (51-58 of its 55-64 tokens on `mixsd bench generate`'s workload). None: in bf16 on a CPU, where
+    # it measured faster. f32 on a CPU keeps its pinned outputs (the route changes the order of the
+    # sums); elsewhere, unmeasured, a whole naive prompt past the prefix's width costs more FLOPs.
+    naive_whole: bool | None = None
 
     def __post_init__(self):
         if self.block is None:
             object.__setattr__(self, "block", default_block(self.dtype, self.mesh))
+        if self.naive_whole is None:
+            object.__setattr__(self, "naive_whole", self.one_read_attention)
         if self.sides not in (1, 2):
             raise MixsdError(f"engine: sides must be 1 or 2, got {self.sides}")
         for name in ("batch_size", "max_new_tokens", "max_model_len", "segment_steps", "block"):
@@ -290,7 +299,8 @@ def insert(state: DecodeState, sides: tuple, slots_N, ids_Nx3, seed, prefix=None
     `sides` holds one (k, v, last, lens) per side, written straight into the rows of the long-lived
     cache: no per-batch cache is built and no sides are stacked. With a `prefix` (k, v, starts): the
     prompts' shared first `starts[n]` tokens, prefilled once, go into every side's row at slots
-    [0, starts), each side's (k, v) hold the rest of its prompt and go at [starts, lens).
+    [0, starts), each side's (k, v) hold the rest of its prompt and go at [starts, lens). A side
+    whose (k, v) are None is all in the prefix (its prompts prefilled whole: `EngineSpec.naive_whole`).
     `ids_Nx3` = (record, generation, attempt); the attempt key is fold_in(key(seed), record,
     generation, attempt).
     """
@@ -302,8 +312,9 @@ def insert(state: DecodeState, sides: tuple, slots_N, ids_Nx3, seed, prefix=None
             prefix_k, prefix_v, starts_N = prefix
             cache_k[side] = _write_rows(cache_k[side], slots_N, zeros_N, prefix_k)
             cache_v[side] = _write_rows(cache_v[side], slots_N, zeros_N, prefix_v)
-        cache_k[side] = _write_rows(cache_k[side], slots_N, starts_N, k_LxNxPxKxE)
-        cache_v[side] = _write_rows(cache_v[side], slots_N, starts_N, v_LxNxPxKxE)
+        if k_LxNxPxKxE is not None:
+            cache_k[side] = _write_rows(cache_k[side], slots_N, starts_N, k_LxNxPxKxE)
+            cache_v[side] = _write_rows(cache_v[side], slots_N, starts_N, v_LxNxPxKxE)
         rows_N = slots_N * spec.sides + side
         lengths_R = lengths_R.at[rows_N].set(lens_N, mode="drop")
         last_RxD = last_RxD.at[rows_N].set(last_NxD.astype(last_RxD.dtype), mode="drop")
