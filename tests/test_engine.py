@@ -270,7 +270,8 @@ def test_output_independent_of_batch_size_slots_and_device_count(tiny_qwen2_dir)
 def test_bf16_on_a_cpu_keeps_its_caches_as_bits_and_stays_independent_of_slots_and_devices(tiny_qwen2_dir):
     """bf16 compute on a CPU (f32 activations, bf16 caches and weights sliced as uint16 bit patterns,
     attention reading the live blocks at once, the naive rows reading a shared prefix from the
-    expert's cache, the prefix taken from the naive prompts prefilled whole) keeps the step rule's independence of batch size, slots and device count."""
+    expert's cache, the prefix taken from the naive prompts prefilled whole) keeps the step rule's
+    independence of batch size, slots and device count."""
     from mixsd_jax.sampling import segments
 
     cfg, params = load_hf(tiny_qwen2_dir, "bfloat16")

@@ -84,9 +84,10 @@ class EngineSpec:
     # With share_prefix and two sides, prefill the naive (last) side's prompts whole and continue the
     # expert's after their shared tokens, instead of prefilling the prefix and continuing both sides:
     # one prefill call fewer, at the prefix's width when the naive prompt is mostly the shared prefix
-    # (51-58 of its 55-64 tokens on `mixsd bench generate`'s workload). None: in bf16 on a CPU, where
-    # it measured faster. f32 on a CPU keeps its pinned outputs (the route changes the order of the
-    # sums); elsewhere, unmeasured, a whole naive prompt past the prefix's width costs more FLOPs.
+    # (51-58 of its 55-64 tokens on `mixsd bench generate`'s workload: 1.82 s of prefill an insert of
+    # its 32 records, not 2.25 s). None: in bf16 on a CPU, where that was measured. f32 on a CPU keeps
+    # its pinned outputs (the route changes the order of the sums); elsewhere, unmeasured, a whole
+    # naive prompt past the prefix's width costs more FLOPs.
     naive_whole: bool | None = None
 
     def __post_init__(self):
