@@ -114,25 +114,23 @@ class Engine:
         # The sides' shared first tokens (a MixSD record's system prompt and chat header) are
         # prefilled once; each side keeps at least its last token, whose hidden state starts decoding.
         shared = [shared_prefix(p) if self.spec.share_prefix else 0 for p in prompts]
-        starts_d = put_batch(np.array(shared, np.int32), self.mesh)
         lens_d = [put_batch(np.array([len(p[side]) for p in prompts], np.int32), self.mesh)
                   for side in range(self.spec.sides)]
-        prefix, whole_side = None, None
-        if self.spec.share_prefix and self.spec.naive_whole and self.spec.sides == 2:
+        prefix, whole_side, own_sides = None, None, range(self.spec.sides)
+        if self.spec.naive_whole:
             # The naive prompts whole: their first `shared` slots are the prefix (whatever the batch, so
             # a record's keys and values do not depend on which records it is inserted with).
             k, v, last = segments.prefill(self.params, self._tokens([p[-1] for p in prompts]), lens_d[-1],
                                           spec=self.spec)
-            prefix, whole_side = (k, v, starts_d), (None, None, last, lens_d[-1])
+            prefix = (k, v, put_batch(np.array(shared, np.int32), self.mesh))
+            whole_side, own_sides = (None, None, last, lens_d[-1]), range(self.spec.sides - 1)
         elif max(shared) > 0:
+            starts_d = put_batch(np.array(shared, np.int32), self.mesh)
             k, v, _ = segments.prefill(self.params, self._tokens([p[0][:c] for p, c in zip(prompts, shared)]),
                                        starts_d, spec=self.spec)
             prefix = (k, v, starts_d)
         sides = []
-        for side in range(self.spec.sides):
-            if whole_side is not None and side == self.spec.sides - 1:
-                sides.append(whole_side)
-                continue
+        for side in own_sides:
             rest = [p[side][c:] for p, c in zip(prompts, shared)]
             rest_d = put_batch(np.array([len(r) for r in rest], np.int32), self.mesh)
             if prefix is None:
@@ -141,6 +139,8 @@ class Engine:
                 out = segments.prefill_after(self.params, prefix[0], prefix[1], prefix[2],
                                              self._tokens(rest, continuation=True), rest_d, spec=self.spec)
             sides.append((*out, lens_d[side]))
+        if whole_side is not None:
+            sides.append(whole_side)
         slot_ids = np.array(free + [self.batch_size] * pad, np.int32)  # >= B: dropped
         ids = np.array([(it.record_index, it.gen_index, it.attempt) for it in take] + [(0, 0, 0)] * pad, np.uint32)
         for item, b in zip(take, free):

@@ -93,8 +93,10 @@ class EngineSpec:
     def __post_init__(self):
         if self.block is None:
             object.__setattr__(self, "block", default_block(self.dtype, self.mesh))
-        if self.naive_whole is None:
-            object.__setattr__(self, "naive_whole", self.one_read_attention)
+        # Resolved here, so equal engines have equal specs (one compiled program) and `naive_whole`
+        # alone says whether an insert takes the route.
+        whole = self.one_read_attention if self.naive_whole is None else self.naive_whole
+        object.__setattr__(self, "naive_whole", bool(whole and self.share_prefix and self.sides == 2))
         if self.sides not in (1, 2):
             raise MixsdError(f"engine: sides must be 1 or 2, got {self.sides}")
         for name in ("batch_size", "max_new_tokens", "max_model_len", "segment_steps", "block"):
