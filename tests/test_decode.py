@@ -56,9 +56,9 @@ def test_the_tpu_cache_write_one_layer_at_a_time_equals_the_whole_scatter():
 
 
 def test_a_bf16_cache_kept_as_bits_decodes_bit_for_bit_as_a_bf16_cache(tiny_qwen2_dir):
-    """The CPU's bf16 path (caches and the layer scan's weights as uint16 bit patterns, f32
+    """The CPU's bf16 path (caches and the layer scan's weights as bit patterns, f32
     activations) gives exactly what the same step gives over plain bf16 arrays."""
-    from mixsd_jax.models.matmul import from_bits, to_bits
+    from mixsd_jax.models.matmul import from_bits, to_words
 
     cfg, params = load_hf(tiny_qwen2_dir, "bfloat16")
     L, K, E, S = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 32
@@ -74,8 +74,8 @@ def test_a_bf16_cache_kept_as_bits_decodes_bit_for_bit_as_a_bf16_cache(tiny_qwen
                            activation_dtype=jnp.float32, bf16_as_bits=bits)
 
     plain_hidden, plain_k, plain_v = step(*caches, bits=False)
-    bits_hidden, bits_k, bits_v = step(*(tuple(to_bits(c) for c in side) for side in caches), bits=True)
-    assert plain_hidden.dtype == jnp.float32 and bits_k[0].dtype == jnp.uint16
+    bits_hidden, bits_k, bits_v = step(*(tuple(to_words(c) for c in side) for side in caches), bits=True)
+    assert plain_hidden.dtype == jnp.float32 and bits_k[0].dtype == jnp.uint32 and bits_k[0].shape[-1] == E // 2
     np.testing.assert_array_equal(np.asarray(bits_hidden), np.asarray(plain_hidden))
     for plain, bits in zip(plain_k + plain_v, bits_k + bits_v):
         np.testing.assert_array_equal(np.asarray(from_bits(bits, jnp.bfloat16), np.float32),
@@ -91,14 +91,14 @@ def test_one_read_gives_the_walk_s_attention(tiny_qwen2_dir, block):
     bf16 round-off (each block's probabilities are rounded against another running maximum), for
     rows of different lengths on both sides. The first layer's new keys and values come before any
     attention: they are the walk's bit for bit."""
-    from mixsd_jax.models.matmul import to_bits
+    from mixsd_jax.models.matmul import to_words
 
     cfg, params = load_hf(tiny_qwen2_dir, "bfloat16")
     L, K, E, S = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 32
     lengths = jnp.asarray([20, 6, 17, 3, 31, 9], jnp.int32)  # (expert, naive) x 3 records
     write = jnp.asarray([20, 6, 17, 3, 31, S], jnp.int32)  # the last row is not decoding
     rng = np.random.default_rng(1)
-    caches = [tuple(to_bits(jnp.asarray(rng.standard_normal((L, 3, K, S, E)), jnp.bfloat16)) for _ in range(2))
+    caches = [tuple(to_words(jnp.asarray(rng.standard_normal((L, 3, K, S, E)), jnp.bfloat16)) for _ in range(2))
               for _ in range(2)]
 
     def step(one_read):
@@ -123,9 +123,9 @@ def _shared_prefix_caches(L, B, K, S, E, shared, dtype, seed):
 
 
 def _as_caches(caches, dtype):
-    from mixsd_jax.models.matmul import to_bits
+    from mixsd_jax.models.matmul import to_words
 
-    side = lambda c: to_bits(jnp.asarray(c, dtype)) if dtype == jnp.bfloat16 else jnp.asarray(c)  # noqa: E731
+    side = lambda c: to_words(jnp.asarray(c, dtype)) if dtype == jnp.bfloat16 else jnp.asarray(c)  # noqa: E731
     return tuple(side(c) for c in caches[0]), tuple(side(c) for c in caches[1])
 
 

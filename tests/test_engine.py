@@ -268,7 +268,7 @@ def test_output_independent_of_batch_size_slots_and_device_count(tiny_qwen2_dir)
 
 
 def test_bf16_on_a_cpu_keeps_its_caches_as_bits_and_stays_independent_of_slots_and_devices(tiny_qwen2_dir):
-    """bf16 compute on a CPU (f32 activations, bf16 caches and weights sliced as uint16 bit patterns,
+    """bf16 compute on a CPU (f32 activations, bf16 caches and weights sliced as bit patterns,
     attention reading the live blocks at once, the naive rows reading a shared prefix from the
     expert's cache, the prefix taken from the naive prompts prefilled whole) keeps the step rule's
     independence of batch size, slots and device count."""
@@ -276,9 +276,10 @@ def test_bf16_on_a_cpu_keeps_its_caches_as_bits_and_stays_independent_of_slots_a
 
     cfg, params = load_hf(tiny_qwen2_dir, "bfloat16")
     spec = _mixing(params, cfg, batch_size=8, naive_prob=0.5, dtype="bfloat16").spec
-    assert spec.cache_dtype == np.uint16 and spec.activation_dtype == np.float32 and spec.one_read_attention
+    assert spec.cache_bits and spec.activation_dtype == np.float32 and spec.one_read_attention
     assert spec.naive_whole  # the naive prompts prefilled whole, the expert's continued from them
-    assert segments.init_state(spec=spec, batch=8, capacity=16).cache_k[0].dtype == np.uint16
+    cache = segments.init_state(spec=spec, batch=8, capacity=16).cache_k[0]
+    assert cache.dtype == np.uint32 and cache.shape[-1] == cfg.head_dim // 2  # pairs of bf16 as words
     reference = _mixed(params, cfg, 8, dtype="bfloat16")
     assert _mixed(params, cfg, 1, dtype="bfloat16") == reference
     assert _mixed(params, cfg, 3, segment_steps=5, dtype="bfloat16") == reference

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixsd_jax.models.config import ModelConfig, SLIDING
-from mixsd_jax.models.matmul import from_bits, to_bits, weight_matmul
+from mixsd_jax.models.matmul import from_bits, to_words, weight_matmul
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -97,8 +97,9 @@ def layers_as_bits(layers, as_bits: bool):
     For XLA:CPU, which has no bf16 dynamic-slice: it converts every stacked bf16 weight to f32 once
     per call, then slices each layer's f32 copy and converts it back to bf16 (three times the
     traffic of the weights themselves at every step, and an f32 copy of the model in memory). A
-    uint16 stack is sliced as it is. The scan body undoes it with `layer_from_bits`."""
-    return jax.tree.map(to_bits, layers) if as_bits else layers
+    stack of bit patterns (pairs of bf16 as uint32 words, matmul.to_words) is sliced as it is. The
+    scan body undoes it with `layer_from_bits`."""
+    return jax.tree.map(to_words, layers) if as_bits else layers
 
 
 def layer_from_bits(p):

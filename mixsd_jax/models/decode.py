@@ -44,26 +44,31 @@ from mixsd_jax.models.attention import MASKED
 from mixsd_jax.models.block import (block as decoder_block, embed, layer_from_bits, layer_variants, layers_as_bits, norm,
                                     rope_inv_freq)
 from mixsd_jax.models.config import ModelConfig
-from mixsd_jax.models.matmul import from_bits, to_bits
+from mixsd_jax.models.matmul import from_bits, to_bits, to_words
+
+
+def as_bits(cache) -> bool:
+    """Whether a cache holds bf16 keys or values as their bit patterns (uint32 words of two,
+    `matmul.to_words`: the engine's bf16 caches on a CPU, [L, B, K, S, E / 2]; or uint16): XLA:CPU
+    writes into a bf16 array by converting all of it to f32 and back, into an integer one in place."""
+    return cache.dtype in (jnp.uint16, jnp.uint32)
 
 
 def values_dtype(cache) -> jnp.dtype:
-    """The dtype of the keys or values a cache holds: bf16 for a cache of bf16 bit patterns (uint16,
-    the engine's bf16 caches on a CPU: XLA:CPU writes into a bf16 array by converting all of it
-    to f32 and back, and into a uint16 one in place; matmul.to_bits)."""
-    return jnp.dtype(jnp.bfloat16) if cache.dtype == jnp.uint16 else cache.dtype
+    """The dtype of the keys or values a cache holds: bf16 for a cache of bit patterns."""
+    return jnp.dtype(jnp.bfloat16) if as_bits(cache) else cache.dtype
 
 
 def stored(x, cache):
     """Keys or values `x` as `cache` stores them."""
     x = x.astype(values_dtype(cache))
-    return to_bits(x) if cache.dtype == jnp.uint16 else x
+    return to_words(x) if cache.dtype == jnp.uint32 else to_bits(x) if cache.dtype == jnp.uint16 else x
 
 
 def _read_slots(cache, layer, start, width, dtype):
     """Slots [start, start + width) of one layer of a side's cache [L, B, K, S, E]: [B, K, width, E]
     in `dtype` (a bf16 cache kept as bits read back as bf16 first)."""
-    _, B, K, _, E = cache.shape
+    _, B, K, _, E = cache.shape  # E: the stored minor dimension (E / 2 words for bits)
     sliced = jax.lax.dynamic_slice(cache, (layer, 0, 0, start, 0), (1, B, K, width, E))[0]
     return from_bits(sliced, jnp.bfloat16).astype(dtype)
 

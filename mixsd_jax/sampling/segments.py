@@ -28,6 +28,7 @@ from mixsd_jax.errors import MixsdError
 from mixsd_jax.models import transformer
 from mixsd_jax.models.config import ModelConfig
 from mixsd_jax.models.decode import decode_step, stored
+from mixsd_jax.models.matmul import to_words
 from mixsd_jax.models.sharding import BATCH_AXES, fit_spec, pad_rows, platform_of
 from mixsd_jax.sampling.strategies import Sampler
 from mixsd_jax.sampling.work import EXPERT, MAX_MODEL_LEN, MAX_NEW_TOKENS, NAIVE, RUNNING, STOP
@@ -117,18 +118,17 @@ class EngineSpec:
         return jnp.dtype(jnp.float32 if self.on_cpu else self.dtype)
 
     @property
-    def cache_dtype(self) -> jnp.dtype:
-        """The caches' storage dtype: the compute dtype, except a bf16 cache on a CPU, kept as its bit
-        patterns (uint16; models.decode.values_dtype says why)."""
-        bits = self.on_cpu and jnp.dtype(self.dtype) == jnp.bfloat16
-        return jnp.dtype(jnp.uint16 if bits else self.dtype)
+    def cache_bits(self) -> bool:
+        """Whether the caches hold their bf16 keys and values as bit patterns (`matmul.to_words`;
+        models.decode.as_bits says why): bf16 on a CPU."""
+        return self.on_cpu and jnp.dtype(self.dtype) == jnp.bfloat16
 
     @property
     def one_read_attention(self) -> bool:
         """Whether a decode step reads each side's live cache blocks at once (models.decode
         `_one_read_attention`) instead of walking them: in bf16 on a CPU, where it is faster. f32 on a
         CPU keeps the walk, so its outputs stay those pinned (the read changes the order of the sums)."""
-        return self.cache_dtype == jnp.uint16
+        return self.cache_bits
 
     @property
     def slots(self) -> int:
@@ -215,10 +215,11 @@ def _constrain(state: DecodeState, spec: EngineSpec) -> DecodeState:
 def init_state(*, spec: EngineSpec, batch: int, capacity: int) -> DecodeState:
     """Every slot empty (done), caches of `capacity` slots."""
     cfg, R = spec.cfg, batch * spec.sides
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+    empty = jnp.zeros((cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim), spec.dtype)
+    empty = to_words(empty) if spec.cache_bits else empty
     return _constrain(DecodeState(
-        cache_k=tuple(jnp.zeros(shape, spec.cache_dtype) for _ in range(spec.sides)),
-        cache_v=tuple(jnp.zeros(shape, spec.cache_dtype) for _ in range(spec.sides)),
+        cache_k=tuple(empty for _ in range(spec.sides)),
+        cache_v=tuple(empty for _ in range(spec.sides)),
         lengths_R=jnp.zeros((R,), jnp.int32),
         last_RxD=jnp.zeros((R, cfg.hidden_size), spec.activation_dtype),
         keys_Bx2=jnp.zeros((batch, 2), jnp.uint32),
