@@ -65,9 +65,10 @@ def to_words(a):
     dimension ([..., N] -> [..., N / 2]; `to_bits` when N is odd; other dtypes unchanged), for
     XLA:CPU: in place where a bf16 array is converted whole around every update (`to_bits`), and
     half the elements where a bf16 or uint16 slice is copied element by element (a layer's weights
-    out of the layer scan's stack, the decode step's reads of its caches): 8-10% of a bf16 decode
-    job on `mixsd bench generate`'s workload. A bitcast and a reshape of the minor dimension cost
-    nothing on a CPU (on a TPU the reshape is a relayout: the TPU programs do not use words)."""
+    out of the layer scan's stack, the decode step's reads of its caches): such a copy took 30%
+    less time alone, though a whole decode step's change stayed within a 2-core machine's noise
+    (docs/benchmarks.md). A bitcast and a reshape of the minor dimension cost nothing on a CPU (on
+    a TPU the reshape is a relayout: the TPU programs do not use words)."""
     if a.dtype != jnp.bfloat16 or a.ndim == 0 or a.shape[-1] % 2:
         return to_bits(a)
     return jax.lax.bitcast_convert_type(a.reshape(*a.shape[:-1], a.shape[-1] // 2, 2), jnp.uint32)
