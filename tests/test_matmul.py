@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mixsd_jax.models.attention import attention, sequence_mask
-from mixsd_jax.models.matmul import _weight_matmul, batch_matmul, weight_matmul
+from mixsd_jax.models.matmul import _weight_matmul, batch_matmul, past_slow_rows, weight_matmul
 
 
 def _operands(x_shape, w_shape, seed=0):
@@ -80,6 +80,25 @@ def test_bf16_backward_matmuls_take_bf16_operands_on_cpu(w_out_in):
     plain_types = _dot_operand_types(jax.jit(jax.value_and_grad(plain, (0, 1))).lower(x, w).compile().as_text())
     assert len(ours_types) == 3 and set(ours_types) == {("bf16", "bf16")}
     assert ("f32", "f32") in plain_types
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's matmul paths")
+@pytest.mark.parametrize("rows", [60, 61, 64, 66])
+def test_bf16_matmuls_of_61_to_64_rows_run_on_65_on_cpu_with_the_same_results(rows):
+    """past_slow_rows: only 61-64 rows are padded, and the padded matmul gives every row the very
+    bits of the plain bf16 matmul, forward and in the input gradient."""
+    x, w = _operands((rows, 96), (96, 48))
+    cot = jax.random.normal(jax.random.key(1), (rows, 48))
+    forward = jax.jit(lambda x, w: past_slow_rows(lambda a: weight_matmul(a, w, jnp.bfloat16, jnp.float32), x,
+                                                  jnp.bfloat16))
+    plain_forward = jax.jit(lambda x, w: jax.lax.dot_general(
+        x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32))
+    np.testing.assert_array_equal(forward(x, w), plain_forward(x, w))
+    # The input gradient g w^T has the same rows, padded too: its first 32 rows are those of 32 rows
+    # alone (never padded).
+    dx = jax.jit(jax.grad(lambda x, cot: jnp.sum(forward(x, w) * cot)))
+    np.testing.assert_array_equal(dx(x, cot)[:32], dx(x[:32], cot[:32]))
+    assert ("bf16[65," in forward.lower(x, w).compile().as_text()) == (61 <= rows <= 64)
 
 
 @pytest.mark.parametrize("b_nk", [False, True])

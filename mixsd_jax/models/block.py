@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixsd_jax.models.config import ModelConfig, SLIDING
-from mixsd_jax.models.matmul import from_bits, to_words, weight_matmul
+from mixsd_jax.models.matmul import from_bits, past_slow_rows, to_words, weight_matmul
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -122,8 +122,9 @@ def linear(x, w, dtype):
     # fast matmul path (models.matmul): through "...i,io->...o" on [B, T, in] the weight gradient
     # would contract two dims at once, and a plain jnp.dot's gradient contracts over rows. The
     # operands are cast to `dtype`; the result keeps x's dtype (f32 activations around bf16
-    # matmuls, see transformer.forward's `activation_dtype`).
-    y = weight_matmul(x.reshape(-1, x.shape[-1]), w, dtype, x.dtype)
+    # matmuls, see transformer.forward's `activation_dtype`). Past XLA:CPU's slow row counts
+    # (matmul.past_slow_rows: a MixSD decode step of 32 records has 64 rows).
+    y = past_slow_rows(lambda a: weight_matmul(a, w, dtype, x.dtype), x.reshape(-1, x.shape[-1]), dtype)
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 

@@ -50,6 +50,26 @@ def _transposed_result(product_KxM):
                                       default=lambda p: p.T)
 
 
+# XLA:CPU's library matmul (YNNPACK, jaxlib 0.10.2) has a cliff at 61-64 rows in bf16: on an AMD
+# EPYC with AVX512-BF16 such a matmul took as long as one of 128 rows (a decoder layer's down
+# projection, [64, 1536] x [1536, 576]: 0.57 ms, against 0.34 at 60 or at 65 rows; weights up to
+# [8192, 2048] alike, docs/benchmarks.md). A MixSD decode step of 32 records has 64 rows. An LM head
+# (49,152 wide) has the opposite cliff, 5x slower from 65 rows on: it is not padded.
+_CPU_SLOW_BF16_ROWS = range(61, 65)
+_CPU_PADDED_ROWS = 65
+
+
+def past_slow_rows(matmul, x_NxI, dtype):
+    """`matmul(x_NxI)` [N, O], with x's rows padded to 65 on XLA:CPU when the matmul is bf16 and N is
+    61-64 (the cliff above): the extra rows are zeros and cut off, and every row's result is bit for
+    bit the same (a matmul's rows do not mix). Unchanged on other backends and row counts."""
+    N = x_NxI.shape[0]
+    if jnp.dtype(dtype) != jnp.bfloat16 or N not in _CPU_SLOW_BF16_ROWS:
+        return matmul(x_NxI)
+    padded = lambda a: matmul(jnp.pad(a, ((0, _CPU_PADDED_ROWS - N), (0, 0))))[:N]  # noqa: E731
+    return jax.lax.platform_dependent(x_NxI, cpu=padded, default=matmul)
+
+
 def to_bits(a):
     """A bf16 array as its 16-bit patterns (uint16; other dtypes unchanged), for in-place updates.
 
