@@ -53,7 +53,7 @@ def _transposed_result(product_KxM):
 # XLA:CPU's library matmul (YNNPACK, jaxlib 0.10.2) has a cliff at 61-64 rows in bf16. On an AMD
 # EPYC with AVX512-BF16, with a contraction of 1536 or more, such a matmul took as long as one of
 # 128 rows: a decoder layer's down projection, [64, 1536] x [1536, 576], 0.48 ms against 0.28 at 60,
-# 65 or 72 rows; [64, 8192] x [8192, 2048] 8.5 ms against 5.9-6.1 at 65 (docs/benchmarks.md).
+# 65 or 72 rows; [64, 8192] x [8192, 2048] 8.6 ms against 5.5-6.0 at 65 (docs/benchmarks.md).
 # 576-wide contractions showed no cliff and lost nothing padded. A MixSD decode step of 32 records
 # has 64 rows. Only the layers' projections are padded (block.linear): the LM head's logits and
 # sampling, timed whole at 64 and at 65 rows, took the same time.
