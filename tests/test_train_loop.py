@@ -235,3 +235,26 @@ def test_a_run_in_a_bucket_resumes_exactly(straight, tiny_llama_dir, corpus, gcs
     assert len(list((url / "tb").iterdir())) == 2
     assert _tb_losses(url / "tb") == {step: np.float32(loss) for step, loss, *_ in _losses(out)}
     assert not list(Path.cwd().glob("gs:*"))
+
+
+def test_the_final_export_is_the_last_steps_export_linked_or_copied(straight, tiny_llama_dir, corpus, tmp_path,
+                                                                    gcs_bucket):
+    """With `export_every`, `hf` is the step-6 export's files byte for byte (hard links on a local
+    disk, object copies in a bucket), and those weights are the ones the export of the final state
+    writes when no step export exists (the straight run)."""
+    from mixsd_jax import storage
+
+    out, _ = straight
+    for run in (tmp_path / "run", storage.path(f"{gcs_bucket}/exported")):
+        train(_cfg(tiny_llama_dir, corpus, run, "export_every=true"), progress=False)
+        exports = run / "exports"
+        assert sorted(p.name for p in exports.iterdir()) == ["step_3", "step_6"]
+        names = sorted(p.name for p in (run / "hf").iterdir())
+        assert names == sorted(p.name for p in (exports / "step_6").iterdir())
+        for name in names:
+            assert (run / "hf" / name).read_bytes() == (exports / "step_6" / name).read_bytes(), name
+        assert _weights(run) == _weights(out)
+    local = tmp_path / "run"
+    assert (local / "hf" / "model.safetensors").stat().st_ino == (local / "exports" / "step_6" / "model.safetensors").stat().st_ino
+    assert not [p for p in local.iterdir() if p.name.startswith(".hf.")]  # no temp folder left behind
+    assert (storage.path(f"{gcs_bucket}/exported") / "hf" / ".mixsd_complete").exists()

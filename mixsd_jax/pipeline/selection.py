@@ -69,11 +69,7 @@ def _point_at(link, chosen) -> None:
     """`link` names the chosen export: a relative symlink swapped in atomically on a local disk; in
     a bucket a copy of its files, the marker last (the eval stage waits for the stage record)."""
     if storage.is_url(link):
-        storage.remove(link)
-        for f in sorted(storage.path(chosen).iterdir(), key=lambda f: f.name):
-            if f.name != storage.COMMIT_MARKER:
-                (link / f.name).write_bytes(f.read_bytes())
-        storage.commit_marker(link).write_text("")
+        storage.copy_folder(chosen, link)
         return
     tmp = link.with_name(link.name + ".tmp")
     tmp.unlink(missing_ok=True)

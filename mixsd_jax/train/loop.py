@@ -273,11 +273,20 @@ def _save(run: Run, state, done: int, tokens_seen: int, loss: float, ckpt) -> No
 
 
 def _export_final(run: Run, state, start: int) -> None:
-    """`out/hf`: written after steps were taken, or when a finished run's export is missing."""
+    """`out/hf`: written after steps were taken, or when a finished run's export is missing. When
+    this run's steps ended in an export of the last step (`export_every`: the last save always
+    exports), `hf` is a copy of it: the same bytes without gathering and serializing the weights
+    again (a local copy is hard links). The choice follows from the config and the steps alone, so
+    every process makes the same one (an export's gathers are collectives)."""
+    import jax
+
     from mixsd_jax.models.checkpoint import export_hf, export_is_complete
 
     hf_dir = run.out / "hf"
-    if start < run.total_steps or not export_is_complete(hf_dir):
+    if start < run.total_steps and run.cfg.export_every:
+        if jax.process_index() == 0:
+            storage.copy_folder(run.out / "exports" / f"step_{run.total_steps}", hf_dir)
+    elif start < run.total_steps or not export_is_complete(hf_dir):
         export_hf(state.params, run.model_cfg, hf_dir, tokenizer_dir=run.model_dir, dtype=run.cfg.export_dtype)
 
 
