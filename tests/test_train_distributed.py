@@ -72,7 +72,10 @@ def test_two_processes_give_the_losses_of_one_device(tiny_llama_dir, tmp_path):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
                "MIXSD_COORDINATOR": f"127.0.0.1:{port}", "MIXSD_NUM_PROCESSES": "2",
                "MIXSD_PROCESS_ID": str(process_id)}
-        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, *args, f"out={tmp_path / 'multi'}"], env=env,
+        # The last step's export is gathered by both processes (collectives) and written by process 0;
+        # `hf` is then its copy, made by process 0 alone.
+        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, *args, "save_every=3", "export_every=true",
+                                       f"out={tmp_path / 'multi'}"], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     try:
@@ -101,6 +104,9 @@ def test_two_processes_give_the_losses_of_one_device(tiny_llama_dir, tmp_path):
     ref = load_file(tmp_path / "single" / "hf" / "model.safetensors")
     for name in ref:
         np.testing.assert_allclose(ours[name], ref[name], atol=1e-5, err_msg=name)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        exported = tmp_path / "multi" / "exports" / "step_3" / name
+        assert (tmp_path / "multi" / "hf" / name).read_bytes() == exported.read_bytes(), name
 
     # `train --export` on every host joins one run: the gathers are collectives, process 0 writes.
     import shutil
