@@ -5,7 +5,8 @@ Output directory:
   metrics.jsonl  one line per logged step (trimmed back to the checkpoint on resume)
   tb/            TensorBoard event files
   summary.json   steps, tokens, final loss, dropped/truncated counts, time, tokens/s, fingerprint
-  hf/            the final parameters as an HF-format directory with the tokenizer files
+  hf/            the final parameters as an HF-format directory with the tokenizer files (with
+                 `export_every`: the last step's export, hard-linked, or copied in a bucket)
   exports/       step_N HF directories when `export_every` is set
 Only process 0 writes files other than checkpoints (Orbax coordinates those itself).
 """
