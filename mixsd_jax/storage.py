@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 from typing import Union
 
 from etils import epath
@@ -145,35 +143,6 @@ def is_committed(folder: PathLike) -> bool:
     renamed into place whole, so it is whole once it exists."""
     folder = path(folder)
     return commit_marker(folder).exists() if is_url(folder) else folder.exists()
-
-
-def copy_folder(src: PathLike, dst: PathLike) -> None:
-    """`dst` made a whole copy of the flat folder `src` (its files, not its marker): in a bucket the
-    objects are copied and `dst`'s marker written last; on a local disk the files are hard-linked
-    (copied across filesystems) into a temp folder renamed into place. Only for folders whose files
-    are never edited in place (an export is written whole, once), so a link shares nothing that
-    changes."""
-    src, dst = path(src), path(dst)
-    files = sorted((f for f in src.iterdir() if f.name != COMMIT_MARKER and not f.is_dir()), key=lambda f: f.name)
-    if is_url(dst):
-        remove(dst)
-        for f in files:
-            f.copy(dst / f.name, overwrite=True)
-        commit_marker(dst).write_text("")
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.")
-    try:
-        for f in files:
-            try:
-                os.link(f, os.path.join(tmp, f.name))
-            except OSError:
-                shutil.copy2(f, os.path.join(tmp, f.name))
-        remove(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def files_under(folder: PathLike) -> list[epath.Path]:

@@ -348,9 +348,40 @@ def _finish_export(target, out_dir, cfg, dtype, names, plan, entries, sizes, tok
             if src.is_file():
                 (target / name).write_bytes(src.read_bytes())
     (target / "config.json").write_text(json.dumps(cfg.to_hf_dict(dtype), indent=2) + "\n")
+    _commit_export(target, out_dir)
+
+
+def _commit_export(target, out_dir) -> None:
+    """An export written into `_export_target(out_dir)` made whole: the bucket folder's marker, or
+    the local temp folder renamed into place."""
     if storage.is_url(out_dir):
         storage.commit_marker(out_dir).write_text("")
         return
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(target, out_dir)
+
+
+def copy_export(src: str | Path, out_dir: str | Path) -> Path:
+    """`out_dir` made a copy of the complete export `src`, committed as `export_hf` commits: in a
+    bucket its objects are copied and the marker written last; on a local disk its files are
+    hard-linked (copied across filesystems) into the temp folder renamed into place. An export's
+    files are written whole, once, and never edited, so a link shares nothing that changes."""
+    src, out_dir = storage.path(src), storage.path(out_dir)
+    files = sorted((f for f in src.iterdir() if f.name != storage.COMMIT_MARKER), key=lambda f: f.name)
+    target = _export_target(out_dir)
+    try:
+        for f in files:
+            if storage.is_url(out_dir):
+                f.copy(target / f.name, overwrite=True)
+                continue
+            try:
+                os.link(f, target / f.name)
+            except OSError:
+                shutil.copy2(f, target / f.name)
+        _commit_export(target, out_dir)
+    except BaseException:
+        if not storage.is_url(out_dir):
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    return out_dir

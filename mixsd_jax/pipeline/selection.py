@@ -69,7 +69,9 @@ def _point_at(link, chosen) -> None:
     """`link` names the chosen export: a relative symlink swapped in atomically on a local disk; in
     a bucket a copy of its files, the marker last (the eval stage waits for the stage record)."""
     if storage.is_url(link):
-        storage.copy_folder(chosen, link)
+        from mixsd_jax.models.checkpoint import copy_export
+
+        copy_export(chosen, link)
         return
     tmp = link.with_name(link.name + ".tmp")
     tmp.unlink(missing_ok=True)

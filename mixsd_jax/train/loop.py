@@ -281,12 +281,12 @@ def _export_final(run: Run, state, start: int) -> None:
     every process makes the same one (an export's gathers are collectives)."""
     import jax
 
-    from mixsd_jax.models.checkpoint import export_hf, export_is_complete
+    from mixsd_jax.models.checkpoint import copy_export, export_hf, export_is_complete
 
     hf_dir = run.out / "hf"
     if start < run.total_steps and run.cfg.export_every:
         if jax.process_index() == 0:
-            storage.copy_folder(run.out / "exports" / f"step_{run.total_steps}", hf_dir)
+            copy_export(run.out / "exports" / f"step_{run.total_steps}", hf_dir)
     elif start < run.total_steps or not export_is_complete(hf_dir):
         export_hf(state.params, run.model_cfg, hf_dir, tokenizer_dir=run.model_dir, dtype=run.cfg.export_dtype)
 
